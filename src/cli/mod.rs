@@ -1,0 +1,74 @@
+//! The `braid` command line.
+
+mod generate;
+mod tokenize;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "braid", version, about = "Serve a language model to many people at once from one machine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for one prompt or a file of prompts.
+    Generate(generate::GenerateArgs),
+    /// Print the token ids of texts (no BOS added; special-token text is parsed).
+    Tokenize(tokenize::TokenizeArgs),
+}
+
+/// Flags every model-loading command shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF file, or a folder holding one GGUF file (and optionally tokenizer.json).
+    /// Defaults to $BRAID_MODEL, else the default model installed by `make model`.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
+        let path = crate::model::model_path(self.model.clone());
+        if self.model.is_none() && !path.exists() {
+            anyhow::bail!("the default model {} is not installed; run `make model` (or pass --model)", path.display());
+        }
+        let device = candle_core::Device::Cpu;
+        Ok(crate::model::load(&path, &device)?)
+    }
+}
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRAID_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads a JSONL file into values, naming the line of any parse error.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<Vec<T>> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1)))
+        .collect()
+}

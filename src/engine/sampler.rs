@@ -1,0 +1,308 @@
+//! Turning one row of logits into the next token, per request: penalties, logit bias,
+//! temperature, top-k / top-p / min-p, and a generator seeded per request (never shared), so a
+//! seeded request samples the same tokens whatever else runs beside it.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 0.0 disables.
+    pub min_p: f32,
+    /// 1.0 disables; > 1 discourages tokens already in prompt or output.
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Added to the logit of each listed token.
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    /// Extra tokens that end the request (besides the model's end-of-sequence tokens).
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Alternatives to report with each token's logprob (0 = only the chosen token's).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+            max_tokens: 16,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self { max_tokens, ..Self::default() }
+    }
+
+    /// Checks ranges; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f32| if v.is_finite() { Ok(()) } else { Err(format!("{name} must be a finite number")) };
+        finite("temperature", self.temperature)?;
+        finite("top_p", self.top_p)?;
+        finite("min_p", self.min_p)?;
+        finite("repetition_penalty", self.repetition_penalty)?;
+        finite("presence_penalty", self.presence_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        if self.temperature < 0.0 {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if self.repetition_penalty <= 0.0 {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(format!("presence_penalty must be in [-2, 2], got {}", self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(format!("frequency_penalty must be in [-2, 2], got {}", self.frequency_penalty));
+        }
+        if self.logit_bias.iter().any(|(_, b)| !b.is_finite()) {
+            return Err("logit_bias values must be finite numbers".into());
+        }
+        Ok(())
+    }
+}
+
+/// The chosen token with its log-probability and the top alternatives, all taken from the
+/// model's distribution after penalties and bias but before temperature and truncation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-request sampling state.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Occurrences of each token among prompt and output (for penalties), sparse.
+    counts: std::collections::HashMap<u32, (u32, bool)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
+            None => ChaCha8Rng::from_rng(&mut rand::rng()),
+        };
+        let mut sampler = Self { params, rng, counts: Default::default() };
+        if sampler.params.repetition_penalty != 1.0 {
+            for &t in prompt {
+                sampler.counts.entry(t).or_insert((0, true));
+            }
+        }
+        sampler
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Records a generated token (for the penalties).
+    pub fn observe(&mut self, id: u32) {
+        let entry = self.counts.entry(id).or_insert((0, false));
+        entry.0 += 1;
+    }
+
+    fn adjust(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        for (&id, &(generated, _)) in &self.counts {
+            let Some(l) = logits.get_mut(id as usize) else { continue };
+            if p.repetition_penalty != 1.0 {
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+            if generated > 0 {
+                *l -= p.presence_penalty + p.frequency_penalty * generated as f32;
+            }
+        }
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+    }
+
+    /// Picks the next token from one row of logits (modified in place).
+    pub fn sample(&mut self, logits: &mut [f32]) -> SampledToken {
+        self.adjust(logits);
+        let logsumexp = log_sum_exp(logits);
+        let logprob = |id: u32| logits[id as usize] - logsumexp;
+        let top = if self.params.top_logprobs > 0 {
+            top_k_indices(logits, self.params.top_logprobs).into_iter().map(|i| (i, logprob(i))).collect()
+        } else {
+            Vec::new()
+        };
+        let id = if self.params.temperature == 0.0 { argmax(logits) } else { self.sample_random(logits) };
+        SampledToken { id, logprob: logprob(id), top }
+    }
+
+    fn sample_random(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        // Candidates sorted by logit, truncated by top-k; ties broken by id for determinism.
+        let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
+        let mut candidates = top_k_indices(logits, k);
+        let max = logits[candidates[0] as usize];
+        let mut probs: Vec<f32> = candidates.iter().map(|&i| ((logits[i as usize] - max) / p.temperature).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        if p.min_p > 0.0 {
+            let cutoff = probs[0] * p.min_p;
+            let keep = probs.iter().take_while(|&&x| x >= cutoff).count().max(1);
+            candidates.truncate(keep);
+            probs.truncate(keep);
+        }
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let mut keep = probs.len();
+            for (i, &x) in probs.iter().enumerate() {
+                cumulative += x;
+                if cumulative >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            candidates.truncate(keep);
+            probs.truncate(keep);
+        }
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (&id, &x) in candidates.iter().zip(&probs) {
+            if r < x {
+                return id;
+            }
+            r -= x;
+        }
+        *candidates.last().expect("at least one candidate")
+    }
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// Indices of the `k` largest values, largest first, lower index first among equals.
+pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, by_value);
+        idx.truncate(k);
+    }
+    idx.sort_by(by_value);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, -1.0, 3.0, 0.5]
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::greedy(1), &[]);
+        let t = s.sample(&mut logits());
+        assert_eq!(t.id, 1);
+        assert!((t.logprob - (3.0 - log_sum_exp(&logits()))).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted_and_normalised() {
+        let params = SamplingParams { top_logprobs: 3, ..SamplingParams::greedy(1) };
+        let t = Sampler::new(params, &[]).sample(&mut logits());
+        let ids: Vec<u32> = t.top.iter().map(|x| x.0).collect();
+        assert_eq!(ids, vec![1, 4, 2]);
+        let total: f32 = logits().iter().map(|&l| (l - log_sum_exp(&logits())).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn seeded_sampling_repeats_and_respects_top_k() {
+        let params = SamplingParams { temperature: 1.0, top_k: 2, seed: Some(42), ..SamplingParams::default() };
+        let draw = || {
+            let mut s = Sampler::new(params.clone(), &[]);
+            (0..50).map(|_| s.sample(&mut logits()).id).collect::<Vec<_>>()
+        };
+        let a = draw();
+        assert_eq!(a, draw());
+        assert!(a.iter().all(|&id| id == 1 || id == 4));
+        assert!(a.contains(&1) && a.contains(&4));
+    }
+
+    #[test]
+    fn min_p_and_top_p_cut_the_tail() {
+        let params = SamplingParams { temperature: 1.0, min_p: 0.5, seed: Some(1), ..SamplingParams::default() };
+        let mut s = Sampler::new(params, &[]);
+        for _ in 0..100 {
+            let id = s.sample(&mut logits()).id;
+            assert!(id == 1 || id == 4, "min_p kept token {id}");
+        }
+        let params = SamplingParams { temperature: 1.0, top_p: 0.01, seed: Some(1), ..SamplingParams::default() };
+        let mut s = Sampler::new(params, &[]);
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut logits()).id, 1);
+        }
+    }
+
+    #[test]
+    fn penalties_and_bias_change_the_choice() {
+        let params = SamplingParams { logit_bias: vec![(3, 10.0)], ..SamplingParams::greedy(1) };
+        assert_eq!(Sampler::new(params, &[]).sample(&mut logits()).id, 3);
+        let params = SamplingParams { presence_penalty: 2.0, ..SamplingParams::greedy(1) };
+        let mut s = Sampler::new(params, &[]);
+        s.observe(1);
+        assert_eq!(s.sample(&mut logits()).id, 4);
+        let params = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy(1) };
+        let mut s = Sampler::new(params, &[1, 4]);
+        assert_eq!(s.sample(&mut logits()).id, 2);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = SamplingParams { temperature: -1.0, ..SamplingParams::default() };
+        assert!(bad.validate().unwrap_err().contains("temperature"));
+        let bad = SamplingParams { top_p: 0.0, ..SamplingParams::default() };
+        assert!(bad.validate().unwrap_err().contains("top_p"));
+    }
+}

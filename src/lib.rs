@@ -1,0 +1,6 @@
+//! braid: an LLM inference server that serves one model to many people at once.
+
+pub mod cli;
+pub mod engine;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,44 @@
+//! Paged key/value storage: a pool of fixed-size blocks per layer. Which blocks belong to which
+//! sequence is decided elsewhere (the engine's block manager); the model only reads and writes
+//! through block tables.
+
+use super::config::ModelConfig;
+
+use half::f16;
+
+/// K and V of one layer: `[num_blocks, block_size, n_kv_head, head_dim]` each, stored as f16
+/// (half the memory of f32, and what llama.cpp keeps by default).
+pub struct LayerKv {
+    pub k: Vec<f16>,
+    pub v: Vec<f16>,
+}
+
+pub struct KvCache {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Floats per token per layer in K (the same in V): n_kv_head * head_dim.
+    pub token_width: usize,
+    pub layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    /// Bytes one block takes across all layers (K and V).
+    pub fn bytes_per_block(config: &ModelConfig, block_size: usize) -> usize {
+        block_size * config.n_layer * config.kv_floats_per_token_layer() * std::mem::size_of::<f16>()
+    }
+
+    /// Allocates the pool. Memory is zero-initialised lazily by the OS, so resident memory
+    /// grows only as blocks are first written.
+    pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        let token_width = config.n_kv_head * config.head_dim;
+        let floats = num_blocks * block_size * token_width;
+        let layers = (0..config.n_layer)
+            .map(|_| LayerKv { k: vec![f16::ZERO; floats], v: vec![f16::ZERO; floats] })
+            .collect();
+        Self { block_size, num_blocks, token_width, layers }
+    }
+
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}

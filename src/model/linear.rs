@@ -1,0 +1,131 @@
+//! Linear layers over quantized weights: braid's own kernels for Q4_0, Q4_1 and Q8_0 (the
+//! common GGUF types), candle's for the rest.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
+
+use super::quant::{self, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
+
+enum Weights {
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    /// Other types, through candle.
+    Candle(QMatMul),
+}
+
+/// `y = x W^T` for `W` of shape `[n, k]`.
+pub struct QLinear {
+    n: usize,
+    k: usize,
+    weights: Weights,
+}
+
+/// Output columns per parallel task: enough work to amortise scheduling.
+const COLUMNS_PER_TASK: usize = 32;
+
+impl QLinear {
+    pub fn new(tensor: Arc<QTensor>) -> candle_core::Result<Self> {
+        let (n, k) = tensor.shape().dims2()?;
+        let native = tensor.device().is_cpu() && k % QK == 0;
+        let weights = match tensor.dtype() {
+            GgmlDType::Q4_0 if native => Weights::Q4_0(quant::parse_q4_0(&tensor.data()?)),
+            GgmlDType::Q4_1 if native => Weights::Q4_1(quant::parse_q4_1(&tensor.data()?)),
+            GgmlDType::Q8_0 if native => Weights::Q8_0(quant::parse_q8_0(&tensor.data()?)),
+            _ => Weights::Candle(QMatMul::from_arc(tensor)?),
+        };
+        Ok(Self { n, k, weights })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+
+    /// Rows of `W` as f32, `[ids.len(), k]`: the embedding lookup when `W` is a token table.
+    pub fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        let (k, blocks) = (self.k, self.k / QK);
+        let mut out = vec![0f32; ids.len() * k];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k)) {
+            let id = id as usize;
+            if id >= self.n {
+                candle_core::bail!("token id {id} is outside the vocabulary of {}", self.n);
+            }
+            let range = id * blocks..(id + 1) * blocks;
+            match &self.weights {
+                Weights::Q4_0(w) => quant::dequantize_q4_0(&w[range], o),
+                Weights::Q4_1(w) => quant::dequantize_q4_1(&w[range], o),
+                Weights::Q8_0(w) => quant::dequantize_q8_0(&w[range], o),
+                Weights::Candle(_) => candle_core::bail!("embedding lookup needs a natively supported type"),
+            }
+        }
+        Tensor::from_vec(out, (ids.len(), k), device)
+    }
+
+    /// Whether `rows` works for this weight type.
+    pub fn supports_rows(&self) -> bool {
+        !matches!(self.weights, Weights::Candle(_))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let m = x.dims()[0];
+        match &self.weights {
+            Weights::Candle(w) => w.forward(x),
+            Weights::Q4_0(w) => self.native(x, m, w),
+            Weights::Q4_1(w) => self.native(x, m, w),
+            Weights::Q8_0(w) => self.native(x, m, w),
+        }
+    }
+
+    fn native<B: WeightBlock>(&self, x: &Tensor, m: usize, w: &[B]) -> candle_core::Result<Tensor> {
+        let (n, k) = (self.n, self.k);
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let blocks = k / QK;
+        let mut acts = vec![ActBlock::default(); m * blocks];
+        for (row, out) in xs.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
+            quant::quantize_row(row, out);
+        }
+        // Each task owns a range of output columns for every row: a weight row is read once
+        // per call, however many rows the batch has.
+        let tasks: Vec<Vec<f32>> = (0..n.div_ceil(COLUMNS_PER_TASK))
+            .into_par_iter()
+            .map(|task| {
+                let cols = task * COLUMNS_PER_TASK..((task + 1) * COLUMNS_PER_TASK).min(n);
+                let mut out = vec![0f32; cols.len() * m];
+                columns(w, &acts, blocks, cols, &mut out);
+                out
+            })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        for (task, values) in tasks.iter().enumerate() {
+            for (i, &v) in values.iter().enumerate() {
+                let (col, row) = (task * COLUMNS_PER_TASK + i / m, i % m);
+                y[row * n + col] = v;
+            }
+        }
+        Tensor::from_vec(y, (m, n), &Device::Cpu)
+    }
+}
+
+/// Dot products of weight rows `cols` with every activation row, column-major into `out`.
+fn columns<B: WeightBlock>(w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+    let mut i = 0;
+    for col in cols {
+        let row = &w[col * blocks..(col + 1) * blocks];
+        for a in acts.chunks_exact(blocks) {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the features the kernel needs were just detected.
+                out[i] = unsafe { B::dot_avx2(row, a) };
+                i += 1;
+                continue;
+            }
+            out[i] = B::dot(row, a);
+            i += 1;
+        }
+    }
+}

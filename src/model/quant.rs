@@ -1,0 +1,276 @@
+//! Block-quantized weights (GGML layouts) and their dot products with quantized activations.
+//!
+//! Activations are quantized exactly as llama.cpp's x86 path does (`127 / amax` scale, round to
+//! nearest even, `s = f16(d * sum)`), because this small model is sensitive enough that a
+//! different rounding of the activations shifts log-probabilities by more than the golden
+//! tolerance. Every output element is computed by the same code whatever the batch size.
+
+use half::f16;
+
+pub const QK: usize = 32;
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; QK / 2],
+}
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; QK / 2],
+}
+
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; QK],
+}
+
+/// One quantized block of activations: scale, scale * sum of quants (for Q4_1's offset), quants.
+#[derive(Clone, Copy, Debug)]
+pub struct ActBlock {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+impl Default for ActBlock {
+    fn default() -> Self {
+        Self { d: 0.0, s: 0.0, qs: [0; QK] }
+    }
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+pub fn parse_q4_0(bytes: &[u8]) -> Vec<BlockQ4_0> {
+    bytes.chunks_exact(18).map(|b| BlockQ4_0 { d: f16_at(b, 0), qs: b[2..18].try_into().unwrap() }).collect()
+}
+
+pub fn parse_q4_1(bytes: &[u8]) -> Vec<BlockQ4_1> {
+    bytes
+        .chunks_exact(20)
+        .map(|b| BlockQ4_1 { d: f16_at(b, 0), m: f16_at(b, 2), qs: b[4..20].try_into().unwrap() })
+        .collect()
+}
+
+pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
+    bytes
+        .chunks_exact(34)
+        .map(|b| {
+            let mut qs = [0i8; QK];
+            for (q, &x) in qs.iter_mut().zip(&b[2..34]) {
+                *q = x as i8;
+            }
+            BlockQ8_0 { d: f16_at(b, 0), qs }
+        })
+        .collect()
+}
+
+/// Quantizes one row (length a multiple of 32) to 8-bit blocks, as llama.cpp's AVX2
+/// `quantize_row_q8_0` / `quantize_row_q8_1` do.
+pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in block.qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+            sum += *q as i32;
+        }
+        block.d = f16::from_f32(d).to_f32();
+        block.s = f16::from_f32(d * sum as f32).to_f32();
+    }
+}
+
+/// A weight block type with a dot product against quantized activations.
+pub trait WeightBlock: Sync + Sized {
+    fn dot(w: &[Self], a: &[ActBlock]) -> f32;
+    /// The same with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32;
+}
+
+impl WeightBlock for BlockQ4_0 {
+    #[inline(always)]
+    fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
+        dot_q4_0(w, a)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32 {
+        unsafe { super::quant_avx2::dot_q4_0(w, a) }
+    }
+}
+
+impl WeightBlock for BlockQ4_1 {
+    #[inline(always)]
+    fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
+        dot_q4_1(w, a)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32 {
+        unsafe { super::quant_avx2::dot_q4_1(w, a) }
+    }
+}
+
+impl WeightBlock for BlockQ8_0 {
+    #[inline(always)]
+    fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
+        dot_q8_0(w, a)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32 {
+        unsafe { super::quant_avx2::dot_q8_0(w, a) }
+    }
+}
+
+// The integer sums below are written so the compiler vectorises them (16 lanes of i16
+// products); `linear.rs` compiles them a second time with AVX2 enabled and picks at run time.
+
+#[inline(always)]
+fn sum_q4(qs: &[u8; QK / 2], a: &[i8; QK], offset: i16) -> i32 {
+    let mut sum = 0i32;
+    for j in 0..QK / 2 {
+        let lo = (qs[j] & 0x0F) as i16 - offset;
+        let hi = (qs[j] >> 4) as i16 - offset;
+        sum += (lo * a[j] as i16 + hi * a[j + QK / 2] as i16) as i32;
+    }
+    sum
+}
+
+#[inline(always)]
+pub fn dot_q4_0(w: &[BlockQ4_0], a: &[ActBlock]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        sum += sum_q4(&wb.qs, &ab.qs, 8) as f32 * (wb.d.to_f32() * ab.d);
+    }
+    sum
+}
+
+#[inline(always)]
+pub fn dot_q4_1(w: &[BlockQ4_1], a: &[ActBlock]) -> f32 {
+    let (mut sum, mut offsets) = (0f32, 0f32);
+    for (wb, ab) in w.iter().zip(a) {
+        sum += (wb.d.to_f32() * ab.d) * sum_q4(&wb.qs, &ab.qs, 0) as f32;
+        offsets += wb.m.to_f32() * ab.s;
+    }
+    sum + offsets
+}
+
+#[inline(always)]
+pub fn dot_q8_0(w: &[BlockQ8_0], a: &[ActBlock]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let mut sumi = 0i32;
+        for j in 0..QK {
+            sumi += (wb.qs[j] as i16 * ab.qs[j] as i16) as i32;
+        }
+        sum += sumi as f32 * (wb.d.to_f32() * ab.d);
+    }
+    sum
+}
+
+/// Dequantized values of one row of weight blocks.
+pub fn dequantize_q8_0(w: &[BlockQ8_0], out: &mut [f32]) {
+    for (wb, o) in w.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = wb.d.to_f32();
+        for (x, &q) in o.iter_mut().zip(&wb.qs) {
+            *x = q as f32 * d;
+        }
+    }
+}
+
+pub fn dequantize_q4_0(w: &[BlockQ4_0], out: &mut [f32]) {
+    for (wb, o) in w.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = wb.d.to_f32();
+        for j in 0..QK / 2 {
+            o[j] = ((wb.qs[j] & 0x0F) as i32 - 8) as f32 * d;
+            o[j + QK / 2] = ((wb.qs[j] >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+pub fn dequantize_q4_1(w: &[BlockQ4_1], out: &mut [f32]) {
+    for (wb, o) in w.iter().zip(out.chunks_exact_mut(QK)) {
+        let (d, m) = (wb.d.to_f32(), wb.m.to_f32());
+        for j in 0..QK / 2 {
+            o[j] = (wb.qs[j] & 0x0F) as f32 * d + m;
+            o[j + QK / 2] = (wb.qs[j] >> 4) as f32 * d + m;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rng() -> rand_chacha::ChaCha8Rng {
+        rand_chacha::ChaCha8Rng::seed_from_u64(3)
+    }
+
+    #[test]
+    fn quantized_activations_round_trip_within_half_a_step() {
+        let mut r = rng();
+        let x: Vec<f32> = (0..96).map(|_| r.random_range(-3.0..3.0)).collect();
+        let mut q = vec![ActBlock::default(); 3];
+        quantize_row(&x, &mut q);
+        for (b, xs) in q.iter().zip(x.chunks(QK)) {
+            let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+            assert!((b.s - b.d * sum as f32).abs() <= b.d * sum.abs() as f32 * 1e-3 + 1e-6);
+            for (&v, &qv) in xs.iter().zip(&b.qs) {
+                assert!((v - qv as f32 * b.d).abs() <= b.d * 0.5 + 1e-3, "{v} vs {}", qv as f32 * b.d);
+            }
+        }
+    }
+
+    /// Each dot product equals the plain sum over dequantized weights and activations.
+    #[test]
+    fn dot_products_match_dequantized_reference() {
+        let mut r = rng();
+        let blocks = 5;
+        let mut a = vec![ActBlock::default(); blocks];
+        let x: Vec<f32> = (0..blocks * QK).map(|_| r.random_range(-2.0..2.0)).collect();
+        quantize_row(&x, &mut a);
+        let deq_a: Vec<f64> = a.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f64 * b.d as f64)).collect();
+        let mut bytes = |size: usize| -> Vec<u8> {
+            (0..blocks)
+                .flat_map(|_| {
+                    let mut b: Vec<u8> = (0..size).map(|_| r.random()).collect();
+                    b[0..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                    if size == 20 {
+                        b[2..4].copy_from_slice(&f16::from_f32(-0.07).to_le_bytes());
+                    }
+                    b
+                })
+                .collect()
+        };
+        let reference = |w: &[f32]| -> f64 {
+            // Q4_1's offset term uses s = f16(d * sum): compare against the exact value loosely.
+            w.iter().zip(&deq_a).map(|(&x, &y)| x as f64 * y).sum()
+        };
+        let mut w = vec![0f32; blocks * QK];
+        let q40 = parse_q4_0(&bytes(18));
+        dequantize_q4_0(&q40, &mut w);
+        assert!((dot_q4_0(&q40, &a) as f64 - reference(&w)).abs() < 1e-4);
+        let q41 = parse_q4_1(&bytes(20));
+        dequantize_q4_1(&q41, &mut w);
+        assert!((dot_q4_1(&q41, &a) as f64 - reference(&w)).abs() < 2e-3);
+        let q80 = parse_q8_0(&bytes(34));
+        dequantize_q8_0(&q80, &mut w);
+        assert!((dot_q8_0(&q80, &a) as f64 - reference(&w)).abs() < 1e-3);
+    }
+}
