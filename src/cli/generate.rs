@@ -3,8 +3,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::{read_jsonl, ModelArgs};
-use crate::engine::{generate_solo, SamplingParams};
+use super::{read_jsonl, EngineArgs, ModelArgs};
+use crate::engine::{Engine, SamplingParams};
 use crate::model::LoadedModel;
 
 #[derive(clap::Args)]
@@ -12,6 +12,8 @@ use crate::model::LoadedModel;
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// The prompt text (special-token text such as <|im_start|> is parsed).
     #[arg(long, group = "input")]
     prompt: Option<String>,
@@ -36,6 +38,9 @@ pub struct GenerateArgs {
     /// Print one JSON line per prompt, in input order: {"prompt_ids", "ids", "text"}.
     #[arg(long)]
     json: bool,
+    /// Milliseconds between the arrivals of successive prompts (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    arrival_ms: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -97,28 +102,67 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ..SamplingParams::default()
     };
     params.validate().map_err(anyhow::Error::msg)?;
+    let config = args.engine.config()?;
     let loaded = args.model.load()?;
     let all_ids = prompts.iter().map(|p| prompt_ids(&loaded, p, args.chat)).collect::<anyhow::Result<Vec<_>>>()?;
-    let context = loaded.model.config.context_length;
+    let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config);
     for ids in &all_ids {
-        if ids.len() + args.max_tokens > context {
-            anyhow::bail!("prompt of {} tokens plus --max-tokens {} exceeds the context of {context}", ids.len(), args.max_tokens);
-        }
+        engine.validate(ids, &params)?;
     }
     let start = Instant::now();
-    let mut generated = 0;
-    for ids in &all_ids {
-        let (tokens, _) = generate_solo(&loaded.model, ids, params.clone(), &loaded.tokenizer.eos_ids)?;
-        let out: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        generated += out.len();
-        let text = loaded.tokenizer.decode(&out);
-        if args.json {
-            println!("{}", serde_json::json!({ "prompt_ids": ids, "ids": out, "text": text }));
-        } else {
-            println!("{text}");
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); all_ids.len()];
+    let mut request_index = std::collections::HashMap::new();
+    let mut next = 0;
+    let mut done = 0;
+    let stream = !args.json && all_ids.len() == 1;
+    let mut decoder = crate::tokenizer::IncrementalDecoder::new();
+    while done < all_ids.len() {
+        // Admit every prompt whose arrival time has come; sleep if idle until the next one.
+        while next < all_ids.len() && start.elapsed().as_millis() as u64 >= next as u64 * args.arrival_ms {
+            let id = engine.add_request(all_ids[next].clone(), params.clone())?;
+            request_index.insert(id, next);
+            next += 1;
+        }
+        if !engine.has_work() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+        }
+        for event in engine.step()? {
+            let i = request_index[&event.id];
+            if let Some(token) = event.token {
+                outputs[i].push(token.id);
+                if stream {
+                    use std::io::Write;
+                    print!("{}", decoder.push(&loaded.tokenizer, token.id));
+                    std::io::stdout().flush().ok();
+                }
+            }
+            if event.finish.is_some() {
+                done += 1;
+            }
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    eprintln!("generated {generated} tokens in {secs:.2} s ({:.1} tok/s)", generated as f64 / secs);
+    let generated: usize = outputs.iter().map(Vec::len).sum();
+    if stream {
+        println!("{}", decoder.flush(&loaded.tokenizer));
+    } else {
+        for (ids, out) in all_ids.iter().zip(&outputs) {
+            let text = loaded.tokenizer.decode(out);
+            if args.json {
+                println!("{}", serde_json::json!({ "prompt_ids": ids, "ids": out, "text": text }));
+            } else {
+                println!("{text}");
+            }
+        }
+    }
+    let stats = engine.stats();
+    eprintln!(
+        "{} prompts, {generated} tokens generated in {secs:.2} s: {:.1} tok/s aggregate; {} prompt tokens prefilled, {} from the prefix cache",
+        all_ids.len(),
+        generated as f64 / secs,
+        stats.prefilled_tokens,
+        stats.prefix_hit_tokens
+    );
     Ok(())
 }

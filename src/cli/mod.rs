@@ -43,6 +43,38 @@ impl ModelArgs {
     }
 }
 
+/// Flags of the batching engine, shared by `generate` and `serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Bytes of KV cache (e.g. 2000000000). Default: a quarter of available memory, capped at
+    /// what --max-num-seqs sequences of full context need.
+    #[arg(long)]
+    pub kv_cache_bytes: Option<usize>,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens in one forward pass (decodes plus prefill chunks): the prefill chunk size.
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> anyhow::Result<crate::engine::EngineConfig> {
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 || self.block_size == 0 {
+            anyhow::bail!("--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1");
+        }
+        Ok(crate::engine::EngineConfig {
+            block_size: self.block_size,
+            kv_cache_bytes: self.kv_cache_bytes,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+        })
+    }
+}
+
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BRAID_LOG").unwrap_or_else(|_| "warn".into()))

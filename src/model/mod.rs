@@ -30,7 +30,7 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Everything loaded from one model path.
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: std::sync::Arc<Llama>,
     pub tokenizer: TextTokenizer,
     /// None when the model ships no chat template.
     pub chat_template: Option<ChatTemplate>,
@@ -83,7 +83,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
         config.context_length
     );
     let model = Llama::load(&mut file, config, device)?;
-    Ok(LoadedModel { model, tokenizer, chat_template, path: gguf_path })
+    Ok(LoadedModel { model: std::sync::Arc::new(model), tokenizer, chat_template, path: gguf_path })
 }
 
 /// The model path to use: the flag, else `BRAID_MODEL`, else the default model.

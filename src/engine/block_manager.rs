@@ -1,0 +1,254 @@
+//! Ownership of KV-cache blocks: reference counts, the prefix index, and LRU eviction.
+//!
+//! A full block is named by a chained hash of (parent block's hash, its token ids), so equal
+//! prefixes name equal blocks. Blocks whose last holder lets go stay in the index, free but
+//! still holding their contents, until they are the least recently used free block and are
+//! needed for something else: a chat's next turn finds its earlier turns there.
+//!
+//! A block is registered under its hash as soon as a sequence is given it to compute (not only
+//! once computed), marked pending; a new request that would reuse a pending block waits for it
+//! instead of computing the same prefix again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+
+pub type BlockId = u32;
+
+#[derive(Debug, Clone, Default)]
+struct Block {
+    refs: u32,
+    hash: Option<u64>,
+    /// False while the sequence that owns it has not written all its tokens yet.
+    computed: bool,
+    /// Position in the free LRU order while `refs == 0`.
+    free_tick: Option<u64>,
+}
+
+/// What the prefix index knows about a prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefixLookup {
+    /// These leading blocks are cached and computed (possibly none).
+    Hit(Vec<BlockId>),
+    /// The next block of this prefix is being computed by another request: wait.
+    InFlight,
+}
+
+pub struct BlockManager {
+    block_size: usize,
+    blocks: Vec<Block>,
+    index: HashMap<u64, BlockId>,
+    /// Free blocks by the time they were freed: the first is evicted first.
+    free: BTreeMap<u64, BlockId>,
+    tick: u64,
+}
+
+/// Hash naming a full block of tokens that follows the block named `parent`.
+pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// Hashes of every full block of `tokens`.
+pub fn prefix_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut parent = None;
+    tokens
+        .chunks_exact(block_size)
+        .map(|chunk| {
+            let h = block_hash(parent, chunk);
+            parent = Some(h);
+            h
+        })
+        .collect()
+}
+
+impl BlockManager {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        let mut manager = Self { block_size, blocks: vec![Block::default(); num_blocks], index: HashMap::new(), free: BTreeMap::new(), tick: 0 };
+        for id in 0..num_blocks as BlockId {
+            manager.push_free(id);
+        }
+        manager
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Blocks that can be handed out now (free, cached or not).
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Free blocks that still hold a cached prefix.
+    pub fn num_cached_free(&self) -> usize {
+        self.free.values().filter(|&&id| self.blocks[id as usize].hash.is_some()).count()
+    }
+
+    pub fn num_used(&self) -> usize {
+        self.blocks.len() - self.free.len()
+    }
+
+    fn push_free(&mut self, id: BlockId) {
+        self.tick += 1;
+        self.free.insert(self.tick, id);
+        self.blocks[id as usize].free_tick = Some(self.tick);
+    }
+
+    fn take_ref(&mut self, id: BlockId) {
+        let block = &mut self.blocks[id as usize];
+        if let Some(tick) = block.free_tick.take() {
+            self.free.remove(&tick);
+        }
+        block.refs += 1;
+    }
+
+    /// Leading cached blocks of a prompt, looking at no more than `max_tokens` tokens.
+    pub fn lookup(&self, hashes: &[u64], max_tokens: usize) -> PrefixLookup {
+        let mut hit = Vec::new();
+        for &h in hashes.iter().take(max_tokens / self.block_size) {
+            match self.index.get(&h) {
+                Some(&id) if self.blocks[id as usize].computed => hit.push(id),
+                Some(_) => return PrefixLookup::InFlight,
+                None => break,
+            }
+        }
+        PrefixLookup::Hit(hit)
+    }
+
+    /// Takes a reference on cached blocks found by `lookup`.
+    pub fn share(&mut self, ids: &[BlockId]) {
+        for &id in ids {
+            self.take_ref(id);
+        }
+    }
+
+    /// A fresh block, evicting the least recently freed cached block if need be.
+    pub fn allocate(&mut self) -> Option<BlockId> {
+        let (&tick, &id) = self.free.iter().next()?;
+        self.free.remove(&tick);
+        let block = &mut self.blocks[id as usize];
+        if let Some(h) = block.hash.take() {
+            if self.index.get(&h) == Some(&id) {
+                self.index.remove(&h);
+            }
+        }
+        *block = Block { refs: 1, hash: None, computed: false, free_tick: None };
+        Some(id)
+    }
+
+    /// Names a block by the hash of the tokens it holds (or will hold once computed). A hash
+    /// already naming another block keeps that block.
+    pub fn register(&mut self, id: BlockId, hash: u64, computed: bool) {
+        if self.index.contains_key(&hash) || self.blocks[id as usize].hash.is_some() {
+            return;
+        }
+        self.index.insert(hash, id);
+        let block = &mut self.blocks[id as usize];
+        block.hash = Some(hash);
+        block.computed = computed;
+    }
+
+    pub fn mark_computed(&mut self, id: BlockId) {
+        self.blocks[id as usize].computed = true;
+    }
+
+    pub fn is_computed(&self, id: BlockId) -> bool {
+        self.blocks[id as usize].computed
+    }
+
+    /// Drops one reference to each block. Computed blocks with a hash stay cached; a pending
+    /// block that nobody will finish loses its name so no one waits for it.
+    pub fn release(&mut self, ids: &[BlockId]) {
+        // Later blocks first, so a sequence's tail is evicted before its shared head.
+        for &id in ids.iter().rev() {
+            let block = &mut self.blocks[id as usize];
+            debug_assert!(block.refs > 0, "block {id} released more often than taken");
+            block.refs -= 1;
+            if block.refs > 0 {
+                continue;
+            }
+            if !block.computed {
+                if let Some(h) = block.hash.take() {
+                    if self.index.get(&h) == Some(&id) {
+                        self.index.remove(&h);
+                    }
+                }
+            }
+            self.push_free(id);
+        }
+    }
+
+    /// A block's current holders (for tests and leak checks).
+    pub fn refs(&self, id: BlockId) -> u32 {
+        self.blocks[id as usize].refs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_released_prefix_is_found_again_until_evicted() {
+        let mut m = BlockManager::new(3, 2);
+        let hashes = prefix_hashes(&[1, 2, 3, 4], 2);
+        let a = m.allocate().unwrap();
+        let b = m.allocate().unwrap();
+        m.register(a, hashes[0], true);
+        m.register(b, hashes[1], true);
+        m.release(&[a, b]);
+        assert_eq!(m.num_free(), 3);
+        assert_eq!(m.lookup(&hashes, 4), PrefixLookup::Hit(vec![a, b]));
+        assert_eq!(m.lookup(&hashes, 3), PrefixLookup::Hit(vec![a]), "at most max_tokens");
+        // Three fresh allocations evict both cached blocks (oldest free first).
+        let _c = m.allocate().unwrap();
+        let _d = m.allocate().unwrap();
+        assert_eq!(m.lookup(&hashes, 4), PrefixLookup::Hit(vec![a]), "the tail was evicted first");
+        let _e = m.allocate().unwrap();
+        assert_eq!(m.lookup(&hashes, 4), PrefixLookup::Hit(vec![]));
+        assert!(m.allocate().is_none());
+    }
+
+    #[test]
+    fn pending_blocks_make_others_wait_and_vanish_if_abandoned() {
+        let mut m = BlockManager::new(4, 2);
+        let hashes = prefix_hashes(&[5, 6, 7, 8], 2);
+        let a = m.allocate().unwrap();
+        m.register(a, hashes[0], false);
+        assert_eq!(m.lookup(&hashes, 4), PrefixLookup::InFlight);
+        m.mark_computed(a);
+        assert_eq!(m.lookup(&hashes, 4), PrefixLookup::Hit(vec![a]));
+        let b = m.allocate().unwrap();
+        m.register(b, hashes[1], false);
+        m.release(&[b]);
+        assert_eq!(m.lookup(&hashes, 4), PrefixLookup::Hit(vec![a]), "the abandoned block is no longer named");
+    }
+
+    #[test]
+    fn shared_blocks_are_freed_by_their_last_holder() {
+        let mut m = BlockManager::new(2, 4);
+        let a = m.allocate().unwrap();
+        m.register(a, 42, true);
+        m.share(&[a]);
+        assert_eq!(m.refs(a), 2);
+        m.release(&[a]);
+        assert_eq!(m.num_free(), 1);
+        m.release(&[a]);
+        assert_eq!(m.num_free(), 2);
+        assert_eq!(m.num_cached_free(), 1);
+    }
+
+    #[test]
+    fn hashes_chain_through_parents() {
+        let x = prefix_hashes(&[1, 2, 3, 4], 2);
+        let y = prefix_hashes(&[9, 9, 3, 4], 2);
+        assert_ne!(x[1], y[1], "same block, different prefix");
+        assert_eq!(prefix_hashes(&[1, 2, 3], 2).len(), 1, "partial blocks have no name");
+    }
+}

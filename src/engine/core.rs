@@ -1,0 +1,286 @@
+//! The engine: requests in, one batched forward pass per step, tokens out. A plain synchronous
+//! library (no async runtime, no HTTP), like mlx-lm's `BatchGenerator`: `add_request` inserts,
+//! `step` advances every running request by one forward pass, `abort` removes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::model::{FlatBatch, KvCache, Llama};
+
+use super::block_manager::{block_hash, BlockManager};
+use super::sampler::{SampledToken, SamplingParams};
+use super::scheduler::{Scheduled, Scheduler, SchedulerConfig};
+use super::sequence::{RequestId, Sequence};
+use super::FinishReason;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Bytes of KV cache (K and V of every layer); None: a quarter of available memory.
+    pub kv_cache_bytes: Option<usize>,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { block_size: 16, kv_cache_bytes: None, max_num_seqs: 64, max_num_batched_tokens: 512 }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    BadToken { id: u32, vocab: usize },
+    #[error("max_tokens must be at least 1")]
+    NoTokens,
+    #[error("the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context of {limit} tokens")]
+    TooLong { prompt: usize, max_tokens: usize, limit: usize },
+    #[error("{0}")]
+    BadParams(String),
+}
+
+/// What a step produced for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: RequestId,
+    pub token: Option<SampledToken>,
+    pub finish: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    /// Free blocks that still hold a reusable prefix.
+    pub kv_blocks_cached: usize,
+    pub kv_blocks_free: usize,
+    pub block_size: usize,
+    /// Prompt tokens served from the prefix cache, since start.
+    pub prefix_hit_tokens: u64,
+    /// Tokens computed by prefill (prompts, and recomputation after preemption), since start.
+    pub prefilled_tokens: u64,
+    pub generated_tokens: u64,
+    pub preemptions: u64,
+}
+
+pub struct Engine {
+    model: Arc<Llama>,
+    eos_ids: Vec<u32>,
+    kv: KvCache,
+    blocks: BlockManager,
+    scheduler: Scheduler,
+    next_id: RequestId,
+    pending_events: Vec<Event>,
+    last_step: Vec<Scheduled>,
+    prefilled_tokens: u64,
+    generated_tokens: u64,
+}
+
+/// Bytes of memory the OS says are available (Linux), if known.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl Engine {
+    pub fn new(model: Arc<Llama>, eos_ids: Vec<u32>, config: EngineConfig) -> Self {
+        let block_bytes = KvCache::bytes_per_block(&model.config, config.block_size);
+        // Never more than every sequence at full context; by default a quarter of free memory.
+        let most = config.max_num_seqs * model.config.context_length.div_ceil(config.block_size) * block_bytes;
+        let bytes = config.kv_cache_bytes.unwrap_or_else(|| (available_memory().unwrap_or(4 << 30) / 4).min(most));
+        let num_blocks = (bytes / block_bytes).max(1);
+        tracing::info!(
+            "KV cache: {} blocks of {} tokens = {} tokens, {:.1} MiB",
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            (num_blocks * block_bytes) as f64 / (1 << 20) as f64
+        );
+        let kv = KvCache::new(&model.config, num_blocks, config.block_size);
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+        });
+        Self {
+            model,
+            eos_ids,
+            kv,
+            blocks: BlockManager::new(num_blocks, config.block_size),
+            scheduler,
+            next_id: 0,
+            pending_events: Vec::new(),
+            last_step: Vec::new(),
+            prefilled_tokens: 0,
+            generated_tokens: 0,
+        }
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// Tokens one request may hold: the model's context, and the whole pool.
+    pub fn max_context(&self) -> usize {
+        self.model.config.context_length.min(self.kv.capacity_tokens())
+    }
+
+    /// Checks a request without queueing it.
+    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let vocab = self.model.vocab_size();
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::BadToken { id, vocab });
+        }
+        if params.max_tokens == 0 {
+            return Err(EngineError::NoTokens);
+        }
+        params.validate().map_err(EngineError::BadParams)?;
+        let limit = self.max_context();
+        if prompt.len() + params.max_tokens > limit {
+            return Err(EngineError::TooLong { prompt: prompt.len(), max_tokens: params.max_tokens, limit });
+        }
+        Ok(())
+    }
+
+    /// Queues a request; it joins the running batch at a coming step.
+    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestId, EngineError> {
+        self.validate(&prompt, &params)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let seq = Sequence::new(id, prompt, params, self.blocks.block_size());
+        self.scheduler.waiting.push_back(seq);
+        Ok(id)
+    }
+
+    /// Removes a request, running or waiting, and frees its blocks. Its `Abort` event comes
+    /// with the next step. Returns whether it was found.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        if let Some(pos) = self.scheduler.waiting.iter().position(|s| s.id == id) {
+            let seq = self.scheduler.waiting.remove(pos).expect("position is valid");
+            self.blocks.release(&seq.block_table);
+        } else if let Some(pos) = self.scheduler.running.iter().position(|s| s.id == id) {
+            let seq = self.scheduler.running.remove(pos);
+            self.blocks.release(&seq.block_table);
+        } else {
+            return false;
+        }
+        self.pending_events.push(Event { id, token: None, finish: Some(FinishReason::Abort) });
+        true
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.scheduler.running.is_empty() || !self.scheduler.waiting.is_empty() || !self.pending_events.is_empty()
+    }
+
+    /// The composition of the last step: which requests ran and how many tokens each.
+    pub fn last_step(&self) -> &[Scheduled] {
+        &self.last_step
+    }
+
+    /// Prompt tokens of a running request that came from the prefix cache.
+    pub fn cached_tokens(&self, id: RequestId) -> Option<usize> {
+        self.scheduler.running.iter().find(|s| s.id == id).map(|s| s.cached_tokens)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            running: self.scheduler.running.len(),
+            waiting: self.scheduler.waiting.len(),
+            kv_blocks_total: self.blocks.num_blocks(),
+            kv_blocks_used: self.blocks.num_used(),
+            kv_blocks_cached: self.blocks.num_cached_free(),
+            kv_blocks_free: self.blocks.num_free(),
+            block_size: self.blocks.block_size(),
+            prefix_hit_tokens: self.scheduler.prefix_hit_tokens,
+            prefilled_tokens: self.prefilled_tokens,
+            generated_tokens: self.generated_tokens,
+            preemptions: self.scheduler.preemptions,
+        }
+    }
+
+    /// One forward pass over every scheduled request; returns new tokens and finishes.
+    pub fn step(&mut self) -> candle_core::Result<Vec<Event>> {
+        let mut events = std::mem::take(&mut self.pending_events);
+        let scheduled = self.scheduler.schedule(&mut self.blocks);
+        self.last_step = scheduled.clone();
+        if scheduled.is_empty() {
+            return Ok(events);
+        }
+        let index: HashMap<RequestId, usize> = self.scheduler.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        let mut batch = FlatBatch::default();
+        let mut samples = Vec::new();
+        for s in &scheduled {
+            let seq = &self.scheduler.running[index[&s.id]];
+            let end = seq.num_computed + s.num_tokens;
+            let sample = end == seq.tokens.len();
+            batch.push(&seq.tokens[seq.num_computed..end], end, seq.block_table.clone(), sample);
+            samples.push(sample);
+        }
+        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let mut rows = logits.to_vec2::<f32>()?.into_iter();
+        let block_size = self.blocks.block_size();
+        let mut finished = Vec::new();
+        for (s, sample) in scheduled.iter().zip(samples) {
+            let seq = &mut self.scheduler.running[index[&s.id]];
+            let is_decode = sample && s.num_tokens == 1 && seq.tokens.len() > seq.prompt_len;
+            self.prefilled_tokens += (s.num_tokens - usize::from(is_decode)) as u64;
+            seq.num_computed += s.num_tokens;
+            record_full_blocks(&mut self.blocks, seq, block_size);
+            if !sample {
+                continue;
+            }
+            let mut row = rows.next().expect("one logits row per sampled sequence");
+            let token = seq.sampler.sample(&mut row);
+            seq.sampler.observe(token.id);
+            seq.tokens.push(token.id);
+            self.generated_tokens += 1;
+            let params = seq.params();
+            let stop = params.stop_token_ids.contains(&token.id) || (!params.ignore_eos && self.eos_ids.contains(&token.id));
+            let finish = if stop {
+                Some(FinishReason::Stop)
+            } else if seq.output().len() >= params.max_tokens || seq.tokens.len() >= self.model.config.context_length {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if finish.is_some() {
+                finished.push(s.id);
+            }
+            events.push(Event { id: s.id, token: Some(token), finish });
+        }
+        for id in finished {
+            let pos = self.scheduler.running.iter().position(|s| s.id == id).expect("finished sequence is running");
+            let seq = self.scheduler.running.remove(pos);
+            self.blocks.release(&seq.block_table);
+        }
+        Ok(events)
+    }
+}
+
+/// Marks blocks whose tokens are all computed, and names newly full blocks of generated
+/// tokens so a later turn of the same conversation finds them.
+fn record_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence, block_size: usize) {
+    let full = seq.num_computed / block_size;
+    for index in 0..full {
+        let id = seq.block_table[index];
+        if !blocks.is_computed(id) {
+            blocks.mark_computed(id);
+        }
+        if index >= seq.block_hashes.len() {
+            let parent = seq.block_hashes.last().copied();
+            let h = block_hash(parent, &seq.tokens[index * block_size..(index + 1) * block_size]);
+            seq.block_hashes.push(h);
+            blocks.register(id, h, true);
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The batching engine on the real model: batched == solo, prefix reuse, no leaks,
+//! preemption, chunked prefill.
+
+mod common;
+
+use std::collections::HashMap;
+
+use braid::engine::{Engine, EngineConfig, FinishReason, RequestId, SamplingParams};
+use common::{golden, ids, model};
+
+fn engine(config: EngineConfig) -> Engine {
+    let m = model();
+    Engine::new(m.model.clone(), m.tokenizer.eos_ids.clone(), config)
+}
+
+fn small_config() -> EngineConfig {
+    EngineConfig { kv_cache_bytes: Some(256 << 20), ..EngineConfig::default() }
+}
+
+/// Runs prompts through the engine, admitting prompt i before step `arrivals[i]`; returns each
+/// prompt's tokens.
+fn run(engine: &mut Engine, prompts: &[Vec<u32>], params: &[SamplingParams], arrivals: &[usize]) -> Vec<Vec<u32>> {
+    let mut out = vec![Vec::new(); prompts.len()];
+    let mut which: HashMap<RequestId, usize> = HashMap::new();
+    let mut finished = 0;
+    let mut step = 0;
+    while finished < prompts.len() {
+        for (i, &at) in arrivals.iter().enumerate() {
+            if at == step {
+                which.insert(engine.add_request(prompts[i].clone(), params[i].clone()).unwrap(), i);
+            }
+        }
+        for e in engine.step().unwrap() {
+            if let Some(t) = e.token {
+                out[which[&e.id]].push(t.id);
+            }
+            if e.finish.is_some() {
+                finished += 1;
+            }
+        }
+        step += 1;
+        assert!(step < 100_000, "the engine stopped making progress");
+    }
+    out
+}
+
+fn solo(prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
+    let mut e = engine(small_config());
+    run(&mut e, &[prompt.to_vec()], &[params.clone()], &[0]).remove(0)
+}
+
+fn golden_prompts() -> Vec<Vec<u32>> {
+    golden("greedy.jsonl").iter().map(|c| ids(&c["prompt_ids"])).collect()
+}
+
+fn check_batched_equals_solo(params: SamplingParams, config: EngineConfig) {
+    let prompts = golden_prompts();
+    let params: Vec<SamplingParams> = (0..prompts.len()).map(|i| SamplingParams { seed: params.seed.map(|s| s + i as u64), ..params.clone() }).collect();
+    // Staggered: a new prompt every other step, so prefills land among running decodes.
+    let arrivals: Vec<usize> = (0..prompts.len()).map(|i| i * 2).collect();
+    let mut e = engine(config);
+    let batched = run(&mut e, &prompts, &params, &arrivals);
+    for (i, (p, got)) in prompts.iter().zip(&batched).enumerate() {
+        assert_eq!(got, &solo(p, &params[i]), "prompt {i} differs between batched and solo");
+    }
+    let stats = e.stats();
+    assert_eq!(stats.kv_blocks_used, 0, "blocks leaked: {stats:?}");
+}
+
+#[test]
+fn batched_greedy_equals_solo() {
+    check_batched_equals_solo(SamplingParams { ignore_eos: true, ..SamplingParams::greedy(20) }, small_config());
+}
+
+#[test]
+fn batched_seeded_sampling_equals_solo() {
+    let params = SamplingParams { temperature: 0.8, seed: Some(1234), ignore_eos: true, ..SamplingParams::greedy(20) };
+    check_batched_equals_solo(params, small_config());
+}
+
+/// A pool far too small for 32 sequences forces preemption and recomputation; outputs stay
+/// those of solo runs.
+#[test]
+fn preemption_under_a_tiny_budget_keeps_outputs() {
+    let block_bytes = braid::model::KvCache::bytes_per_block(&model().model.config, 16);
+    let config = EngineConfig { kv_cache_bytes: Some(block_bytes * 40), max_num_batched_tokens: 256, ..EngineConfig::default() };
+    let prompts = golden_prompts();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(20) };
+    let mut e = engine(config);
+    let batched = run(&mut e, &prompts[..12], &vec![params.clone(); 12], &[0; 12]);
+    assert!(e.stats().preemptions > 0, "the budget was meant to force preemption");
+    for (p, got) in prompts.iter().zip(&batched) {
+        assert_eq!(got, &solo(p, &params));
+    }
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}
+
+/// ~1,000 tokens of ordinary text from the golden files.
+fn long_prefix() -> Vec<u32> {
+    let mut out = Vec::new();
+    for case in golden("tokenize.jsonl") {
+        out.extend(ids(&case["ids"]));
+        if out.len() >= 1000 {
+            break;
+        }
+    }
+    out.truncate(1000);
+    out
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once() {
+    let prefix = long_prefix();
+    let params = SamplingParams::greedy(2);
+    let with_suffix = |s: u32| {
+        let mut p = prefix.clone();
+        p.extend([s, s + 1, s + 2]);
+        p
+    };
+    // A second request after the first finished reuses the cached prefix.
+    let mut e = engine(small_config());
+    run(&mut e, &[with_suffix(100)], &[params.clone()], &[0]);
+    let before = e.stats().prefilled_tokens;
+    run(&mut e, &[with_suffix(200)], &[params.clone()], &[0]);
+    let second = e.stats().prefilled_tokens - before;
+    assert!(second * 10 < prefix.len() as u64, "second request prefilled {second} tokens");
+    assert!(e.stats().prefix_hit_tokens >= 992);
+
+    // Sixteen arriving together compute it once (the rest wait for its blocks).
+    let mut e = engine(small_config());
+    let prompts: Vec<Vec<u32>> = (0..16).map(|i| with_suffix(300 + 10 * i)).collect();
+    let outputs = run(&mut e, &prompts, &vec![params.clone(); 16], &[0; 16]);
+    let prefilled = e.stats().prefilled_tokens;
+    assert!(prefilled < prefix.len() as u64 + 16 * 32, "prefilled {prefilled} tokens for 16 requests");
+    // And sharing changed nothing in what they generate.
+    assert_eq!(outputs[3], solo(&prompts[3], &params));
+}
+
+#[test]
+fn aborts_and_completions_return_the_pool_to_baseline() {
+    let mut e = engine(small_config());
+    let baseline = e.stats();
+    let prompts = golden_prompts();
+    let mut live = Vec::new();
+    for (i, p) in prompts.iter().enumerate().take(16) {
+        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(5 + i % 7) };
+        live.push(e.add_request(p.clone(), params).unwrap());
+    }
+    let mut aborted = 0;
+    let mut step = 0;
+    let mut finished = std::collections::HashSet::new();
+    while e.has_work() {
+        // Abort every third request at different moments: waiting, mid-prefill, decoding.
+        if step % 3 == 0 {
+            if let Some(id) = live.iter().copied().find(|id| !finished.contains(id) && id % 3 == (step / 3) as u64 % 3) {
+                if e.abort(id) {
+                    aborted += 1;
+                }
+            }
+        }
+        for ev in e.step().unwrap() {
+            if let Some(f) = ev.finish {
+                assert!(finished.insert(ev.id), "request {} finished twice", ev.id);
+                assert!(matches!(f, FinishReason::Length | FinishReason::Abort));
+            }
+        }
+        step += 1;
+        let s = e.stats();
+        assert!(s.kv_blocks_used <= s.kv_blocks_total);
+    }
+    assert!(aborted > 0);
+    assert_eq!(finished.len(), 16);
+    let end = e.stats();
+    assert_eq!(end.kv_blocks_used, baseline.kv_blocks_used);
+    assert_eq!(end.kv_blocks_free, baseline.kv_blocks_free);
+    assert!(!e.abort(live[0]), "an ended request cannot be aborted again");
+}
+
+/// A 4,000-token prompt joins 8 decoding sequences: every step still carries all 8 decodes,
+/// and the prompt advances one chunk per step.
+#[test]
+fn a_long_prompt_never_stalls_running_decodes() {
+    let config = EngineConfig { max_num_batched_tokens: 512, ..small_config() };
+    let mut e = engine(config);
+    let prompts = golden_prompts();
+    let decoders: Vec<RequestId> = prompts[..8]
+        .iter()
+        .map(|p| e.add_request(p.clone(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(200) }).unwrap())
+        .collect();
+    // Let the eight finish their prefill and start decoding.
+    for _ in 0..3 {
+        e.step().unwrap();
+    }
+    let mut long = Vec::new();
+    while long.len() < 4000 {
+        long.extend(long_prefix());
+    }
+    long.truncate(4000);
+    let big = e.add_request(long, SamplingParams::greedy(1)).unwrap();
+    let mut prefill_steps = 0;
+    loop {
+        let events = e.step().unwrap();
+        let step = e.last_step().to_vec();
+        for d in &decoders {
+            assert!(step.iter().any(|s| s.id == *d && s.num_tokens == 1), "decode of {d} missing from a step: {step:?}");
+        }
+        let chunk = step.iter().find(|s| s.id == big).map_or(0, |s| s.num_tokens);
+        assert!(chunk <= 512 - 8, "chunk of {chunk} tokens");
+        prefill_steps += 1;
+        if events.iter().any(|ev| ev.id == big) {
+            break;
+        }
+    }
+    assert_eq!(prefill_steps, 4000usize.div_ceil(504), "the prompt advanced by a full chunk each step");
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let e = engine(small_config());
+    let p = SamplingParams::greedy(4);
+    assert!(e.validate(&[], &p).is_err());
+    assert!(e.validate(&[1_000_000], &p).unwrap_err().to_string().contains("vocabulary"));
+    let long = vec![1u32; 8190];
+    assert!(e.validate(&long, &SamplingParams::greedy(10)).unwrap_err().to_string().contains("context"));
+    assert!(e.validate(&[1], &SamplingParams { temperature: -1.0, ..p }).unwrap_err().to_string().contains("temperature"));
+}
