@@ -5,11 +5,19 @@ CARGO ?= cargo
 
 # Install the default model and run braid on it.
 serve: model build
-	./target/release/braid generate --chat --prompt "Write a haiku about sharing one GPU with many friends." --max-tokens 64
+	./target/release/braid serve
 
-# Install what the tests need and run them all.
-test: model
+# Install what the tests need and run them all: Rust tests, then the OpenAI-client tests
+# against a real server.
+test: model .venv/ok
 	$(CARGO) test --release
+	$(CARGO) build --release
+	.venv/bin/python -m pytest -q tests/python
+
+.venv/ok:
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet --disable-pip-version-check openai pytest httpx
+	touch $@
 
 model:
 	./scripts/install-model

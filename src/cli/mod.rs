@@ -21,6 +21,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token ids of texts (no BOS added; special-token text is parsed).
     Tokenize(tokenize::TokenizeArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(crate::server::ServeArgs),
 }
 
 /// Flags every model-loading command shares.
@@ -84,6 +86,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Serve(args) => crate::server::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

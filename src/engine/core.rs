@@ -49,6 +49,8 @@ pub struct Event {
     pub id: RequestId,
     pub token: Option<SampledToken>,
     pub finish: Option<FinishReason>,
+    /// Prompt tokens this request took from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -174,7 +176,7 @@ impl Engine {
         } else {
             return false;
         }
-        self.pending_events.push(Event { id, token: None, finish: Some(FinishReason::Abort) });
+        self.pending_events.push(Event { id, token: None, finish: Some(FinishReason::Abort), cached_tokens: 0 });
         true
     }
 
@@ -244,7 +246,7 @@ impl Engine {
             seq.sampler.observe(token.id);
             seq.tokens.push(token.id);
             self.generated_tokens += 1;
-            let params = seq.params();
+            let params = seq.sampler.params();
             let stop = params.stop_token_ids.contains(&token.id) || (!params.ignore_eos && self.eos_ids.contains(&token.id));
             let finish = if stop {
                 Some(FinishReason::Stop)
@@ -256,7 +258,7 @@ impl Engine {
             if finish.is_some() {
                 finished.push(s.id);
             }
-            events.push(Event { id: s.id, token: Some(token), finish });
+            events.push(Event { id: s.id, token: Some(token), finish, cached_tokens: seq.cached_tokens });
         }
         for id in finished {
             let pos = self.scheduler.running.iter().position(|s| s.id == id).expect("finished sequence is running");

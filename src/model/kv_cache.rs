@@ -33,12 +33,24 @@ impl KvCache {
         let token_width = config.n_kv_head * config.head_dim;
         let floats = num_blocks * block_size * token_width;
         let layers = (0..config.n_layer)
-            .map(|_| LayerKv { k: vec![f16::ZERO; floats], v: vec![f16::ZERO; floats] })
+            .map(|_| LayerKv { k: zeroed(floats), v: zeroed(floats) })
             .collect();
         Self { block_size, num_blocks, token_width, layers }
+    }
+
+    /// Bytes of the whole pool.
+    pub fn bytes(&self) -> usize {
+        self.layers.len() * 2 * self.num_blocks * self.block_size * self.token_width * std::mem::size_of::<f16>()
     }
 
     pub fn capacity_tokens(&self) -> usize {
         self.num_blocks * self.block_size
     }
+}
+
+/// A zeroed vector obtained from the allocator as zeroed pages (`vec![0u16; n]` is calloc), so
+/// untouched blocks cost no resident memory; `vec![f16::ZERO; n]` would write every element.
+fn zeroed(n: usize) -> Vec<f16> {
+    use half::vec::HalfBitsVecExt;
+    vec![0u16; n].reinterpret_into()
 }

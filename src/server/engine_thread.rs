@@ -1,0 +1,131 @@
+//! The engine runs on its own OS thread; the async server talks to it over channels. A request
+//! whose receiver is gone (the client disconnected) is aborted before the next step.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::metrics as m;
+use crate::engine::{Engine, EngineStats, FinishReason, RequestId, SampledToken, SamplingParams};
+
+/// What a request hears from the engine.
+#[derive(Debug, Clone)]
+pub enum SeqEvent {
+    /// `ends` marks the stop token that ended the sequence: counted, but not part of the text.
+    Token { token: SampledToken, cached_tokens: usize, ends: bool },
+    Finished(FinishReason),
+    Rejected(String),
+}
+
+enum Command {
+    Submit { prompt: Vec<u32>, params: SamplingParams, events: UnboundedSender<SeqEvent> },
+}
+
+/// The server's side of the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+}
+
+impl EngineHandle {
+    pub fn spawn(mut engine: Engine) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(engine.stats()));
+        let shared = stats.clone();
+        std::thread::Builder::new()
+            .name("braid-engine".into())
+            .spawn(move || run(&mut engine, rx, &shared))
+            .expect("the engine thread starts");
+        Self { commands: tx, stats }
+    }
+
+    /// Queues one sequence; its events arrive on the returned receiver. Dropping the receiver
+    /// aborts the sequence.
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> UnboundedReceiver<SeqEvent> {
+        let (events, rx) = unbounded_channel();
+        if let Err(mpsc::SendError(Command::Submit { events, .. })) = self.commands.send(Command::Submit { prompt, params, events }) {
+            let _ = events.send(SeqEvent::Rejected("the engine has stopped".into()));
+        }
+        rx
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().expect("stats lock").clone()
+    }
+}
+
+struct Live {
+    events: UnboundedSender<SeqEvent>,
+}
+
+fn run(engine: &mut Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<EngineStats>) {
+    let mut live: HashMap<RequestId, Live> = HashMap::new();
+    loop {
+        // Block while idle; otherwise take whatever has arrived and go on stepping.
+        if !engine.has_work() {
+            match commands.recv() {
+                Ok(c) => accept(engine, &mut live, c),
+                Err(_) => return, // the server is gone
+            }
+        }
+        while let Ok(c) = commands.try_recv() {
+            accept(engine, &mut live, c);
+        }
+        live.retain(|&id, l| {
+            if l.events.is_closed() {
+                engine.abort(id);
+                m::record_abort();
+                false
+            } else {
+                true
+            }
+        });
+        let events = match engine.step() {
+            Ok(events) => events,
+            Err(e) => {
+                // A failed forward pass fails every request in it; the engine stays usable.
+                tracing::error!("engine step failed: {e}");
+                for (id, l) in live.drain() {
+                    let _ = l.events.send(SeqEvent::Rejected(format!("internal error: {e}")));
+                    engine.abort(id);
+                }
+                continue;
+            }
+        };
+        for event in events {
+            let Some(l) = live.get(&event.id) else { continue };
+            let mut gone = false;
+            if let Some(token) = event.token {
+                let cached_tokens = event.cached_tokens;
+                let ends = event.finish == Some(FinishReason::Stop);
+                gone |= l.events.send(SeqEvent::Token { token, cached_tokens, ends }).is_err();
+            }
+            if let Some(reason) = event.finish {
+                let _ = l.events.send(SeqEvent::Finished(reason));
+                live.remove(&event.id);
+            } else if gone {
+                engine.abort(event.id);
+                live.remove(&event.id);
+            }
+        }
+        let s = engine.stats();
+        m::record_engine(&s);
+        *stats.lock().expect("stats lock") = s;
+    }
+}
+
+fn accept(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, command: Command) {
+    match command {
+        Command::Submit { prompt, params, events } => match engine.add_request(prompt, params) {
+            Ok(id) => {
+                live.insert(id, Live { events });
+            }
+            Err(e) => {
+                let _ = events.send(SeqEvent::Rejected(e.to_string()));
+            }
+        },
+    }
+}

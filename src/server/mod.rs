@@ -1,0 +1,187 @@
+//! `braid serve`: the OpenAI-compatible HTTP server (axum + tokio). One engine thread per model;
+//! handlers validate, queue, stream.
+
+mod admission;
+mod choice;
+mod engine_thread;
+mod error;
+mod metrics;
+mod openai;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use subtle::ConstantTimeEq;
+
+pub use admission::Admission;
+pub use engine_thread::EngineHandle;
+pub use error::ApiError;
+
+use crate::cli::{EngineArgs, ModelArgs};
+use crate::engine::Engine;
+use crate::tokenizer::{ChatTemplate, TextTokenizer};
+
+pub const SYSTEM_FINGERPRINT: &str = concat!("braid-", env!("CARGO_PKG_VERSION"));
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the summary line says which).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Model name clients send in "model" and see in /v1/models. Default: the file's stem.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests that may wait for a free sequence slot; beyond that: 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    queue_size: usize,
+    /// Seconds a request may wait for a slot before it is answered 503 and dropped.
+    #[arg(long, default_value_t = 60.0)]
+    queue_timeout: f64,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long, env = "BRAID_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Log prompts (never logged otherwise).
+    #[arg(long)]
+    log_prompts: bool,
+    /// Seconds running requests may take to finish after SIGTERM/SIGINT before exit.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
+}
+
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub template: Option<Arc<ChatTemplate>>,
+    pub model_name: String,
+    pub max_context: usize,
+    pub vocab_size: usize,
+    pub admission: Admission,
+    pub created: u64,
+    pub log_prompts: bool,
+    api_key: Option<String>,
+}
+
+impl AppState {
+    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model_name {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(model))
+        }
+    }
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/chat/completions", post(routes::chat_completions))
+        .route("/completions", post(routes::completions))
+        .route("/models", get(routes::models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .fallback(routes::fallback)
+        .with_state(state)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if !(args.queue_timeout > 0.0 && args.queue_timeout.is_finite()) {
+        anyhow::bail!("--queue-timeout must be a positive number of seconds");
+    }
+    let config = args.engine.config()?;
+    eprintln!("braid: loading {} ...", crate::model::model_path(args.model.model.clone()).display());
+    let loaded = args.model.load()?;
+    let model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| loaded.path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
+    let engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone());
+    let max_context = engine.max_context();
+    let kv = engine.stats();
+    let kv_bytes = kv.kv_blocks_total * crate::model::KvCache::bytes_per_block(&loaded.model.config, kv.block_size);
+    metrics::install();
+    let state = Arc::new(AppState {
+        engine: EngineHandle::spawn(engine),
+        vocab_size: loaded.model.vocab_size(),
+        tokenizer: Arc::new(loaded.tokenizer),
+        template: loaded.chat_template.map(Arc::new),
+        model_name: model_name.clone(),
+        max_context,
+        admission: Admission::new(config.max_num_seqs, args.queue_size, Duration::from_secs_f64(args.queue_timeout)),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        log_prompts: args.log_prompts,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", args.host, args.port).parse()?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        eprintln!(
+            "braid: serving '{model_name}' on http://{bound}/v1 | KV cache {} tokens ({:.0} MiB) | context {max_context} | max {} running, {} queued, queue timeout {} s{}",
+            kv.kv_blocks_total * kv.block_size,
+            kv_bytes as f64 / (1 << 20) as f64,
+            config.max_num_seqs,
+            args.queue_size,
+            args.queue_timeout,
+            if state.api_key.is_some() { " | API key required" } else { "" },
+        );
+        let grace = Duration::from_secs_f64(args.shutdown_grace.max(0.0));
+        let closing = state.clone();
+        let signal = async move {
+            shutdown_signal().await;
+            eprintln!("braid: shutting down; letting running requests finish (up to {} s)", grace.as_secs_f64());
+            closing.admission.close();
+            // Past the grace period, leave whatever is still running.
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                eprintln!("braid: grace period over; exiting");
+                std::process::exit(0);
+            });
+        };
+        axum::serve(listener, router(state)).with_graceful_shutdown(signal).await?;
+        eprintln!("braid: stopped");
+        anyhow::Ok(())
+    })
+}

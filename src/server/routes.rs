@@ -1,0 +1,446 @@
+//! HTTP handlers: OpenAI's chat and legacy completions (JSON and SSE), models, tokenize,
+//! health and metrics. Handlers convert wire types and stream; the engine thread does the work.
+
+use std::convert::Infallible;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::choice::{ChoiceText, Delta};
+use super::engine_thread::SeqEvent;
+use super::error::ApiError;
+use super::metrics as m;
+use super::openai::{self, GenerationOptions, PromptField};
+use super::AppState;
+use crate::engine::SampledToken;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let request = openai::parse_chat(&body)?;
+    state.check_model(&request.model)?;
+    let options = request.options()?;
+    let messages = request.template_messages()?;
+    let template = state.template.as_ref().ok_or_else(|| ApiError::bad_request("This model has no chat template; use /v1/completions"))?;
+    let prompt = template.render(&messages, true).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
+    if state.log_prompts {
+        tracing::info!("chat prompt: {prompt:?}");
+    }
+    let ids = state.tokenizer.encode_prompt(&prompt).map_err(ApiError::internal)?;
+    generate(state, vec![ids], options, Endpoint::Chat).await
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let request = openai::parse_completion(&body)?;
+    state.check_model(&request.model)?;
+    let options = request.options()?;
+    let encode = |text: &str| state.tokenizer.encode_prompt(text).map_err(ApiError::internal);
+    let prompts = match &request.prompt {
+        PromptField::Text(t) => vec![encode(t)?],
+        PromptField::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        PromptField::Ids(ids) => vec![ids.clone()],
+        PromptField::IdLists(lists) => lists.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid_param("prompt", "'prompt' must not be an empty list"));
+    }
+    if state.log_prompts {
+        tracing::info!("completion prompts: {:?}", request.prompt);
+    }
+    generate(state, prompts, options, Endpoint::Completion).await
+}
+
+/// Checks the prompts against the vocabulary and the context, then queues them.
+async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, options: GenerationOptions, endpoint: Endpoint) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
+    let vocab = state.vocab_size;
+    let mut per_prompt_max = Vec::new();
+    for ids in &prompts {
+        if ids.is_empty() {
+            return Err(ApiError::invalid_param(param, "the prompt is empty"));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::invalid_param(param, format!("token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        let room = state.max_context.saturating_sub(ids.len());
+        let max_tokens = options.max_tokens.unwrap_or(room);
+        if ids.len() + max_tokens > state.max_context || room == 0 {
+            return Err(ApiError::invalid_param(
+                param,
+                format!(
+                    "This model's maximum context length is {} tokens, but the prompt has {} tokens and {} more were requested",
+                    state.max_context,
+                    ids.len(),
+                    max_tokens.max(1)
+                ),
+            ));
+        }
+        per_prompt_max.push(max_tokens);
+    }
+    if let Some(user) = &options.user {
+        tracing::debug!("request for user {user:?}");
+    }
+    let permit = state.admission.acquire(prompts.len() * options.n).await?;
+    let mut receivers = Vec::new();
+    for (ids, &max_tokens) in prompts.iter().zip(&per_prompt_max) {
+        for i in 0..options.n {
+            let mut params = options.params.clone();
+            params.max_tokens = max_tokens;
+            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+            receivers.push(Some(state.engine.submit(ids.clone(), params)));
+        }
+    }
+    let run = Run {
+        state: state.clone(),
+        endpoint,
+        id: request_id(if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }),
+        created: now_secs(),
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        choices: (0..receivers.len()).map(|_| ChoiceText::new(options.stop.clone())).collect(),
+        logprobs: vec![Vec::new(); receivers.len()],
+        options,
+        receivers,
+        start,
+        first_token: None,
+        n_per_prompt: 0,
+    };
+    let mut run = run;
+    run.n_per_prompt = run.options.n;
+    if run.options.stream {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+        tokio::spawn(async move {
+            let _permit = permit;
+            run.stream(tx).await;
+        });
+        Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response())
+    } else {
+        let body = run.complete().await;
+        drop(permit);
+        body.map(|b| Json(b).into_response())
+    }
+}
+
+/// One request in flight: its choices' receivers and text.
+struct Run {
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    prompt_tokens: usize,
+    options: GenerationOptions,
+    receivers: Vec<Option<UnboundedReceiver<SeqEvent>>>,
+    choices: Vec<ChoiceText>,
+    logprobs: Vec<Vec<SampledToken>>,
+    start: Instant,
+    first_token: Option<Instant>,
+    n_per_prompt: usize,
+}
+
+impl Run {
+    /// The next event of any live choice; None once all have ended. Dropping a receiver
+    /// (choice ended by a stop string) makes the engine abort that sequence.
+    async fn next(&mut self) -> Option<(usize, SeqEvent)> {
+        poll_fn(|cx| {
+            let mut live = false;
+            for (i, slot) in self.receivers.iter_mut().enumerate() {
+                let Some(rx) = slot else { continue };
+                live = true;
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(e)) => return Poll::Ready(Some((i, e))),
+                    Poll::Ready(None) => *slot = None,
+                    Poll::Pending => {}
+                }
+            }
+            if live { Poll::Pending } else { Poll::Ready(None) }
+        })
+        .await
+    }
+
+    /// Applies one engine event to its choice; returns the text delta, or an error.
+    fn apply(&mut self, i: usize, event: SeqEvent) -> Result<Delta, ApiError> {
+        let tokenizer = &self.state.tokenizer;
+        let delta = match event {
+            SeqEvent::Token { token, cached_tokens, ends } => {
+                self.first_token.get_or_insert_with(Instant::now);
+                self.choices[i].cached_tokens = cached_tokens;
+                if ends {
+                    self.choices[i].push_stop_token();
+                    return Ok(Delta::default());
+                }
+                if self.options.logprobs.is_some() {
+                    self.logprobs[i].push(token.clone());
+                }
+                self.choices[i].push(tokenizer, token)
+            }
+            SeqEvent::Finished(reason) => self.choices[i].finish(tokenizer, reason),
+            SeqEvent::Rejected(message) => return Err(ApiError::internal(message)),
+        };
+        if delta.finish.is_some() {
+            self.receivers[i] = None;
+        }
+        Ok(delta)
+    }
+
+    fn usage(&self) -> Value {
+        let completion: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
+        let cached: usize = self.choices.iter().step_by(self.n_per_prompt.max(1)).map(|c| c.cached_tokens).sum();
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": { "cached_tokens": cached },
+        })
+    }
+
+    fn record_metrics(&self) {
+        let e2e = self.start.elapsed().as_secs_f64();
+        let ttft = self.first_token.map(|t| (t - self.start).as_secs_f64());
+        let tokens: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
+        let tpot = match (ttft, tokens) {
+            (Some(t), n) if n > 1 => Some((e2e - t) / (n - 1) as f64),
+            _ => None,
+        };
+        let finish = self.choices.first().and_then(|c| c.finish).unwrap_or("abort");
+        m::record_request(ttft, tpot, e2e, finish);
+    }
+
+    fn logprobs_json(&self, tokens: &[SampledToken], text_offset: usize) -> Value {
+        let tokenizer = &self.state.tokenizer;
+        let text = |id: u32| tokenizer.decode(&[id]);
+        match self.endpoint {
+            Endpoint::Chat => json!({
+                "content": tokens.iter().map(|t| {
+                    let s = text(t.id);
+                    json!({
+                        "token": s, "logprob": t.logprob, "bytes": s.as_bytes(),
+                        "top_logprobs": t.top.iter().map(|&(id, lp)| {
+                            let a = text(id);
+                            json!({"token": a, "logprob": lp, "bytes": a.as_bytes()})
+                        }).collect::<Vec<_>>(),
+                    })
+                }).collect::<Vec<_>>()
+            }),
+            Endpoint::Completion => {
+                let mut offset = text_offset;
+                let mut offsets = Vec::new();
+                for t in tokens {
+                    offsets.push(offset);
+                    offset += text(t.id).len();
+                }
+                json!({
+                    "tokens": tokens.iter().map(|t| text(t.id)).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|&(id, lp)| (text(id), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.state.model_name,
+            "system_fingerprint": super::SYSTEM_FINGERPRINT,
+            "choices": choices,
+        })
+    }
+
+    async fn complete(mut self) -> Result<Value, ApiError> {
+        while let Some((i, event)) = self.next().await {
+            self.apply(i, event)?;
+        }
+        self.record_metrics();
+        let choices = (0..self.choices.len())
+            .map(|i| {
+                let c = &self.choices[i];
+                let logprobs = if self.options.logprobs.is_some() { self.logprobs_json(&self.logprobs[i], 0) } else { Value::Null };
+                let finish = c.finish.unwrap_or("abort");
+                match self.endpoint {
+                    Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": c.text()}, "logprobs": logprobs, "finish_reason": finish}),
+                    Endpoint::Completion => json!({"index": i, "text": c.text(), "logprobs": logprobs, "finish_reason": finish}),
+                }
+            })
+            .collect();
+        let mut body = self.envelope(false, choices);
+        body["usage"] = self.usage();
+        Ok(body)
+    }
+
+    fn chunk(&mut self, i: usize, delta: &Delta) -> Value {
+        let logprobs = if self.options.logprobs.is_some() && !delta.tokens.is_empty() {
+            let offset = self.choices[i].logprob_offset;
+            self.choices[i].logprob_offset += delta.tokens.iter().map(|t| self.state.tokenizer.decode(&[t.id]).len()).sum::<usize>();
+            self.logprobs_json(&delta.tokens, offset)
+        } else {
+            Value::Null
+        };
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({"index": i, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": delta.finish}),
+            Endpoint::Completion => json!({"index": i, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish}),
+        };
+        let mut body = self.envelope(true, vec![choice]);
+        if self.options.include_usage {
+            body["usage"] = Value::Null;
+        }
+        body
+    }
+
+    async fn stream(mut self, tx: tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>) {
+        let send = |v: Value| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
+        };
+        if self.endpoint == Endpoint::Chat {
+            for i in 0..self.choices.len() {
+                let mut first = self.envelope(true, vec![json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})]);
+                if self.options.include_usage {
+                    first["usage"] = Value::Null;
+                }
+                if !send(first).await {
+                    return;
+                }
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                // The client went away: dropping `self` drops the receivers, which aborts.
+                _ = tx.closed() => return,
+                next = self.next() => next,
+            };
+            let Some((i, event)) = next else { break };
+            let delta = match self.apply(i, event) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = send(e.body()).await;
+                    return;
+                }
+            };
+            // Tokens held back (an unfinished character or a possible stop string) send nothing,
+            // unless their logprobs were asked for.
+            let quiet = delta.text.is_empty() && delta.finish.is_none();
+            if quiet && (self.options.logprobs.is_none() || delta.tokens.is_empty()) {
+                continue;
+            }
+            let chunk = self.chunk(i, &delta);
+            if !send(chunk).await {
+                return;
+            }
+        }
+        self.record_metrics();
+        if self.options.include_usage {
+            let mut last = self.envelope(true, Vec::new());
+            last["usage"] = self.usage();
+            if !send(last).await {
+                return;
+            }
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    }
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "braid",
+            "max_model_len": state.max_context,
+        }]
+    }))
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let s = state.engine.stats();
+    Json(json!({"status": "ok", "running": s.running, "waiting": s.waiting + state.admission.queued()}))
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    m::record_waiting(state.admission.queued(), state.engine.stats().waiting);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render()).into_response()
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<openai::Message>>,
+    add_generation_prompt: Option<bool>,
+}
+
+pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: TokenizeRequest = openai::parse_body(&body, &[], &[&["model", "prompt", "messages", "add_generation_prompt"]])?;
+    if let Some(model) = &request.model {
+        state.check_model(model)?;
+    }
+    let text = match (request.prompt, request.messages) {
+        (Some(p), None) => p,
+        (None, Some(messages)) => {
+            let chat = openai::ChatRequest { model: String::new(), messages, max_completion_tokens: None, logprobs: None, top_logprobs: None, common: Default::default() };
+            let template = state.template.as_ref().ok_or_else(|| ApiError::bad_request("This model has no chat template"))?;
+            template.render(&chat.template_messages()?, request.add_generation_prompt.unwrap_or(true)).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?
+        }
+        _ => return Err(ApiError::bad_request("Give exactly one of 'prompt' and 'messages'")),
+    };
+    let tokens = state.tokenizer.encode(&text).map_err(ApiError::internal)?;
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.max_context})))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: DetokenizeRequest = openai::parse_body(&body, &[], &[&["model", "tokens"]])?;
+    if let Some(model) = &request.model {
+        state.check_model(model)?;
+    }
+    if let Some(bad) = request.tokens.iter().find(|&&id| id as usize >= state.vocab_size) {
+        return Err(ApiError::invalid_param("tokens", format!("token id {bad} is outside the vocabulary (size {})", state.vocab_size)));
+    }
+    Ok(Json(json!({"prompt": state.tokenizer.decode(&request.tokens)})))
+}
+
+pub async fn fallback(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
