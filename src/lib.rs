@@ -1,7 +1,9 @@
 //! braid: an LLM inference server that serves one model to many people at once.
 
+pub mod bench;
 pub mod cli;
 pub mod engine;
 pub mod model;
 pub mod server;
 pub mod tokenizer;
+pub mod util;

@@ -23,6 +23,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(crate::server::ServeArgs),
+    /// Measure an OpenAI-compatible server (braid or any other): TTFT, TPOT, ITL, throughput.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags every model-loading command shares.
@@ -87,6 +89,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Serve(args) => crate::server::run(args),
+        Command::Bench(args) => crate::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

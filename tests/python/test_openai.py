@@ -192,3 +192,29 @@ def test_metrics_publish_braid_and_vllm_names(server, client):
         "vllm:kv_cache_usage_perc",
     ]:
         assert name in text, name
+
+
+def test_braid_bench_measures_a_running_server(server, tmp_path):
+    import subprocess
+
+    from conftest import BINARY, ROOT
+
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    run = subprocess.run(
+        [str(BINARY), "bench", "--url", server.url, "--sweep", "c=1,2", "-n", "4", "--input-len", "32", "--output-len", "8",
+         "--ignore-eos", "--slo", "ttft=60000,tpot=60000", "--json", str(out), "--plot", str(plot), "--label", "braid"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["model"] == MODEL_NAME and len(report["runs"]) == 2
+    for r in report["runs"]:
+        m = r["metrics"]
+        assert m["completed"] == 4 and m["failed"] == 0
+        assert m["total_output_tokens"] == 32, "ignore_eos fixes the output length"
+        assert m["ttft_ms"]["p50"] > 0 and m["tpot_ms"]["p50"] > 0 and m["output_throughput"] > 0
+        assert m["goodput"] == pytest.approx(m["request_throughput"])
+        assert len(r["requests"]) == 4 and all(q["status"] == 200 for q in r["requests"])
+    assert plot.stat().st_size > 10_000
+    assert "out tok/s" in run.stdout
