@@ -15,6 +15,7 @@ pub struct Target {
     pub api_key: Option<String>,
     pub ignore_eos: bool,
     pub temperature: f64,
+    pub logit_bias: Vec<(u32, f64)>,
 }
 
 /// What came back, besides the timings: the text (multi-turn sends it back next turn).
@@ -34,6 +35,10 @@ impl Target {
         });
         if self.ignore_eos {
             value["ignore_eos"] = json!(true);
+        }
+        if !self.logit_bias.is_empty() {
+            let bias: serde_json::Map<String, Value> = self.logit_bias.iter().map(|(id, b)| (id.to_string(), json!(b))).collect();
+            value["logit_bias"] = Value::Object(bias);
         }
         let path = match body {
             Body::Completion(prompt) => {

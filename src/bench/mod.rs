@@ -81,6 +81,10 @@ pub struct BenchArgs {
     pub ignore_eos: bool,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Sent as logit_bias, e.g. --logit-bias 2=-100 (servers that ignore ignore_eos can be held
+    /// to fixed lengths by banning the end-of-sequence token).
+    #[arg(long, value_parser = parse_bias)]
+    pub logit_bias: Vec<(u32, f64)>,
     /// Seed of the generated prompts; each run of a sweep adds its index.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -132,6 +136,11 @@ pub struct Report {
 enum Plan {
     Items(Vec<Item>),
     Sessions(Vec<Session>),
+}
+
+fn parse_bias(text: &str) -> Result<(u32, f64), String> {
+    let (id, bias) = text.split_once('=').ok_or("expected TOKEN_ID=BIAS")?;
+    Ok((id.parse().map_err(|_| format!("'{id}' is not a token id"))?, bias.parse().map_err(|_| format!("'{bias}' is not a number"))?))
 }
 
 fn sweep_points(args: &BenchArgs) -> anyhow::Result<Vec<(usize, Option<f64>)>> {
@@ -243,6 +252,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .iter()
             .map(|p| Ok(serde_json::from_slice::<Report>(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)?))
             .collect::<anyhow::Result<Vec<Report>>>()?;
+        let reports = merge_by_label(reports);
         for r in &reports {
             print_table(r);
         }
@@ -267,7 +277,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(m) => m.clone(),
         None => runtime.block_on(first_model(&client, &url, args.api_key.as_deref()))?,
     };
-    let target = Arc::new(Target { client, base_url: url.clone(), model: model.clone(), api_key: args.api_key.clone(), ignore_eos: args.ignore_eos, temperature: args.temperature });
+    let target = Arc::new(Target { client, base_url: url.clone(), model: model.clone(), api_key: args.api_key.clone(), ignore_eos: args.ignore_eos, temperature: args.temperature, logit_bias: args.logit_bias.clone() });
     let mut report = Report {
         label: args.label.clone().unwrap_or_else(|| url.clone()),
         url,
@@ -312,6 +322,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("plot written to {}", path.display());
     }
     Ok(())
+}
+
+/// Joins reports of the same label (one file per sweep point) into one, runs by concurrency.
+fn merge_by_label(reports: Vec<Report>) -> Vec<Report> {
+    let mut merged: Vec<Report> = Vec::new();
+    for r in reports {
+        match merged.iter_mut().find(|m| m.label == r.label) {
+            Some(m) => m.runs.extend(r.runs),
+            None => merged.push(r),
+        }
+    }
+    for m in &mut merged {
+        m.runs.sort_by(|a, b| a.concurrency.cmp(&b.concurrency).then(a.rate.unwrap_or(0.0).total_cmp(&b.rate.unwrap_or(0.0))));
+    }
+    merged
 }
 
 fn print_table(report: &Report) {

@@ -13,22 +13,41 @@ use super::kv_cache::LayerKv;
 pub struct AttentionPlan {
     /// Cache slot (block * block_size + offset) each new token is written to.
     pub slots: Vec<usize>,
-    /// For each token: its sequence's index in `batch.seqs` and its logical index there.
-    pub token_seq: Vec<(usize, usize)>,
+    /// Runs of consecutive new tokens of one sequence, attended together.
+    tiles: Vec<Tile>,
     pub block_size: usize,
 }
+
+/// Query tokens `first..first + len` of the flat batch, all of sequence `seq`, the first at
+/// logical position `pos` in it.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    seq: usize,
+    first: usize,
+    len: usize,
+    pos: usize,
+}
+
+/// Query tokens per tile: each cached K/V row is converted once per tile, not once per token.
+const TILE: usize = 16;
 
 impl AttentionPlan {
     pub fn new(batch: &FlatBatch, block_size: usize) -> Self {
         let mut slots = Vec::with_capacity(batch.tokens.len());
-        let mut token_seq = Vec::with_capacity(batch.tokens.len());
+        let mut tiles = Vec::new();
+        let mut first = 0;
         for (s, seq) in batch.seqs.iter().enumerate() {
-            for j in seq.context_len - seq.query_len..seq.context_len {
+            let start = seq.context_len - seq.query_len;
+            for j in start..seq.context_len {
                 slots.push(slot_of(&seq.block_table, block_size, j));
-                token_seq.push((s, j));
             }
+            for offset in (0..seq.query_len).step_by(TILE) {
+                let len = TILE.min(seq.query_len - offset);
+                tiles.push(Tile { seq: s, first: first + offset, len, pos: start + offset });
+            }
+            first += seq.query_len;
         }
-        Self { slots, token_seq, block_size }
+        Self { slots, tiles, block_size }
     }
 }
 
@@ -63,41 +82,143 @@ pub fn paged_attention(
 ) -> Vec<f32> {
     let AttentionShape { n_head, n_kv_head, head_dim } = *shape;
     let group = n_head / n_kv_head;
+    let tasks: Vec<(Tile, usize)> = plan.tiles.iter().flat_map(|&tile| (0..n_kv_head).map(move |g| (tile, g))).collect();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || Scratch { scores: Vec::new(), slots: Vec::new(), row: vec![0f32; head_dim], keys: vec![0f32; head_dim * KEYS] },
+            |scratch, &(tile, g)| {
+                let table = &batch.seqs[tile.seq].block_table;
+                let mut out = vec![0f32; tile.len * group * head_dim];
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the features were just detected.
+                    unsafe { attend_tile_avx2(plan, table, layer, q, shape, tile, g, scratch, &mut out) };
+                    return out;
+                }
+                attend_tile(plan, table, layer, q, shape, tile, g, scratch, &mut out);
+                out
+            },
+        )
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    let width = group * head_dim;
+    for ((tile, g), values) in tasks.iter().zip(&results) {
+        for (k, chunk) in values.chunks_exact(width).enumerate() {
+            let t = tile.first + k;
+            out[t * n_head * head_dim + g * width..][..width].copy_from_slice(chunk);
+        }
+    }
+    out
+}
+
+struct Scratch {
+    scores: Vec<f32>,
+    slots: Vec<usize>,
+    row: Vec<f32>,
+    /// A block of KEYS keys, transposed: `[head_dim][KEYS]`.
+    keys: Vec<f32>,
+}
+
+/// Keys scored together: each query row's dot products with them run as one vector of lanes.
+const KEYS: usize = 8;
+
+/// `attend_tile` compiled for AVX2 and FMA (the same operations, wider and fused in hardware).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_tile_avx2(
+    plan: &AttentionPlan,
+    table: &[u32],
+    layer: &LayerKv,
+    q: &[f32],
+    shape: &AttentionShape,
+    tile: Tile,
+    g: usize,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    attend_tile(plan, table, layer, q, shape, tile, g, scratch, out)
+}
+
+/// Attention of a tile's tokens (the query heads of KV head `g`) over their sequence's cache.
+/// `out` is `[tile.len, group, head_dim]`. Every query row's arithmetic is the same as if it
+/// were alone: its scores in key order, its softmax, its weighted sum in key order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_tile(
+    plan: &AttentionPlan,
+    table: &[u32],
+    layer: &LayerKv,
+    q: &[f32],
+    shape: &AttentionShape,
+    tile: Tile,
+    g: usize,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    let AttentionShape { n_head, n_kv_head, head_dim } = *shape;
+    let group = n_head / n_kv_head;
     let width = n_kv_head * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut out = vec![0f32; q.len()];
-    out.par_chunks_mut(group * head_dim).enumerate().for_each_init(
-        || (Vec::new(), Vec::new(), vec![0f32; head_dim]),
-        |(scores, slots, row), (task, out_group)| {
-            let (t, g) = (task / n_kv_head, task % n_kv_head);
-            let (s, j) = plan.token_seq[t];
-            let table = &batch.seqs[s].block_table;
-            let n_ctx = j + 1;
-            slots.clear();
-            slots.extend((0..n_ctx).map(|i| slot_of(table, plan.block_size, i)));
-            scores.resize(group * n_ctx, 0f32);
-            for h in 0..group {
-                let qh = &q[(t * n_head + g * group + h) * head_dim..][..head_dim];
-                for (i, &slot) in slots.iter().enumerate() {
-                    layer.k[slot * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
-                    scores[h * n_ctx + i] = dot(qh, row) * scale;
-                }
-                softmax_in_place(&mut scores[h * n_ctx..(h + 1) * n_ctx]);
+    // The last token sees the most: positions 0..=pos + len - 1.
+    let n_ctx = tile.pos + tile.len;
+    let rows = tile.len * group;
+    let Scratch { scores, slots, row, keys } = scratch;
+    slots.clear();
+    slots.extend((0..n_ctx).map(|i| slot_of(table, plan.block_size, i)));
+    scores.clear();
+    scores.resize(rows * n_ctx, 0f32);
+    // Row r = (token k, head h) sees keys 0..=pos + k.
+    let visible = |r: usize| tile.pos + r / group + 1;
+    let query = |r: usize| &q[((tile.first + r / group) * n_head + g * group + r % group) * head_dim..][..head_dim];
+    // Scores, KEYS keys at a time: lane l of a row's accumulator sums q[d] * k_l[d] over d in
+    // order, with one fused multiply-add per step, whatever the tile or batch.
+    for j0 in (0..n_ctx).step_by(KEYS) {
+        let nk = KEYS.min(n_ctx - j0);
+        keys.fill(0.0);
+        for l in 0..nk {
+            layer.k[slots[j0 + l] * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
+            for d in 0..head_dim {
+                keys[d * KEYS + l] = row[d];
             }
-            out_group.fill(0.0);
-            for (i, &slot) in slots.iter().enumerate() {
-                layer.v[slot * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
-                for h in 0..group {
-                    let p = scores[h * n_ctx + i];
-                    let acc = &mut out_group[h * head_dim..(h + 1) * head_dim];
-                    for (a, &x) in acc.iter_mut().zip(row.iter()) {
-                        *a += p * x;
-                    }
+        }
+        for r in 0..rows {
+            let seen = visible(r);
+            if j0 >= seen {
+                continue;
+            }
+            let qr = query(r);
+            let mut acc = [0f32; KEYS];
+            for d in 0..head_dim {
+                let qd = qr[d];
+                let kd = &keys[d * KEYS..(d + 1) * KEYS];
+                for l in 0..KEYS {
+                    acc[l] = qd.mul_add(kd[l], acc[l]);
                 }
             }
-        },
-    );
-    out
+            for l in 0..nk.min(seen - j0) {
+                scores[r * n_ctx + j0 + l] = acc[l] * scale;
+            }
+        }
+    }
+    for r in 0..rows {
+        softmax_in_place(&mut scores[r * n_ctx..r * n_ctx + visible(r)]);
+    }
+    out.fill(0.0);
+    for (i, &slot) in slots.iter().enumerate() {
+        layer.v[slot * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
+        for r in 0..rows {
+            if i < visible(r) {
+                let p = scores[r * n_ctx + i];
+                for (a, &x) in out[r * head_dim..(r + 1) * head_dim].iter_mut().zip(row.iter()) {
+                    *a = p.mul_add(x, *a);
+                }
+            }
+        }
+    }
 }
 
 /// Dot product with eight independent accumulators (vectorises, fixed summation order).

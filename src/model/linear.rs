@@ -111,21 +111,30 @@ impl QLinear {
 
 /// Dot products of weight rows `cols` with every activation row, column-major into `out`.
 fn columns<B: WeightBlock>(w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+    let rows: Vec<&[ActBlock]> = acts.chunks_exact(blocks).collect();
+    let m = rows.len();
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
-    let mut i = 0;
-    for col in cols {
-        let row = &w[col * blocks..(col + 1) * blocks];
-        for a in acts.chunks_exact(blocks) {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the features the kernel needs were just detected.
-                out[i] = unsafe { B::dot_avx2(row, a) };
-                i += 1;
-                continue;
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        for (c, col) in cols.enumerate() {
+            let wrow = &w[col * blocks..(col + 1) * blocks];
+            let o = &mut out[c * m..(c + 1) * m];
+            let mut r = 0;
+            // SAFETY (all calls): the features the kernels need were just detected.
+            while r + 4 <= m {
+                o[r..r + 4].copy_from_slice(&unsafe { B::dot_avx2::<4>(wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]) });
+                r += 4;
             }
-            out[i] = B::dot(row, a);
-            i += 1;
+            while r < m {
+                o[r] = unsafe { B::dot_avx2::<1>(wrow, [rows[r]]) }[0];
+                r += 1;
+            }
+        }
+        return;
+    }
+    for (c, col) in cols.enumerate() {
+        let wrow = &w[col * blocks..(col + 1) * blocks];
+        for (r, a) in rows.iter().enumerate() {
+            out[c * m + r] = B::dot(wrow, a);
         }
     }
 }

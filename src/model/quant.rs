@@ -76,6 +76,23 @@ pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
 /// Quantizes one row (length a multiple of 32) to 8-bit blocks, as llama.cpp's AVX2
 /// `quantize_row_q8_0` / `quantize_row_q8_1` do.
 pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        return unsafe { quantize_row_avx2(x, out) };
+    }
+    quantize_row_plain(x, out)
+}
+
+/// The same code compiled with AVX2 (rounding becomes one instruction instead of a libm call).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
+    quantize_row_plain(x, out)
+}
+
+#[inline(always)]
+fn quantize_row_plain(x: &[f32], out: &mut [ActBlock]) {
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -93,12 +110,12 @@ pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
 /// A weight block type with a dot product against quantized activations.
 pub trait WeightBlock: Sync + Sized {
     fn dot(w: &[Self], a: &[ActBlock]) -> f32;
-    /// The same with AVX2.
+    /// The same with AVX2, for `R` activation rows at once.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32;
+    unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R];
 }
 
 impl WeightBlock for BlockQ4_0 {
@@ -108,8 +125,8 @@ impl WeightBlock for BlockQ4_0 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32 {
-        unsafe { super::quant_avx2::dot_q4_0(w, a) }
+    unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
+        unsafe { super::quant_avx2::dot_q4_0::<R>(w, a) }
     }
 }
 
@@ -120,8 +137,8 @@ impl WeightBlock for BlockQ4_1 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32 {
-        unsafe { super::quant_avx2::dot_q4_1(w, a) }
+    unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
+        unsafe { super::quant_avx2::dot_q4_1::<R>(w, a) }
     }
 }
 
@@ -132,8 +149,8 @@ impl WeightBlock for BlockQ8_0 {
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn dot_avx2(w: &[Self], a: &[ActBlock]) -> f32 {
-        unsafe { super::quant_avx2::dot_q8_0(w, a) }
+    unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
+        unsafe { super::quant_avx2::dot_q8_0::<R>(w, a) }
     }
 }
 

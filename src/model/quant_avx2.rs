@@ -51,44 +51,62 @@ unsafe fn load(a: &ActBlock) -> __m256i {
     unsafe { _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i) }
 }
 
+// Each kernel computes R activation rows against one weight row at once: the weight block is
+// loaded and unpacked once for all R rows. Every row's arithmetic is the same sequence of
+// operations whatever R is, so results do not depend on how rows are grouped (batch invariance).
+
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0(w: &[BlockQ4_0], a: &[ActBlock]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (wb, ab) in w.iter().zip(a) {
+pub unsafe fn dot_q4_0<const R: usize>(w: &[BlockQ4_0], a: [&[ActBlock]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, wb) in w.iter().enumerate() {
         unsafe {
-            let d = _mm256_set1_ps(f16_to_f32(wb.d) * ab.d);
+            let dw = f16_to_f32(wb.d);
             let qx = _mm256_sub_epi8(nibbles(&wb.qs), _mm256_set1_epi8(8));
-            acc = _mm256_fmadd_ps(d, sum_i8(qx, load(ab)), acc);
+            for r in 0..R {
+                let ab = &a[r][b];
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ab.d), sum_i8(qx, load(ab)), acc[r]);
+            }
         }
     }
-    unsafe { hsum(acc) }
+    acc.map(|v| unsafe { hsum(v) })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_1(w: &[BlockQ4_1], a: &[ActBlock]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut offsets = 0f32;
-    for (wb, ab) in w.iter().zip(a) {
+pub unsafe fn dot_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[ActBlock]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offsets = [0f32; R];
+    for (b, wb) in w.iter().enumerate() {
         unsafe {
-            offsets += f16_to_f32(wb.m) * ab.s;
-            let d = _mm256_set1_ps(f16_to_f32(wb.d) * ab.d);
-            acc = _mm256_fmadd_ps(d, sum_us8(nibbles(&wb.qs), load(ab)), acc);
+            let (dw, mw) = (f16_to_f32(wb.d), f16_to_f32(wb.m));
+            let qx = nibbles(&wb.qs);
+            for r in 0..R {
+                let ab = &a[r][b];
+                offsets[r] += mw * ab.s;
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ab.d), sum_us8(qx, load(ab)), acc[r]);
+            }
         }
     }
-    unsafe { hsum(acc) + offsets }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = unsafe { hsum(acc[r]) } + offsets[r];
+    }
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0(w: &[BlockQ8_0], a: &[ActBlock]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (wb, ab) in w.iter().zip(a) {
+pub unsafe fn dot_q8_0<const R: usize>(w: &[BlockQ8_0], a: [&[ActBlock]; R]) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, wb) in w.iter().enumerate() {
         unsafe {
-            let d = _mm256_set1_ps(f16_to_f32(wb.d) * ab.d);
+            let dw = f16_to_f32(wb.d);
             let qx = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d, sum_i8(qx, load(ab)), acc);
+            for r in 0..R {
+                let ab = &a[r][b];
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ab.d), sum_i8(qx, load(ab)), acc[r]);
+            }
         }
     }
-    unsafe { hsum(acc) }
+    acc.map(|v| unsafe { hsum(v) })
 }
 
 #[cfg(test)]
@@ -113,6 +131,10 @@ mod tests {
             let x: Vec<f32> = (0..blocks * QK).map(|_| r.random_range(-5.0..5.0)).collect();
             let mut a = vec![ActBlock::default(); blocks];
             quantize_row(&x, &mut a);
+            // A second activation row, so grouped rows can be checked against single ones.
+            let x2: Vec<f32> = (0..blocks * QK).map(|_| r.random_range(-1.0..1.0)).collect();
+            let mut a2 = vec![ActBlock::default(); blocks];
+            quantize_row(&x2, &mut a2);
             let mut bytes = |size: usize| -> Vec<u8> {
                 (0..blocks)
                     .flat_map(|_| {
@@ -125,11 +147,17 @@ mod tests {
             };
             let close = |x: f32, y: f32| (x - y).abs() <= 1e-4 * (1.0 + y.abs());
             let w = quant::parse_q4_0(&bytes(18));
-            assert!(close(unsafe { dot_q4_0(&w, &a) }, quant::dot_q4_0(&w, &a)));
+            let one = unsafe { dot_q4_0::<1>(&w, [&a]) }[0];
+            assert!(close(one, quant::dot_q4_0(&w, &a)));
+            assert_eq!(unsafe { dot_q4_0::<3>(&w, [&a2, &a, &a2]) }, [unsafe { dot_q4_0::<1>(&w, [&a2]) }[0], one, unsafe { dot_q4_0::<1>(&w, [&a2]) }[0]]);
             let w = quant::parse_q4_1(&bytes(20));
-            assert!(close(unsafe { dot_q4_1(&w, &a) }, quant::dot_q4_1(&w, &a)));
+            let one = unsafe { dot_q4_1::<1>(&w, [&a]) }[0];
+            assert!(close(one, quant::dot_q4_1(&w, &a)));
+            assert_eq!(unsafe { dot_q4_1::<4>(&w, [&a2, &a, &a2, &a]) }[1], one, "grouping rows changes nothing");
             let w = quant::parse_q8_0(&bytes(34));
-            assert!(close(unsafe { dot_q8_0(&w, &a) }, quant::dot_q8_0(&w, &a)));
+            let one = unsafe { dot_q8_0::<1>(&w, [&a]) }[0];
+            assert!(close(one, quant::dot_q8_0(&w, &a)));
+            assert_eq!(unsafe { dot_q8_0::<2>(&w, [&a, &a2]) }[0], one);
         }
     }
 }
