@@ -272,7 +272,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let tokenizer = crate::tokenizer::TextTokenizer::from_gguf(&gguf, None)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let url = args.url.trim_end_matches('/').to_string();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs_f64(args.request_timeout)).build()?;
+    // A fresh connection per request: a pooled one the server already closed would fail the request.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs_f64(args.request_timeout)).pool_max_idle_per_host(0).build()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => runtime.block_on(first_model(&client, &url, args.api_key.as_deref()))?,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
+
 use rayon::prelude::*;
 
 use super::quant::{self, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
@@ -15,6 +16,9 @@ enum Weights {
     Q8_0(Vec<BlockQ8_0>),
     /// Other types, through candle.
     Candle(QMatMul),
+    /// Several matrices side by side (their outputs concatenated per row) that could not be
+    /// merged into one because their types differ.
+    Parts(Vec<QLinear>),
 }
 
 /// `y = x W^T` for `W` of shape `[n, k]`.
@@ -44,8 +48,54 @@ impl QLinear {
         self.n
     }
 
+    /// Stacks matrices with the same input width into one whose output is theirs side by side
+    /// (Q, K and V; gate and up): one pass over the activations and one parallel region
+    /// instead of several. Rows are merged when all parts share a native type.
+    pub fn stack(parts: Vec<QLinear>) -> QLinear {
+        let k = parts[0].k;
+        let n = parts.iter().map(|p| p.n).sum();
+        assert!(parts.iter().all(|p| p.k == k), "stacked matrices share their input width");
+        macro_rules! merge {
+            ($variant:ident) => {
+                if parts.iter().all(|p| matches!(p.weights, Weights::$variant(_))) {
+                    let mut all = Vec::new();
+                    for p in parts {
+                        if let Weights::$variant(w) = p.weights {
+                            all.extend(w);
+                        }
+                    }
+                    return QLinear { n, k, weights: Weights::$variant(all) };
+                }
+            };
+        }
+        merge!(Q4_0);
+        merge!(Q4_1);
+        merge!(Q8_0);
+        QLinear { n, k, weights: Weights::Parts(parts) }
+    }
+
+    /// `[m, k]` rows in, `[m, n]` rows out, as plain vectors (CPU).
+    pub fn forward_rows(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        match &self.weights {
+            Weights::Q4_0(w) => Ok(self.native_rows(x, m, w)),
+            Weights::Q4_1(w) => Ok(self.native_rows(x, m, w)),
+            Weights::Q8_0(w) => Ok(self.native_rows(x, m, w)),
+            Weights::Candle(w) => w.forward(&Tensor::from_slice(x, (m, self.k), &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>(),
+            Weights::Parts(parts) => {
+                let outs = parts.iter().map(|p| p.forward_rows(x, m)).collect::<candle_core::Result<Vec<_>>>()?;
+                let mut y = Vec::with_capacity(m * self.n);
+                for r in 0..m {
+                    for (p, o) in parts.iter().zip(&outs) {
+                        y.extend_from_slice(&o[r * p.n..(r + 1) * p.n]);
+                    }
+                }
+                Ok(y)
+            }
+        }
+    }
+
     /// Rows of `W` as f32, `[ids.len(), k]`: the embedding lookup when `W` is a token table.
-    pub fn rows(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    pub fn rows(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
         let (k, blocks) = (self.k, self.k / QK);
         let mut out = vec![0f32; ids.len() * k];
         for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k)) {
@@ -58,30 +108,19 @@ impl QLinear {
                 Weights::Q4_0(w) => quant::dequantize_q4_0(&w[range], o),
                 Weights::Q4_1(w) => quant::dequantize_q4_1(&w[range], o),
                 Weights::Q8_0(w) => quant::dequantize_q8_0(&w[range], o),
-                Weights::Candle(_) => candle_core::bail!("embedding lookup needs a natively supported type"),
+                Weights::Candle(_) | Weights::Parts(_) => candle_core::bail!("embedding lookup needs a natively supported type"),
             }
         }
-        Tensor::from_vec(out, (ids.len(), k), device)
+        Ok(out)
     }
 
     /// Whether `rows` works for this weight type.
     pub fn supports_rows(&self) -> bool {
-        !matches!(self.weights, Weights::Candle(_))
+        !matches!(self.weights, Weights::Candle(_) | Weights::Parts(_))
     }
 
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let m = x.dims()[0];
-        match &self.weights {
-            Weights::Candle(w) => w.forward(x),
-            Weights::Q4_0(w) => self.native(x, m, w),
-            Weights::Q4_1(w) => self.native(x, m, w),
-            Weights::Q8_0(w) => self.native(x, m, w),
-        }
-    }
-
-    fn native<B: WeightBlock>(&self, x: &Tensor, m: usize, w: &[B]) -> candle_core::Result<Tensor> {
+    fn native_rows<B: WeightBlock>(&self, xs: &[f32], m: usize, w: &[B]) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let blocks = k / QK;
         let mut acts = vec![ActBlock::default(); m * blocks];
         for (row, out) in xs.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
@@ -105,7 +144,7 @@ impl QLinear {
                 y[row * n + col] = v;
             }
         }
-        Tensor::from_vec(y, (m, n), &Device::Cpu)
+        y
     }
 }
 

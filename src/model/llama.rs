@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
 use super::batch::FlatBatch;
@@ -12,33 +12,47 @@ use super::config::ModelConfig;
 use super::gguf::{GgufFile, ModelError};
 use super::kv_cache::KvCache;
 use super::linear::QLinear;
-use super::norm::rms_norm;
+use super::norm::rms_norm_row;
 use super::rope::Rope;
 
+/// A linear layer with an optional bias, over rows held in plain vectors.
 struct Linear {
     weight: QLinear,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+    fn forward(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        let mut y = self.weight.forward_rows(x, rows)?;
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(b.len()) {
+                for (v, bi) in row.iter_mut().zip(b) {
+                    *v += bi;
+                }
+            }
         }
+        Ok(y)
+    }
+
+    /// Several layers that read the same input, as one (outputs side by side).
+    fn stack(parts: Vec<Linear>) -> Linear {
+        let bias = if parts.iter().any(|p| p.bias.is_some()) {
+            Some(parts.iter().flat_map(|p| p.bias.clone().unwrap_or_else(|| vec![0.0; p.weight.out_features()])).collect())
+        } else {
+            None
+        };
+        Linear { weight: QLinear::stack(parts.into_iter().map(|p| p.weight).collect()), bias }
     }
 }
 
 struct Layer {
-    attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    attn_norm: Vec<f32>,
+    /// Q, K and V projections stacked: each output row is [q | k | v].
+    qkv: Linear,
     wo: Linear,
-    ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    ffn_norm: Vec<f32>,
+    /// Gate and up projections stacked: each output row is [gate | up].
+    gate_up: Linear,
     w_down: Linear,
 }
 
@@ -53,7 +67,7 @@ pub struct Llama {
     /// Token table for lookups: the output projection itself when tied and natively supported.
     embeddings: Embeddings,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     output: Arc<QLinear>,
     rope: Rope,
     vocab_size: usize,
@@ -76,8 +90,8 @@ impl Llama {
             let output = QLinear::new(table.clone())?;
             if output.supports_rows() { (Embeddings::SameAsOutput, Arc::new(output)) } else { (Embeddings::Table(table), Arc::new(output)) }
         };
-        let vector = |file: &mut GgufFile, name: &str, n: usize| -> Result<Tensor, ModelError> {
-            Ok(file.tensor(name, &[n], device)?.dequantize(device)?)
+        let vector = |file: &mut GgufFile, name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
+            Ok(file.tensor(name, &[n], device)?.dequantize(device)?.to_vec1::<f32>()?)
         };
         let linear = |file: &mut GgufFile, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, ModelError> {
             let weight = QLinear::new(Arc::new(file.tensor(&format!("{name}.weight"), &[out, inp], device)?))?;
@@ -87,26 +101,23 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = format!("blk.{i}");
+            let q = linear(file, &format!("{p}.attn_q"), q_out, h, c.qkv_bias)?;
+            let k = linear(file, &format!("{p}.attn_k"), kv_out, h, c.qkv_bias)?;
+            let v = linear(file, &format!("{p}.attn_v"), kv_out, h, c.qkv_bias)?;
+            let gate = linear(file, &format!("{p}.ffn_gate"), c.ffn_size, h, false)?;
+            let up = linear(file, &format!("{p}.ffn_up"), c.ffn_size, h, false)?;
             layers.push(Layer {
                 attn_norm: vector(file, &format!("{p}.attn_norm.weight"), h)?,
-                wq: linear(file, &format!("{p}.attn_q"), q_out, h, c.qkv_bias)?,
-                wk: linear(file, &format!("{p}.attn_k"), kv_out, h, c.qkv_bias)?,
-                wv: linear(file, &format!("{p}.attn_v"), kv_out, h, c.qkv_bias)?,
+                qkv: Linear::stack(vec![q, k, v]),
                 wo: linear(file, &format!("{p}.attn_output"), h, q_out, false)?,
                 ffn_norm: vector(file, &format!("{p}.ffn_norm.weight"), h)?,
-                w_gate: linear(file, &format!("{p}.ffn_gate"), c.ffn_size, h, false)?,
-                w_up: linear(file, &format!("{p}.ffn_up"), c.ffn_size, h, false)?,
+                gate_up: Linear::stack(vec![gate, up]),
                 w_down: linear(file, &format!("{p}.ffn_down"), h, c.ffn_size, false)?,
             });
         }
         let norm = vector(file, "output_norm.weight", h)?;
         // Llama 3.1-style rope scaling ships per-frequency divisors as a tensor.
-        let freq_factors = if file.has_tensor("rope_freqs.weight") {
-            let t = vector(file, "rope_freqs.weight", c.rope_dim / 2)?;
-            Some(t.to_vec1::<f32>()?)
-        } else {
-            None
-        };
+        let freq_factors = if file.has_tensor("rope_freqs.weight") { Some(vector(file, "rope_freqs.weight", c.rope_dim / 2)?) } else { None };
         let rope = Rope::new(c, freq_factors.as_deref());
         Ok(Self { config, device: device.clone(), embeddings, layers, norm, output, rope, vocab_size })
     }
@@ -120,41 +131,76 @@ impl Llama {
     }
 
     /// One forward pass over a flat batch. Returns `[batch.logit_rows.len(), vocab]` f32 logits.
+    ///
+    /// Activations stay in plain row-major vectors between braid's kernels: no tensor
+    /// allocations or extra thread pools per step.
     pub fn forward(&self, batch: &FlatBatch, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let n_tokens = batch.tokens.len();
+        let hidden = c.hidden_size;
         let mut x = match &self.embeddings {
-            Embeddings::SameAsOutput => self.output.rows(&batch.tokens, &self.device)?,
-            Embeddings::Table(t) => t.embedding(&Tensor::from_slice(&batch.tokens, n_tokens, &self.device)?)?,
+            Embeddings::SameAsOutput => self.output.rows(&batch.tokens)?,
+            Embeddings::Table(t) => t.embedding(&Tensor::from_slice(&batch.tokens, n_tokens, &self.device)?)?.flatten_all()?.to_vec1::<f32>()?,
         };
         let plan = AttentionPlan::new(batch, kv.block_size);
         let (cos, sin) = self.rope.tables(&batch.positions);
         let half = self.rope.half_dim();
         let shape = AttentionShape { n_head: c.n_head, n_kv_head: c.n_kv_head, head_dim: c.head_dim };
+        let (qw, kw) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+        let ffn = c.ffn_size;
+        let mut q = vec![0f32; n_tokens * qw];
+        let mut k = vec![0f32; n_tokens * kw];
+        let mut v = vec![0f32; n_tokens * kw];
+        let mut act = vec![0f32; n_tokens * ffn];
         for (layer, layer_kv) in self.layers.iter().zip(kv.layers.iter_mut()) {
-            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let mut q = layer.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let (qw, kw) = (q.len() / n_tokens, k.len() / n_tokens);
-            for t in 0..n_tokens {
+            let h = rms_norm_rows(&x, &layer.attn_norm, c.rms_eps);
+            let qkv = layer.qkv.forward(&h, n_tokens)?;
+            for (t, row) in qkv.chunks_exact(qw + 2 * kw).enumerate() {
                 let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
-                self.rope.apply(&mut q[t * qw..(t + 1) * qw], ct, st);
-                self.rope.apply(&mut k[t * kw..(t + 1) * kw], ct, st);
+                let (qt, kt) = (&mut q[t * qw..(t + 1) * qw], &mut k[t * kw..(t + 1) * kw]);
+                qt.copy_from_slice(&row[..qw]);
+                kt.copy_from_slice(&row[qw..qw + kw]);
+                v[t * kw..(t + 1) * kw].copy_from_slice(&row[qw + kw..]);
+                self.rope.apply(qt, ct, st);
+                self.rope.apply(kt, ct, st);
             }
             write_kv(&plan, layer_kv, &k, &v, kw);
             let attn = paged_attention(batch, &plan, layer_kv, &q, &shape);
-            let attn = Tensor::from_vec(attn, (n_tokens, qw), &self.device)?;
-            x = (x + layer.wo.forward(&attn)?)?;
-            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gate = layer.w_gate.forward(&h)?.silu()?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            add_into(&mut x, &layer.wo.forward(&attn, n_tokens)?);
+            let h = rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps);
+            let gate_up = layer.gate_up.forward(&h, n_tokens)?;
+            for (row, out) in gate_up.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
+                let (gate, up) = row.split_at(ffn);
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = silu(g) * u;
+                }
+            }
+            add_into(&mut x, &layer.w_down.forward(&act, n_tokens)?);
         }
-        let rows: Vec<u32> = batch.logit_rows.iter().map(|&r| r as u32).collect();
-        let rows = Tensor::from_vec(rows, batch.logit_rows.len(), &self.device)?;
-        let x = x.index_select(&rows, 0)?;
-        let x = rms_norm(&x, &self.norm, c.rms_eps)?;
-        self.output.forward(&x)?.to_dtype(DType::F32)
+        let mut last = Vec::with_capacity(batch.logit_rows.len() * hidden);
+        for &r in &batch.logit_rows {
+            last.extend_from_slice(&x[r * hidden..(r + 1) * hidden]);
+        }
+        let last = rms_norm_rows(&last, &self.norm, c.rms_eps);
+        let logits = self.output.forward_rows(&last, batch.logit_rows.len())?;
+        Tensor::from_vec(logits, (batch.logit_rows.len(), self.vocab_size), &Device::Cpu)
     }
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for row in out.chunks_exact_mut(weight.len()) {
+        rms_norm_row(row, weight, eps);
+    }
+    out
 }
