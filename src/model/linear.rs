@@ -121,6 +121,9 @@ impl QLinear {
 
     fn native_rows<B: WeightBlock>(&self, xs: &[f32], m: usize, w: &[B]) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
+        if m == 0 {
+            return Vec::new();
+        }
         let blocks = k / QK;
         let mut acts = vec![ActBlock::default(); m * blocks];
         for (row, out) in xs.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
@@ -137,11 +140,14 @@ impl QLinear {
                 out
             })
             .collect();
+        // Tasks hold their columns column-major; lay them out row-major.
         let mut y = vec![0f32; m * n];
         for (task, values) in tasks.iter().enumerate() {
-            for (i, &v) in values.iter().enumerate() {
-                let (col, row) = (task * COLUMNS_PER_TASK + i / m, i % m);
-                y[row * n + col] = v;
+            for (c, column) in values.chunks_exact(m).enumerate() {
+                let col = task * COLUMNS_PER_TASK + c;
+                for (row, &v) in column.iter().enumerate() {
+                    y[row * n + col] = v;
+                }
             }
         }
         y
@@ -152,6 +158,24 @@ impl QLinear {
 fn columns<B: WeightBlock>(w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
     let rows: Vec<&[ActBlock]> = acts.chunks_exact(blocks).collect();
     let m = rows.len();
+    #[cfg(target_arch = "x86_64")]
+    if super::quant_vnni::available() && unsafe { B::dot_vnni::<1>(&w[..0], [&acts[..0]]) }.is_some() {
+        for (c, col) in cols.enumerate() {
+            let wrow = &w[col * blocks..(col + 1) * blocks];
+            let o = &mut out[c * m..(c + 1) * m];
+            let mut r = 0;
+            // SAFETY (all calls): the features the kernel needs were just detected.
+            while r + 4 <= m {
+                o[r..r + 4].copy_from_slice(&unsafe { B::dot_vnni::<4>(wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]) }.expect("has a VNNI kernel"));
+                r += 4;
+            }
+            while r < m {
+                o[r] = unsafe { B::dot_vnni::<1>(wrow, [rows[r]]) }.expect("has a VNNI kernel")[0];
+                r += 1;
+            }
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
         for (c, col) in cols.enumerate() {

@@ -10,6 +10,7 @@ pub mod llama;
 pub mod norm;
 pub mod quant;
 pub mod quant_avx2;
+pub mod quant_vnni;
 pub mod rope;
 
 use std::path::{Path, PathBuf};
