@@ -224,3 +224,40 @@ fn bad_requests_are_refused() {
     assert!(e.validate(&long, &SamplingParams::greedy(10)).unwrap_err().to_string().contains("context"));
     assert!(e.validate(&[1], &SamplingParams { temperature: -1.0, ..p }).unwrap_err().to_string().contains("temperature"));
 }
+
+/// `--max-kv-size`: a sequence keeps its first tokens and a window of recent ones; blocks
+/// behind the window are freed, and batching still changes nothing.
+#[test]
+fn a_rotating_window_bounds_memory_and_stays_batch_invariant() {
+    let config = EngineConfig { max_kv_size: Some(64), ..small_config() };
+    let prompts: Vec<Vec<u32>> = golden_prompts().into_iter().take(4).collect();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(150) };
+    let mut e = engine(config.clone());
+    let mut which = HashMap::new();
+    let mut out = vec![Vec::new(); prompts.len()];
+    for (i, p) in prompts.iter().enumerate() {
+        which.insert(e.add_request(p.clone(), params.clone()).unwrap(), i);
+    }
+    let mut steps = 0;
+    let mut most_used_late = 0;
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            if let Some(t) = ev.token {
+                out[which[&ev.id]].push(t.id);
+            }
+        }
+        steps += 1;
+        if steps > 100 {
+            most_used_late = most_used_late.max(e.stats().kv_blocks_used);
+        }
+    }
+    // Per sequence: the block with the kept tokens, the window's blocks, one being filled.
+    assert!(most_used_late <= 4 * (1 + 64usize.div_ceil(16) + 1), "{most_used_late} blocks in use");
+    assert_eq!(e.stats().kv_blocks_used, 0);
+    for (p, got) in prompts.iter().zip(&out) {
+        let mut alone = engine(config.clone());
+        assert_eq!(got, &run(&mut alone, &[p.clone()], &[params.clone()], &[0])[0]);
+    }
+    // The window changes what the model sees once it is full.
+    assert_ne!(out[0], solo(&prompts[0], &params));
+}

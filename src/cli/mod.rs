@@ -63,6 +63,10 @@ pub struct EngineArgs {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Attention window per sequence, in tokens: each token sees the first 4 and the most
+    /// recent ones, and older blocks are freed (like mlx-lm's rotating cache). Off by default.
+    #[arg(long)]
+    pub max_kv_size: Option<usize>,
 }
 
 impl EngineArgs {
@@ -70,11 +74,15 @@ impl EngineArgs {
         if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 || self.block_size == 0 {
             anyhow::bail!("--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1");
         }
+        if self.max_kv_size.is_some_and(|w| w <= crate::engine::core::WINDOW_KEEP) {
+            anyhow::bail!("--max-kv-size must be more than the {} tokens always kept", crate::engine::core::WINDOW_KEEP);
+        }
         Ok(crate::engine::EngineConfig {
             block_size: self.block_size,
             kv_cache_bytes: self.kv_cache_bytes,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
+            max_kv_size: self.max_kv_size,
         })
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::model::batch::{Window, RELEASED_BLOCK};
 use crate::model::{FlatBatch, KvCache, Llama};
 
 use super::block_manager::{block_hash, BlockManager};
@@ -21,11 +22,17 @@ pub struct EngineConfig {
     pub kv_cache_bytes: Option<usize>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Per-sequence attention window in tokens (the first `WINDOW_KEEP` plus the most recent
+    /// ones), like mlx-lm's rotating KV cache; None: whole context.
+    pub max_kv_size: Option<usize>,
 }
+
+/// Leading tokens a windowed sequence always keeps (mlx-lm's default `keep`).
+pub const WINDOW_KEEP: usize = 4;
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { block_size: 16, kv_cache_bytes: None, max_num_seqs: 64, max_num_batched_tokens: 512 }
+        Self { block_size: 16, kv_cache_bytes: None, max_num_seqs: 64, max_num_batched_tokens: 512, max_kv_size: None }
     }
 }
 
@@ -82,6 +89,7 @@ pub struct Engine {
     last_step: Vec<Scheduled>,
     prefilled_tokens: u64,
     generated_tokens: u64,
+    window: Option<Window>,
 }
 
 /// Bytes of memory the OS says are available (Linux), if known.
@@ -122,6 +130,7 @@ impl Engine {
             last_step: Vec::new(),
             prefilled_tokens: 0,
             generated_tokens: 0,
+            window: config.max_kv_size.map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
         }
     }
 
@@ -159,7 +168,8 @@ impl Engine {
         self.validate(&prompt, &params)?;
         let id = self.next_id;
         self.next_id += 1;
-        let seq = Sequence::new(id, prompt, params, self.blocks.block_size());
+        let mut seq = Sequence::new(id, prompt, params, self.blocks.block_size());
+        seq.window = self.window;
         self.scheduler.waiting.push_back(seq);
         Ok(id)
     }
@@ -226,6 +236,7 @@ impl Engine {
             let end = seq.num_computed + s.num_tokens;
             let sample = end == seq.tokens.len();
             batch.push(&seq.tokens[seq.num_computed..end], end, seq.block_table.clone(), sample);
+            batch.seqs.last_mut().expect("just pushed").window = seq.window;
             samples.push(sample);
         }
         let logits = self.model.forward(&batch, &mut self.kv)?;
@@ -238,6 +249,7 @@ impl Engine {
             self.prefilled_tokens += (s.num_tokens - usize::from(is_decode)) as u64;
             seq.num_computed += s.num_tokens;
             record_full_blocks(&mut self.blocks, seq, block_size);
+            release_behind_window(&mut self.blocks, seq, block_size);
             if !sample {
                 continue;
             }
@@ -275,6 +287,9 @@ fn record_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence, block_size:
     let full = seq.num_computed / block_size;
     for index in 0..full {
         let id = seq.block_table[index];
+        if id == RELEASED_BLOCK {
+            continue;
+        }
         if !blocks.is_computed(id) {
             blocks.mark_computed(id);
         }
@@ -283,6 +298,21 @@ fn record_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence, block_size:
             let h = block_hash(parent, &seq.tokens[index * block_size..(index + 1) * block_size]);
             seq.block_hashes.push(h);
             blocks.register(id, h, true);
+        }
+    }
+}
+
+/// Under a window, gives back the blocks that no later token of the sequence can see: those
+/// wholly after the kept tokens and before the window's start for the next token.
+fn release_behind_window(blocks: &mut BlockManager, seq: &mut Sequence, block_size: usize) {
+    let Some(window) = seq.window else { return };
+    let first_visible = window.first_visible(seq.num_computed);
+    let first_block = window.keep.div_ceil(block_size);
+    for index in first_block..first_visible / block_size {
+        let id = seq.block_table[index];
+        if id != RELEASED_BLOCK {
+            blocks.release(&[id]);
+            seq.block_table[index] = RELEASED_BLOCK;
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct Sequence {
     /// Prompt tokens taken from the prefix cache at the last admission.
     pub cached_tokens: usize,
     pub finish: Option<FinishReason>,
+    /// Attention window (`--max-kv-size`): blocks it has moved past are released.
+    pub window: Option<crate::model::batch::Window>,
 }
 
 impl Sequence {
@@ -36,6 +38,7 @@ impl Sequence {
             sampler,
             cached_tokens: 0,
             finish: None,
+            window: None,
         }
     }
 

@@ -6,7 +6,7 @@
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::batch::FlatBatch;
+use super::batch::{FlatBatch, SeqSlice};
 use super::kv_cache::LayerKv;
 
 /// Per-token facts every layer needs, computed once per forward.
@@ -90,15 +90,15 @@ pub fn paged_attention(
         .map_init(
             || Scratch { scores: Vec::new(), slots: Vec::new(), row: vec![0f32; head_dim], keys: vec![0f32; head_dim * KEYS] },
             |scratch, &(tile, g)| {
-                let table = &batch.seqs[tile.seq].block_table;
+                let seq = &batch.seqs[tile.seq];
                 let mut out = vec![0f32; tile.len * group * head_dim];
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: the features were just detected.
-                    unsafe { attend_tile_avx2(plan, table, layer, q, shape, tile, g, scratch, &mut out) };
+                    unsafe { attend_tile_avx2(plan, seq, layer, q, shape, tile, g, scratch, &mut out) };
                     return out;
                 }
-                attend_tile(plan, table, layer, q, shape, tile, g, scratch, &mut out);
+                attend_tile(plan, seq, layer, q, shape, tile, g, scratch, &mut out);
                 out
             },
         )
@@ -131,7 +131,7 @@ const KEYS: usize = 8;
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_tile_avx2(
     plan: &AttentionPlan,
-    table: &[u32],
+    seq: &SeqSlice,
     layer: &LayerKv,
     q: &[f32],
     shape: &AttentionShape,
@@ -140,7 +140,7 @@ unsafe fn attend_tile_avx2(
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
-    attend_tile(plan, table, layer, q, shape, tile, g, scratch, out)
+    attend_tile(plan, seq, layer, q, shape, tile, g, scratch, out)
 }
 
 /// Attention of a tile's tokens (the query heads of KV head `g`) over their sequence's cache.
@@ -150,7 +150,7 @@ unsafe fn attend_tile_avx2(
 #[allow(clippy::too_many_arguments)]
 fn attend_tile(
     plan: &AttentionPlan,
-    table: &[u32],
+    seq: &SeqSlice,
     layer: &LayerKv,
     q: &[f32],
     shape: &AttentionShape,
@@ -167,12 +167,15 @@ fn attend_tile(
     let n_ctx = tile.pos + tile.len;
     let rows = tile.len * group;
     let Scratch { scores, slots, row, keys } = scratch;
+    // Keys some row of the tile sees: all, or under a window the kept ones and the recent ones.
+    let needed = |i: usize| seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos));
     slots.clear();
-    slots.extend((0..n_ctx).map(|i| slot_of(table, plan.block_size, i)));
+    slots.extend((0..n_ctx).map(|i| if needed(i) { slot_of(&seq.block_table, plan.block_size, i) } else { usize::MAX }));
     scores.clear();
     scores.resize(rows * n_ctx, 0f32);
-    // Row r = (token k, head h) sees keys 0..=pos + k.
+    // Row r = (token k, head h) sees keys 0..=pos + k, within its window.
     let visible = |r: usize| tile.pos + r / group + 1;
+    let sees = |r: usize, i: usize| i < visible(r) && seq.window.is_none_or(|w| w.sees(tile.pos + r / group, i));
     let query = |r: usize| &q[((tile.first + r / group) * n_head + g * group + r % group) * head_dim..][..head_dim];
     // Scores, KEYS keys at a time: lane l of a row's accumulator sums q[d] * k_l[d] over d in
     // order, with one fused multiply-add per step, whatever the tile or batch.
@@ -180,6 +183,9 @@ fn attend_tile(
         let nk = KEYS.min(n_ctx - j0);
         keys.fill(0.0);
         for l in 0..nk {
+            if slots[j0 + l] == usize::MAX {
+                continue; // seen by no row here (its block may be gone)
+            }
             layer.k[slots[j0 + l] * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
             for d in 0..head_dim {
                 keys[d * KEYS + l] = row[d];
@@ -200,7 +206,8 @@ fn attend_tile(
                 }
             }
             for l in 0..nk.min(seen - j0) {
-                scores[r * n_ctx + j0 + l] = acc[l] * scale;
+                // Keys outside the window weigh nothing: exp(-inf) = 0.
+                scores[r * n_ctx + j0 + l] = if sees(r, j0 + l) { acc[l] * scale } else { f32::NEG_INFINITY };
             }
         }
     }
@@ -209,9 +216,12 @@ fn attend_tile(
     }
     out.fill(0.0);
     for (i, &slot) in slots.iter().enumerate() {
+        if slot == usize::MAX {
+            continue;
+        }
         layer.v[slot * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
         for r in 0..rows {
-            if i < visible(r) {
+            if sees(r, i) {
                 let p = scores[r * n_ctx + i];
                 for (a, &x) in out[r * head_dim..(r + 1) * head_dim].iter_mut().zip(row.iter()) {
                     *a = p.mul_add(x, *a);
@@ -331,6 +341,54 @@ mod tests {
                     }
                     t += 1;
                 }
+            }
+        }
+    }
+
+    /// Under a window, a token attends to the kept tokens and the recent ones only, and blocks
+    /// the window left behind are never read (their table entries are marked released).
+    #[test]
+    fn windowed_attention_matches_reference_and_skips_released_blocks() {
+        use crate::model::batch::{Window, RELEASED_BLOCK};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (n_head, n_kv, hd, bs) = (4usize, 2usize, 8usize, 4usize);
+        let width = n_kv * hd;
+        let window = Window { keep: 2, size: 7 };
+        let (past, new) = (20usize, 3usize);
+        let total = past + new;
+        let mut layer = LayerKv { k: vec![f16::ZERO; 64 * bs * width], v: vec![f16::ZERO; 64 * bs * width] };
+        let mut value = || f16::from_f32(rng.random_range(-1.0..1.0)).to_f32();
+        let ks: Vec<Vec<f32>> = (0..total).map(|_| (0..width).map(|_| value()).collect()).collect();
+        let vs: Vec<Vec<f32>> = (0..total).map(|_| (0..width).map(|_| value()).collect()).collect();
+        let mut table: Vec<u32> = (0..total.div_ceil(bs) as u32).map(|b| b * 3 + 1).collect();
+        for j in 0..total {
+            let slot = slot_of(&table, bs, j);
+            layer.k[slot * width..(slot + 1) * width].convert_from_f32_slice(&ks[j]);
+            layer.v[slot * width..(slot + 1) * width].convert_from_f32_slice(&vs[j]);
+        }
+        // Blocks wholly between the kept tokens and the window of the first new token.
+        let first = window.first_visible(past);
+        for b in 1..table.len() {
+            if (b + 1) * bs <= first {
+                table[b] = RELEASED_BLOCK;
+            }
+        }
+        assert!(table.contains(&RELEASED_BLOCK));
+        let mut batch = FlatBatch::default();
+        batch.push(&vec![0; new], total, table, true);
+        batch.seqs[0].window = Some(window);
+        // The new tokens' own blocks are present, so planning their writes is fine.
+        let plan = AttentionPlan::new(&batch, bs);
+        let q: Vec<f32> = (0..new * n_head * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let got = paged_attention(&batch, &plan, &layer, &q, &AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd });
+        for t in 0..new {
+            let j = past + t;
+            let seen: Vec<usize> = (0..=j).filter(|&i| window.sees(j, i)).collect();
+            let k: Vec<Vec<f32>> = seen.iter().map(|&i| ks[i].clone()).collect();
+            let v: Vec<Vec<f32>> = seen.iter().map(|&i| vs[i].clone()).collect();
+            let want = reference(&q[t * n_head * hd..(t + 1) * n_head * hd], &k, &v, n_head, n_kv, hd);
+            for (a, b) in got[t * n_head * hd..(t + 1) * n_head * hd].iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "token {j}: {a} vs {b}");
             }
         }
     }
