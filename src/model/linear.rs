@@ -154,50 +154,62 @@ impl QLinear {
     }
 }
 
-/// Dot products of weight rows `cols` with every activation row, column-major into `out`.
+/// The kernel family this CPU runs for a weight type, chosen at run time.
+#[derive(Clone, Copy)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Plain,
+}
+
+impl Kernel {
+    fn detect<B: WeightBlock>() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: called with no blocks, the VNNI entry only says whether it exists.
+            if super::quant_vnni::available() && unsafe { B::dot_vnni::<1>(&[], [&[]]) }.is_some() {
+                return Kernel::Vnni;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Plain
+    }
+}
+
+/// One weight row against `R` activation rows with the chosen kernel.
+#[inline(always)]
+fn dot_rows<B: WeightBlock, const R: usize>(kernel: Kernel, w: &[B], a: [&[ActBlock]; R]) -> [f32; R] {
+    match kernel {
+        // SAFETY: `Kernel::detect` picks these only where the CPU has their features.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Vnni => unsafe { B::dot_vnni::<R>(w, a) }.expect("detected VNNI kernel"),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { B::dot_avx2::<R>(w, a) },
+        Kernel::Plain => a.map(|row| B::dot(w, row)),
+    }
+}
+
+/// Dot products of weight rows `cols` with every activation row, column-major into `out`,
+/// four activation rows per weight-row load.
 fn columns<B: WeightBlock>(w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
     let rows: Vec<&[ActBlock]> = acts.chunks_exact(blocks).collect();
     let m = rows.len();
-    #[cfg(target_arch = "x86_64")]
-    if super::quant_vnni::available() && unsafe { B::dot_vnni::<1>(&w[..0], [&acts[..0]]) }.is_some() {
-        for (c, col) in cols.enumerate() {
-            let wrow = &w[col * blocks..(col + 1) * blocks];
-            let o = &mut out[c * m..(c + 1) * m];
-            let mut r = 0;
-            // SAFETY (all calls): the features the kernel needs were just detected.
-            while r + 4 <= m {
-                o[r..r + 4].copy_from_slice(&unsafe { B::dot_vnni::<4>(wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]) }.expect("has a VNNI kernel"));
-                r += 4;
-            }
-            while r < m {
-                o[r] = unsafe { B::dot_vnni::<1>(wrow, [rows[r]]) }.expect("has a VNNI kernel")[0];
-                r += 1;
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-        for (c, col) in cols.enumerate() {
-            let wrow = &w[col * blocks..(col + 1) * blocks];
-            let o = &mut out[c * m..(c + 1) * m];
-            let mut r = 0;
-            // SAFETY (all calls): the features the kernels need were just detected.
-            while r + 4 <= m {
-                o[r..r + 4].copy_from_slice(&unsafe { B::dot_avx2::<4>(wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]) });
-                r += 4;
-            }
-            while r < m {
-                o[r] = unsafe { B::dot_avx2::<1>(wrow, [rows[r]]) }[0];
-                r += 1;
-            }
-        }
-        return;
-    }
+    let kernel = Kernel::detect::<B>();
     for (c, col) in cols.enumerate() {
         let wrow = &w[col * blocks..(col + 1) * blocks];
-        for (r, a) in rows.iter().enumerate() {
-            out[c * m + r] = B::dot(wrow, a);
+        let o = &mut out[c * m..(c + 1) * m];
+        let mut r = 0;
+        while r + 4 <= m {
+            o[r..r + 4].copy_from_slice(&dot_rows::<B, 4>(kernel, wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]));
+            r += 4;
+        }
+        while r < m {
+            o[r] = dot_rows::<B, 1>(kernel, wrow, [rows[r]])[0];
+            r += 1;
         }
     }
 }

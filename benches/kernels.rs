@@ -1,0 +1,70 @@
+//! Microbenchmarks of braid's CPU kernels: quantized matrix products at decode and prefill
+//! batch sizes, and paged attention. Run with `cargo bench --bench kernels`.
+
+use std::sync::Arc;
+
+use braid::model::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
+use braid::model::kv_cache::LayerKv;
+use braid::model::linear::QLinear;
+use braid::model::FlatBatch;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    // A small xorshift: the values only need to look like weights.
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn matmul(c: &mut Criterion) {
+    // SmolLM2-135M's feed-forward up projection: 1536 x 576.
+    let (n, k) = (1536, 576);
+    let mut group = c.benchmark_group("qmatmul_1536x576");
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0] {
+        let w = Tensor::from_vec(random(n * k, 1), (n, k), &Device::Cpu).unwrap();
+        let linear = QLinear::new(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap();
+        for m in [1usize, 32, 512] {
+            let x = random(m * k, 2);
+            group.throughput(Throughput::Elements((m * n * k) as u64));
+            group.bench_with_input(BenchmarkId::new(format!("{dtype:?}"), m), &m, |b, &m| b.iter(|| linear.forward_rows(&x, m).unwrap()));
+        }
+    }
+    group.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    // SmolLM2's heads: 9 query heads, 3 KV heads of 64.
+    let shape = AttentionShape { n_head: 9, n_kv_head: 3, head_dim: 64 };
+    let width = shape.n_kv_head * shape.head_dim;
+    let block = 16;
+    let mut group = c.benchmark_group("paged_attention");
+    // (sequences, cached tokens each, new tokens each): decode of 32, and a 512-token prefill chunk.
+    for (seqs, past, new) in [(32usize, 256usize, 1usize), (1, 512, 512)] {
+        let blocks_per_seq = (past + new).div_ceil(block);
+        let mut layer = LayerKv { k: vec![f16::ZERO; seqs * blocks_per_seq * block * width], v: vec![f16::ZERO; seqs * blocks_per_seq * block * width] };
+        let mut batch = FlatBatch::default();
+        for s in 0..seqs {
+            let table = (0..blocks_per_seq as u32).map(|b| (s * blocks_per_seq) as u32 + b).collect();
+            batch.push(&vec![0; new], past + new, table, true);
+        }
+        let plan = AttentionPlan::new(&batch, block);
+        let t = seqs * new;
+        let kv = random(t * width, 3);
+        write_kv(&plan, &mut layer, &kv, &kv, width);
+        let q = random(t * shape.n_head * shape.head_dim, 4);
+        group.bench_function(format!("{seqs}x(past {past}, new {new})"), |b| b.iter(|| paged_attention(&batch, &plan, &layer, &q, &shape)));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matmul, attention);
+criterion_main!(benches);
