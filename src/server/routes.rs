@@ -126,10 +126,7 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, options: Generat
         receivers,
         start,
         first_token: None,
-        n_per_prompt: 0,
     };
-    let mut run = run;
-    run.n_per_prompt = run.options.n;
     if run.options.stream {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
         tokio::spawn(async move {
@@ -157,7 +154,6 @@ struct Run {
     logprobs: Vec<Vec<SampledToken>>,
     start: Instant,
     first_token: Option<Instant>,
-    n_per_prompt: usize,
 }
 
 impl Run {
@@ -207,7 +203,8 @@ impl Run {
 
     fn usage(&self) -> Value {
         let completion: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
-        let cached: usize = self.choices.iter().step_by(self.n_per_prompt.max(1)).map(|c| c.cached_tokens).sum();
+        // Choices come n per prompt; count each prompt's cached tokens once.
+        let cached: usize = self.choices.iter().step_by(self.options.n).map(|c| c.cached_tokens).sum();
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
