@@ -231,23 +231,6 @@ fn attend_tile(
     }
 }
 
-/// Dot product with eight independent accumulators (vectorises, fixed summation order).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
 pub fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
@@ -390,17 +373,6 @@ mod tests {
             for (a, b) in got[t * n_head * hd..(t + 1) * n_head * hd].iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "token {j}: {a} vs {b}");
             }
-        }
-    }
-
-    #[test]
-    fn dot_matches_plain_sum_on_odd_lengths() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        for n in [1usize, 7, 8, 9, 63, 64, 65, 129] {
-            let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
-            assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
         }
     }
 }

@@ -38,11 +38,6 @@ impl KvCache {
         Self { block_size, num_blocks, token_width, layers }
     }
 
-    /// Bytes of the whole pool.
-    pub fn bytes(&self) -> usize {
-        self.layers.len() * 2 * self.num_blocks * self.block_size * self.token_width * std::mem::size_of::<f16>()
-    }
-
     pub fn capacity_tokens(&self) -> usize {
         self.num_blocks * self.block_size
     }

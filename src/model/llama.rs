@@ -126,10 +126,6 @@ impl Llama {
         self.vocab_size
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// One forward pass over a flat batch. Returns `[batch.logit_rows.len(), vocab]` f32 logits.
     ///
     /// Activations stay in plain row-major vectors between braid's kernels: no tensor

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use super::quant::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0};
 
 #[inline(always)]
-unsafe fn f16_to_f32(bits: half::f16) -> f32 {
+pub(super) unsafe fn f16_to_f32(bits: half::f16) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits.to_bits() as i32))) }
 }
 

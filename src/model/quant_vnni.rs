@@ -7,11 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::quant::{ActBlock, BlockQ4_1};
-
-#[inline(always)]
-unsafe fn f16_to_f32(bits: half::f16) -> f32 {
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits.to_bits() as i32))) }
-}
+use super::quant_avx2::f16_to_f32;
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("f16c")
@@ -87,7 +83,7 @@ mod tests {
         }
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(21);
         for blocks in [1usize, 2, 5, 18, 48] {
-            let mut act = |r: &mut rand_chacha::ChaCha8Rng| {
+            let act = |r: &mut rand_chacha::ChaCha8Rng| {
                 let x: Vec<f32> = (0..blocks * QK).map(|_| r.random_range(-4.0..4.0)).collect();
                 let mut a = vec![ActBlock::default(); blocks];
                 quantize_row(&x, &mut a);
