@@ -88,7 +88,15 @@ pub fn paged_attention(
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map_init(
-            || Scratch { scores: Vec::new(), slots: Vec::new(), row: vec![0f32; head_dim], keys: vec![0f32; head_dim * KEYS] },
+            || Scratch {
+                scores: Vec::new(),
+                slots: Vec::new(),
+                visible: Vec::new(),
+                key_rows: vec![0f32; head_dim * KEYS],
+                keys: vec![0f32; head_dim * KEYS],
+                queries: Vec::new(),
+                values: Vec::new(),
+            },
             |scratch, &(tile, g)| {
                 let seq = &batch.seqs[tile.seq];
                 let mut out = vec![0f32; tile.len * group * head_dim];
@@ -117,9 +125,15 @@ pub fn paged_attention(
 struct Scratch {
     scores: Vec<f32>,
     slots: Vec<usize>,
-    row: Vec<f32>,
-    /// A block of KEYS keys, transposed: `[head_dim][KEYS]`.
+    /// Keys after the first `visible[r]` are beyond row r's token.
+    visible: Vec<usize>,
+    /// A block of KEYS keys as f32, `[KEYS][head_dim]`, and transposed, `[head_dim][KEYS]`.
+    key_rows: Vec<f32>,
     keys: Vec<f32>,
+    /// The tile's query rows, grouped and transposed for `score_rows`.
+    queries: Vec<f32>,
+    /// The tile's values as f32, `[n_ctx][head_dim]`.
+    values: Vec<f32>,
 }
 
 /// Keys scored together: each query row's dot products with them run as one vector of lanes.
@@ -166,78 +180,212 @@ fn attend_tile(
     // The last token sees the most: positions 0..=pos + len - 1.
     let n_ctx = tile.pos + tile.len;
     let rows = tile.len * group;
-    let Scratch { scores, slots, row, keys } = scratch;
+    let Scratch { scores, slots, visible, key_rows, keys, queries, values } = scratch;
     // Keys some row of the tile sees: all, or under a window the kept ones and the recent ones.
     let needed = |i: usize| seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos));
     slots.clear();
     slots.extend((0..n_ctx).map(|i| if needed(i) { slot_of(&seq.block_table, plan.block_size, i) } else { usize::MAX }));
     scores.clear();
     scores.resize(rows * n_ctx, 0f32);
-    // Row r = (token k, head h) sees keys 0..=pos + k, within its window.
-    let visible = |r: usize| tile.pos + r / group + 1;
-    let sees = |r: usize, i: usize| i < visible(r) && seq.window.is_none_or(|w| w.sees(tile.pos + r / group, i));
-    let query = |r: usize| &q[((tile.first + r / group) * n_head + g * group + r % group) * head_dim..][..head_dim];
+    // Row r = (token r / group, head r % group) sees keys 0..=pos + r / group, within its window.
+    visible.clear();
+    visible.extend((0..rows).map(|r| tile.pos + r / group + 1));
+    let sees = |r: usize, i: usize| i < visible[r] && seq.window.is_none_or(|w| w.sees(visible[r] - 1, i));
+    // Queries in groups of SCORE_ROWS rows, transposed (`[group][head_dim][SCORE_ROWS]`), the
+    // last group padded with zero rows whose scores are never used.
+    let groups = rows.div_ceil(SCORE_ROWS);
+    queries.clear();
+    queries.resize(groups * head_dim * SCORE_ROWS, 0.0);
+    for r in 0..rows {
+        let query = &q[((tile.first + r / group) * n_head + g * group + r % group) * head_dim..][..head_dim];
+        let (gi, lane) = (r / SCORE_ROWS, r % SCORE_ROWS);
+        for (d, &x) in query.iter().enumerate() {
+            queries[(gi * head_dim + d) * SCORE_ROWS + lane] = x;
+        }
+    }
     // Scores, KEYS keys at a time: lane l of a row's accumulator sums q[d] * k_l[d] over d in
-    // order, with one fused multiply-add per step, whatever the tile or batch.
+    // order, with one fused multiply-add per step, whatever the tile or batch. Rows go in
+    // groups of SCORE_ROWS so that many independent chains hide the multiply-add latency.
     for j0 in (0..n_ctx).step_by(KEYS) {
         let nk = KEYS.min(n_ctx - j0);
-        keys.fill(0.0);
+        key_rows.fill(0.0);
         for l in 0..nk {
-            if slots[j0 + l] == usize::MAX {
-                continue; // seen by no row here (its block may be gone)
-            }
-            layer.k[slots[j0 + l] * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
-            for d in 0..head_dim {
-                keys[d * KEYS + l] = row[d];
+            if slots[j0 + l] != usize::MAX {
+                // (A key no row here sees stays zero: its block may be gone.)
+                layer.k[slots[j0 + l] * width + g * head_dim..][..head_dim].convert_to_f32_slice(&mut key_rows[l * head_dim..(l + 1) * head_dim]);
             }
         }
-        for r in 0..rows {
-            let seen = visible(r);
-            if j0 >= seen {
-                continue;
-            }
-            let qr = query(r);
-            let mut acc = [0f32; KEYS];
-            for d in 0..head_dim {
-                let qd = qr[d];
-                let kd = &keys[d * KEYS..(d + 1) * KEYS];
-                for l in 0..KEYS {
-                    acc[l] = qd.mul_add(kd[l], acc[l]);
+        transpose_keys(key_rows, head_dim, keys);
+        // Rows before `first_row` belong to tokens that come before every key of this block.
+        let first_row = j0.saturating_sub(tile.pos) * group;
+        for gi in first_row / SCORE_ROWS..groups {
+            let accs = score_rows(&queries[gi * head_dim * SCORE_ROWS..(gi + 1) * head_dim * SCORE_ROWS], keys);
+            for (lane, acc) in accs.iter().enumerate() {
+                let r = gi * SCORE_ROWS + lane;
+                if r < first_row || r >= rows {
+                    continue;
                 }
-            }
-            for l in 0..nk.min(seen - j0) {
-                // Keys outside the window weigh nothing: exp(-inf) = 0.
-                scores[r * n_ctx + j0 + l] = if sees(r, j0 + l) { acc[l] * scale } else { f32::NEG_INFINITY };
+                let row_scores = &mut scores[r * n_ctx + j0..][..nk.min(visible[r] - j0)];
+                for (l, s) in row_scores.iter_mut().enumerate() {
+                    // Keys outside the window weigh nothing: exp(-inf) = 0.
+                    *s = if seq.window.is_none() || sees(r, j0 + l) { acc[l] * scale } else { f32::NEG_INFINITY };
+                }
             }
         }
     }
     for r in 0..rows {
-        softmax_in_place(&mut scores[r * n_ctx..r * n_ctx + visible(r)]);
+        softmax_in_place(&mut scores[r * n_ctx..r * n_ctx + visible[r]]);
     }
-    out.fill(0.0);
+    // Values as f32 once per tile; keys no row sees stay zero (their weights are zero too).
+    values.clear();
+    values.resize(n_ctx * head_dim, 0.0);
     for (i, &slot) in slots.iter().enumerate() {
-        if slot == usize::MAX {
-            continue;
+        if slot != usize::MAX {
+            layer.v[slot * width + g * head_dim..][..head_dim].convert_to_f32_slice(&mut values[i * head_dim..(i + 1) * head_dim]);
         }
-        layer.v[slot * width + g * head_dim..][..head_dim].convert_to_f32_slice(row);
-        for r in 0..rows {
-            if sees(r, i) {
-                let p = scores[r * n_ctx + i];
-                for (a, &x) in out[r * head_dim..(r + 1) * head_dim].iter_mut().zip(row.iter()) {
-                    *a = p.mul_add(x, *a);
+    }
+    // Weighted sums, two rows at a time. A row's weights past its own last key are zero (never
+    // written), so running it as far as its partner adds exact zeros and changes nothing.
+    let weights = |r: usize, n: usize| &scores[r * n_ctx..r * n_ctx + n];
+    let mut r = 0;
+    while r + 2 <= rows {
+        let n = visible[r + 1];
+        let (first, second) = out[r * head_dim..(r + 2) * head_dim].split_at_mut(head_dim);
+        weighted_sum_rows::<2>([weights(r, n), weights(r + 1, n)], values, head_dim, [first, second]);
+        r += 2;
+    }
+    if r < rows {
+        weighted_sum_rows::<1>([weights(r, visible[r])], values, head_dim, [&mut out[r * head_dim..(r + 1) * head_dim]]);
+    }
+}
+
+/// Query rows scored together against one block of keys.
+const SCORE_ROWS: usize = 8;
+
+/// SCORE_ROWS transposed query rows (`[head_dim][SCORE_ROWS]`) against KEYS transposed keys
+/// (`[head_dim][KEYS]`): one accumulator of KEYS lanes per row, summed over dimensions in order.
+#[inline(always)]
+fn score_rows(queries: &[f32], keys: &[f32]) -> [[f32; KEYS]; SCORE_ROWS] {
+    let mut acc = [[0f32; KEYS]; SCORE_ROWS];
+    for (kd, qd) in keys.chunks_exact(KEYS).zip(queries.chunks_exact(SCORE_ROWS)) {
+        for r in 0..SCORE_ROWS {
+            for l in 0..KEYS {
+                acc[r][l] = qd[r].mul_add(kd[l], acc[r][l]);
+            }
+        }
+    }
+    acc
+}
+
+/// `KEYS` rows of `head_dim` (`[KEYS][head_dim]`) to `[head_dim][KEYS]`.
+#[inline(always)]
+fn transpose_keys(rows: &[f32], head_dim: usize, out: &mut [f32]) {
+    let mut d0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        while d0 + 8 <= head_dim {
+            // SAFETY: AVX was just detected; both 8x8 blocks are in bounds.
+            unsafe { transpose_8x8(&rows[d0..], head_dim, &mut out[d0 * KEYS..(d0 + 8) * KEYS]) };
+            d0 += 8;
+        }
+    }
+    for d in d0..head_dim {
+        for l in 0..KEYS {
+            out[d * KEYS + l] = rows[l * head_dim + d];
+        }
+    }
+}
+
+/// The 8x8 block at the start of `src` (rows `stride` apart) into `dst` (rows 8 apart),
+/// transposed: the usual unpack / shuffle / lane-permute sequence.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_8x8(src: &[f32], stride: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(KEYS == 8);
+    assert!(src.len() >= 7 * stride + 8 && dst.len() >= 64);
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add(i * stride)));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, v) in o.into_iter().enumerate() {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i * 8), v);
+        }
+    }
+}
+
+/// Output dimensions accumulated in registers at once by `weighted_sum_rows`.
+const VALUE_DIMS: usize = 32;
+
+/// `out[r] = sum_i p[r][i] * v[i]` for `R` rows, in key order for every element: the running
+/// sums of VALUE_DIMS dimensions stay in registers across all keys instead of in memory.
+#[inline(always)]
+fn weighted_sum_rows<const R: usize>(p: [&[f32]; R], values: &[f32], head_dim: usize, out: [&mut [f32]; R]) {
+    let n = p[0].len();
+    let mut d0 = 0;
+    while d0 + VALUE_DIMS <= head_dim {
+        let mut acc = [[0f32; VALUE_DIMS]; R];
+        for i in 0..n {
+            let v = &values[i * head_dim + d0..][..VALUE_DIMS];
+            for r in 0..R {
+                let pr = p[r][i];
+                for j in 0..VALUE_DIMS {
+                    acc[r][j] = pr.mul_add(v[j], acc[r][j]);
                 }
             }
+        }
+        for r in 0..R {
+            out[r][d0..d0 + VALUE_DIMS].copy_from_slice(&acc[r]);
+        }
+        d0 += VALUE_DIMS;
+    }
+    // The remaining dimensions one at a time, in the same key order.
+    for d in d0..head_dim {
+        for r in 0..R {
+            out[r][d] = (0..n).fold(0f32, |acc, i| p[r][i].mul_add(values[i * head_dim + d], acc));
         }
     }
 }
 
 pub fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
     for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+        *x -= max;
     }
+    super::vmath::exp_in_place(row);
+    // Summed in 8 lanes (a fixed order for a given length), not one long dependent chain.
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l += x;
+        }
+    }
+    let sum = chunks.remainder().iter().fold(lanes.iter().sum::<f32>(), |s, &x| s + x);
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;
@@ -270,6 +418,20 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn keys_transpose_on_odd_widths() {
+        for head_dim in [1usize, 7, 8, 13, 24, 64] {
+            let rows: Vec<f32> = (0..KEYS * head_dim).map(|i| i as f32).collect();
+            let mut out = vec![0f32; head_dim * KEYS];
+            transpose_keys(&rows, head_dim, &mut out);
+            for d in 0..head_dim {
+                for l in 0..KEYS {
+                    assert_eq!(out[d * KEYS + l], rows[l * head_dim + d], "head_dim {head_dim}, d {d}, key {l}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Linear layers over quantized weights: braid's own kernels for Q4_0, Q4_1 and Q8_0 (the
-//! common GGUF types), candle's for the rest.
+//! common GGUF types), candle's for the rest. Where the CPU has AVX-512 VNNI the weights are
+//! repacked at load for `quant_vnni` (and GGUF's blocks dropped); elsewhere the AVX2 or plain
+//! kernels read GGUF's blocks as they are.
 
 use std::sync::Arc;
 
@@ -9,11 +11,20 @@ use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
 use super::quant::{self, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
+#[cfg(target_arch = "x86_64")]
+use super::quant_vnni::{PackedWeights, PairFormat};
 
 enum Weights {
     Q4_0(Vec<BlockQ4_0>),
     Q4_1(Vec<BlockQ4_1>),
     Q8_0(Vec<BlockQ8_0>),
+    /// The same types repacked for the AVX-512 VNNI kernel, where the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    VnniQ4_0(PackedWeights<BlockQ4_0>),
+    #[cfg(target_arch = "x86_64")]
+    VnniQ4_1(PackedWeights<BlockQ4_1>),
+    #[cfg(target_arch = "x86_64")]
+    VnniQ8_0(PackedWeights<BlockQ8_0>),
     /// Other types, through candle.
     Candle(QMatMul),
     /// Several matrices side by side (their outputs concatenated per row) that could not be
@@ -31,14 +42,38 @@ pub struct QLinear {
 /// Output columns per parallel task: enough work to amortise scheduling.
 const COLUMNS_PER_TASK: usize = 32;
 
+/// Native weights in the form this CPU's fastest kernel reads.
+macro_rules! native {
+    ($plain:ident, $vnni:ident, $blocks:expr, $per_row:expr) => {{
+        let blocks = $blocks;
+        #[cfg(target_arch = "x86_64")]
+        if super::quant_vnni::available() {
+            return Weights::$vnni(PackedWeights::new(&blocks, $per_row));
+        }
+        Weights::$plain(blocks)
+    }};
+}
+
+impl Weights {
+    fn q4_0(blocks: Vec<BlockQ4_0>, per_row: usize) -> Self {
+        native!(Q4_0, VnniQ4_0, blocks, per_row)
+    }
+    fn q4_1(blocks: Vec<BlockQ4_1>, per_row: usize) -> Self {
+        native!(Q4_1, VnniQ4_1, blocks, per_row)
+    }
+    fn q8_0(blocks: Vec<BlockQ8_0>, per_row: usize) -> Self {
+        native!(Q8_0, VnniQ8_0, blocks, per_row)
+    }
+}
+
 impl QLinear {
     pub fn new(tensor: Arc<QTensor>) -> candle_core::Result<Self> {
         let (n, k) = tensor.shape().dims2()?;
         let native = tensor.device().is_cpu() && k % QK == 0;
         let weights = match tensor.dtype() {
-            GgmlDType::Q4_0 if native => Weights::Q4_0(quant::parse_q4_0(&tensor.data()?)),
-            GgmlDType::Q4_1 if native => Weights::Q4_1(quant::parse_q4_1(&tensor.data()?)),
-            GgmlDType::Q8_0 if native => Weights::Q8_0(quant::parse_q8_0(&tensor.data()?)),
+            GgmlDType::Q4_0 if native => Weights::q4_0(quant::parse_q4_0(&tensor.data()?), k / QK),
+            GgmlDType::Q4_1 if native => Weights::q4_1(quant::parse_q4_1(&tensor.data()?), k / QK),
+            GgmlDType::Q8_0 if native => Weights::q8_0(quant::parse_q8_0(&tensor.data()?), k / QK),
             _ => Weights::Candle(QMatMul::from_arc(tensor)?),
         };
         Ok(Self { n, k, weights })
@@ -56,27 +91,45 @@ impl QLinear {
         let n = parts.iter().map(|p| p.n).sum();
         assert!(parts.iter().all(|p| p.k == k), "stacked matrices share their input width");
         macro_rules! merge {
-            ($variant:ident) => {
+            ($variant:ident, $join:expr) => {
                 if parts.iter().all(|p| matches!(p.weights, Weights::$variant(_))) {
-                    let mut all = Vec::new();
+                    let mut all = None;
                     for p in parts {
                         if let Weights::$variant(w) = p.weights {
-                            all.extend(w);
+                            all = Some(match all {
+                                None => w,
+                                Some(mut all) => {
+                                    $join(&mut all, w);
+                                    all
+                                }
+                            });
                         }
                     }
-                    return QLinear { n, k, weights: Weights::$variant(all) };
+                    return QLinear { n, k, weights: Weights::$variant(all.expect("at least one part")) };
                 }
             };
         }
-        merge!(Q4_0);
-        merge!(Q4_1);
-        merge!(Q8_0);
+        merge!(Q4_0, |all: &mut Vec<_>, w| all.extend(w));
+        merge!(Q4_1, |all: &mut Vec<_>, w| all.extend(w));
+        merge!(Q8_0, |all: &mut Vec<_>, w| all.extend(w));
+        #[cfg(target_arch = "x86_64")]
+        {
+            merge!(VnniQ4_0, |all: &mut PackedWeights<_>, w| all.append(w));
+            merge!(VnniQ4_1, |all: &mut PackedWeights<_>, w| all.append(w));
+            merge!(VnniQ8_0, |all: &mut PackedWeights<_>, w| all.append(w));
+        }
         QLinear { n, k, weights: Weights::Parts(parts) }
     }
 
     /// `[m, k]` rows in, `[m, n]` rows out, as plain vectors (CPU).
     pub fn forward_rows(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         match &self.weights {
+            #[cfg(target_arch = "x86_64")]
+            Weights::VnniQ4_0(w) => Ok(self.vnni_rows(x, m, w)),
+            #[cfg(target_arch = "x86_64")]
+            Weights::VnniQ4_1(w) => Ok(self.vnni_rows(x, m, w)),
+            #[cfg(target_arch = "x86_64")]
+            Weights::VnniQ8_0(w) => Ok(self.vnni_rows(x, m, w)),
             Weights::Q4_0(w) => Ok(self.native_rows(x, m, w)),
             Weights::Q4_1(w) => Ok(self.native_rows(x, m, w)),
             Weights::Q8_0(w) => Ok(self.native_rows(x, m, w)),
@@ -108,6 +161,12 @@ impl QLinear {
                 Weights::Q4_0(w) => quant::dequantize_q4_0(&w[range], o),
                 Weights::Q4_1(w) => quant::dequantize_q4_1(&w[range], o),
                 Weights::Q8_0(w) => quant::dequantize_q8_0(&w[range], o),
+                #[cfg(target_arch = "x86_64")]
+                Weights::VnniQ4_0(w) => w.dequantize_row(id, o),
+                #[cfg(target_arch = "x86_64")]
+                Weights::VnniQ4_1(w) => w.dequantize_row(id, o),
+                #[cfg(target_arch = "x86_64")]
+                Weights::VnniQ8_0(w) => w.dequantize_row(id, o),
                 Weights::Candle(_) | Weights::Parts(_) => candle_core::bail!("embedding lookup needs a natively supported type"),
             }
         }
@@ -120,58 +179,84 @@ impl QLinear {
     }
 
     fn native_rows<B: WeightBlock>(&self, xs: &[f32], m: usize, w: &[B]) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
+        let blocks = self.k / QK;
+        let acts = quantize_rows(xs, m, blocks);
+        let kernel = Kernel::detect();
+        self.by_column_ranges(m, |cols, out| columns(kernel, w, &acts, blocks, cols, out))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_rows<B: PairFormat>(&self, xs: &[f32], m: usize, w: &PackedWeights<B>) -> Vec<f32> {
+        use super::quant_vnni::{dot, PackedActs, PANEL};
+        let acts = PackedActs::new::<B>(&quantize_rows(xs, m, self.k / QK), self.k / QK);
+        self.by_column_ranges(m, |cols, out| {
+            let width = cols.len();
+            for (c, col) in cols.enumerate() {
+                // SAFETY: `vnni` is only built where the CPU has the kernel's features.
+                for first in (0..acts.rows_in_panels()).step_by(PANEL) {
+                    let values = unsafe { dot::<B, PANEL>(w, col, &acts, first) };
+                    for (i, v) in values.into_iter().enumerate() {
+                        out[(first + i) * width + c] = v;
+                    }
+                }
+                for r in acts.rows_in_panels()..m {
+                    out[r * width + c] = unsafe { dot::<B, 1>(w, col, &acts, r) }[0];
+                }
+            }
+        })
+    }
+
+    /// `[m, n]` outputs computed in parallel tasks that each own a range of output columns for
+    /// every row (a weight row is read once per call, however many rows the batch has).
+    /// `task(cols, out)` fills `out` as `[m, cols.len()]`.
+    fn by_column_ranges(&self, m: usize, task: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+        let n = self.n;
         if m == 0 {
             return Vec::new();
         }
-        let blocks = k / QK;
-        let mut acts = vec![ActBlock::default(); m * blocks];
-        for (row, out) in xs.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
-            quant::quantize_row(row, out);
-        }
-        // Each task owns a range of output columns for every row: a weight row is read once
-        // per call, however many rows the batch has.
         let tasks: Vec<Vec<f32>> = (0..n.div_ceil(COLUMNS_PER_TASK))
             .into_par_iter()
-            .map(|task| {
-                let cols = task * COLUMNS_PER_TASK..((task + 1) * COLUMNS_PER_TASK).min(n);
+            .map(|t| {
+                let cols = t * COLUMNS_PER_TASK..((t + 1) * COLUMNS_PER_TASK).min(n);
                 let mut out = vec![0f32; cols.len() * m];
-                columns(w, &acts, blocks, cols, &mut out);
+                task(cols, &mut out);
                 out
             })
             .collect();
-        // Tasks hold their columns column-major; lay them out row-major.
+        // Copy each task's rows into place, one run per row.
         let mut y = vec![0f32; m * n];
-        for (task, values) in tasks.iter().enumerate() {
-            for (c, column) in values.chunks_exact(m).enumerate() {
-                let col = task * COLUMNS_PER_TASK + c;
-                for (row, &v) in column.iter().enumerate() {
-                    y[row * n + col] = v;
-                }
+        for (t, values) in tasks.iter().enumerate() {
+            let first = t * COLUMNS_PER_TASK;
+            let width = values.len() / m;
+            for (row, run) in values.chunks_exact(width).enumerate() {
+                y[row * n + first..][..width].copy_from_slice(run);
             }
         }
         y
     }
 }
 
+/// `m` rows of `blocks * QK` values, quantized to 8-bit blocks.
+fn quantize_rows(xs: &[f32], m: usize, blocks: usize) -> Vec<ActBlock> {
+    let mut acts = vec![ActBlock::default(); m * blocks];
+    for (row, out) in xs.chunks_exact(blocks * QK).zip(acts.chunks_exact_mut(blocks)) {
+        quant::quantize_row(row, out);
+    }
+    acts
+}
+
 /// The kernel family this CPU runs for a weight type, chosen at run time.
 #[derive(Clone, Copy)]
 enum Kernel {
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Plain,
 }
 
 impl Kernel {
-    fn detect<B: WeightBlock>() -> Self {
+    fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: called with no blocks, the VNNI entry only says whether it exists.
-            if super::quant_vnni::available() && unsafe { B::dot_vnni::<1>(&[], [&[]]) }.is_some() {
-                return Kernel::Vnni;
-            }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
                 return Kernel::Avx2;
             }
@@ -186,30 +271,76 @@ fn dot_rows<B: WeightBlock, const R: usize>(kernel: Kernel, w: &[B], a: [&[ActBl
     match kernel {
         // SAFETY: `Kernel::detect` picks these only where the CPU has their features.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Vnni => unsafe { B::dot_vnni::<R>(w, a) }.expect("detected VNNI kernel"),
-        #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => unsafe { B::dot_avx2::<R>(w, a) },
         Kernel::Plain => a.map(|row| B::dot(w, row)),
     }
 }
 
-/// Dot products of weight rows `cols` with every activation row, column-major into `out`,
-/// four activation rows per weight-row load.
-fn columns<B: WeightBlock>(w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+/// Dot products of weight rows `cols` with every activation row, into `out` as
+/// `[m, cols.len()]`, four activation rows per weight-row load.
+fn columns<B: WeightBlock>(kernel: Kernel, w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
     let rows: Vec<&[ActBlock]> = acts.chunks_exact(blocks).collect();
     let m = rows.len();
-    let kernel = Kernel::detect::<B>();
+    let width = cols.len();
     for (c, col) in cols.enumerate() {
         let wrow = &w[col * blocks..(col + 1) * blocks];
-        let o = &mut out[c * m..(c + 1) * m];
         let mut r = 0;
         while r + 4 <= m {
-            o[r..r + 4].copy_from_slice(&dot_rows::<B, 4>(kernel, wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]));
+            let values = dot_rows::<B, 4>(kernel, wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]);
+            for (i, v) in values.into_iter().enumerate() {
+                out[(r + i) * width + c] = v;
+            }
             r += 4;
         }
         while r < m {
-            o[r] = dot_rows::<B, 1>(kernel, wrow, [rows[r]])[0];
+            out[r * width + c] = dot_rows::<B, 1>(kernel, wrow, [rows[r]])[0];
             r += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Every native type, through whichever kernel this CPU picks, on odd sizes: each output
+    /// row equals the same row computed alone (bit for bit) and is close to the product of the
+    /// dequantized weights with the exact activations.
+    #[test]
+    fn products_match_the_dequantized_reference_and_do_not_depend_on_the_batch() {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for (n, k, m) in [(37usize, 96usize, 7usize), (70, 160, 13), (5, 32, 1), (33, 64, 4)] {
+                let w: Vec<f32> = (0..n * k).map(|_| r.random_range(-1.0f32..1.0)).collect();
+                let qt = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+                let deq = qt.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                // The form this CPU's fastest kernel reads, and GGUF's own blocks (the AVX2 or
+                // plain kernels), which that form replaces where AVX-512 VNNI is present.
+                let bytes = qt.data().unwrap().to_vec();
+                let blocks = match dtype {
+                    GgmlDType::Q4_0 => Weights::Q4_0(quant::parse_q4_0(&bytes)),
+                    GgmlDType::Q4_1 => Weights::Q4_1(quant::parse_q4_1(&bytes)),
+                    _ => Weights::Q8_0(quant::parse_q8_0(&bytes)),
+                };
+                for linear in [QLinear::new(Arc::new(qt)).unwrap(), QLinear { n, k, weights: blocks }] {
+                    let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-2.0f32..2.0)).collect();
+                    let y = linear.forward_rows(&x, m).unwrap();
+                    assert_eq!(y.len(), m * n);
+                    for row in 0..m {
+                        let xr = &x[row * k..(row + 1) * k];
+                        let alone = linear.forward_rows(xr, 1).unwrap();
+                        for col in 0..n {
+                            let got = y[row * n + col];
+                            assert_eq!(got.to_bits(), alone[col].to_bits(), "{dtype:?} {n}x{k}: row {row} alone differs");
+                            let want: f64 = deq[col * k..(col + 1) * k].iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                            // Activations are quantized to 8 bits: allow for that rounding.
+                            let bound = 0.02 * (k as f64).sqrt() + 0.01 * want.abs();
+                            assert!((got as f64 - want).abs() <= bound, "{dtype:?} {n}x{k} row {row} col {col}: {got} vs {want}");
+                        }
+                    }
+                }
+            }
         }
     }
 }

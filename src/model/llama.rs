@@ -14,6 +14,7 @@ use super::kv_cache::KvCache;
 use super::linear::QLinear;
 use super::norm::rms_norm_row;
 use super::rope::Rope;
+use super::vmath::silu_mul;
 
 /// A linear layer with an optional bias, over rows held in plain vectors.
 struct Linear {
@@ -167,9 +168,7 @@ impl Llama {
             let gate_up = layer.gate_up.forward(&h, n_tokens)?;
             for (row, out) in gate_up.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
                 let (gate, up) = row.split_at(ffn);
-                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    *o = silu(g) * u;
-                }
+                silu_mul(gate, up, out);
             }
             add_into(&mut x, &layer.w_down.forward(&act, n_tokens)?);
         }
@@ -181,10 +180,6 @@ impl Llama {
         let logits = self.output.forward_rows(&last, batch.logit_rows.len())?;
         Tensor::from_vec(logits, (batch.logit_rows.len(), self.vocab_size), &Device::Cpu)
     }
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {

@@ -12,6 +12,7 @@ pub mod quant;
 pub mod quant_avx2;
 pub mod quant_vnni;
 pub mod rope;
+pub mod vmath;
 
 use std::path::{Path, PathBuf};
 

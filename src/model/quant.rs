@@ -116,14 +116,6 @@ pub trait WeightBlock: Sync + Sized {
     /// The CPU must support AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R];
-    /// An AVX-512 VNNI kernel, where this type has one.
-    ///
-    /// # Safety
-    /// The CPU must support what `quant_vnni::available` checks.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_vnni<const R: usize>(_w: &[Self], _a: [&[ActBlock]; R]) -> Option<[f32; R]> {
-        None
-    }
 }
 
 impl WeightBlock for BlockQ4_0 {
@@ -147,11 +139,6 @@ impl WeightBlock for BlockQ4_1 {
     #[inline(always)]
     unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
         unsafe { super::quant_avx2::dot_q4_1::<R>(w, a) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn dot_vnni<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> Option<[f32; R]> {
-        Some(unsafe { super::quant_vnni::dot_q4_1::<R>(w, a) })
     }
 }
 
