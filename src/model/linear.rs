@@ -189,18 +189,21 @@ impl QLinear {
     fn vnni_rows<B: PairFormat>(&self, xs: &[f32], m: usize, w: &PackedWeights<B>) -> Vec<f32> {
         use super::quant_vnni::{dot, PackedActs, PANEL};
         let acts = PackedActs::new::<B>(&quantize_rows(xs, m, self.k / QK), self.k / QK);
+        let full = acts.rows_in_panels();
+        let panels: Vec<_> = (0..full).step_by(PANEL).map(|first| acts.panel(first, PANEL)).collect();
+        let singles: Vec<_> = (full..m).map(|r| acts.panel(r, 1)).collect();
         self.by_column_ranges(m, |cols, out| {
             let width = cols.len();
             for (c, col) in cols.enumerate() {
-                // SAFETY: `vnni` is only built where the CPU has the kernel's features.
-                for first in (0..acts.rows_in_panels()).step_by(PANEL) {
-                    let values = unsafe { dot::<B, PANEL>(w, col, &acts, first) };
-                    for (i, v) in values.into_iter().enumerate() {
-                        out[(first + i) * width + c] = v;
+                // SAFETY: the weights were packed only where the CPU has the kernel's features.
+                for (i, panel) in panels.iter().enumerate() {
+                    let values = unsafe { dot::<B, PANEL>(w, col, panel) };
+                    for (j, v) in values.into_iter().enumerate() {
+                        out[(i * PANEL + j) * width + c] = v;
                     }
                 }
-                for r in acts.rows_in_panels()..m {
-                    out[r * width + c] = unsafe { dot::<B, 1>(w, col, &acts, r) }[0];
+                for (i, panel) in singles.iter().enumerate() {
+                    out[(full + i) * width + c] = unsafe { dot::<B, 1>(w, col, panel) }[0];
                 }
             }
         })

@@ -227,6 +227,15 @@ pub struct PackedActs {
     odd: Vec<ActBlock>,
 }
 
+/// Consecutive activation rows as the kernel reads them.
+pub struct Panel<'a> {
+    pairs: usize,
+    lane_sums: bool,
+    units: &'a [Unit],
+    /// The rows' odd last blocks, if blocks are odd.
+    odd: &'a [ActBlock],
+}
+
 /// Activation rows per panel: the rows the kernel runs against one weight row at once.
 pub const PANEL: usize = 4;
 
@@ -283,8 +292,8 @@ impl PackedActs {
         packed
     }
 
-    /// The units of the panel of `rows` rows that starts at row `first`.
-    fn panel(&self, first: usize, rows: usize) -> &[Unit] {
+    /// The panel of `rows` rows that starts at row `first`.
+    pub fn panel(&self, first: usize, rows: usize) -> Panel<'_> {
         let full = self.m / PANEL * PANEL;
         let in_panels = rows == PANEL && first.is_multiple_of(PANEL) && first < full;
         assert!(first + rows <= self.m && (in_panels || rows == 1 && first >= full), "no panel of {rows} rows at row {first}");
@@ -294,7 +303,12 @@ impl PackedActs {
         } else {
             full / PANEL * per_panel + (first - full) * self.pairs * units_per_pair(1, self.lane_sums)
         };
-        &self.units[start..start + self.pairs * units_per_pair(rows, self.lane_sums)]
+        Panel {
+            pairs: self.pairs,
+            lane_sums: self.lane_sums,
+            units: &self.units[start..start + self.pairs * units_per_pair(rows, self.lane_sums)],
+            odd: if self.odd.is_empty() { &[] } else { &self.odd[first..first + rows] },
+        }
     }
 
     /// Rows that run in panels of PANEL (the rest run one at a time).
@@ -303,17 +317,16 @@ impl PackedActs {
     }
 }
 
-/// Weight row `col` against the `R` activation rows from `first` (a panel of `a`: `R` is
-/// PANEL, or 1 for the rows after the last full panel).
+/// Weight row `col` against a panel of `R` activation rows (PANEL, or 1 for the rows after
+/// the last full panel).
 ///
 /// # Safety
 /// The CPU must support what `available` checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
-pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usize, a: &PackedActs, first: usize) -> [f32; R] {
+pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usize, panel: &Panel) -> [f32; R] {
     let pairs = w.pairs;
-    assert!(pairs == a.pairs && a.lane_sums == B::ZERO_POINT);
-    let panel = a.panel(first, R);
     let per_pair = units_per_pair(R, B::ZERO_POINT);
+    assert!(pairs == panel.pairs && panel.lane_sums == B::ZERO_POINT && panel.units.len() == pairs * per_pair);
     let (sums_at, scales_at) = (R * 64, R * 64 * if B::ZERO_POINT { 2 } else { 1 });
     let values = w.values.as_ptr() as *const u8;
     let value_bytes = PackedWeights::<B>::PAIR_BYTES;
@@ -338,7 +351,7 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
             // (d0, d1, s0, s1) in the low lanes, each offset term is counted once.
             let wd = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(_mm512_castps512_ps128(w4))));
             let wm = _mm512_maskz_mov_ps(0b1100, w4);
-            let unit = panel.as_ptr().add(p * per_pair) as *const u8;
+            let unit = panel.units.as_ptr().add(p * per_pair) as *const u8;
             for r in 0..R {
                 let quants = _mm512_load_si512(unit.add(r * 64) as *const __m512i);
                 let start = if B::ZERO_POINT {
@@ -363,7 +376,7 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
             out[r] += _mm512_reduce_add_ps(offsets[r]);
         }
         if !w.odd.is_empty() {
-            out[r] += B::dot(std::slice::from_ref(&w.odd[col]), std::slice::from_ref(&a.odd[first + r]));
+            out[r] += B::dot(std::slice::from_ref(&w.odd[col]), std::slice::from_ref(&panel.odd[r]));
         }
     }
     out
@@ -389,7 +402,8 @@ mod tests {
     fn check<B: PairFormat>(parse: fn(&[u8]) -> Vec<B>, dequantize: fn(&[B], &mut [f32]), block_bytes: usize, has_min: bool) {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(21);
         for blocks in [1usize, 2, 5, 18, 49] {
-            let (n, m) = (3usize, 6usize);
+            // One full panel and two rows after it.
+            let (n, m) = (3usize, PANEL + 2);
             let x: Vec<f32> = (0..m * blocks * QK).map(|_| r.random_range(-4.0..4.0)).collect();
             let mut acts = vec![ActBlock::default(); m * blocks];
             for (row, out) in x.chunks_exact(blocks * QK).zip(acts.chunks_exact_mut(blocks)) {
@@ -418,15 +432,15 @@ mod tests {
             }
             for col in 0..n {
                 let wrow = &w[col * blocks..(col + 1) * blocks];
-                // Rows 0..4 run as one panel, rows 4 and 5 one at a time; each row alone (its
-                // own one-row packing) must give the same bits.
-                let mut got = unsafe { dot::<B, PANEL>(&pw, col, &pa, 0) }.to_vec();
-                got.extend((PANEL..m).map(|row| unsafe { dot::<B, 1>(&pw, col, &pa, row) }[0]));
+                // The first PANEL rows run as one panel, the last two one at a time; each row
+                // alone (its own one-row packing) must give the same bits.
+                let mut got = unsafe { dot::<B, PANEL>(&pw, col, &pa.panel(0, PANEL)) }.to_vec();
+                got.extend((PANEL..m).map(|row| unsafe { dot::<B, 1>(&pw, col, &pa.panel(row, 1)) }[0]));
                 for (row, &value) in got.iter().enumerate() {
                     let alone_acts = &acts[row * blocks..(row + 1) * blocks];
                     let want = B::dot(wrow, alone_acts);
                     assert!((value - want).abs() <= 1e-4 * (1.0 + want.abs()), "{blocks} blocks: {value} vs {want}");
-                    let alone = unsafe { dot::<B, 1>(&pw, col, &PackedActs::new::<B>(alone_acts, blocks), 0) }[0];
+                    let alone = unsafe { dot::<B, 1>(&pw, col, &PackedActs::new::<B>(alone_acts, blocks).panel(0, 1)) }[0];
                     assert_eq!(value.to_bits(), alone.to_bits(), "grouping rows changes nothing");
                 }
             }
