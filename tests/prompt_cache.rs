@@ -228,3 +228,27 @@ fn turns_of_conversations_larger_than_memory_prefill_only_their_new_tokens() {
     assert!(prefills_without.iter().any(|&(t, p)| t > 0 && p > 150), "without the disk tier, memory alone cannot hold them");
     assert_eq!(with_disk, without);
 }
+
+/// A session's blocks are kept in memory ahead of anonymous requests' (no disk tier here).
+#[test]
+fn a_sessions_blocks_outlive_anonymous_requests_in_memory() {
+    use braid::engine::{Retention, RetentionPlan};
+    let conversation = text(0, 300);
+    let hits_after_traffic = |class: Retention| {
+        // 40 blocks: the conversation (20) and one anonymous request (20) fit, not a second.
+        let mut e = engine(config(40));
+        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) };
+        e.add_request_with_retention(conversation.clone(), params, RetentionPlan::uniform(300, class)).unwrap();
+        while e.has_work() {
+            e.step().unwrap();
+        }
+        run_each(&mut e, &[text(1000, 300), text(2000, 300)], 4);
+        let before = e.stats().prefix_hit_tokens;
+        run_each(&mut e, &[conversation.clone()], 4);
+        e.stats().prefix_hit_tokens - before
+    };
+    assert_eq!(hits_after_traffic(Retention::System), 288);
+    // Anonymous, it loses all but the head of its prefix (tails are evicted first).
+    let anonymous = hits_after_traffic(Retention::Anonymous);
+    assert!(anonymous < 100, "{anonymous} tokens survived without a session");
+}
