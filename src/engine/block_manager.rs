@@ -204,12 +204,12 @@ impl BlockManager {
         let (&key, &id) = self.free.iter().next()?;
         self.free.remove(&key);
         let block = &mut self.blocks[id as usize];
-        if let Some(h) = block.hash.take() {
-            if self.index.get(&h) == Some(&id) {
-                self.index.remove(&h);
-                if self.record_evictions && block.computed {
-                    self.evicted.push((id, h));
-                }
+        if let Some(h) = block.hash.take()
+            && self.index.get(&h) == Some(&id)
+        {
+            self.index.remove(&h);
+            if self.record_evictions && block.computed {
+                self.evicted.push((id, h));
             }
         }
         *block = Block { refs: 1, ..Block::default() };
@@ -247,12 +247,11 @@ impl BlockManager {
             if block.refs > 0 {
                 continue;
             }
-            if !block.computed {
-                if let Some(h) = block.hash.take() {
-                    if self.index.get(&h) == Some(&id) {
-                        self.index.remove(&h);
-                    }
-                }
+            if !block.computed
+                && let Some(h) = block.hash.take()
+                && self.index.get(&h) == Some(&id)
+            {
+                self.index.remove(&h);
             }
             self.push_free(id);
         }

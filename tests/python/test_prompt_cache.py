@@ -145,3 +145,42 @@ def test_sessions_are_accepted_and_bad_ids_refused(server, client):
     text = httpx.get(server.url + "/metrics", timeout=10).text
     assert 'braid_prefix_hit_tokens_total{tier="memory"}' in text and 'braid_prefix_hit_tokens_total{tier="disk"}' in text
     assert r.headers["x-braid-replica"] == server.url.removeprefix("http://")
+
+
+def test_cache_save_ls_rm_clear(tmp_path):
+    import subprocess
+
+    from conftest import BINARY, ROOT
+
+    folder = tmp_path / "cache"
+    system = "\n".join(rule(i) for i in range(30))
+    (tmp_path / "system.txt").write_text(system)
+
+    def cache(*args):
+        run = subprocess.run([str(BINARY), "cache", *args, "--prompt-cache-dir", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    saved = cache("save", "--prompt-file", str(tmp_path / "system.txt"), "--chat")
+    blocks = int(saved.split("tokens: ")[1].split()[0])
+    assert blocks > 40, saved
+    listed = [json.loads(line) for line in cache("ls", "--json").splitlines()]
+    assert len(listed) == 1 and listed[0]["blocks"] == blocks and listed[0]["block_size"] == 16
+    assert "SmolLM2" in listed[0]["model"]
+
+    # A server on the folder finds the saved system prompt: the first request is warm.
+    s = Server("--prompt-cache-dir", str(folder))
+    try:
+        _, _, usage = stream_chat(s.url, [{"role": "system", "content": system}, {"role": "user", "content": "Hello"}])
+        assert usage["prompt_tokens_details"]["cached_tokens"] == blocks * 16
+    finally:
+        s.stop()
+
+    removed = cache("rm", "--prompt-file", str(tmp_path / "system.txt"), "--chat")
+    assert f"removed {blocks} of the prompt's {blocks} blocks" in removed
+    cache("save", "--prompt", "A short one, of more than sixteen tokens, so that one block at least is full.")
+    assert "1 models" in cache("ls")
+    assert cache("clear").startswith("removed ")
+    assert "0 models" in cache("ls")
+    with pytest.raises(AssertionError):
+        cache("rm", "not-hex")

@@ -118,7 +118,7 @@ pub fn summarize(root: &Path) -> std::io::Result<Vec<Summary>> {
         summary.bytes += found.size;
         *newest = (*newest).max(found.modified);
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|(newest, _)| std::cmp::Reverse(*newest));
     let now = SystemTime::now();
     Ok(out
         .into_iter()

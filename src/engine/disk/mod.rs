@@ -161,10 +161,10 @@ impl State {
     fn evict_until(&mut self, limit: u64) {
         while self.used > limit {
             let Some((_, path)) = self.lru.pop_first() else { break };
-            if let Err(e) = fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("prompt cache: cannot remove {}: {e}", path.display());
-                }
+            if let Err(e) = fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("prompt cache: cannot remove {}: {e}", path.display());
             }
             self.forget(&path);
             self.stats.evicted_files += 1;
@@ -329,10 +329,10 @@ impl DiskCache {
     /// Waits until every queued write is on disk.
     pub fn flush(&self) {
         let (tx, rx) = mpsc::channel();
-        if let Some(jobs) = &self.jobs {
-            if jobs.send(Job::Flush(tx)).is_ok() {
-                let _ = rx.recv();
-            }
+        if let Some(jobs) = &self.jobs
+            && jobs.send(Job::Flush(tx)).is_ok()
+        {
+            let _ = rx.recv();
         }
     }
 
