@@ -264,7 +264,10 @@ impl DiskCache {
         let mut bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!("prompt cache: cannot read {}: {e}", path.display());
+                // Gone: removed by the writer to make room since the lookup (not worth a warning).
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("prompt cache: cannot read {}: {e}", path.display());
+                }
                 lock(&shared.state).forget(&path);
                 return None;
             }
