@@ -14,6 +14,8 @@ pub struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    cache: super::cache::PromptCacheArgs,
     /// The prompt text (special-token text such as <|im_start|> is parsed).
     #[arg(long, group = "input")]
     prompt: Option<String>,
@@ -106,6 +108,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let all_ids = prompts.iter().map(|p| prompt_ids(&loaded, p, args.chat)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config);
+    args.cache.attach(&mut engine, &loaded)?;
     for ids in &all_ids {
         engine.validate(ids, &params)?;
     }
@@ -156,13 +159,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     }
+    engine.flush_disk_cache();
     let stats = engine.stats();
     eprintln!(
-        "{} prompts, {generated} tokens generated in {secs:.2} s: {:.1} tok/s aggregate; {} prompt tokens prefilled, {} from the prefix cache",
+        "{} prompts, {generated} tokens generated in {secs:.2} s: {:.1} tok/s aggregate; {} prompt tokens prefilled, {} from the prefix cache ({} from disk)",
         all_ids.len(),
         generated as f64 / secs,
         stats.prefilled_tokens,
-        stats.prefix_hit_tokens
+        stats.prefix_hit_tokens,
+        stats.prefix_hit_tokens_disk
     );
     Ok(())
 }

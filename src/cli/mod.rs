@@ -1,5 +1,6 @@
 //! The `braid` command line.
 
+pub mod cache;
 mod generate;
 mod tokenize;
 
@@ -23,6 +24,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(crate::server::ServeArgs),
+    /// Inspect and fill the prompt cache folder: save, ls, rm, clear.
+    Cache(cache::CacheArgs),
     /// Measure an OpenAI-compatible server (braid or any other): TTFT, TPOT, ITL, throughput.
     Bench(crate::bench::BenchArgs),
 }
@@ -98,6 +101,7 @@ pub fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Serve(args) => crate::server::run(args),
         Command::Bench(args) => crate::bench::run(args),
+        Command::Cache(args) => cache::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

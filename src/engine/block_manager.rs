@@ -8,9 +8,15 @@
 //! A block is registered under its hash as soon as a sequence is given it to compute (not only
 //! once computed), marked pending; a new request that would reuse a pending block waits for it
 //! instead of computing the same prefix again.
+//!
+//! Free blocks are evicted by retention class first, then least recently freed: empty blocks,
+//! then anonymous requests' blocks, then a session's assistant turns, user turns and system
+//! prompt. The hash is xxh3 (stable across builds and Rust versions), because block names are
+//! also file names in the disk tier.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+
+pub use super::retention::Retention;
 
 pub type BlockId = u32;
 
@@ -20,9 +26,15 @@ struct Block {
     hash: Option<u64>,
     /// False while the sequence that owns it has not written all its tokens yet.
     computed: bool,
-    /// Position in the free LRU order while `refs == 0`.
-    free_tick: Option<u64>,
+    /// Key in the free order while `refs == 0`.
+    free_key: Option<FreeKey>,
+    retention: Retention,
+    /// Filled from the disk tier and not yet taken by any request.
+    from_disk: bool,
 }
+
+/// Order of eviction: (0 for an unnamed block, else its retention class; time freed).
+type FreeKey = (u8, u64);
 
 /// What the prefix index knows about a prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,17 +49,22 @@ pub struct BlockManager {
     block_size: usize,
     blocks: Vec<Block>,
     index: HashMap<u64, BlockId>,
-    /// Free blocks by the time they were freed: the first is evicted first.
-    free: BTreeMap<u64, BlockId>,
+    /// Free blocks in eviction order: the first is evicted first.
+    free: BTreeMap<FreeKey, BlockId>,
     tick: u64,
+    /// Whether `allocate` notes the cached blocks it evicts (for the disk tier to save).
+    record_evictions: bool,
+    evicted: Vec<(BlockId, u64)>,
 }
 
-/// Hash naming a full block of tokens that follows the block named `parent`.
+/// Seed of the first block's hash (a block with no parent).
+const ROOT_SEED: u64 = 0x6272_6169_645f_6b76;
+
+/// Hash naming a full block of tokens that follows the block named `parent`: xxh3 of the token
+/// ids (little-endian), seeded with the parent's hash.
 pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+    xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, parent.unwrap_or(ROOT_SEED))
 }
 
 /// Hashes of every full block of `tokens`.
@@ -65,7 +82,15 @@ pub fn prefix_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
 
 impl BlockManager {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        let mut manager = Self { block_size, blocks: vec![Block::default(); num_blocks], index: HashMap::new(), free: BTreeMap::new(), tick: 0 };
+        let mut manager = Self {
+            block_size,
+            blocks: vec![Block::default(); num_blocks],
+            index: HashMap::new(),
+            free: BTreeMap::new(),
+            tick: 0,
+            record_evictions: false,
+            evicted: Vec::new(),
+        };
         for id in 0..num_blocks as BlockId {
             manager.push_free(id);
         }
@@ -96,16 +121,58 @@ impl BlockManager {
 
     fn push_free(&mut self, id: BlockId) {
         self.tick += 1;
-        self.free.insert(self.tick, id);
-        self.blocks[id as usize].free_tick = Some(self.tick);
+        let block = &mut self.blocks[id as usize];
+        let key = (if block.hash.is_some() { block.retention as u8 } else { 0 }, self.tick);
+        self.free.insert(key, id);
+        block.free_key = Some(key);
     }
 
     fn take_ref(&mut self, id: BlockId) {
         let block = &mut self.blocks[id as usize];
-        if let Some(tick) = block.free_tick.take() {
-            self.free.remove(&tick);
+        if let Some(key) = block.free_key.take() {
+            self.free.remove(&key);
         }
         block.refs += 1;
+    }
+
+    /// From now on, `allocate` notes each computed, named block it evicts; `take_evicted`
+    /// hands them over while their contents are still intact (before the next forward pass).
+    pub fn record_evictions(&mut self) {
+        self.record_evictions = true;
+    }
+
+    pub fn take_evicted(&mut self) -> Vec<(BlockId, u64)> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// The computed block of this name, if it is in memory.
+    pub fn cached_block(&self, hash: u64) -> Option<BlockId> {
+        self.index.get(&hash).copied().filter(|&id| self.blocks[id as usize].computed)
+    }
+
+    /// Takes a reference on a block without counting it as a hit (`release` gives it back).
+    pub fn hold(&mut self, id: BlockId) {
+        self.take_ref(id);
+    }
+
+    /// Whether any block, computed or pending, holds this name.
+    pub fn is_named(&self, hash: u64) -> bool {
+        self.index.contains_key(&hash)
+    }
+
+    /// Raises a held block's retention class (never lowers it: a block shared by a system
+    /// prompt and an anonymous request keeps the system prompt's class).
+    pub fn raise_retention(&mut self, id: BlockId, class: Retention) {
+        let block = &mut self.blocks[id as usize];
+        debug_assert!(block.refs > 0, "retention is set by a holder");
+        block.retention = block.retention.max(class);
+    }
+
+    /// Names a held block just filled from the disk tier, computed; once released it is cached
+    /// like any other until a request takes it.
+    pub fn add_loaded(&mut self, id: BlockId, hash: u64) {
+        self.register(id, hash, true);
+        self.blocks[id as usize].from_disk = true;
     }
 
     /// Leading cached blocks of a prompt, looking at no more than `max_tokens` tokens.
@@ -121,24 +188,31 @@ impl BlockManager {
         PrefixLookup::Hit(hit)
     }
 
-    /// Takes a reference on cached blocks found by `lookup`.
-    pub fn share(&mut self, ids: &[BlockId]) {
+    /// Takes a reference on cached blocks found by `lookup`; returns how many of them came
+    /// from the disk tier (each counts once, for the first request that takes it).
+    pub fn share(&mut self, ids: &[BlockId]) -> usize {
+        let mut from_disk = 0;
         for &id in ids {
             self.take_ref(id);
+            from_disk += usize::from(std::mem::take(&mut self.blocks[id as usize].from_disk));
         }
+        from_disk
     }
 
     /// A fresh block, evicting the least recently freed cached block if need be.
     pub fn allocate(&mut self) -> Option<BlockId> {
-        let (&tick, &id) = self.free.iter().next()?;
-        self.free.remove(&tick);
+        let (&key, &id) = self.free.iter().next()?;
+        self.free.remove(&key);
         let block = &mut self.blocks[id as usize];
-        if let Some(h) = block.hash.take() {
-            if self.index.get(&h) == Some(&id) {
-                self.index.remove(&h);
+        if let Some(h) = block.hash.take()
+            && self.index.get(&h) == Some(&id)
+        {
+            self.index.remove(&h);
+            if self.record_evictions && block.computed {
+                self.evicted.push((id, h));
             }
         }
-        *block = Block { refs: 1, hash: None, computed: false, free_tick: None };
+        *block = Block { refs: 1, ..Block::default() };
         Some(id)
     }
 
@@ -173,12 +247,11 @@ impl BlockManager {
             if block.refs > 0 {
                 continue;
             }
-            if !block.computed {
-                if let Some(h) = block.hash.take() {
-                    if self.index.get(&h) == Some(&id) {
-                        self.index.remove(&h);
-                    }
-                }
+            if !block.computed
+                && let Some(h) = block.hash.take()
+                && self.index.get(&h) == Some(&id)
+            {
+                self.index.remove(&h);
             }
             self.push_free(id);
         }
@@ -246,9 +319,55 @@ mod tests {
 
     #[test]
     fn hashes_chain_through_parents() {
+        // Fixed values: block names are file names on disk, so they must never change.
+        assert_eq!(block_hash(None, &[1, 2]), xxhash_rust::xxh3::xxh3_64_with_seed(&[1, 0, 0, 0, 2, 0, 0, 0], ROOT_SEED));
         let x = prefix_hashes(&[1, 2, 3, 4], 2);
         let y = prefix_hashes(&[9, 9, 3, 4], 2);
         assert_ne!(x[1], y[1], "same block, different prefix");
         assert_eq!(prefix_hashes(&[1, 2, 3], 2).len(), 1, "partial blocks have no name");
+    }
+
+    #[test]
+    fn lower_retention_classes_are_evicted_first() {
+        let mut m = BlockManager::new(4, 2);
+        let hashes = prefix_hashes(&[1, 2, 3, 4, 5, 6], 2);
+        let ids: Vec<BlockId> = (0..3).map(|_| m.allocate().unwrap()).collect();
+        let classes = [Retention::System, Retention::User, Retention::Assistant];
+        for ((&id, &h), class) in ids.iter().zip(&hashes).zip(classes) {
+            m.register(id, h, true);
+            m.raise_retention(id, class);
+        }
+        m.release(&ids);
+        let anonymous = m.allocate().unwrap();
+        assert_eq!(anonymous, 3, "the empty block goes before any cached one");
+        m.register(anonymous, 99, true);
+        m.release(&[anonymous]);
+        // The anonymous block goes first although it was freed last, then by class: the
+        // system prompt's block outlives the turns that follow it.
+        assert_eq!(m.allocate(), Some(anonymous));
+        assert_eq!(m.allocate(), Some(ids[2]));
+        assert_eq!(m.allocate(), Some(ids[1]));
+        assert_eq!(m.lookup(&hashes, 6), PrefixLookup::Hit(vec![ids[0]]));
+    }
+
+    #[test]
+    fn evictions_are_recorded_and_disk_blocks_counted_once() {
+        let mut m = BlockManager::new(2, 2);
+        m.record_evictions();
+        let hashes = prefix_hashes(&[1, 2, 3, 4], 2);
+        let a = m.allocate().unwrap();
+        m.register(a, hashes[0], true);
+        m.release(&[a]);
+        let b = m.allocate().unwrap();
+        m.add_loaded(b, hashes[1]);
+        m.release(&[b]);
+        assert!(m.take_evicted().is_empty(), "the empty block was used first");
+        let PrefixLookup::Hit(hit) = m.lookup(&hashes, 4) else { panic!("no hit") };
+        assert_eq!(m.share(&hit), 1, "one of the two came from disk");
+        m.release(&hit);
+        assert_eq!(m.share(&hit), 0, "a second taker hits memory");
+        m.release(&hit);
+        m.allocate().unwrap();
+        assert_eq!(m.take_evicted(), vec![(b, hashes[1])]);
     }
 }

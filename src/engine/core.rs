@@ -9,10 +9,12 @@ use crate::model::batch::{Window, RELEASED_BLOCK};
 use crate::model::{FlatBatch, KvCache, Llama};
 
 use super::block_manager::{block_hash, BlockManager};
+use super::disk::{DiskCache, DiskStats, Identity};
+use super::retention::RetentionPlan;
 use super::sampler::{SampledToken, SamplingParams};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig};
 use super::sequence::{RequestId, Sequence};
-use super::FinishReason;
+use super::{tiering, FinishReason};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -48,6 +50,8 @@ pub enum EngineError {
     TooLong { prompt: usize, max_tokens: usize, limit: usize },
     #[error("{0}")]
     BadParams(String),
+    #[error("the prompt cache folder holds blocks of another layout ({0:?}) than this engine's")]
+    DiskLayout(Box<Identity>),
 }
 
 /// What a step produced for one request.
@@ -70,12 +74,16 @@ pub struct EngineStats {
     pub kv_blocks_cached: usize,
     pub kv_blocks_free: usize,
     pub block_size: usize,
-    /// Prompt tokens served from the prefix cache, since start.
+    /// Prompt tokens served from the prefix cache (memory and disk), since start.
     pub prefix_hit_tokens: u64,
+    /// Of those, the tokens whose blocks were loaded from the disk tier.
+    pub prefix_hit_tokens_disk: u64,
     /// Tokens computed by prefill (prompts, and recomputation after preemption), since start.
     pub prefilled_tokens: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    /// The disk tier, when there is one.
+    pub disk: Option<DiskStats>,
 }
 
 pub struct Engine {
@@ -90,6 +98,8 @@ pub struct Engine {
     prefilled_tokens: u64,
     generated_tokens: u64,
     window: Option<Window>,
+    max_kv_size: Option<usize>,
+    disk: Option<DiskCache>,
 }
 
 /// Bytes of memory the OS says are available (Linux), if known.
@@ -131,6 +141,41 @@ impl Engine {
             prefilled_tokens: 0,
             generated_tokens: 0,
             window: config.max_kv_size.map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
+            max_kv_size: config.max_kv_size,
+            disk: None,
+        }
+    }
+
+    /// What identifies this engine's KV blocks on disk, given the model file's fingerprint.
+    pub fn disk_identity(&self, fingerprint: u128) -> Identity {
+        let c = &self.model.config;
+        Identity {
+            fingerprint,
+            block_size: self.blocks.block_size() as u32,
+            n_layer: c.n_layer as u32,
+            n_kv_head: c.n_kv_head as u32,
+            head_dim: c.head_dim as u32,
+            window: self.max_kv_size.unwrap_or(0) as u32,
+        }
+    }
+
+    /// Adds the disk tier: prefixes found there are loaded instead of computed, and blocks
+    /// leaving memory (or finishing requests) are written there. Its identity must be this
+    /// engine's layout (the fingerprint is the caller's word).
+    pub fn attach_disk_cache(&mut self, disk: DiskCache) -> Result<(), EngineError> {
+        let identity = *disk.identity();
+        if identity != self.disk_identity(identity.fingerprint) {
+            return Err(EngineError::DiskLayout(Box::new(identity)));
+        }
+        self.blocks.record_evictions();
+        self.disk = Some(disk);
+        Ok(())
+    }
+
+    /// Waits until every block queued for the disk tier is written.
+    pub fn flush_disk_cache(&self) {
+        if let Some(disk) = &self.disk {
+            disk.flush();
         }
     }
 
@@ -165,11 +210,18 @@ impl Engine {
 
     /// Queues a request; it joins the running batch at a coming step.
     pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestId, EngineError> {
+        self.add_request_with_retention(prompt, params, RetentionPlan::default())
+    }
+
+    /// Queues a request whose cached blocks are kept by the given retention classes (a
+    /// session's conversation outlives anonymous requests in memory).
+    pub fn add_request_with_retention(&mut self, prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan) -> Result<RequestId, EngineError> {
         self.validate(&prompt, &params)?;
         let id = self.next_id;
         self.next_id += 1;
         let mut seq = Sequence::new(id, prompt, params, self.blocks.block_size());
         seq.window = self.window;
+        seq.retention = retention;
         self.scheduler.waiting.push_back(seq);
         Ok(id)
     }
@@ -182,6 +234,7 @@ impl Engine {
             self.blocks.release(&seq.block_table);
         } else if let Some(pos) = self.scheduler.running.iter().position(|s| s.id == id) {
             let seq = self.scheduler.running.remove(pos);
+            apply_retention(&mut self.blocks, &seq);
             self.blocks.release(&seq.block_table);
         } else {
             return false;
@@ -214,16 +267,25 @@ impl Engine {
             kv_blocks_free: self.blocks.num_free(),
             block_size: self.blocks.block_size(),
             prefix_hit_tokens: self.scheduler.prefix_hit_tokens,
+            prefix_hit_tokens_disk: self.scheduler.prefix_hit_tokens_disk,
             prefilled_tokens: self.prefilled_tokens,
             generated_tokens: self.generated_tokens,
             preemptions: self.scheduler.preemptions,
+            disk: self.disk.as_ref().map(DiskCache::stats),
         }
     }
 
     /// One forward pass over every scheduled request; returns new tokens and finishes.
     pub fn step(&mut self) -> candle_core::Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.pending_events);
+        if let Some(disk) = &self.disk {
+            let slots = self.scheduler.config.max_num_seqs.saturating_sub(self.scheduler.running.len());
+            tiering::fill_from_disk(disk, &mut self.blocks, &mut self.kv, &self.scheduler.waiting, slots);
+        }
         let scheduled = self.scheduler.schedule(&mut self.blocks);
+        if let Some(disk) = &self.disk {
+            tiering::spill_evicted(disk, &mut self.blocks, &self.kv);
+        }
         self.last_step = scheduled.clone();
         if scheduled.is_empty() {
             return Ok(events);
@@ -275,9 +337,24 @@ impl Engine {
         for id in finished {
             let pos = self.scheduler.running.iter().position(|s| s.id == id).expect("finished sequence is running");
             let seq = self.scheduler.running.remove(pos);
+            if let Some(disk) = &self.disk {
+                tiering::save_sequence(disk, &self.kv, &seq, block_size);
+            }
+            apply_retention(&mut self.blocks, &seq);
             self.blocks.release(&seq.block_table);
         }
         Ok(events)
+    }
+}
+
+/// Gives a leaving sequence's blocks the retention classes of their tokens.
+fn apply_retention(blocks: &mut BlockManager, seq: &Sequence) {
+    let block_size = blocks.block_size();
+    for (index, &id) in seq.block_table.iter().enumerate() {
+        if id != RELEASED_BLOCK {
+            let class = seq.retention.class_of(index * block_size, (index + 1) * block_size, seq.prompt_len);
+            blocks.raise_retention(id, class);
+        }
     }
 }
 

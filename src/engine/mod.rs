@@ -2,12 +2,17 @@
 
 pub mod block_manager;
 pub mod core;
+pub mod disk;
+pub mod retention;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod solo;
+pub mod tiering;
 
 pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, Event};
+pub use disk::{DiskCache, DiskStats};
+pub use retention::{Retention, RetentionPlan};
 pub use sampler::{SampledToken, Sampler, SamplingParams};
 pub use sequence::RequestId;
 pub use solo::{generate_solo, FinishReason};

@@ -31,12 +31,14 @@ pub struct Scheduler {
     /// Not yet admitted (or preempted), in arrival order.
     pub waiting: VecDeque<Sequence>,
     pub prefix_hit_tokens: u64,
+    /// Of `prefix_hit_tokens`, those in blocks loaded from the disk tier.
+    pub prefix_hit_tokens_disk: u64,
     pub preemptions: u64,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
-        Self { config, running: Vec::new(), waiting: VecDeque::new(), prefix_hit_tokens: 0, preemptions: 0 }
+        Self { config, running: Vec::new(), waiting: VecDeque::new(), prefix_hit_tokens: 0, prefix_hit_tokens_disk: 0, preemptions: 0 }
     }
 
     /// Gives a sequence the blocks it needs to hold `tokens` tokens.
@@ -116,7 +118,7 @@ impl Scheduler {
                 }
                 PrefixLookup::Hit(hit) => hit,
             };
-            blocks.share(&hit);
+            let from_disk = blocks.share(&hit);
             seq.block_table = hit;
             seq.num_computed = seq.block_table.len() * blocks.block_size();
             let n = seq.remaining().min(*budget);
@@ -131,6 +133,7 @@ impl Scheduler {
             }
             seq.cached_tokens = seq.num_computed.min(seq.prompt_len);
             self.prefix_hit_tokens += seq.cached_tokens as u64;
+            self.prefix_hit_tokens_disk += (from_disk * blocks.block_size()).min(seq.cached_tokens) as u64;
             out.push(Scheduled { id: seq.id, num_tokens: n });
             *budget -= n;
             self.running.push(seq);

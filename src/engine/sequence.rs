@@ -1,6 +1,7 @@
 //! One request's state inside the engine.
 
 use super::block_manager::BlockId;
+use super::retention::RetentionPlan;
 use super::sampler::{Sampler, SamplingParams};
 use super::FinishReason;
 
@@ -22,6 +23,8 @@ pub struct Sequence {
     pub finish: Option<FinishReason>,
     /// Attention window (`--max-kv-size`): blocks it has moved past are released.
     pub window: Option<crate::model::batch::Window>,
+    /// How long its blocks are worth keeping once it lets go of them.
+    pub retention: RetentionPlan,
 }
 
 impl Sequence {
@@ -39,6 +42,7 @@ impl Sequence {
             cached_tokens: 0,
             finish: None,
             window: None,
+            retention: RetentionPlan::default(),
         }
     }
 

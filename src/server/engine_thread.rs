@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::metrics as m;
-use crate::engine::{Engine, EngineStats, FinishReason, RequestId, SampledToken, SamplingParams};
+use crate::engine::{Engine, EngineStats, FinishReason, RequestId, RetentionPlan, SampledToken, SamplingParams};
 
 /// What a request hears from the engine.
 #[derive(Debug, Clone)]
@@ -20,7 +20,9 @@ pub enum SeqEvent {
 }
 
 enum Command {
-    Submit { prompt: Vec<u32>, params: SamplingParams, events: UnboundedSender<SeqEvent> },
+    Submit { prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan, events: UnboundedSender<SeqEvent> },
+    /// Stop stepping and drop the engine (which finishes its disk-cache writes).
+    Shutdown,
 }
 
 /// The server's side of the engine thread.
@@ -28,6 +30,7 @@ enum Command {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     stats: Arc<Mutex<EngineStats>>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl EngineHandle {
@@ -35,18 +38,27 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(engine.stats()));
         let shared = stats.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("braid-engine".into())
             .spawn(move || run(&mut engine, rx, &shared))
             .expect("the engine thread starts");
-        Self { commands: tx, stats }
+        Self { commands: tx, stats, thread: Arc::new(Mutex::new(Some(thread))) }
+    }
+
+    /// Stops the engine thread once it has nothing left to do and waits for it, so queued
+    /// disk-cache writes reach the disk before the process exits.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.lock().expect("thread lock").take() {
+            let _ = thread.join();
+        }
     }
 
     /// Queues one sequence; its events arrive on the returned receiver. Dropping the receiver
     /// aborts the sequence.
-    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> UnboundedReceiver<SeqEvent> {
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan) -> UnboundedReceiver<SeqEvent> {
         let (events, rx) = unbounded_channel();
-        if let Err(mpsc::SendError(Command::Submit { events, .. })) = self.commands.send(Command::Submit { prompt, params, events }) {
+        if let Err(mpsc::SendError(Command::Submit { events, .. })) = self.commands.send(Command::Submit { prompt, params, retention, events }) {
             let _ = events.send(SeqEvent::Rejected("the engine has stopped".into()));
         }
         rx
@@ -63,16 +75,24 @@ struct Live {
 
 fn run(engine: &mut Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<EngineStats>) {
     let mut live: HashMap<RequestId, Live> = HashMap::new();
+    // Set by a shutdown command: stop once nothing is left to do.
+    let mut stop = false;
     loop {
         // Block while idle; otherwise take whatever has arrived and go on stepping.
         if !engine.has_work() {
+            if stop {
+                return;
+            }
             match commands.recv() {
-                Ok(c) => accept(engine, &mut live, c),
+                Ok(c) => stop |= accept(engine, &mut live, c),
                 Err(_) => return, // the server is gone
             }
         }
         while let Ok(c) = commands.try_recv() {
-            accept(engine, &mut live, c);
+            stop |= accept(engine, &mut live, c);
+        }
+        if stop && !engine.has_work() {
+            return;
         }
         live.retain(|&id, l| {
             if l.events.is_closed() {
@@ -117,9 +137,10 @@ fn run(engine: &mut Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<Eng
     }
 }
 
-fn accept(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, command: Command) {
+/// Takes one command; returns whether it asks the thread to stop.
+fn accept(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, command: Command) -> bool {
     match command {
-        Command::Submit { prompt, params, events } => match engine.add_request(prompt, params) {
+        Command::Submit { prompt, params, retention, events } => match engine.add_request_with_retention(prompt, params, retention) {
             Ok(id) => {
                 live.insert(id, Live { events });
             }
@@ -127,5 +148,7 @@ fn accept(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, command: Com
                 let _ = events.send(SeqEvent::Rejected(e.to_string()));
             }
         },
+        Command::Shutdown => return true,
     }
+    false
 }

@@ -38,7 +38,19 @@ pub fn record_engine(s: &EngineStats) {
     gauge!("braid_kv_blocks_used").set(s.kv_blocks_used as f64);
     gauge!("braid_kv_blocks_cached").set(s.kv_blocks_cached as f64);
     gauge!("braid_kv_blocks_total").set(s.kv_blocks_total as f64);
-    counter!("braid_prefix_hit_tokens_total").absolute(s.prefix_hit_tokens);
+    // One name, split by where the blocks came from: sum over `tier` for the old total.
+    counter!("braid_prefix_hit_tokens_total", "tier" => "memory").absolute(s.prefix_hit_tokens - s.prefix_hit_tokens_disk);
+    counter!("braid_prefix_hit_tokens_total", "tier" => "disk").absolute(s.prefix_hit_tokens_disk);
+    if let Some(d) = &s.disk {
+        gauge!("braid_prompt_cache_disk_bytes").set(d.bytes as f64);
+        gauge!("braid_prompt_cache_disk_budget_bytes").set(d.budget as f64);
+        gauge!("braid_prompt_cache_disk_files").set(d.files as f64);
+        counter!("braid_prompt_cache_disk_written_blocks_total").absolute(d.written_blocks);
+        counter!("braid_prompt_cache_disk_loaded_blocks_total").absolute(d.loaded_blocks);
+        counter!("braid_prompt_cache_disk_rejected_files_total").absolute(d.rejected_files);
+        counter!("braid_prompt_cache_disk_evicted_files_total").absolute(d.evicted_files);
+        counter!("braid_prompt_cache_disk_dropped_writes_total").absolute(d.dropped_writes);
+    }
     counter!("braid_prefilled_tokens_total").absolute(s.prefilled_tokens);
     counter!("braid_generated_tokens_total").absolute(s.generated_tokens);
     counter!("braid_preemptions_total").absolute(s.preemptions);

@@ -8,12 +8,14 @@ mod error;
 mod metrics;
 mod openai;
 mod routes;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
+use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +26,7 @@ pub use admission::Admission;
 pub use engine_thread::EngineHandle;
 pub use error::ApiError;
 
+use crate::cli::cache::PromptCacheArgs;
 use crate::cli::{EngineArgs, ModelArgs};
 use crate::engine::Engine;
 use crate::tokenizer::{ChatTemplate, TextTokenizer};
@@ -36,6 +39,12 @@ pub struct ServeArgs {
     model: ModelArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    cache: PromptCacheArgs,
+    /// Name of this replica, sent back as the `X-Braid-Replica` response header and in /health
+    /// (to see which replica behind a load balancer answered). Default: the listening address.
+    #[arg(long)]
+    replica_id: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -73,9 +82,15 @@ pub struct AppState {
     pub created: u64,
     pub log_prompts: bool,
     api_key: Option<String>,
+    /// Set once the listening address is known.
+    replica: std::sync::OnceLock<HeaderValue>,
 }
 
 impl AppState {
+    pub fn replica(&self) -> &str {
+        self.replica.get().and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
     pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model == self.model_name {
             Ok(())
@@ -83,6 +98,16 @@ impl AppState {
             Err(ApiError::model_not_found(model))
         }
     }
+}
+
+pub const REPLICA_HEADER: &str = "x-braid-replica";
+
+async fn add_replica_header(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(v) = state.replica.get() {
+        response.headers_mut().insert(REPLICA_HEADER, v.clone());
+    }
+    response
 }
 
 async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
@@ -113,6 +138,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .fallback(routes::fallback)
+        .layer(middleware::from_fn_with_state(state.clone(), add_replica_header))
         .with_state(state)
 }
 
@@ -130,13 +156,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--queue-timeout must be a positive number of seconds");
     }
     let config = args.engine.config()?;
+    let replica = args.replica_id.as_deref().map(HeaderValue::from_str).transpose().map_err(|_| anyhow::anyhow!("--replica-id must be visible ASCII text"))?;
     eprintln!("braid: loading {} ...", crate::model::model_path(args.model.model.clone()).display());
     let loaded = args.model.load()?;
     let model_name = args
         .served_model_name
         .clone()
         .unwrap_or_else(|| loaded.path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
-    let engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone());
+    let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone());
+    args.cache.attach(&mut engine, &loaded)?;
     let max_context = engine.max_context();
     let kv = engine.stats();
     let kv_bytes = kv.kv_blocks_total * crate::model::KvCache::bytes_per_block(&loaded.model.config, kv.block_size);
@@ -152,16 +180,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         log_prompts: args.log_prompts,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        replica: std::sync::OnceLock::new(),
     });
+    let engine_handle = state.engine.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let addr: SocketAddr = format!("{}:{}", args.host, args.port).parse()?;
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
+        let _ = state.replica.set(replica.unwrap_or_else(|| HeaderValue::from_str(&bound.to_string()).expect("an address is a header value")));
         eprintln!(
-            "braid: serving '{model_name}' on http://{bound}/v1 | KV cache {} tokens ({:.0} MiB) | context {max_context} | max {} running, {} queued, queue timeout {} s{}",
+            "braid: serving '{model_name}' on http://{bound}/v1 | KV cache {} tokens ({:.0} MiB){} | context {max_context} | max {} running, {} queued, queue timeout {} s{}",
             kv.kv_blocks_total * kv.block_size,
             kv_bytes as f64 / (1 << 20) as f64,
+            kv.disk.as_ref().map_or(String::new(), |d| format!(
+                " | prompt cache {} ({} files, {:.0} of {:.0} MiB)",
+                args.cache.prompt_cache_dir.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                d.files,
+                d.bytes as f64 / (1 << 20) as f64,
+                d.budget as f64 / (1 << 20) as f64
+            )),
             config.max_num_seqs,
             args.queue_size,
             args.queue_timeout,
@@ -181,7 +219,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             });
         };
         axum::serve(listener, router(state)).with_graceful_shutdown(signal).await?;
-        eprintln!("braid: stopped");
         anyhow::Ok(())
-    })
+    })?;
+    // Lets the engine finish its prompt-cache writes.
+    engine_handle.shutdown();
+    eprintln!("braid: stopped");
+    Ok(())
 }

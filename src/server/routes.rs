@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -22,8 +22,9 @@ use super::engine_thread::SeqEvent;
 use super::error::ApiError;
 use super::metrics as m;
 use super::openai::{self, GenerationOptions, PromptField};
+use super::session;
 use super::AppState;
-use crate::engine::SampledToken;
+use crate::engine::{Retention, RetentionPlan, SampledToken};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
@@ -39,10 +40,11 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let request = openai::parse_chat(&body)?;
     state.check_model(&request.model)?;
     let options = request.options()?;
+    let session = session::session_id(&headers, options.user.as_deref())?;
     let messages = request.template_messages()?;
     let template = state.template.as_ref().ok_or_else(|| ApiError::bad_request("This model has no chat template; use /v1/completions"))?;
     let prompt = template.render(&messages, true).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
@@ -50,13 +52,18 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         tracing::info!("chat prompt: {prompt:?}");
     }
     let ids = state.tokenizer.encode_prompt(&prompt).map_err(ApiError::internal)?;
-    generate(state, vec![ids], options, Endpoint::Chat).await
+    let plan = match &session {
+        Some(_) => session::chat_plan(template, &state.tokenizer, &messages, ids.len()),
+        None => RetentionPlan::default(),
+    };
+    generate(state, vec![ids], vec![plan], options, Endpoint::Chat).await
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let request = openai::parse_completion(&body)?;
     state.check_model(&request.model)?;
     let options = request.options()?;
+    let session = session::session_id(&headers, options.user.as_deref())?;
     let encode = |text: &str| state.tokenizer.encode_prompt(text).map_err(ApiError::internal);
     let prompts = match &request.prompt {
         PromptField::Text(t) => vec![encode(t)?],
@@ -70,11 +77,14 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     if state.log_prompts {
         tracing::info!("completion prompts: {:?}", request.prompt);
     }
-    generate(state, prompts, options, Endpoint::Completion).await
+    // A raw prompt has no roles: within a session, all of it is kept like a user turn.
+    let class = if session.is_some() { Retention::User } else { Retention::Anonymous };
+    let plans = prompts.iter().map(|p| RetentionPlan::uniform(p.len(), class)).collect();
+    generate(state, prompts, plans, options, Endpoint::Completion).await
 }
 
 /// Checks the prompts against the vocabulary and the context, then queues them.
-async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, options: GenerationOptions, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<RetentionPlan>, options: GenerationOptions, endpoint: Endpoint) -> Result<Response, ApiError> {
     let start = Instant::now();
     let param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
     let vocab = state.vocab_size;
@@ -101,17 +111,15 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, options: Generat
         }
         per_prompt_max.push(max_tokens);
     }
-    if let Some(user) = &options.user {
-        tracing::debug!("request for user {user:?}");
-    }
+
     let permit = state.admission.acquire(prompts.len() * options.n).await?;
     let mut receivers = Vec::new();
-    for (ids, &max_tokens) in prompts.iter().zip(&per_prompt_max) {
+    for ((ids, &max_tokens), plan) in prompts.iter().zip(&per_prompt_max).zip(&plans) {
         for i in 0..options.n {
             let mut params = options.params.clone();
             params.max_tokens = max_tokens;
             params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            receivers.push(Some(state.engine.submit(ids.clone(), params)));
+            receivers.push(Some(state.engine.submit(ids.clone(), params, plan.clone())));
         }
     }
     let run = Run {
@@ -385,7 +393,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
     let s = state.engine.stats();
-    Json(json!({"status": "ok", "running": s.running, "waiting": s.waiting + state.admission.queued()}))
+    Json(json!({"status": "ok", "running": s.running, "waiting": s.waiting + state.admission.queued(), "replica": state.replica()}))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

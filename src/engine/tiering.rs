@@ -1,0 +1,123 @@
+//! Moving KV blocks between memory and the disk tier.
+//!
+//! - Before a waiting request is admitted, the blocks of its prefix that are on disk (and not in
+//!   memory) are loaded into free blocks and named, so the scheduler finds them like any cached
+//!   block.
+//! - A named block about to be reused for something else is copied out and written to disk
+//!   first (`spill_evicted`, between scheduling and the forward pass that overwrites it).
+//! - When a request finishes, its full blocks are written too (write-through, in the
+//!   background), so a restart, or a crash, finds recent prompts and conversations on disk.
+
+use std::collections::VecDeque;
+
+use half::f16;
+
+use super::block_manager::{BlockId, BlockManager};
+use super::disk::{DiskCache, SaveMode};
+use super::sequence::Sequence;
+use crate::model::batch::RELEASED_BLOCK;
+use crate::model::KvCache;
+
+/// A block's K and V bytes: layer by layer, K then V, f16 little-endian.
+pub fn block_bytes(kv: &KvCache, id: BlockId) -> Vec<u8> {
+    let n = kv.block_size * kv.token_width;
+    let start = id as usize * n;
+    let mut out = Vec::with_capacity(kv.layers.len() * 4 * n);
+    for layer in &kv.layers {
+        for half in [&layer.k, &layer.v] {
+            out.extend(half[start..start + n].iter().flat_map(|x| x.to_bits().to_le_bytes()));
+        }
+    }
+    out
+}
+
+/// Fills a block from bytes laid out as `block_bytes` makes them.
+pub fn fill_block(kv: &mut KvCache, id: BlockId, bytes: &[u8]) {
+    let n = kv.block_size * kv.token_width;
+    assert_eq!(bytes.len(), kv.layers.len() * 4 * n, "block payload of the wrong size");
+    let start = id as usize * n;
+    let mut chunks = bytes.chunks_exact(2 * n);
+    for layer in &mut kv.layers {
+        for half in [&mut layer.k, &mut layer.v] {
+            let src = chunks.next().expect("sized above");
+            for (dst, b) in half[start..start + n].iter_mut().zip(src.chunks_exact(2)) {
+                *dst = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+    }
+}
+
+/// Writes the named blocks that allocation just evicted, while their contents are intact.
+pub fn spill_evicted(disk: &DiskCache, blocks: &mut BlockManager, kv: &KvCache) {
+    for (id, hash) in blocks.take_evicted() {
+        if disk.wants(hash) {
+            disk.save(hash, block_bytes(kv, id), SaveMode::Wait);
+        }
+    }
+}
+
+/// Writes a finishing sequence's full, computed blocks that are not on disk yet.
+pub fn save_sequence(disk: &DiskCache, kv: &KvCache, seq: &Sequence, block_size: usize) {
+    let full = (seq.num_computed / block_size).min(seq.block_hashes.len()).min(seq.block_table.len());
+    for (&id, &hash) in seq.block_table[..full].iter().zip(&seq.block_hashes) {
+        if id != RELEASED_BLOCK && disk.wants(hash) {
+            disk.save(hash, block_bytes(kv, id), disk.write_through());
+        }
+    }
+}
+
+/// Loads from disk the prefix blocks of the requests the scheduler may admit next (the first
+/// `slots` waiting ones), as far as each prefix continues on disk or in memory. A request is
+/// served only while free blocks remain for all of it, so loading never evicts what the step
+/// is about to use. Returns the blocks loaded.
+pub fn fill_from_disk(disk: &DiskCache, blocks: &mut BlockManager, kv: &mut KvCache, waiting: &VecDeque<Sequence>, slots: usize) -> usize {
+    let block_size = blocks.block_size();
+    // Blocks held until the end, so one request's loads never evict another's (or its own
+    // cached head); released together, they are the most recently freed and found by lookup.
+    let mut held: Vec<BlockId> = Vec::new();
+    let mut reserved = 0;
+    let mut loaded = 0;
+    for seq in waiting.iter().take(slots) {
+        // As the scheduler does: the last token is always computed, for its logits.
+        let usable = ((seq.tokens.len() - 1) / block_size).min(seq.block_hashes.len());
+        let mut resident = Vec::new();
+        let mut wanted = Vec::new();
+        for &hash in &seq.block_hashes[..usable] {
+            if let Some(id) = blocks.cached_block(hash) {
+                resident.push(id);
+            } else if blocks.is_named(hash) || !disk.contains(hash) {
+                break; // being computed by another request, or nowhere
+            } else {
+                wanted.push(hash);
+            }
+        }
+        if wanted.is_empty() {
+            continue;
+        }
+        let needed = seq.tokens.len().div_ceil(block_size) - resident.len();
+        if blocks.num_free() < reserved + needed {
+            break;
+        }
+        reserved += needed - wanted.len();
+        for &id in &resident {
+            blocks.hold(id);
+            held.push(id);
+        }
+        for hash in wanted {
+            let Some(id) = blocks.allocate() else { break };
+            spill_evicted(disk, blocks, kv);
+            held.push(id);
+            match disk.load(hash) {
+                Some(bytes) => {
+                    fill_block(kv, id, &bytes);
+                    blocks.add_loaded(id, hash);
+                    loaded += 1;
+                }
+                // A bad file (removed by now): the prefix continues in memory only.
+                None => break,
+            }
+        }
+    }
+    blocks.release(&held);
+    loaded
+}
