@@ -248,6 +248,19 @@ fn quantize_rows(xs: &[f32], m: usize, blocks: usize) -> Vec<ActBlock> {
     acts
 }
 
+/// Which kernels this CPU runs for the native types: "avx512-vnni", "avx2" or "plain".
+pub fn kernel_family() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if super::quant_vnni::available() {
+        return "avx512-vnni";
+    }
+    match Kernel::detect() {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => "avx2",
+        Kernel::Plain => "plain",
+    }
+}
+
 /// The kernel family this CPU runs for a weight type, chosen at run time.
 #[derive(Clone, Copy)]
 enum Kernel {

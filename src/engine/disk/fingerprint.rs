@@ -13,12 +13,16 @@ use xxhash_rust::xxh3::Xxh3;
 const SAMPLE_BYTES: u64 = 4096;
 
 /// xxh3-128 of a GGUF file's metadata (every key and value), its tensor names, types, shapes
-/// and offsets, and the first bytes of every tensor.
+/// and offsets, and the first bytes of every tensor; and of what computes the K/V from it:
+/// braid's version and the kernel family this CPU runs. (Kernels differ in the last bits of
+/// their sums, so blocks another build or another CPU computed would make a cached prompt's
+/// output differ from the same prompt computed here.)
 pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
     let bad = |e: candle_core::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
     let mut reader = BufReader::new(File::open(path)?);
     let content = Content::read(&mut reader).map_err(bad)?;
     let mut h = Xxh3::new();
+    h.update(format!("braid {} kernels {};", env!("CARGO_PKG_VERSION"), crate::model::linear::kernel_family()).as_bytes());
     let mut keys: Vec<&String> = content.metadata.keys().collect();
     keys.sort();
     for key in keys {
