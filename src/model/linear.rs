@@ -193,17 +193,16 @@ impl QLinear {
         let panels: Vec<_> = (0..full).step_by(PANEL).map(|first| acts.panel(first, PANEL)).collect();
         let singles: Vec<_> = (full..m).map(|r| acts.panel(r, 1)).collect();
         self.by_column_ranges(m, |cols, out| {
-            let width = cols.len();
-            for (c, col) in cols.enumerate() {
+            for col in cols {
                 // SAFETY: the weights were packed only where the CPU has the kernel's features.
                 for (i, panel) in panels.iter().enumerate() {
                     let values = unsafe { dot::<B, PANEL>(w, col, panel) };
                     for (j, v) in values.into_iter().enumerate() {
-                        out[(i * PANEL + j) * width + c] = v;
+                        out.set(i * PANEL + j, col, v);
                     }
                 }
                 for (i, panel) in singles.iter().enumerate() {
-                    out[(full + i) * width + c] = unsafe { dot::<B, 1>(w, col, panel) }[0];
+                    out.set(full + i, col, unsafe { dot::<B, 1>(w, col, panel) }[0]);
                 }
             }
         })
@@ -211,31 +210,36 @@ impl QLinear {
 
     /// `[m, n]` outputs computed in parallel tasks that each own a range of output columns for
     /// every row (a weight row is read once per call, however many rows the batch has).
-    /// `task(cols, out)` fills `out` as `[m, cols.len()]`.
-    fn by_column_ranges(&self, m: usize, task: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    /// `task(cols, out)` fills its columns of every row through `out`.
+    fn by_column_ranges(&self, m: usize, task: impl Fn(std::ops::Range<usize>, &ColumnsOut) + Sync) -> Vec<f32> {
         let n = self.n;
-        if m == 0 {
-            return Vec::new();
-        }
-        let tasks: Vec<Vec<f32>> = (0..n.div_ceil(COLUMNS_PER_TASK))
-            .into_par_iter()
-            .map(|t| {
-                let cols = t * COLUMNS_PER_TASK..((t + 1) * COLUMNS_PER_TASK).min(n);
-                let mut out = vec![0f32; cols.len() * m];
-                task(cols, &mut out);
-                out
-            })
-            .collect();
-        // Copy each task's rows into place, one run per row.
         let mut y = vec![0f32; m * n];
-        for (t, values) in tasks.iter().enumerate() {
-            let first = t * COLUMNS_PER_TASK;
-            let width = values.len() / m;
-            for (row, run) in values.chunks_exact(width).enumerate() {
-                y[row * n + first..][..width].copy_from_slice(run);
-            }
-        }
+        let out = ColumnsOut { ptr: y.as_mut_ptr(), m, n };
+        (0..n.div_ceil(COLUMNS_PER_TASK)).into_par_iter().for_each(|t| {
+            let cols = t * COLUMNS_PER_TASK..((t + 1) * COLUMNS_PER_TASK).min(n);
+            task(cols, &out);
+        });
         y
+    }
+}
+
+/// The `[m, n]` output of a product, written by tasks that each own some columns.
+struct ColumnsOut {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint columns (`by_column_ranges` hands each column to one task), and
+// the output outlives them.
+unsafe impl Sync for ColumnsOut {}
+
+impl ColumnsOut {
+    #[inline(always)]
+    fn set(&self, row: usize, col: usize, value: f32) {
+        assert!(row < self.m && col < self.n);
+        // SAFETY: in bounds; only the task owning `col` writes it.
+        unsafe { *self.ptr.add(row * self.n + col) = value };
     }
 }
 
@@ -292,24 +296,23 @@ fn dot_rows<B: WeightBlock, const R: usize>(kernel: Kernel, w: &[B], a: [&[ActBl
     }
 }
 
-/// Dot products of weight rows `cols` with every activation row, into `out` as
-/// `[m, cols.len()]`, four activation rows per weight-row load.
-fn columns<B: WeightBlock>(kernel: Kernel, w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &mut [f32]) {
+/// Dot products of weight rows `cols` with every activation row, four activation rows per
+/// weight-row load.
+fn columns<B: WeightBlock>(kernel: Kernel, w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &ColumnsOut) {
     let rows: Vec<&[ActBlock]> = acts.chunks_exact(blocks).collect();
     let m = rows.len();
-    let width = cols.len();
-    for (c, col) in cols.enumerate() {
+    for col in cols {
         let wrow = &w[col * blocks..(col + 1) * blocks];
         let mut r = 0;
         while r + 4 <= m {
             let values = dot_rows::<B, 4>(kernel, wrow, [rows[r], rows[r + 1], rows[r + 2], rows[r + 3]]);
             for (i, v) in values.into_iter().enumerate() {
-                out[(r + i) * width + c] = v;
+                out.set(r + i, col, v);
             }
             r += 4;
         }
         while r < m {
-            out[r * width + c] = dot_rows::<B, 1>(kernel, wrow, [rows[r]])[0];
+            out.set(r, col, dot_rows::<B, 1>(kernel, wrow, [rows[r]])[0]);
             r += 1;
         }
     }

@@ -25,6 +25,7 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
 }
 
@@ -322,7 +323,7 @@ impl PackedActs {
 ///
 /// # Safety
 /// The CPU must support what `available` checks.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usize, panel: &Panel) -> [f32; R] {
     let pairs = w.pairs;
     let per_pair = units_per_pair(R, B::ZERO_POINT);
@@ -332,7 +333,8 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
     let value_bytes = PackedWeights::<B>::PAIR_BYTES;
     let ws = &w.scales[col * pairs..(col + 1) * pairs];
     let mut acc = [_mm512_setzero_ps(); R];
-    let mut offsets = [_mm512_setzero_ps(); R];
+    // 128 bits are enough for the offsets (two useful lanes), and cost one operation less.
+    let mut offsets = [_mm_setzero_ps(); R];
     for (p, pair_scales) in ws.iter().enumerate() {
         // SAFETY: pair `col * pairs + p` is within the packed values, and the panel holds
         // `per_pair` units for each of `pairs` pairs.
@@ -346,11 +348,11 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
                 let (lo, hi) = (_mm256_and_si256(raw, mask), _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask));
                 _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
             };
-            let w4 = _mm512_zextps128_ps512(_mm_loadu_ps(pair_scales.as_ptr()));
-            // (d0, d1, d0, d1, ...) and (0, 0, m0, m1, 0, ...): with the activations'
-            // (d0, d1, s0, s1) in the low lanes, each offset term is counted once.
-            let wd = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(_mm512_castps512_ps128(w4))));
-            let wm = _mm512_maskz_mov_ps(0b1100, w4);
+            let w4 = _mm_loadu_ps(pair_scales.as_ptr());
+            // (d0, d1, d0, d1, ...) and (0, 0, m0, m1): with the activations' (d0, d1, s0, s1),
+            // each offset term is counted once.
+            let wd = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(w4)));
+            let wm = _mm_maskz_mov_ps(0b1100, w4);
             let unit = panel.units.as_ptr().add(p * per_pair) as *const u8;
             for r in 0..R {
                 let quants = _mm512_load_si512(unit.add(r * 64) as *const __m512i);
@@ -364,7 +366,7 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
                 let scale = _mm512_mul_ps(wd, _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(act4))));
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[r]);
                 if B::OFFSET {
-                    offsets[r] = _mm512_fmadd_ps(wm, _mm512_zextps128_ps512(act4), offsets[r]);
+                    offsets[r] = _mm_fmadd_ps(wm, act4, offsets[r]);
                 }
             }
         }
@@ -373,7 +375,8 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
     for r in 0..R {
         out[r] = _mm512_reduce_add_ps(acc[r]);
         if B::OFFSET {
-            out[r] += _mm512_reduce_add_ps(offsets[r]);
+            let o = offsets[r];
+            out[r] += _mm_cvtss_f32(_mm_add_ss(_mm_movehl_ps(o, o), _mm_movehdup_ps(_mm_movehl_ps(o, o))));
         }
         if !w.odd.is_empty() {
             out[r] += B::dot(std::slice::from_ref(&w.odd[col]), std::slice::from_ref(&panel.odd[r]));
