@@ -213,9 +213,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// `ln(sum(exp(x)))`, with the exponentials vectorised (one per vocabulary entry per token)
+/// and summed in f64 lanes.
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let mut shifted: Vec<f32> = logits.iter().map(|&x| x - max).collect();
+    crate::model::vmath::exp_in_place(&mut shifted);
+    let mut lanes = [0f64; 8];
+    let mut chunks = shifted.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x as f64;
+        }
+    }
+    let sum = chunks.remainder().iter().fold(lanes.iter().sum::<f64>(), |s, &x| s + x as f64);
     max + sum.ln() as f32
 }
 

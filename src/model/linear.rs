@@ -187,25 +187,13 @@ impl QLinear {
 
     #[cfg(target_arch = "x86_64")]
     fn vnni_rows<B: PairFormat>(&self, xs: &[f32], m: usize, w: &PackedWeights<B>) -> Vec<f32> {
-        use super::quant_vnni::{dot, PackedActs, PANEL};
+        use super::quant_vnni::{columns, PackedActs, PANEL};
         let acts = PackedActs::new::<B>(&quantize_rows(xs, m, self.k / QK), self.k / QK);
         let full = acts.rows_in_panels();
         let panels: Vec<_> = (0..full).step_by(PANEL).map(|first| acts.panel(first, PANEL)).collect();
         let singles: Vec<_> = (full..m).map(|r| acts.panel(r, 1)).collect();
-        self.by_column_ranges(m, |cols, out| {
-            for col in cols {
-                // SAFETY: the weights were packed only where the CPU has the kernel's features.
-                for (i, panel) in panels.iter().enumerate() {
-                    let values = unsafe { dot::<B, PANEL>(w, col, panel) };
-                    for (j, v) in values.into_iter().enumerate() {
-                        out.set(i * PANEL + j, col, v);
-                    }
-                }
-                for (i, panel) in singles.iter().enumerate() {
-                    out.set(full + i, col, unsafe { dot::<B, 1>(w, col, panel) }[0]);
-                }
-            }
-        })
+        // SAFETY: the weights were packed only where the CPU has the kernel's features.
+        self.by_column_ranges(m, |cols, out| unsafe { columns(w, cols, &panels, &singles, |row, col, v| out.set(row, col, v)) })
     }
 
     /// `[m, n]` outputs computed in parallel tasks that each own a range of output columns for

@@ -77,22 +77,15 @@ pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
 /// `quantize_row_q8_0` / `quantize_row_q8_1` do.
 pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected.
-        return unsafe { quantize_row_avx2(x, out) };
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features were just detected.
+        return unsafe { super::quant_avx2::quantize_row(x, out) };
     }
     quantize_row_plain(x, out)
 }
 
-/// The same code compiled with AVX2 (rounding becomes one instruction instead of a libm call).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(x: &[f32], out: &mut [ActBlock]) {
-    quantize_row_plain(x, out)
-}
-
-#[inline(always)]
-fn quantize_row_plain(x: &[f32], out: &mut [ActBlock]) {
+/// The definition (and the path for CPUs without AVX2).
+pub(super) fn quantize_row_plain(x: &[f32], out: &mut [ActBlock]) {
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
         let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;

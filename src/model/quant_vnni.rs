@@ -323,6 +323,7 @@ impl PackedActs {
 ///
 /// # Safety
 /// The CPU must support what `available` checks.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usize, panel: &Panel) -> [f32; R] {
     let pairs = w.pairs;
@@ -383,6 +384,28 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
         }
     }
     out
+}
+
+/// Weight rows `cols` against every panel (`panels` of PANEL rows, then `singles` of one row
+/// from row `panels.len() * PANEL`), each result passed to `set(row, col, value)`. Compiled
+/// with the kernel's features so that `dot` is inlined into the loop.
+///
+/// # Safety
+/// The CPU must support what `available` checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+pub unsafe fn columns<B: PairFormat>(w: &PackedWeights<B>, cols: std::ops::Range<usize>, panels: &[Panel], singles: &[Panel], mut set: impl FnMut(usize, usize, f32)) {
+    let full = panels.len() * PANEL;
+    for col in cols {
+        for (i, panel) in panels.iter().enumerate() {
+            let values = unsafe { dot::<B, PANEL>(w, col, panel) };
+            for (j, v) in values.into_iter().enumerate() {
+                set(i * PANEL + j, col, v);
+            }
+        }
+        for (i, panel) in singles.iter().enumerate() {
+            set(full + i, col, unsafe { dot::<B, 1>(w, col, panel) }[0]);
+        }
+    }
 }
 
 #[cfg(test)]
