@@ -46,7 +46,7 @@ fn run(engine: &mut Engine, prompts: &[Vec<u32>], params: &[SamplingParams], arr
 
 fn solo(prompt: &[u32], params: &SamplingParams) -> Vec<u32> {
     let mut e = engine(small_config());
-    run(&mut e, &[prompt.to_vec()], &[params.clone()], &[0]).remove(0)
+    run(&mut e, &[prompt.to_vec()], std::slice::from_ref(params), &[0]).remove(0)
 }
 
 fn golden_prompts() -> Vec<Vec<u32>> {
@@ -119,9 +119,9 @@ fn a_shared_prefix_is_computed_once() {
     };
     // A second request after the first finished reuses the cached prefix.
     let mut e = engine(small_config());
-    run(&mut e, &[with_suffix(100)], &[params.clone()], &[0]);
+    run(&mut e, &[with_suffix(100)], std::slice::from_ref(&params), &[0]);
     let before = e.stats().prefilled_tokens;
-    run(&mut e, &[with_suffix(200)], &[params.clone()], &[0]);
+    run(&mut e, &[with_suffix(200)], std::slice::from_ref(&params), &[0]);
     let second = e.stats().prefilled_tokens - before;
     assert!(second * 10 < prefix.len() as u64, "second request prefilled {second} tokens");
     assert!(e.stats().prefix_hit_tokens >= 992);
@@ -151,12 +151,11 @@ fn aborts_and_completions_return_the_pool_to_baseline() {
     let mut finished = std::collections::HashSet::new();
     while e.has_work() {
         // Abort every third request at different moments: waiting, mid-prefill, decoding.
-        if step % 3 == 0 {
-            if let Some(id) = live.iter().copied().find(|id| !finished.contains(id) && id % 3 == (step / 3) as u64 % 3) {
-                if e.abort(id) {
-                    aborted += 1;
-                }
-            }
+        if step % 3 == 0
+            && let Some(id) = live.iter().copied().find(|id| !finished.contains(id) && id % 3 == (step / 3) as u64 % 3)
+            && e.abort(id)
+        {
+            aborted += 1;
         }
         for ev in e.step().unwrap() {
             if let Some(f) = ev.finish {
@@ -256,7 +255,7 @@ fn a_rotating_window_bounds_memory_and_stays_batch_invariant() {
     assert_eq!(e.stats().kv_blocks_used, 0);
     for (p, got) in prompts.iter().zip(&out) {
         let mut alone = engine(config.clone());
-        assert_eq!(got, &run(&mut alone, &[p.clone()], &[params.clone()], &[0])[0]);
+        assert_eq!(got, &run(&mut alone, std::slice::from_ref(p), std::slice::from_ref(&params), &[0])[0]);
     }
     // The window changes what the model sees once it is full.
     assert_ne!(out[0], solo(&prompts[0], &params));

@@ -83,7 +83,7 @@ fn blocks_evicted_from_memory_come_back_from_disk_unchanged() {
     let a = text(0, 300);
     let first = run_each(&mut e, &[a.clone(), text(1000, 300), text(2000, 300)], 8);
     let before = e.stats();
-    let again = run_each(&mut e, &[a.clone()], 8).remove(0);
+    let again = run_each(&mut e, std::slice::from_ref(&a), 8).remove(0);
     let after = e.stats();
     assert_eq!(before.prefix_hit_tokens, 0, "three distinct prompts");
     assert_eq!(after.prefix_hit_tokens_disk - before.prefix_hit_tokens_disk, 288, "18 full blocks of the 300 came from disk");
@@ -97,12 +97,12 @@ fn a_new_engine_on_the_same_folder_starts_warm() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = text(0, 1000);
     let mut first = engine_on(dir.path(), 1 << 30, config(256));
-    run_each(&mut first, &[prefix.clone()], 4);
+    run_each(&mut first, std::slice::from_ref(&prefix), 4);
     drop(first); // finishes its writes
     let mut prompt = prefix.clone();
     prompt.extend(text(5000, 20));
     let mut second = engine_on(dir.path(), 1 << 30, config(256));
-    let warm = run_each(&mut second, &[prompt.clone()], 16).remove(0);
+    let warm = run_each(&mut second, std::slice::from_ref(&prompt), 16).remove(0);
     let s = second.stats();
     assert!(s.prefilled_tokens * 10 < prompt.len() as u64, "prefilled {} of {}", s.prefilled_tokens, prompt.len());
     assert_eq!(s.prefix_hit_tokens_disk, 992);
@@ -114,7 +114,7 @@ fn corrupt_truncated_and_unfinished_files_are_never_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let prompt = text(3000, 400);
     let mut first = engine_on(dir.path(), 1 << 30, config(256));
-    run_each(&mut first, &[prompt.clone()], 4);
+    run_each(&mut first, std::slice::from_ref(&prompt), 4);
     let folder = dir.path().join(first.disk_identity(fingerprint()).folder_name());
     drop(first);
     let hashes = braid::engine::block_manager::prefix_hashes(&prompt, 16);
@@ -131,7 +131,7 @@ fn corrupt_truncated_and_unfinished_files_are_never_loaded() {
 
     let mut second = engine_on(dir.path(), 1 << 30, config(256));
     assert!(!temp.exists() && !file(10).exists(), "removed at start");
-    let out = run_each(&mut second, &[prompt.clone()], 8).remove(0);
+    let out = run_each(&mut second, std::slice::from_ref(&prompt), 8).remove(0);
     let s = second.stats();
     assert_eq!(s.prefix_hit_tokens_disk, 160, "the prefix stops at the truncated block");
     assert_eq!(s.disk.as_ref().unwrap().rejected_files, 1);
@@ -139,7 +139,7 @@ fn corrupt_truncated_and_unfinished_files_are_never_loaded() {
     // The corrupt block is reached once the truncated one is computed again (and rewritten).
     drop(second);
     let mut third = engine_on(dir.path(), 1 << 30, config(256));
-    assert_eq!(run_each(&mut third, &[prompt.clone()], 8).remove(0), out);
+    assert_eq!(run_each(&mut third, std::slice::from_ref(&prompt), 8).remove(0), out);
     let s = third.stats();
     assert_eq!(s.prefix_hit_tokens_disk, 320, "up to the corrupt block");
     assert_eq!(s.disk.as_ref().unwrap().rejected_files, 1, "the corrupt file, found when loading it");
@@ -150,7 +150,7 @@ fn corrupt_truncated_and_unfinished_files_are_never_loaded() {
 fn another_model_block_size_or_window_never_uses_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let prompt = text(500, 200);
-    run_each(&mut engine_on(dir.path(), 1 << 30, config(256)), &[prompt.clone()], 2);
+    run_each(&mut engine_on(dir.path(), 1 << 30, config(256)), std::slice::from_ref(&prompt), 2);
     let others = [
         (EngineConfig { block_size: 32, ..config(256) }, fingerprint()),
         (EngineConfig { max_kv_size: Some(1024), ..config(256) }, fingerprint()),
@@ -160,7 +160,7 @@ fn another_model_block_size_or_window_never_uses_the_files() {
         let mut e = engine(c);
         let disk = DiskCache::open(dir.path(), 1 << 30, e.disk_identity(f), "other").unwrap();
         e.attach_disk_cache(disk).unwrap();
-        run_each(&mut e, &[prompt.clone()], 2);
+        run_each(&mut e, std::slice::from_ref(&prompt), 2);
         assert_eq!(e.stats().prefix_hit_tokens, 0);
     }
     // And an identity that is not the engine's own layout is refused outright.
@@ -205,7 +205,7 @@ fn conversations(e: &mut Engine) -> (Vec<Vec<u32>>, Vec<(usize, u64)>) {
                 h.extend(text(1500 * c + 200 + 80 * turn, 40));
             }
             let before = e.stats().prefilled_tokens;
-            let out = run_each(e, &[h.clone()], 12).remove(0);
+            let out = run_each(e, std::slice::from_ref(h), 12).remove(0);
             prefills.push((turn, e.stats().prefilled_tokens - before));
             h.extend(&out);
             outputs.push(out);
@@ -244,7 +244,7 @@ fn a_sessions_blocks_outlive_anonymous_requests_in_memory() {
         }
         run_each(&mut e, &[text(1000, 300), text(2000, 300)], 4);
         let before = e.stats().prefix_hit_tokens;
-        run_each(&mut e, &[conversation.clone()], 4);
+        run_each(&mut e, std::slice::from_ref(&conversation), 4);
         e.stats().prefix_hit_tokens - before
     };
     assert_eq!(hits_after_traffic(Retention::System), 288);

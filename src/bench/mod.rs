@@ -263,7 +263,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let slo = args.slo.as_deref().map(Slo::parse).transpose().map_err(anyhow::Error::msg)?;
-    if args.rate.is_some_and(|r| !(r > 0.0)) || !(args.burstiness > 0.0) {
+    // Written so that NaN is refused too.
+    let positive = |x: f64| x > 0.0;
+    if args.rate.is_some_and(|r| !positive(r)) || !positive(args.burstiness) {
         anyhow::bail!("--rate and --burstiness must be positive");
     }
     let points = sweep_points(&args)?;

@@ -38,6 +38,9 @@ fn cdf(mut values: Vec<f64>) -> Vec<(f64, f64)> {
     values.into_iter().enumerate().map(|(i, v)| (v, (i + 1) as f64 / n)).collect()
 }
 
+/// One chart: title, axis label, one line of points per report.
+type Panel<'a> = (&'a str, &'a str, Vec<Vec<(f64, f64)>>);
+
 pub fn draw(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     register_font()?;
     let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
@@ -49,7 +52,7 @@ pub fn draw(reports: &[Report], path: &Path) -> anyhow::Result<()> {
     let series = |f: &dyn Fn(&super::RunReport) -> f64| -> Vec<Vec<(f64, f64)>> {
         reports.iter().map(|r| r.runs.iter().map(|x| (x.concurrency as f64, f(x))).collect()).collect()
     };
-    let panels: [(&str, &str, Vec<Vec<(f64, f64)>>); 2] = [
+    let panels: [Panel; 2] = [
         ("Output throughput", "output tokens/s", series(&|x| x.metrics.output_throughput)),
         ("Time to first token (p90)", "TTFT p90 (ms)", series(&|x| x.metrics.ttft_ms.p90)),
     ];
@@ -72,7 +75,7 @@ pub fn draw(reports: &[Report], path: &Path) -> anyhow::Result<()> {
 
     // Distributions at each report's most loaded run.
     let loaded: Vec<&super::RunReport> = reports.iter().filter_map(|r| r.runs.iter().max_by_key(|x| x.concurrency)).collect();
-    let dists: [(&str, &str, Vec<Vec<(f64, f64)>>); 2] = [
+    let dists: [Panel; 2] = [
         ("TTFT distribution (most loaded run)", "TTFT (ms)", loaded.iter().map(|x| cdf(x.requests.iter().filter(|r| r.ok()).filter_map(|r| r.ttft.map(|t| t * 1000.0)).collect())).collect()),
         ("TPOT distribution (most loaded run)", "TPOT (ms)", loaded.iter().map(|x| cdf(x.requests.iter().filter(|r| r.ok()).filter_map(|r| r.tpot().map(|t| t * 1000.0)).collect())).collect()),
     ];

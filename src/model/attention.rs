@@ -605,9 +605,9 @@ mod tests {
         }
         // Blocks wholly between the kept tokens and the window of the first new token.
         let first = window.first_visible(past);
-        for b in 1..table.len() {
+        for (b, entry) in table.iter_mut().enumerate().skip(1) {
             if (b + 1) * bs <= first {
-                table[b] = RELEASED_BLOCK;
+                *entry = RELEASED_BLOCK;
             }
         }
         assert!(table.contains(&RELEASED_BLOCK));

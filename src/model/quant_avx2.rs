@@ -55,6 +55,8 @@ unsafe fn load(a: &ActBlock) -> __m256i {
 // loaded and unpacked once for all R rows. Every row's arithmetic is the same sequence of
 // operations whatever R is, so results do not depend on how rows are grouped (batch invariance).
 
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (as for every function here).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_0<const R: usize>(w: &[BlockQ4_0], a: [&[ActBlock]; R]) -> [f32; R] {
     let mut acc = [_mm256_setzero_ps(); R];
@@ -71,6 +73,8 @@ pub unsafe fn dot_q4_0<const R: usize>(w: &[BlockQ4_0], a: [&[ActBlock]; R]) -> 
     acc.map(|v| unsafe { hsum(v) })
 }
 
+/// # Safety
+/// As `dot_q4_0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[ActBlock]; R]) -> [f32; R] {
     let mut acc = [_mm256_setzero_ps(); R];
@@ -93,6 +97,8 @@ pub unsafe fn dot_q4_1<const R: usize>(w: &[BlockQ4_1], a: [&[ActBlock]; R]) -> 
     out
 }
 
+/// # Safety
+/// As `dot_q4_0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_q8_0<const R: usize>(w: &[BlockQ8_0], a: [&[ActBlock]; R]) -> [f32; R] {
     let mut acc = [_mm256_setzero_ps(); R];
@@ -111,6 +117,9 @@ pub unsafe fn dot_q8_0<const R: usize>(w: &[BlockQ8_0], a: [&[ActBlock]; R]) -> 
 
 /// `quant::quantize_row` with AVX2: the same arithmetic (the products, the rounding to nearest
 /// even and the maximum do not depend on the order), 32 values in four registers.
+///
+/// # Safety
+/// As `dot_q4_0`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(32)) {

@@ -64,14 +64,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer, ModelError> {
     let model = file.get_str("tokenizer.ggml.model")?;
     let tokens = strings(file, "tokenizer.ggml.tokens")?;
     let types = numbers(file, "tokenizer.ggml.token_type")?;
-    if let Some(t) = &types {
-        if t.len() != tokens.len() {
-            return Err(ModelError::Invalid(format!(
-                "tokenizer.ggml.token_type has {} entries for {} tokens",
-                t.len(),
-                tokens.len()
-            )));
-        }
+    if let Some(t) = &types
+        && t.len() != tokens.len()
+    {
+        return Err(ModelError::Invalid(format!("tokenizer.ggml.token_type has {} entries for {} tokens", t.len(), tokens.len())));
     }
     let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let mut tokenizer = match model {

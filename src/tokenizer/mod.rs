@@ -32,10 +32,10 @@ impl TextTokenizer {
         let bos_id = file.opt_usize("tokenizer.ggml.bos_token_id")?.map(|i| i as u32);
         let mut eos_ids = Vec::new();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-            if let Some(id) = file.opt_usize(key)? {
-                if !eos_ids.contains(&(id as u32)) {
-                    eos_ids.push(id as u32);
-                }
+            if let Some(id) = file.opt_usize(key)?
+                && !eos_ids.contains(&(id as u32))
+            {
+                eos_ids.push(id as u32);
             }
         }
         // Llama-style vocabularies add BOS unless told otherwise; GPT-2-style ones do not.
@@ -52,10 +52,10 @@ impl TextTokenizer {
     /// Token ids of a prompt: `encode`, with BOS in front where the model wants it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
         let mut ids = self.encode(text)?;
-        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }
