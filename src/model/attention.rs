@@ -84,7 +84,7 @@ pub fn paged_attention(
     let group = n_head / n_kv_head;
     let tasks: Vec<(Tile, usize)> = plan.tiles.iter().flat_map(|&tile| (0..n_kv_head).map(move |g| (tile, g))).collect();
     #[cfg(target_arch = "x86_64")]
-    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+    let avx2 = super::quant_avx2::available();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
         .map_init(
@@ -163,7 +163,7 @@ unsafe fn attend_tile_avx2(
 /// were alone: its scores in key order, its softmax, its weighted sum in key order.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_tile<const F16C: bool>(
+fn attend_tile<const AVX2: bool>(
     plan: &AttentionPlan,
     seq: &SeqSlice,
     layer: &LayerKv,
@@ -216,11 +216,11 @@ fn attend_tile<const F16C: bool>(
         for l in 0..nk {
             if slots[j0 + l] != usize::MAX {
                 // (A key no row here sees stays zero: its block may be gone.)
-                widen::<F16C>(&layer.k[slots[j0 + l] * width + g * head_dim..][..head_dim], &mut key_rows[l * head_dim..(l + 1) * head_dim]);
+                widen::<AVX2>(&layer.k[slots[j0 + l] * width + g * head_dim..][..head_dim], &mut key_rows[l * head_dim..(l + 1) * head_dim]);
             }
         }
         for (half, out) in keys.chunks_exact_mut(head_dim * KEYS).enumerate() {
-            transpose_keys(&key_rows[half * KEYS * head_dim..], head_dim, out);
+            transpose_keys::<AVX2>(&key_rows[half * KEYS * head_dim..], head_dim, out);
         }
         // Rows before `first_row` belong to tokens that come before every key of this pass.
         let first_row = j0.saturating_sub(tile.pos) * group;
@@ -261,7 +261,7 @@ fn attend_tile<const F16C: bool>(
     values.resize(n_ctx * head_dim, 0.0);
     for (i, &slot) in slots.iter().enumerate() {
         if slot != usize::MAX {
-            widen::<F16C>(&layer.v[slot * width + g * head_dim..][..head_dim], &mut values[i * head_dim..(i + 1) * head_dim]);
+            widen::<AVX2>(&layer.v[slot * width + g * head_dim..][..head_dim], &mut values[i * head_dim..(i + 1) * head_dim]);
         }
     }
     // Weighted sums, two rows at a time. A row's weights past its own last key are zero (never
@@ -279,17 +279,17 @@ fn attend_tile<const F16C: bool>(
     }
 }
 
-/// Cached f16 values to f32. With `F16C` (only inside `attend_tile_avx2`, which enables it)
-/// eight at a time by one instruction, inline; otherwise one at a time.
+/// Cached f16 values to f32. With `AVX2` (set only inside `attend_tile_avx2`, which is compiled
+/// for AVX2, FMA and F16C) eight at a time by one instruction, inline; otherwise one at a time.
 #[inline(always)]
-fn widen<const F16C: bool>(src: &[half::f16], dst: &mut [f32]) {
+fn widen<const AVX2: bool>(src: &[half::f16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if F16C {
+    if AVX2 {
         use std::arch::x86_64::*;
         while done + 8 <= src.len() {
-            // SAFETY: in bounds; `F16C` is only set by callers compiled with F16C and AVX.
+            // SAFETY: in bounds; `AVX2` is only set by callers compiled with F16C and AVX.
             unsafe {
                 let halves = _mm_loadu_si128(src.as_ptr().add(done) as *const __m128i);
                 _mm256_storeu_ps(dst.as_mut_ptr().add(done), _mm256_cvtph_ps(halves));
@@ -341,14 +341,15 @@ fn score_rows_narrow(queries: &[f32], keys: &[f32]) -> [[[f32; KEYS]; 2]; NARROW
     acc
 }
 
-/// `KEYS` rows of `head_dim` (`[KEYS][head_dim]`) to `[head_dim][KEYS]`.
+/// `KEYS` rows of `head_dim` (`[KEYS][head_dim]`) to `[head_dim][KEYS]`; with `AVX2` (as for
+/// `widen`) 8x8 blocks at a time.
 #[inline(always)]
-fn transpose_keys(rows: &[f32], head_dim: usize, out: &mut [f32]) {
+fn transpose_keys<const AVX2: bool>(rows: &[f32], head_dim: usize, out: &mut [f32]) {
     let mut d0 = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") {
+    if AVX2 {
         while d0 + 8 <= head_dim {
-            // SAFETY: AVX was just detected; both 8x8 blocks are in bounds.
+            // SAFETY: `AVX2` callers are compiled with AVX; both 8x8 blocks are in bounds.
             unsafe { transpose_8x8(&rows[d0..], head_dim, &mut out[d0 * KEYS..(d0 + 8) * KEYS]) };
             d0 += 8;
         }
@@ -517,7 +518,14 @@ mod tests {
         for head_dim in [1usize, 7, 8, 13, 24, 64] {
             let rows: Vec<f32> = (0..KEYS * head_dim).map(|i| i as f32).collect();
             let mut out = vec![0f32; head_dim * KEYS];
-            transpose_keys(&rows, head_dim, &mut out);
+            transpose_keys::<false>(&rows, head_dim, &mut out);
+            let plain = out.clone();
+            #[cfg(target_arch = "x86_64")]
+            if crate::model::quant_avx2::available() {
+                out.fill(0.0);
+                transpose_keys::<true>(&rows, head_dim, &mut out);
+                assert_eq!(out, plain, "head_dim {head_dim}: the AVX path equals the plain one");
+            }
             for d in 0..head_dim {
                 for l in 0..KEYS {
                     assert_eq!(out[d * KEYS + l], rows[l * head_dim + d], "head_dim {head_dim}, d {d}, key {l}");

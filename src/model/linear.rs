@@ -265,7 +265,7 @@ impl Kernel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+            if super::quant_avx2::available() {
                 return Kernel::Avx2;
             }
         }

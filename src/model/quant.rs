@@ -77,7 +77,7 @@ pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
 /// `quantize_row_q8_0` / `quantize_row_q8_1` do.
 pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+    if super::quant_avx2::available() {
         // SAFETY: the features were just detected.
         return unsafe { super::quant_avx2::quantize_row(x, out) };
     }

@@ -7,6 +7,11 @@ use std::arch::x86_64::*;
 
 use super::quant::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0};
 
+/// Whether this CPU runs the functions here (and the other code compiled for AVX2, FMA and F16C).
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
 #[inline(always)]
 pub(super) unsafe fn f16_to_f32(bits: half::f16) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits.to_bits() as i32))) }
@@ -154,14 +159,10 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn has_avx2() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-    }
-
     /// Quantizing with AVX2 gives exactly the plain quantization, zero blocks included.
     #[test]
     fn avx2_quantization_equals_the_plain_one() {
-        if !has_avx2() {
+        if !available() {
             eprintln!("no AVX2 here: nothing to compare");
             return;
         }
@@ -187,7 +188,7 @@ mod tests {
     /// The AVX2 kernels agree with the plain ones on random blocks, odd block counts included.
     #[test]
     fn avx2_dots_match_the_plain_reference() {
-        if !has_avx2() {
+        if !available() {
             eprintln!("no AVX2 here: nothing to compare");
             return;
         }

@@ -56,21 +56,10 @@ unsafe fn exp_in_place_avx2(xs: &mut [f32]) {
     exp_in_place_plain(xs)
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `x = exp(x)` for every element.
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if super::quant_avx2::available() {
         // SAFETY: the features were just detected.
         return unsafe { exp_in_place_avx2(xs) };
     }
@@ -94,7 +83,7 @@ unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if super::quant_avx2::available() {
         // SAFETY: the features were just detected.
         return unsafe { silu_mul_avx2(gate, up, out) };
     }
