@@ -53,10 +53,10 @@ impl ModelArgs {
 /// Flags of the batching engine, shared by `generate` and `serve`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Bytes of KV cache (e.g. 2000000000). Default: a quarter of available memory, capped at
-    /// what --max-num-seqs sequences of full context need.
-    #[arg(long)]
-    pub kv_cache_bytes: Option<usize>,
+    /// Bytes of KV cache (e.g. 2000000000 or 2G). Default: a quarter of available memory,
+    /// capped at what --max-num-seqs sequences of full context need.
+    #[arg(long, value_parser = cache::parse_bytes)]
+    pub kv_cache_bytes: Option<u64>,
     /// Most sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
@@ -82,7 +82,7 @@ impl EngineArgs {
         }
         Ok(crate::engine::EngineConfig {
             block_size: self.block_size,
-            kv_cache_bytes: self.kv_cache_bytes,
+            kv_cache_bytes: self.kv_cache_bytes.map(|b| b as usize),
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_kv_size: self.max_kv_size,
@@ -121,4 +121,25 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> any
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both byte budgets take the same syntax.
+    #[test]
+    fn kv_cache_bytes_takes_sizes_like_the_prompt_cache_budget() {
+        let engine = |value: &str| {
+            #[derive(Parser)]
+            struct Probe {
+                #[command(flatten)]
+                engine: EngineArgs,
+            }
+            Probe::try_parse_from(["probe", "--kv-cache-bytes", value]).map(|p| p.engine.config().unwrap().kv_cache_bytes)
+        };
+        assert_eq!(engine("2G").unwrap(), Some(2 << 30));
+        assert_eq!(engine("1500000000").unwrap(), Some(1_500_000_000));
+        assert!(engine("lots").is_err());
+    }
 }
