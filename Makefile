@@ -1,7 +1,7 @@
 # braid: the two commands of the README, and what they need.
 CARGO ?= cargo
 
-.PHONY: serve test model build clippy
+.PHONY: serve test model build clippy cuda-toolchain build-cuda
 
 # Install the default model and run braid on it.
 serve: model build
@@ -27,3 +27,15 @@ build:
 
 clippy:
 	$(CARGO) clippy --release --all-targets -- -D warnings
+
+# The CUDA build, on any Linux machine (no GPU or CUDA install needed): a CUDA 13.0 toolchain
+# from PyPI wheels in .cuda/ (unless NVCC or CUDA_HOME names one), then a stripped binary at
+# target/braid-cuda for compute capability $(CUDA_COMPUTE_CAP) (90: H100/H200).
+CUDA_COMPUTE_CAP ?= 90
+cuda-toolchain:
+	@if [ -z "$$NVCC$$CUDA_HOME" ]; then ./scripts/install-cuda; fi
+
+build-cuda: cuda-toolchain
+	CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) $(CARGO) build --release --features cuda --target-dir target/cuda
+	strip -o target/braid-cuda target/cuda/release/braid
+	@ls -l target/braid-cuda

@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod cli;
 pub mod engine;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod server;
 pub mod tokenizer;

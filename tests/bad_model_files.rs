@@ -4,10 +4,9 @@ mod common;
 
 use std::path::Path;
 
-use candle_core::Device;
 
 fn load_err(path: &Path) -> String {
-    match braid::model::load(path, &Device::Cpu) {
+    match braid::model::load(path, &braid::model::Placement::Cpu) {
         Ok(_) => panic!("{} loaded, but it is broken", path.display()),
         Err(e) => e.to_string(),
     }

@@ -10,7 +10,7 @@ use common::{golden, ids, model};
 
 fn engine(config: EngineConfig) -> Engine {
     let m = model();
-    Engine::new(m.model.clone(), m.tokenizer.eos_ids.clone(), config)
+    Engine::new(m.model.clone(), m.tokenizer.eos_ids.clone(), config).expect("the engine starts")
 }
 
 fn small_config() -> EngineConfig {
@@ -82,7 +82,7 @@ fn batched_seeded_sampling_equals_solo() {
 /// those of solo runs.
 #[test]
 fn preemption_under_a_tiny_budget_keeps_outputs() {
-    let block_bytes = braid::model::KvCache::bytes_per_block(&model().model.config, 16);
+    let block_bytes = braid::model::KvCache::bytes_per_block(model().model.config(), 16);
     let config = EngineConfig { kv_cache_bytes: Some(block_bytes * 40), max_num_batched_tokens: 256, ..EngineConfig::default() };
     let prompts = golden_prompts();
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(20) };

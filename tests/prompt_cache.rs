@@ -19,19 +19,19 @@ fn fingerprint() -> u128 {
 }
 
 fn block_file_bytes() -> u64 {
-    let config = &model().model.config;
+    let config = model().model.config();
     braid::model::KvCache::bytes_per_block(config, 16) as u64 + 1024
 }
 
 /// A pool of `blocks` KV blocks of 16 tokens.
 fn config(blocks: usize) -> EngineConfig {
-    let bytes = braid::model::KvCache::bytes_per_block(&model().model.config, 16) * blocks;
+    let bytes = braid::model::KvCache::bytes_per_block(model().model.config(), 16) * blocks;
     EngineConfig { kv_cache_bytes: Some(bytes), ..EngineConfig::default() }
 }
 
 fn engine(config: EngineConfig) -> Engine {
     let m = model();
-    Engine::new(m.model.clone(), m.tokenizer.eos_ids.clone(), config)
+    Engine::new(m.model.clone(), m.tokenizer.eos_ids.clone(), config).expect("the engine starts")
 }
 
 fn engine_on(dir: &Path, budget: u64, config: EngineConfig) -> Engine {

@@ -53,7 +53,7 @@ impl PromptCacheArgs {
         let Some(dir) = &self.prompt_cache_dir else { return Ok(None) };
         let fingerprint = gguf_fingerprint(&loaded.path).with_context(|| format!("cannot fingerprint {}", loaded.path.display()))?;
         let identity = engine.disk_identity(fingerprint);
-        let name = loaded.path.file_name().map_or_else(|| loaded.model.config.name.clone(), |n| n.to_string_lossy().into_owned());
+        let name = loaded.path.file_name().map_or_else(|| loaded.model.config().name.clone(), |n| n.to_string_lossy().into_owned());
         let disk = DiskCache::open(dir, self.prompt_cache_bytes, identity, &name).context("--prompt-cache-dir is not usable")?;
         Ok(Some(disk))
     }
@@ -166,7 +166,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
             let config = engine.config()?;
             let loaded = model.load()?;
             let ids = prompt_ids(&loaded, prompt.prompt_file.as_deref(), prompt.prompt.as_deref(), prompt.chat)?;
-            let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config);
+            let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config)?;
             // Every block, however long the prompt: nothing here competes with the writes.
             let disk = cache.open(&engine, &loaded)?.expect("the folder was given").with_write_through(SaveMode::Wait);
             engine.attach_disk_cache(disk)?;
@@ -221,7 +221,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
             } else {
                 let loaded = model.load()?;
                 let ids = prompt_ids(&loaded, prompt_file.as_deref(), prompt.as_deref(), chat)?;
-                let engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), engine.config()?);
+                let engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), engine.config()?)?;
                 let cache = PromptCacheArgs { prompt_cache_dir: Some(f.prompt_cache_dir.clone()), prompt_cache_bytes: u64::MAX };
                 let disk = cache.open(&engine, &loaded)?.expect("the folder was given");
                 let hashes = crate::engine::block_manager::prefix_hashes(&ids, engine.stats().block_size);

@@ -40,6 +40,10 @@ pub struct GenerateArgs {
     /// Print one JSON line per prompt, in input order: {"prompt_ids", "ids", "text"}.
     #[arg(long)]
     json: bool,
+    /// With --json, also print each token's log-probability and this many most likely
+    /// alternatives ("logprobs": [[logprob, [[id, logprob], ...]], ...]).
+    #[arg(long, default_value_t = 0, requires = "json")]
+    top_logprobs: usize,
     /// Milliseconds between the arrivals of successive prompts (0: all at once).
     #[arg(long, default_value_t = 0)]
     arrival_ms: u64,
@@ -101,24 +105,28 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
+        top_logprobs: args.top_logprobs,
         ..SamplingParams::default()
     };
     params.validate().map_err(anyhow::Error::msg)?;
     let config = args.engine.config()?;
     let loaded = args.model.load()?;
     let all_ids = prompts.iter().map(|p| prompt_ids(&loaded, p, args.chat)).collect::<anyhow::Result<Vec<_>>>()?;
-    let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config);
+    let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config)?;
     args.cache.attach(&mut engine, &loaded)?;
     for ids in &all_ids {
         engine.validate(ids, &params)?;
     }
     let start = Instant::now();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); all_ids.len()];
+    let mut logprobs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); all_ids.len()];
     let mut request_index = std::collections::HashMap::new();
     let mut next = 0;
     let mut done = 0;
     let stream = !args.json && all_ids.len() == 1;
     let mut decoder = crate::tokenizer::IncrementalDecoder::new();
+    // Steps in which every request decoded one token (no prefill), and their time.
+    let (mut decode_steps, mut decode_time) = (0usize, 0f64);
     while done < all_ids.len() {
         // Admit every prompt whose arrival time has come; sleep if idle until the next one.
         while next < all_ids.len() && start.elapsed().as_millis() as u64 >= next as u64 * args.arrival_ms {
@@ -130,10 +138,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
-        for event in engine.step()? {
+        let step_start = Instant::now();
+        let events = engine.step()?;
+        if !engine.last_step().is_empty() && engine.last_step().iter().all(|s| s.num_tokens == 1) {
+            decode_steps += 1;
+            decode_time += step_start.elapsed().as_secs_f64();
+        }
+        for event in events {
             let i = request_index[&event.id];
             if let Some(token) = event.token {
                 outputs[i].push(token.id);
+                if args.top_logprobs > 0 {
+                    logprobs[i].push(serde_json::json!([token.logprob, token.top]));
+                }
                 if stream {
                     use std::io::Write;
                     print!("{}", decoder.push(&loaded.tokenizer, token.id));
@@ -150,9 +167,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if stream {
         println!("{}", decoder.flush(&loaded.tokenizer));
     } else {
-        for (ids, out) in all_ids.iter().zip(&outputs) {
+        for ((ids, out), lps) in all_ids.iter().zip(&outputs).zip(&logprobs) {
             let text = loaded.tokenizer.decode(out);
-            if args.json {
+            if args.json && args.top_logprobs > 0 {
+                println!("{}", serde_json::json!({ "prompt_ids": ids, "ids": out, "text": text, "logprobs": lps }));
+            } else if args.json {
                 println!("{}", serde_json::json!({ "prompt_ids": ids, "ids": out, "text": text }));
             } else {
                 println!("{text}");
@@ -162,9 +181,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     engine.flush_disk_cache();
     let stats = engine.stats();
     eprintln!(
-        "{} prompts, {generated} tokens generated in {secs:.2} s: {:.1} tok/s aggregate; {} prompt tokens prefilled, {} from the prefix cache ({} from disk)",
+        "{} prompts on {}, {generated} tokens generated in {secs:.3} s: {:.1} tok/s aggregate; {decode_steps} decode-only steps of {:.3} ms mean; {} prompt tokens prefilled, {} from the prefix cache ({} from disk)",
         all_ids.len(),
+        loaded.model.device(),
         generated as f64 / secs,
+        1e3 * decode_time / decode_steps.max(1) as f64,
         stats.prefilled_tokens,
         stats.prefix_hit_tokens,
         stats.prefix_hit_tokens_disk

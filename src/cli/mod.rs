@@ -37,16 +37,70 @@ pub struct ModelArgs {
     /// Defaults to $BRAID_MODEL, else the default model installed by `make model`.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Where the model runs: cpu, cuda (the first GPU; needs a build with `--features cuda`),
+    /// or auto (cuda when built with it and a GPU is present, else cpu).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// `auto` reads the --model file; `dummy` makes random weights of the --model-config shape
+    /// (for benchmarks without weight files; prompts are then token ids).
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    pub load_format: LoadFormat,
+    /// Shape of the dummy model: llama-3.2-1b, llama-3.1-8b, qwen2.5-7b or smollm2-135m.
+    #[arg(long, required_if_eq("load_format", "dummy"))]
+    pub model_config: Option<String>,
+    /// Seed of the dummy weights (the CPU and the GPU draw the same weights from it).
+    #[arg(long, default_value_t = 0)]
+    pub dummy_seed: u64,
+    /// GPU: braid's batch-invariant matrix products instead of cuBLAS, so a request's tokens
+    /// are the same bits whatever else is batched with it (slower; the CPU always is).
+    #[arg(long)]
+    pub batch_invariant: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadFormat {
+    Auto,
+    Dummy,
 }
 
 impl ModelArgs {
+    pub fn placement(&self) -> anyhow::Result<crate::model::Placement> {
+        #[cfg(feature = "cuda")]
+        {
+            if self.device == DeviceArg::Cuda || (self.device == DeviceArg::Auto && crate::gpu::available()) {
+                return Ok(crate::model::Placement::cuda(self.batch_invariant)?);
+            }
+        }
+        if self.device == DeviceArg::Cuda {
+            anyhow::bail!("--device cuda: this braid was built without CUDA (build with `make build-cuda`)");
+        }
+        Ok(crate::model::Placement::Cpu)
+    }
+
     pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
+        let placement = self.placement()?;
+        if self.load_format == LoadFormat::Dummy {
+            if self.model.is_some() {
+                anyhow::bail!("--load-format dummy makes its own weights: give --model-config instead of --model");
+            }
+            let name = self.model_config.as_deref().expect("clap requires --model-config with dummy");
+            return Ok(crate::model::load_dummy(name, self.dummy_seed, &placement)?);
+        }
+        if self.model_config.is_some() {
+            anyhow::bail!("--model-config is for --load-format dummy");
+        }
         let path = crate::model::model_path(self.model.clone());
         if self.model.is_none() && !path.exists() {
             anyhow::bail!("the default model {} is not installed; run `make model` (or pass --model)", path.display());
         }
-        let device = candle_core::Device::Cpu;
-        Ok(crate::model::load(&path, &device)?)
+        Ok(crate::model::load(&path, &placement)?)
     }
 }
 
@@ -141,5 +195,31 @@ mod tests {
         assert_eq!(engine("2G").unwrap(), Some(2 << 30));
         assert_eq!(engine("1500000000").unwrap(), Some(1_500_000_000));
         assert!(engine("lots").is_err());
+    }
+
+    fn model_args(args: &[&str]) -> Result<ModelArgs, clap::Error> {
+        #[derive(Parser)]
+        struct Probe {
+            #[command(flatten)]
+            model: ModelArgs,
+        }
+        Probe::try_parse_from(std::iter::once("probe").chain(args.iter().copied())).map(|p| p.model)
+    }
+
+    /// Dummy weights need a shape and take no file; the shape flag needs dummy weights.
+    #[test]
+    fn dummy_weights_flags_are_checked() {
+        assert!(model_args(&["--load-format", "dummy"]).is_err(), "--model-config is required");
+        let err = |args: &[&str]| model_args(args).unwrap().load().err().expect("refused").to_string();
+        assert!(err(&["--load-format", "dummy", "--model-config", "smollm2-135m", "--model", "x.gguf", "--device", "cpu"]).contains("--model-config instead of --model"));
+        assert!(err(&["--model-config", "llama-3.2-1b", "--device", "cpu"]).contains("--load-format dummy"));
+        assert!(err(&["--load-format", "dummy", "--model-config", "gpt-9", "--device", "cpu"]).contains("gpt-9"));
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn asking_a_cpu_build_for_cuda_says_how_to_get_it() {
+        let err = model_args(&["--device", "cuda"]).unwrap().load().err().expect("refused").to_string();
+        assert!(err.contains("make build-cuda"), "{err}");
     }
 }

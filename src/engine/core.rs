@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::model::batch::{Window, RELEASED_BLOCK};
-use crate::model::{FlatBatch, KvCache, Llama};
+use crate::model::{FlatBatch, KvCache, ModelConfig};
 
+use super::backend::{Backend, Logits, ModelHandle};
 use super::block_manager::{block_hash, BlockManager};
 use super::disk::{DiskCache, DiskStats, Identity};
 use super::retention::RetentionPlan;
@@ -66,6 +67,10 @@ pub enum EngineError {
     BadParams(String),
     #[error("the prompt cache folder holds blocks of another layout ({0:?}) than this engine's")]
     DiskLayout(Box<Identity>),
+    #[error("the prompt cache on disk works with the CPU backend only (this engine runs on {0})")]
+    DiskNeedsCpu(String),
+    #[error("cannot set up the engine on {device}: {message}")]
+    Setup { device: String, message: String },
 }
 
 /// What a step produced for one request.
@@ -101,11 +106,11 @@ pub struct EngineStats {
 }
 
 pub struct Engine {
-    model: Arc<Llama>,
+    model: ModelHandle,
     /// The threads that run the forward pass (as many as the CPU has, or RAYON_NUM_THREADS).
     compute: Arc<rayon::ThreadPool>,
     eos_ids: Vec<u32>,
-    kv: KvCache,
+    backend: Backend,
     blocks: BlockManager,
     scheduler: Scheduler,
     next_id: RequestId,
@@ -118,38 +123,36 @@ pub struct Engine {
     disk: Option<DiskCache>,
 }
 
-/// Bytes of memory the OS says are available (Linux), if known.
-fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 impl Engine {
-    pub fn new(model: Arc<Llama>, eos_ids: Vec<u32>, config: EngineConfig) -> Self {
-        let block_bytes = KvCache::bytes_per_block(&model.config, config.block_size);
-        // Never more than every sequence at full context; by default a quarter of free memory.
-        let most = config.max_num_seqs * model.config.context_length.div_ceil(config.block_size) * block_bytes;
-        let bytes = config.kv_cache_bytes.unwrap_or_else(|| (available_memory().unwrap_or(4 << 30) / 4).min(most));
+    /// An engine over `model` with its own KV cache (on the model's device).
+    pub fn new(model: impl Into<ModelHandle>, eos_ids: Vec<u32>, config: EngineConfig) -> Result<Self, EngineError> {
+        let model = model.into();
+        let block_bytes = KvCache::bytes_per_block(model.config(), config.block_size);
+        // Never more than every sequence at full context; by default what the device can spare.
+        let most = config.max_num_seqs * model.config().context_length.div_ceil(config.block_size) * block_bytes;
+        let bytes = config.kv_cache_bytes.unwrap_or_else(|| model.default_kv_bytes(config.max_num_batched_tokens, config.max_num_seqs).min(most));
         let num_blocks = (bytes / block_bytes).max(1);
         tracing::info!(
-            "KV cache: {} blocks of {} tokens = {} tokens, {:.1} MiB",
+            "KV cache on {}: {} blocks of {} tokens = {} tokens, {:.1} MiB",
+            model.device(),
             num_blocks,
             config.block_size,
             num_blocks * config.block_size,
             (num_blocks * block_bytes) as f64 / (1 << 20) as f64
         );
-        let kv = KvCache::new(&model.config, num_blocks, config.block_size);
+        // A step has at most max_num_batched_tokens tokens and one logits row per sequence.
+        let backend = model
+            .backend(num_blocks, config.block_size, config.max_num_batched_tokens, config.max_num_seqs.min(config.max_num_batched_tokens))
+            .map_err(|message| EngineError::Setup { device: model.device(), message })?;
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,
         });
-        Self {
+        Ok(Self {
             model,
             compute: compute_pool(),
             eos_ids,
-            kv,
+            backend,
             blocks: BlockManager::new(num_blocks, config.block_size),
             scheduler,
             next_id: 0,
@@ -160,12 +163,12 @@ impl Engine {
             window: config.max_kv_size.map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
             max_kv_size: config.max_kv_size,
             disk: None,
-        }
+        })
     }
 
     /// What identifies this engine's KV blocks on disk, given the model file's fingerprint.
     pub fn disk_identity(&self, fingerprint: u128) -> Identity {
-        let c = &self.model.config;
+        let c = self.model.config();
         Identity {
             fingerprint,
             block_size: self.blocks.block_size() as u32,
@@ -180,6 +183,9 @@ impl Engine {
     /// leaving memory (or finishing requests) are written there. Its identity must be this
     /// engine's layout (the fingerprint is the caller's word).
     pub fn attach_disk_cache(&mut self, disk: DiskCache) -> Result<(), EngineError> {
+        if !self.model.is_cpu() {
+            return Err(EngineError::DiskNeedsCpu(self.model.device()));
+        }
         let identity = *disk.identity();
         if identity != self.disk_identity(identity.fingerprint) {
             return Err(EngineError::DiskLayout(Box::new(identity)));
@@ -196,13 +202,17 @@ impl Engine {
         }
     }
 
-    pub fn model(&self) -> &Llama {
+    pub fn model(&self) -> &ModelHandle {
         &self.model
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
     }
 
     /// Tokens one request may hold: the model's context, and the whole pool.
     pub fn max_context(&self) -> usize {
-        self.model.config.context_length.min(self.kv.capacity_tokens())
+        self.model.config().context_length.min(self.blocks.num_blocks() * self.blocks.block_size())
     }
 
     /// Checks a request without queueing it.
@@ -304,13 +314,14 @@ impl Engine {
 
     fn step_on_pool(&mut self) -> candle_core::Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.pending_events);
-        if let Some(disk) = &self.disk {
+        // The disk tier is attached only to CPU engines, so the cache is in host memory.
+        if let (Some(disk), Some(kv)) = (&self.disk, self.backend.cpu_kv()) {
             let slots = self.scheduler.config.max_num_seqs.saturating_sub(self.scheduler.running.len());
-            tiering::fill_from_disk(disk, &mut self.blocks, &mut self.kv, &self.scheduler.waiting, slots);
+            tiering::fill_from_disk(disk, &mut self.blocks, kv, &self.scheduler.waiting, slots);
         }
         let scheduled = self.scheduler.schedule(&mut self.blocks);
-        if let Some(disk) = &self.disk {
-            tiering::spill_evicted(disk, &mut self.blocks, &self.kv);
+        if let (Some(disk), Some(kv)) = (&self.disk, self.backend.cpu_kv()) {
+            tiering::spill_evicted(disk, &mut self.blocks, kv);
         }
         self.last_step = scheduled.clone();
         if scheduled.is_empty() {
@@ -327,8 +338,13 @@ impl Engine {
             batch.seqs.last_mut().expect("just pushed").window = seq.window;
             samples.push(sample);
         }
-        let logits = self.model.forward(&batch, &mut self.kv)?;
-        let mut rows = logits.to_vec2::<f32>()?.into_iter();
+        // Greedy requests without penalties, bias or alternatives can take their token from
+        // the backend (on a GPU: token ids come back instead of logits).
+        let greedy = scheduled.iter().zip(&samples).all(|(s, &sample)| !sample || self.scheduler.running[index[&s.id]].sampler.is_plain_greedy());
+        let (mut rows, mut chosen) = match self.backend.forward(&batch, greedy)? {
+            Logits::Rows(rows) => (rows.into_iter(), Vec::new().into_iter()),
+            Logits::Greedy(tokens) => (Vec::new().into_iter(), tokens.into_iter()),
+        };
         let block_size = self.blocks.block_size();
         let mut finished = Vec::new();
         for (s, sample) in scheduled.iter().zip(samples) {
@@ -341,8 +357,13 @@ impl Engine {
             if !sample {
                 continue;
             }
-            let mut row = rows.next().expect("one logits row per sampled sequence");
-            let token = seq.sampler.sample(&mut row);
+            let token = match rows.next() {
+                Some(mut row) => seq.sampler.sample(&mut row),
+                None => {
+                    let (id, logprob) = chosen.next().expect("one logits row or token per sampled sequence");
+                    SampledToken { id, logprob, top: Vec::new() }
+                }
+            };
             seq.sampler.observe(token.id);
             seq.tokens.push(token.id);
             self.generated_tokens += 1;
@@ -350,7 +371,7 @@ impl Engine {
             let stop = params.stop_token_ids.contains(&token.id) || (!params.ignore_eos && self.eos_ids.contains(&token.id));
             let finish = if stop {
                 Some(FinishReason::Stop)
-            } else if seq.output().len() >= params.max_tokens || seq.tokens.len() >= self.model.config.context_length {
+            } else if seq.output().len() >= params.max_tokens || seq.tokens.len() >= self.model.config().context_length {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -363,8 +384,8 @@ impl Engine {
         for id in finished {
             let pos = self.scheduler.running.iter().position(|s| s.id == id).expect("finished sequence is running");
             let seq = self.scheduler.running.remove(pos);
-            if let Some(disk) = &self.disk {
-                tiering::save_sequence(disk, &self.kv, &seq, block_size);
+            if let (Some(disk), Some(kv)) = (&self.disk, self.backend.cpu_kv()) {
+                tiering::save_sequence(disk, kv, &seq, block_size);
             }
             apply_retention(&mut self.blocks, &seq);
             self.blocks.release(&seq.block_table);

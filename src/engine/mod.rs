@@ -1,5 +1,6 @@
 //! Sequences, scheduling, KV-block ownership and sampling: the batching engine.
 
+pub mod backend;
 pub mod block_manager;
 pub mod core;
 pub mod disk;
@@ -10,6 +11,7 @@ pub mod sequence;
 pub mod solo;
 pub mod tiering;
 
+pub use backend::{Backend, Logits, ModelHandle};
 pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, Event};
 pub use disk::{DiskCache, DiskStats};
 pub use retention::{Retention, RetentionPlan};

@@ -125,6 +125,18 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether the next token is the logits' first maximum, untouched by penalties or bias,
+    /// with no alternatives to report: what a backend can choose by itself.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
+            && p.top_logprobs == 0
+    }
+
     /// Records a generated token (for the penalties).
     pub fn observe(&mut self, id: u32) {
         let entry = self.counts.entry(id).or_insert((0, false));

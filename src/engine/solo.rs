@@ -1,7 +1,9 @@
 //! One sequence at a time, straight through the model: the simplest correct generator. The
 //! batching engine must agree with it token for token.
 
-use crate::model::{FlatBatch, KvCache, Llama};
+use crate::model::FlatBatch;
+
+use super::backend::{Backend, Logits, ModelHandle};
 
 use super::sampler::{SampledToken, Sampler, SamplingParams};
 
@@ -14,20 +16,30 @@ pub enum FinishReason {
     Abort,
 }
 
-/// A KV cache just big enough for one sequence of `tokens` tokens, blocks in order.
-pub fn solo_cache(model: &Llama, tokens: usize, block_size: usize) -> (KvCache, Vec<u32>) {
-    let blocks = tokens.div_ceil(block_size).max(1);
-    (KvCache::new(&model.config, blocks, block_size), (0..blocks as u32).collect())
+/// A backend whose KV cache just fits one sequence of `tokens` tokens (blocks in order), for
+/// steps of up to `step_tokens` tokens, every one of which may ask for logits.
+pub fn solo_backend(model: &ModelHandle, tokens: usize, step_tokens: usize) -> candle_core::Result<(Backend, Vec<u32>)> {
+    const BLOCK: usize = 16;
+    let blocks = tokens.div_ceil(BLOCK).max(1);
+    let backend = model.backend(blocks, BLOCK, step_tokens, step_tokens).map_err(candle_core::Error::Msg)?;
+    Ok((backend, (0..blocks as u32).collect()))
+}
+
+fn logits_rows(backend: &mut Backend, batch: &FlatBatch) -> candle_core::Result<Vec<Vec<f32>>> {
+    match backend.forward(batch, false)? {
+        Logits::Rows(rows) => Ok(rows),
+        Logits::Greedy(_) => candle_core::bail!("the backend chose tokens where logits were asked for"),
+    }
 }
 
 /// Generates up to `params.max_tokens` tokens after `prompt`.
 pub fn generate_solo(
-    model: &Llama,
+    model: &ModelHandle,
     prompt: &[u32],
     params: SamplingParams,
     eos_ids: &[u32],
 ) -> candle_core::Result<(Vec<SampledToken>, FinishReason)> {
-    let (mut kv, table) = solo_cache(model, prompt.len() + params.max_tokens, 16);
+    let (mut backend, table) = solo_backend(model, prompt.len() + params.max_tokens, prompt.len())?;
     let mut sampler = Sampler::new(params.clone(), prompt);
     let mut out = Vec::new();
     let mut pending: Vec<u32> = prompt.to_vec();
@@ -36,7 +48,7 @@ pub fn generate_solo(
         context += pending.len();
         let mut batch = FlatBatch::default();
         batch.push(&pending, context, table.clone(), true);
-        let mut logits = model.forward(&batch, &mut kv)?.squeeze(0)?.to_vec1::<f32>()?;
+        let mut logits = logits_rows(&mut backend, &batch)?.remove(0);
         let token = sampler.sample(&mut logits);
         sampler.observe(token.id);
         let id = token.id;
@@ -51,12 +63,14 @@ pub fn generate_solo(
 }
 
 /// Log-softmax of the logits at every position of `ids` (teacher forcing), one row per token.
-pub fn logprobs_all_positions(model: &Llama, ids: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
-    let (mut kv, table) = solo_cache(model, ids.len(), 16);
+pub fn logprobs_all_positions(model: &ModelHandle, ids: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let (mut backend, table) = solo_backend(model, ids.len(), ids.len())?;
     let mut batch = FlatBatch::default();
     batch.push(ids, ids.len(), table, false);
     batch.logit_rows = (0..ids.len()).collect();
-    let logits = model.forward(&batch, &mut kv)?;
+    let rows = logits_rows(&mut backend, &batch)?;
+    let vocab = model.vocab_size();
+    let logits = candle_core::Tensor::from_vec(rows.concat(), (ids.len(), vocab), &candle_core::Device::Cpu)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, 1)?;
     logprobs.to_vec2::<f32>()
 }

@@ -25,6 +25,8 @@ enum Weights {
     VnniQ4_1(PackedWeights<BlockQ4_1>),
     #[cfg(target_arch = "x86_64")]
     VnniQ8_0(PackedWeights<BlockQ8_0>),
+    /// bf16 rows (dummy models): activations rounded to bf16, f32 sums (`bf16.rs`).
+    Bf16(Vec<half::bf16>),
     /// Other types, through candle.
     Candle(QMatMul),
     /// Several matrices side by side (their outputs concatenated per row) that could not be
@@ -79,6 +81,12 @@ impl QLinear {
         Ok(Self { n, k, weights })
     }
 
+    /// A `[n, k]` matrix of bf16 rows.
+    pub fn from_bf16(n: usize, k: usize, rows: Vec<half::bf16>) -> Self {
+        assert_eq!(rows.len(), n * k, "a {n}x{k} matrix");
+        Self { n, k, weights: Weights::Bf16(rows) }
+    }
+
     pub fn out_features(&self) -> usize {
         self.n
     }
@@ -112,6 +120,7 @@ impl QLinear {
         merge!(Q4_0, |all: &mut Vec<_>, w| all.extend(w));
         merge!(Q4_1, |all: &mut Vec<_>, w| all.extend(w));
         merge!(Q8_0, |all: &mut Vec<_>, w| all.extend(w));
+        merge!(Bf16, |all: &mut Vec<_>, w| all.extend(w));
         #[cfg(target_arch = "x86_64")]
         {
             merge!(VnniQ4_0, |all: &mut PackedWeights<_>, w| all.append(w));
@@ -133,6 +142,10 @@ impl QLinear {
             Weights::Q4_0(w) => Ok(self.native_rows(x, m, w)),
             Weights::Q4_1(w) => Ok(self.native_rows(x, m, w)),
             Weights::Q8_0(w) => Ok(self.native_rows(x, m, w)),
+            Weights::Bf16(w) => {
+                let xs = super::bf16::round_rows(&x[..m * self.k]);
+                Ok(self.by_column_ranges(m, |cols, out| super::bf16::columns(w, self.k, &xs, m, cols, |r, c, v| out.set(r, c, v))))
+            }
             Weights::Candle(w) => w.forward(&Tensor::from_slice(x, (m, self.k), &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>(),
             Weights::Parts(parts) => {
                 let outs = parts.iter().map(|p| p.forward_rows(x, m)).collect::<candle_core::Result<Vec<_>>>()?;
@@ -167,6 +180,11 @@ impl QLinear {
                 Weights::VnniQ4_1(w) => w.dequantize_row(id, o),
                 #[cfg(target_arch = "x86_64")]
                 Weights::VnniQ8_0(w) => w.dequantize_row(id, o),
+                Weights::Bf16(w) => {
+                    for (o, v) in o.iter_mut().zip(&w[id * k..(id + 1) * k]) {
+                        *o = v.to_f32();
+                    }
+                }
                 Weights::Candle(_) | Weights::Parts(_) => candle_core::bail!("embedding lookup needs a natively supported type"),
             }
         }

@@ -13,6 +13,7 @@ use super::gguf::{GgufFile, ModelError};
 use super::kv_cache::KvCache;
 use super::linear::QLinear;
 use super::norm::rms_norm_row;
+use super::presets::Preset;
 use super::rope::Rope;
 use super::vmath::silu_mul;
 
@@ -60,6 +61,8 @@ struct Layer {
 enum Embeddings {
     SameAsOutput,
     Table(Arc<QTensor>),
+    /// A table of a type braid reads natively (dummy models).
+    Rows(QLinear),
 }
 
 pub struct Llama {
@@ -123,8 +126,47 @@ impl Llama {
         Ok(Self { config, device: device.clone(), embeddings, layers, norm, output, rope, vocab_size })
     }
 
+    /// A model of the preset's shape with dummy bf16 weights (`presets.rs`), the same ones the
+    /// CUDA path draws for the same seed.
+    pub fn dummy(preset: &Preset, seed: u64) -> Self {
+        use super::presets::{dummy_bf16, dummy_f32, DummyTensor as T};
+        let c = preset.config.clone();
+        let (h, q_out, kv_out, ffn, vocab) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size, preset.vocab_size);
+        let matrix = |t: T, n: usize, k: usize| QLinear::from_bf16(n, k, dummy_bf16(t.draw(&c, seed), n * k));
+        let vector = |t: T, n: usize| dummy_f32(t.draw(&c, seed), n);
+        let layers = (0..c.n_layer)
+            .map(|l| {
+                let mut qkv = Linear { weight: QLinear::stack(vec![matrix(T::Q(l), q_out, h), matrix(T::K(l), kv_out, h), matrix(T::V(l), kv_out, h)]), bias: None };
+                if c.qkv_bias {
+                    qkv.bias = Some(vector(T::QkvBias(l), q_out + 2 * kv_out));
+                }
+                Layer {
+                    attn_norm: vector(T::AttnNorm(l), h),
+                    qkv,
+                    wo: Linear { weight: matrix(T::O(l), h, q_out), bias: None },
+                    ffn_norm: vector(T::FfnNorm(l), h),
+                    gate_up: Linear { weight: QLinear::stack(vec![matrix(T::Gate(l), ffn, h), matrix(T::Up(l), ffn, h)]), bias: None },
+                    w_down: Linear { weight: matrix(T::Down(l), h, ffn), bias: None },
+                }
+            })
+            .collect();
+        let (embeddings, output) = if preset.tied_embeddings {
+            (Embeddings::SameAsOutput, matrix(T::Embeddings, vocab, h))
+        } else {
+            (Embeddings::Rows(matrix(T::Embeddings, vocab, h)), matrix(T::Output, vocab, h))
+        };
+        let rope = Rope::new(&c, preset.rope_freq_factors.as_deref());
+        let norm = vector(T::OutputNorm, h);
+        Self { config: c, device: Device::Cpu, embeddings, layers, norm, output: Arc::new(output), rope, vocab_size: vocab }
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    /// The rope of this model (the CUDA path copies its tables).
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// One forward pass over a flat batch. Returns `[batch.logit_rows.len(), vocab]` f32 logits.
@@ -137,6 +179,7 @@ impl Llama {
         let hidden = c.hidden_size;
         let mut x = match &self.embeddings {
             Embeddings::SameAsOutput => self.output.rows(&batch.tokens)?,
+            Embeddings::Rows(t) => t.rows(&batch.tokens)?,
             Embeddings::Table(t) => t.embedding(&Tensor::from_slice(&batch.tokens, n_tokens, &self.device)?)?.flatten_all()?.to_vec1::<f32>()?,
         };
         let plan = AttentionPlan::new(batch, kv.block_size);

@@ -2,12 +2,14 @@
 
 pub mod attention;
 pub mod batch;
+pub mod bf16;
 pub mod config;
 pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod norm;
+pub mod presets;
 pub mod quant;
 pub mod quant_avx2;
 pub mod quant_vnni;
@@ -16,7 +18,6 @@ pub mod vmath;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 
 pub use batch::{FlatBatch, SeqSlice};
 pub use config::ModelConfig;
@@ -30,9 +31,27 @@ use crate::tokenizer::{ChatTemplate, TextTokenizer};
 /// `BRAID_MODEL` says otherwise. `scripts/install-model` puts it there.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Where a model's weights go.
+#[derive(Clone)]
+pub enum Placement {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::gpu::Gpu>),
+}
+
+impl Placement {
+    /// The first CUDA device; `batch_invariant` selects braid's batch-invariant matrix
+    /// products over cuBLAS (`gpu::GemmKind`).
+    #[cfg(feature = "cuda")]
+    pub fn cuda(batch_invariant: bool) -> Result<Self, ModelError> {
+        let kind = if batch_invariant { crate::gpu::GemmKind::BatchInvariant } else { crate::gpu::GemmKind::Cublas };
+        crate::gpu::Gpu::new(0, kind).map(|g| Placement::Cuda(std::sync::Arc::new(g))).map_err(|e| ModelError::Invalid(e.to_string()))
+    }
+}
+
 /// Everything loaded from one model path.
 pub struct LoadedModel {
-    pub model: std::sync::Arc<Llama>,
+    pub model: crate::engine::ModelHandle,
     pub tokenizer: TextTokenizer,
     /// None when the model ships no chat template.
     pub chat_template: Option<ChatTemplate>,
@@ -61,7 +80,7 @@ fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>), ModelError> {
     Ok((gguf, tokenizer_json.is_file().then_some(tokenizer_json)))
 }
 
-pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelError> {
     let (gguf_path, tokenizer_json) = resolve(path)?;
     let mut file = GgufFile::open(&gguf_path)?;
     let config = ModelConfig::from_gguf(&file)?;
@@ -84,8 +103,27 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
         config.n_kv_head,
         config.context_length
     );
-    let model = Llama::load(&mut file, config, device)?;
-    Ok(LoadedModel { model: std::sync::Arc::new(model), tokenizer, chat_template, path: gguf_path })
+    let model = match placement {
+        Placement::Cpu => std::sync::Arc::new(Llama::load(&mut file, config, &candle_core::Device::Cpu)?).into(),
+        #[cfg(feature = "cuda")]
+        Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(crate::gpu::CudaWeights::from_gguf(gpu.clone(), &mut file, config)?)),
+    };
+    Ok(LoadedModel { model, tokenizer, chat_template, path: gguf_path })
+}
+
+/// A model of a preset's shape with dummy weights drawn from `seed` (`presets.rs`); it has no
+/// vocabulary, so prompts are token ids. `path` names the preset.
+pub fn load_dummy(name: &str, seed: u64, placement: &Placement) -> Result<LoadedModel, ModelError> {
+    let preset = presets::preset(name)
+        .ok_or_else(|| ModelError::Unsupported(format!("model config '{name}' (known: {})", presets::PRESETS.join(", "))))?;
+    let model = match placement {
+        Placement::Cpu => std::sync::Arc::new(Llama::dummy(&preset, seed)).into(),
+        #[cfg(feature = "cuda")]
+        Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(
+            crate::gpu::CudaWeights::dummy(gpu.clone(), &preset, seed).map_err(|e| ModelError::Invalid(e.to_string()))?,
+        )),
+    };
+    Ok(LoadedModel { model, tokenizer: TextTokenizer::ids_only(preset.vocab_size), chat_template: None, path: PathBuf::from(name) })
 }
 
 /// The model path to use: the flag, else `BRAID_MODEL`, else the default model.

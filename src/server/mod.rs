@@ -163,11 +163,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| loaded.path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
-    let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone());
+    let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone())?;
     args.cache.attach(&mut engine, &loaded)?;
     let max_context = engine.max_context();
     let kv = engine.stats();
-    let kv_bytes = kv.kv_blocks_total * crate::model::KvCache::bytes_per_block(&loaded.model.config, kv.block_size);
+    let kv_bytes = kv.kv_blocks_total * crate::model::KvCache::bytes_per_block(loaded.model.config(), kv.block_size);
     metrics::install();
     let state = Arc::new(AppState {
         engine: EngineHandle::spawn(engine),

@@ -13,7 +13,10 @@ pub use chat_template::{ChatTemplate, TemplateError};
 pub use detokenizer::IncrementalDecoder;
 
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    /// None for models without a vocabulary (dummy weights): prompts must be token ids, and
+    /// ids are shown as `<id>`.
+    inner: Option<Tokenizer>,
+    ids_only_vocab: usize,
     pub bos_id: Option<u32>,
     /// Tokens that end generation (end-of-sequence and end-of-turn).
     pub eos_ids: Vec<u32>,
@@ -41,12 +44,21 @@ impl TextTokenizer {
         // Llama-style vocabularies add BOS unless told otherwise; GPT-2-style ones do not.
         let default_bos = file.opt_str("tokenizer.ggml.model")? == Some("llama");
         let add_bos = file.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos) && bos_id.is_some();
-        Ok(Self { inner, bos_id, eos_ids, add_bos })
+        Ok(Self { inner: Some(inner), ids_only_vocab: 0, bos_id, eos_ids, add_bos })
+    }
+
+    /// The stand-in of a model with no vocabulary (dummy weights): no text encoding, no
+    /// end-of-sequence tokens, ids decoded as `<id>`.
+    pub fn ids_only(vocab: usize) -> Self {
+        Self { inner: None, ids_only_vocab: vocab, bos_id: None, eos_ids: Vec::new(), add_bos: false }
     }
 
     /// Token ids of `text` with special-token text (e.g. `<|im_start|>`) parsed; no BOS added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.inner.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+        let Some(inner) = &self.inner else {
+            return Err("this model has no vocabulary (dummy weights): give prompts as token ids".into());
+        };
+        inner.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
     }
 
     /// Token ids of a prompt: `encode`, with BOS in front where the model wants it.
@@ -62,15 +74,21 @@ impl TextTokenizer {
 
     /// Text of `ids`; special tokens are kept. Undecodable bytes become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
-        self.inner.decode(ids, false).unwrap_or_default()
+        match &self.inner {
+            Some(inner) => inner.decode(ids, false).unwrap_or_default(),
+            None => ids.iter().map(|id| format!("<{id}>")).collect(),
+        }
     }
 
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Some(inner) => inner.id_to_token(id),
+            None => ((id as usize) < self.ids_only_vocab).then(|| format!("<{id}>")),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.inner.as_ref().map_or(self.ids_only_vocab, |t| t.get_vocab_size(true))
     }
 
     pub fn is_eos(&self, id: u32) -> bool {

@@ -11,13 +11,16 @@ pub fn root() -> PathBuf {
 }
 
 pub fn golden(name: &str) -> Vec<serde_json::Value> {
-    let path = root().join("../shared/golden").join(name);
+    // BRAID_GOLDEN_DIR: where a copy of the golden data lives (a GPU machine without ../shared).
+    let dir = std::env::var_os("BRAID_GOLDEN_DIR").map_or_else(|| root().join("../shared/golden"), PathBuf::from);
+    let path = dir.join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 pub fn default_model_path() -> PathBuf {
-    let path = root().join(braid::model::DEFAULT_MODEL);
+    // BRAID_MODEL: the default model elsewhere (a GPU machine running a copied test binary).
+    let path = std::env::var_os("BRAID_MODEL").map_or_else(|| root().join(braid::model::DEFAULT_MODEL), PathBuf::from);
     assert!(path.exists(), "{} is missing: run `make model`", path.display());
     path
 }
@@ -25,7 +28,18 @@ pub fn default_model_path() -> PathBuf {
 /// The default model, loaded once per test binary.
 pub fn model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| braid::model::load(&default_model_path(), &candle_core::Device::Cpu).expect("default model loads"))
+    MODEL.get_or_init(|| braid::model::load(&default_model_path(), &test_placement()).expect("default model loads"))
+}
+
+/// Where the tests put the model: the CPU, unless BRAID_TEST_DEVICE=cuda (a build with the
+/// `cuda` feature on a GPU machine runs the same tests there).
+pub fn test_placement() -> braid::model::Placement {
+    match std::env::var("BRAID_TEST_DEVICE").as_deref() {
+        #[cfg(feature = "cuda")]
+        Ok("cuda") => braid::model::Placement::cuda(false).expect("a CUDA device"),
+        Ok("cpu") | Err(_) => braid::model::Placement::Cpu,
+        Ok(other) => panic!("BRAID_TEST_DEVICE={other}: this build knows cpu{}", if cfg!(feature = "cuda") { " and cuda" } else { "" }),
+    }
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {

@@ -1,0 +1,136 @@
+//! Where the forward pass runs: braid's CPU model over a KV cache in host memory, or (feature
+//! `cuda`) the CUDA path over a KV cache on the device. The engine sees one interface.
+
+use std::sync::Arc;
+
+use crate::model::{FlatBatch, KvCache, Llama, ModelConfig};
+
+/// A loaded model, shareable between engines (weights are read-only).
+#[derive(Clone)]
+pub enum ModelHandle {
+    Cpu(Arc<Llama>),
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<crate::gpu::CudaWeights>),
+}
+
+impl From<Arc<Llama>> for ModelHandle {
+    fn from(model: Arc<Llama>) -> Self {
+        ModelHandle::Cpu(model)
+    }
+}
+
+impl ModelHandle {
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            ModelHandle::Cpu(m) => &m.config,
+            #[cfg(feature = "cuda")]
+            ModelHandle::Cuda(w) => &w.config,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelHandle::Cpu(m) => m.vocab_size(),
+            #[cfg(feature = "cuda")]
+            ModelHandle::Cuda(w) => w.vocab_size,
+        }
+    }
+
+    /// Where the model runs, in words ("cpu", or the GPU's name).
+    pub fn device(&self) -> String {
+        match self {
+            ModelHandle::Cpu(_) => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            ModelHandle::Cuda(w) => w.gpu.name(),
+        }
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, ModelHandle::Cpu(_))
+    }
+
+    /// The CPU model, for code that runs only there.
+    pub fn cpu(&self) -> Option<&Arc<Llama>> {
+        match self {
+            ModelHandle::Cpu(m) => Some(m),
+            #[cfg(feature = "cuda")]
+            _ => None,
+        }
+    }
+
+    /// KV-cache bytes when none are configured: a quarter of available host memory on the
+    /// CPU; on a GPU, 90% of the device memory left after the activations of a step of
+    /// `tokens` tokens and `rows` logits rows (vLLM's default share).
+    pub fn default_kv_bytes(&self, tokens: usize, rows: usize) -> usize {
+        let _ = (tokens, rows);
+        match self {
+            ModelHandle::Cpu(_) => available_memory().unwrap_or(4 << 30) / 4,
+            #[cfg(feature = "cuda")]
+            ModelHandle::Cuda(w) => {
+                let free = w.gpu.memory().map(|m| m.0).unwrap_or(0);
+                let workspace = crate::gpu::CudaRunner::workspace_bytes(w, tokens, rows);
+                (free.saturating_sub(workspace) as f64 * 0.9) as usize
+            }
+        }
+    }
+
+    /// The forward pass of one engine: its own KV cache of `num_blocks` blocks, and room for
+    /// steps of up to `tokens` tokens and `rows` logits rows.
+    pub fn backend(&self, num_blocks: usize, block_size: usize, tokens: usize, rows: usize) -> Result<Backend, String> {
+        let _ = (tokens, rows);
+        match self {
+            ModelHandle::Cpu(m) => Ok(Backend::Cpu { model: Arc::clone(m), kv: KvCache::new(&m.config, num_blocks, block_size) }),
+            #[cfg(feature = "cuda")]
+            ModelHandle::Cuda(w) => crate::gpu::CudaRunner::new(Arc::clone(w), num_blocks, block_size, tokens, rows)
+                .map(|r| Backend::Cuda(Box::new(r)))
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Bytes of memory the OS says are available (Linux), if known.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub enum Backend {
+    Cpu { model: Arc<Llama>, kv: KvCache },
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::gpu::CudaRunner>),
+}
+
+/// A step's output for the rows whose logits were asked for.
+pub enum Logits {
+    /// Full logits rows, for the host's sampler.
+    Rows(Vec<Vec<f32>>),
+    /// Each row's greedy token and log-probability, chosen where the logits are.
+    Greedy(Vec<(u32, f32)>),
+}
+
+impl Backend {
+    /// One forward pass. `greedy` allows the backend to choose greedy tokens itself (the GPU
+    /// then sends back token ids instead of logits); the CPU always returns rows.
+    pub fn forward(&mut self, batch: &FlatBatch, greedy: bool) -> candle_core::Result<Logits> {
+        let _ = greedy;
+        match self {
+            Backend::Cpu { model, kv } => Ok(Logits::Rows(model.forward(batch, kv)?.to_vec2::<f32>()?)),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(runner) => Ok(match runner.forward(batch, greedy)? {
+                crate::gpu::StepOutput::Logits(rows) => Logits::Rows(rows),
+                crate::gpu::StepOutput::Greedy(tokens) => Logits::Greedy(tokens),
+            }),
+        }
+    }
+
+    /// The host-memory KV cache (the disk tier reads and fills its blocks).
+    pub fn cpu_kv(&mut self) -> Option<&mut KvCache> {
+        match self {
+            Backend::Cpu { kv, .. } => Some(kv),
+            #[cfg(feature = "cuda")]
+            _ => None,
+        }
+    }
+}

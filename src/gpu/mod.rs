@@ -1,0 +1,14 @@
+//! The CUDA path (feature `cuda`): braid's own kernels (kernels.cu) and cuBLAS over bf16
+//! weights, with a paged f16 KV cache on the device. The engine drives it exactly as it drives
+//! the CPU model: one flat batch per step.
+
+pub mod runner;
+pub mod runtime;
+pub mod weights;
+
+pub use runner::{CudaRunner, StepOutput};
+pub use runtime::{available, GemmKind, Gpu, GpuError};
+pub use weights::CudaWeights;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,367 @@
+//! One engine's forward pass on the GPU: the paged KV cache, the activation buffers sized for
+//! the engine's largest step, and the launch sequence of a llama-family forward pass.
+//!
+//! Per step the host uploads one small array (tokens, positions, cache slots, attention plans,
+//! block tables, logit rows) and reads back either each sampled row's greedy token and
+//! log-probability, or the logits rows when the requests need host-side sampling.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use super::runtime::{Buf, Gpu, GpuError, Result};
+use super::weights::CudaWeights;
+use crate::launch;
+use crate::model::batch::FlatBatch;
+use crate::model::config::RopeStyle;
+
+/// Activation buffers for up to `tokens` tokens and `rows` logits rows per step.
+struct Workspace {
+    tokens: usize,
+    rows: usize,
+    x: Buf<f32>,
+    h: Buf<bf16>,
+    qkv: Buf<f32>,
+    q: Buf<f32>,
+    attn: Buf<bf16>,
+    gate_up: Buf<f32>,
+    act: Buf<bf16>,
+    logits: Buf<f32>,
+    ids: Buf<u32>,
+    logprobs: Buf<f32>,
+    /// Scratch of the batch-invariant products that spread k over blocks.
+    split: Buf<f32>,
+    /// The step's plan, uploaded at once (grown when a step needs more).
+    meta: Buf<u32>,
+}
+
+pub struct CudaRunner {
+    weights: Arc<CudaWeights>,
+    /// Per layer, `num_blocks + 1` blocks: the last is scratch, written by the padding tokens
+    /// of graph replays and read by no sequence.
+    k: Vec<Buf<f16>>,
+    v: Vec<Buf<f16>>,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    ws: Workspace,
+    host_meta: Vec<u32>,
+    /// Decode steps replayed from CUDA graphs, one per padded batch size (`GRAPH_BATCHES`):
+    /// a step is then one launch instead of ~150.
+    graphs: std::collections::HashMap<usize, DecodeGraph>,
+    /// The fixed-address plan the graphs read (`graph_layout`).
+    graph_meta: Buf<u32>,
+    use_graphs: bool,
+}
+
+/// A captured decode step.
+struct DecodeGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: a graph is launched by whichever thread owns the runner (one at a time, `&mut`);
+// launching binds the context to that thread first.
+unsafe impl Send for DecodeGraph {}
+
+/// Padded batch sizes of the decode graphs.
+const GRAPH_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512];
+
+/// Where a step's plan parts start in the uploaded array.
+#[derive(Clone, Copy)]
+struct PlanOffsets {
+    tokens: usize,
+    positions: usize,
+    slots: usize,
+    plans: usize,
+    tables: usize,
+    logit_rows: usize,
+}
+
+/// What a forward pass hands back.
+pub enum StepOutput {
+    /// `[rows, vocab]` logits.
+    Logits(Vec<Vec<f32>>),
+    /// Greedy token and its log-probability per row, chosen on the device.
+    Greedy(Vec<(u32, f32)>),
+}
+
+/// Most rows of a product whose k-segments are spread over blocks (decode-sized steps).
+const SPLIT_ROWS: usize = 512;
+
+/// Device addresses of a step's plan parts.
+#[derive(Clone, Copy)]
+struct PlanPointers {
+    tokens: u64,
+    positions: u64,
+    slots: u64,
+    plans: u64,
+    tables: u64,
+    logit_rows: u64,
+}
+
+/// Attention plan per query token, as kernels.cu's `TokenPlan`.
+const PLAN_WORDS: usize = 4;
+
+impl CudaRunner {
+    /// Device bytes of activations for a step of `tokens` tokens and `rows` logits rows.
+    pub fn workspace_bytes(weights: &CudaWeights, tokens: usize, rows: usize) -> usize {
+        let c = &weights.config;
+        let (h, q, kv, ffn) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size);
+        tokens * (4 * h + 2 * h.max(q) + 4 * (q + 2 * kv) + 4 * q + 2 * q + 8 * ffn + 2 * ffn) + rows * (4 * weights.vocab_size + 8) + tokens * 64 * 4 + 4 * super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h)
+    }
+
+    pub fn new(weights: Arc<CudaWeights>, num_blocks: usize, block_size: usize, tokens: usize, rows: usize) -> Result<Self> {
+        let gpu = Arc::clone(&weights.gpu);
+        let c = &weights.config;
+        if !matches!(c.head_dim, 64 | 128) {
+            return Err(GpuError(format!("head dimension {} (the CUDA attention kernels take 64 or 128)", c.head_dim)));
+        }
+        if c.n_head / c.n_kv_head > 8 {
+            return Err(GpuError(format!("{} query heads per KV head (the CUDA attention kernels take up to 8)", c.n_head / c.n_kv_head)));
+        }
+        let (h, q, kv, ffn) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size);
+        let cache = (num_blocks + 1) * block_size * kv;
+        let mut k = Vec::with_capacity(c.n_layer);
+        let mut v = Vec::with_capacity(c.n_layer);
+        for _ in 0..c.n_layer {
+            k.push(gpu.alloc::<f16>(cache)?);
+            v.push(gpu.alloc::<f16>(cache)?);
+        }
+        let ws = Workspace {
+            tokens,
+            rows,
+            x: gpu.alloc(tokens * h)?,
+            h: gpu.alloc(tokens * h.max(q))?,
+            qkv: gpu.alloc(tokens * (q + 2 * kv))?,
+            q: gpu.alloc(tokens * q)?,
+            attn: gpu.alloc(tokens * q)?,
+            gate_up: gpu.alloc(tokens * 2 * ffn)?,
+            act: gpu.alloc(tokens * ffn)?,
+            logits: gpu.alloc(rows * weights.vocab_size)?,
+            ids: gpu.alloc(rows)?,
+            logprobs: gpu.alloc(rows)?,
+            split: gpu.alloc(super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h))?,
+            meta: gpu.alloc(tokens * 16)?,
+        };
+        let largest = GRAPH_BATCHES.iter().copied().filter(|&b| b <= tokens && b <= rows).max().unwrap_or(0);
+        let graph_meta = gpu.alloc(8 * largest + 1 + largest * c.context_length.div_ceil(block_size))?;
+        let use_graphs = std::env::var_os("BRAID_CUDA_GRAPHS").is_none_or(|v| v != "0");
+        Ok(Self { weights, k, v, block_size, num_blocks, ws, host_meta: Vec::new(), graphs: Default::default(), graph_meta, use_graphs })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.weights.vocab_size
+    }
+
+    /// One forward pass. With `greedy`, each logits row's first maximum and its log-probability
+    /// are chosen on the device and only they come back.
+    pub fn forward(&mut self, batch: &FlatBatch, greedy: bool) -> Result<StepOutput> {
+        let w = Arc::clone(&self.weights);
+        let n = batch.tokens.len();
+        let rows = batch.logit_rows.len();
+        if n > self.ws.tokens || rows > self.ws.rows {
+            return Err(GpuError(format!("a step of {n} tokens and {rows} logits rows exceeds the workspace ({} / {})", self.ws.tokens, self.ws.rows)));
+        }
+        if let Some(&p) = batch.positions.iter().max()
+            && p as usize >= w.positions
+        {
+            return Err(GpuError(format!("position {p} is past the rope tables ({} positions)", w.positions)));
+        }
+        let decode_only = rows == n && batch.seqs.iter().all(|s| s.query_len == 1);
+        if greedy
+            && decode_only
+            && self.use_graphs
+            && let Some(out) = self.forward_graph(batch)?
+        {
+            return Ok(out);
+        }
+        let o = self.upload_plan(batch)?;
+        let at = |x: usize| self.ws.meta.at(x);
+        let ptrs = PlanPointers { tokens: at(0), positions: at(o[1]), slots: at(o[2]), plans: at(o[3]), tables: at(o[4]), logit_rows: at(o[5]) };
+        self.launch_forward(n, rows, ptrs, greedy)?;
+        self.read_output(rows, rows, greedy)
+    }
+
+    /// A decode step through the graph of its padded batch size, captured on first use.
+    /// None when the step does not fit a graph (the caller runs it directly).
+    fn forward_graph(&mut self, batch: &FlatBatch) -> Result<Option<StepOutput>> {
+        let n = batch.tokens.len();
+        let Some(&padded) = GRAPH_BATCHES.iter().find(|&&b| b >= n && b <= self.ws.tokens && b <= self.ws.rows) else { return Ok(None) };
+        let Some(o) = graph_layout(batch, padded, self.block_size, self.num_blocks, &mut self.host_meta)? else { return Ok(None) };
+        if self.host_meta.len() > self.graph_meta.len {
+            return Ok(None);
+        }
+        self.weights.gpu.write(&self.host_meta, &mut self.graph_meta)?;
+        if !self.graphs.contains_key(&padded) {
+            let at = |x: usize| self.graph_meta.at(x);
+            let ptrs = PlanPointers {
+                tokens: at(o.tokens),
+                positions: at(o.positions),
+                slots: at(o.slots),
+                plans: at(o.plans),
+                tables: at(o.tables),
+                logit_rows: at(o.logit_rows),
+            };
+            let stream = Arc::clone(&self.weights.gpu.stream);
+            stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+            let launched = self.launch_forward(padded, padded, ptrs, true);
+            let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            match (launched, captured) {
+                (Ok(()), Ok(Some(graph))) => {
+                    self.graphs.insert(padded, DecodeGraph(graph));
+                }
+                (launched, captured) => {
+                    tracing::warn!("CUDA graph capture failed ({:?} / {:?}): decode steps run without graphs", launched.err(), captured.err());
+                    self.use_graphs = false;
+                    return Ok(None);
+                }
+            }
+        }
+        self.graphs[&padded].0.launch()?;
+        self.read_output(n, padded, true).map(Some)
+    }
+
+    /// Copies back the first `wanted` rows' results of a step with `rows` logits rows.
+    fn read_output(&mut self, wanted: usize, rows: usize, greedy: bool) -> Result<StepOutput> {
+        let gpu = Arc::clone(&self.weights.gpu);
+        if rows == 0 {
+            gpu.synchronize()?;
+            return Ok(StepOutput::Logits(Vec::new()));
+        }
+        if greedy {
+            let mut ids = vec![0u32; wanted];
+            let mut logprobs = vec![0f32; wanted];
+            gpu.read(&self.ws.ids, &mut ids)?;
+            gpu.read(&self.ws.logprobs, &mut logprobs)?;
+            return Ok(StepOutput::Greedy(ids.into_iter().zip(logprobs).collect()));
+        }
+        let vocab = self.weights.vocab_size;
+        let mut all = vec![0f32; wanted * vocab];
+        gpu.read(&self.ws.logits, &mut all)?;
+        Ok(StepOutput::Logits(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect()))
+    }
+
+    /// Queues a whole forward pass of `n` tokens and `rows` logits rows (no copies, no waits:
+    /// a graph can capture it).
+    fn launch_forward(&self, n: usize, rows: usize, p: PlanPointers, greedy: bool) -> Result<()> {
+        let w = &self.weights;
+        let gpu: &Gpu = &w.gpu;
+        let c = &w.config;
+        let (h, q, kv, ffn) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size);
+        let ws = &self.ws;
+        let n32 = n as u32;
+        launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
+        let attention = if c.head_dim == 64 { &gpu.k.paged_attention_d64 } else { &gpu.k.paged_attention_d128 };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let neox = i32::from(c.rope_style == RopeStyle::Neox);
+        for (l, layer) in w.layers.iter().enumerate() {
+            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), 256; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+            gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
+            let bias = layer.qkv_bias.as_ref().map_or(0, |b| b.ptr);
+            launch!(gpu, &gpu.k.rope_and_cache, (n32, 1, 1), 256;
+                ws.qkv.ptr, bias, p.positions, p.slots, w.cos.ptr, w.sin.ptr, ws.q.ptr, self.k[l].ptr, self.v[l].ptr,
+                c.n_head as i32, c.n_kv_head as i32, c.head_dim as i32, c.rope_dim as i32, neox)?;
+            launch!(gpu, attention, (n32, c.n_kv_head as u32, 1), 128;
+                ws.q.ptr, self.k[l].ptr, self.v[l].ptr, p.plans, p.tables, ws.attn.ptr,
+                c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale)?;
+            gpu.gemm(ws.attn.ptr, layer.o.ptr, ws.x.ptr, n, h, q, true, &ws.split)?;
+            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), 256; ws.x.ptr, 0u64, layer.ffn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+            gpu.gemm(ws.h.ptr, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h, false, &ws.split)?;
+            let total = (n * ffn) as u64;
+            let grid = (total.div_ceil(256).min(65_535)) as u32;
+            launch!(gpu, &gpu.k.silu_mul_bf16, (grid, 1, 1), 256; ws.gate_up.ptr, ws.act.ptr, ffn as i32, total)?;
+            gpu.gemm(ws.act.ptr, layer.down.ptr, ws.x.ptr, n, h, ffn, true, &ws.split)?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let rows32 = rows as u32;
+        launch!(gpu, &gpu.k.rms_norm_bf16, (rows32, 1, 1), 256; ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+        let output = w.output.as_ref().unwrap_or(&w.embeddings);
+        let vocab = w.vocab_size;
+        gpu.gemm(ws.h.ptr, output.ptr, ws.logits.ptr, rows, vocab, h, false, &ws.split)?;
+        if greedy {
+            launch!(gpu, &gpu.k.argmax_logprob, (rows32, 1, 1), 1024; ws.logits.ptr, vocab as i32, ws.ids.ptr, ws.logprobs.ptr)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the step's plan as one array; returns where each part starts (in u32 words):
+    /// tokens, positions, cache slots, attention plans, block tables, logit rows.
+    fn upload_plan(&mut self, batch: &FlatBatch) -> Result<[usize; 6]> {
+        let offsets = write_plan(batch, self.block_size, self.num_blocks, &mut self.host_meta)?;
+        if self.host_meta.len() > self.ws.meta.len {
+            self.ws.meta = self.weights.gpu.alloc(self.host_meta.len().next_power_of_two())?;
+        }
+        self.weights.gpu.write(&self.host_meta, &mut self.ws.meta)?;
+        Ok(offsets)
+    }
+}
+
+/// Lays out a step's plan in `m`: tokens, positions, cache slots, attention plans (kernels.cu's
+/// `TokenPlan` per token), block tables, logit rows. Returns where each part starts.
+pub fn write_plan(batch: &FlatBatch, bs: usize, num_blocks: usize, m: &mut Vec<u32>) -> Result<[usize; 6]> {
+    let n = batch.tokens.len();
+    m.clear();
+    let mut offsets = [0usize; 6];
+    m.extend_from_slice(&batch.tokens);
+    offsets[1] = m.len();
+    m.extend_from_slice(&batch.positions);
+    offsets[2] = m.len();
+    for seq in &batch.seqs {
+        for j in seq.context_len - seq.query_len..seq.context_len {
+            let block = seq.block_table[j / bs];
+            if block as usize >= num_blocks {
+                return Err(GpuError(format!("block {block} of a step's table is outside the cache")));
+            }
+            m.push(block * bs as u32 + (j % bs) as u32);
+        }
+    }
+    offsets[3] = m.len();
+    let mut table_offset = 0usize;
+    for seq in &batch.seqs {
+        let (keep, size) = seq.window.map_or((0, 0), |w| (w.keep as u32, w.size as u32));
+        for j in seq.context_len - seq.query_len..seq.context_len {
+            m.extend_from_slice(&[j as u32, table_offset as u32, keep, size]);
+        }
+        table_offset += seq.block_table.len();
+    }
+    debug_assert_eq!(m.len() - offsets[3], n * PLAN_WORDS);
+    offsets[4] = m.len();
+    for seq in &batch.seqs {
+        m.extend_from_slice(&seq.block_table);
+    }
+    offsets[5] = m.len();
+    m.extend(batch.logit_rows.iter().map(|&r| r as u32));
+    Ok(offsets)
+}
+
+/// The plan of a decode step padded to `padded` tokens, at addresses that depend on `padded`
+/// alone (a graph bakes them in): tokens, positions, slots, plans, logit rows (`padded` rows
+/// each, plans 4 words a token), then the block tables, the scratch block first. Padding
+/// tokens decode token 0 at position 0 into the scratch block. None when a table entry is
+/// released (windowed sequences; they run without graphs).
+fn graph_layout(batch: &FlatBatch, padded: usize, bs: usize, num_blocks: usize, m: &mut Vec<u32>) -> Result<Option<PlanOffsets>> {
+    let n = batch.tokens.len();
+    let o = PlanOffsets { tokens: 0, positions: padded, slots: 2 * padded, plans: 3 * padded, logit_rows: 7 * padded, tables: 8 * padded };
+    m.clear();
+    m.resize(o.tables, 0);
+    m.push(num_blocks as u32); // the scratch block
+    let scratch_slot = (num_blocks * bs) as u32;
+    for (t, seq) in batch.seqs.iter().enumerate() {
+        let j = seq.context_len - 1;
+        let block = seq.block_table[j / bs];
+        if block as usize >= num_blocks || seq.window.is_some() {
+            return Ok(None);
+        }
+        m[o.tokens + t] = batch.tokens[t];
+        m[o.positions + t] = batch.positions[t];
+        m[o.slots + t] = block * bs as u32 + (j % bs) as u32;
+        let table = (m.len() - o.tables) as u32;
+        m[o.plans + 4 * t..o.plans + 4 * t + 4].copy_from_slice(&[j as u32, table, 0, 0]);
+        m[o.logit_rows + t] = t as u32;
+        m.extend_from_slice(&seq.block_table);
+    }
+    for t in n..padded {
+        m[o.slots + t] = scratch_slot;
+        m[o.logit_rows + t] = t as u32;
+    }
+    Ok(Some(o))
+}

@@ -1,0 +1,321 @@
+//! The CUDA device as braid uses it: one context and stream, braid's kernels (kernels.cu,
+//! compiled by build.rs) and cuBLAS, and device buffers addressed by raw pointers.
+//!
+//! Everything runs on one stream in order, so cudarc's per-buffer event tracking (made for
+//! several streams) is switched off: a launch is then one driver call.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+
+static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+pub type Result<T> = std::result::Result<T, GpuError>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("CUDA: {0}")]
+pub struct GpuError(pub String);
+
+impl From<cudarc::driver::DriverError> for GpuError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        GpuError(e.to_string())
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for GpuError {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        GpuError(format!("cuBLAS: {e:?}"))
+    }
+}
+
+impl From<GpuError> for candle_core::Error {
+    fn from(e: GpuError) -> Self {
+        candle_core::Error::Msg(e.to_string())
+    }
+}
+
+/// A device buffer of `len` elements and its address.
+pub struct Buf<T> {
+    slice: CudaSlice<T>,
+    pub ptr: u64,
+    pub len: usize,
+}
+
+impl<T> Buf<T> {
+    /// Address of element `i`.
+    pub fn at(&self, i: usize) -> u64 {
+        assert!(i <= self.len);
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+}
+
+/// braid's kernels, looked up once.
+pub struct Kernels {
+    pub fill_dummy_bf16: CudaFunction,
+    pub fill_dummy_f32: CudaFunction,
+    pub embed_rows: CudaFunction,
+    pub rms_norm_bf16: CudaFunction,
+    pub rope_and_cache: CudaFunction,
+    pub paged_attention_d64: CudaFunction,
+    pub paged_attention_d128: CudaFunction,
+    pub silu_mul_bf16: CudaFunction,
+    pub argmax_logprob: CudaFunction,
+    pub gemm_m16: CudaFunction,
+    pub gemm_m64: CudaFunction,
+    pub gemm_m128: CudaFunction,
+    pub gemm_reduce: CudaFunction,
+}
+
+/// Which matrix products the forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKind {
+    /// cuBLAS (the default): the fastest, but it picks kernels (and so summation orders) by
+    /// shape, so a token batched with others can differ in the last bits from the same token
+    /// alone, and a near-tie can then pick another greedy token.
+    Cublas,
+    /// braid's kernel (`--batch-invariant`): each row's result is the same bits whatever else
+    /// is in the batch; 1.2-2.5x slower than cuBLAS for decode and ~6x for large prefills.
+    BatchInvariant,
+}
+
+/// How a batch-invariant product is spread over blocks (tests force each way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// Segments over blocks when the output alone has too few tiles to fill the GPU.
+    Auto,
+    Registers,
+    Blocks,
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _cublas_workspace: CudaSlice<u8>,
+    pub k: Kernels,
+    pub gemm_kind: GemmKind,
+    multiprocessors: usize,
+}
+
+/// Bytes of cuBLAS scratch (what it asks for on Hopper).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Output tile width of the batch-invariant product (every variant).
+const GEMM_BN: usize = 64;
+/// Most k-segments of a product.
+pub const GEMM_MAX_SEGMENTS: usize = 8;
+
+/// Segments of a k-wide product: the most of 8, 4, 2, 1 that cut k into multiples of 32.
+/// A function of k alone: every shape of batch sums a row in the same order.
+pub fn gemm_segments(k: usize) -> usize {
+    [8, 4, 2, 1].into_iter().find(|&s| (k / 32).is_multiple_of(s)).expect("1 divides everything")
+}
+
+/// Whether a CUDA driver and device are present (false, not an error, when not).
+pub fn available() -> bool {
+    // cudarc panics when it cannot open the driver library: silence that report here.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let found = std::panic::catch_unwind(|| CudaContext::device_count().map(|n| n > 0).unwrap_or(false)).unwrap_or(false);
+    std::panic::set_hook(hook);
+    found
+}
+
+impl Gpu {
+    pub fn new(ordinal: usize, gemm_kind: GemmKind) -> Result<Self> {
+        if !available() {
+            return Err(GpuError("no CUDA driver or device found (is libcuda.so.1 on the loader's path?)".into()));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: braid uses one stream; nothing needs cross-stream events.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of its own: the legacy default stream cannot be captured into graphs.
+        let stream = ctx.new_stream()?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(KERNELS.to_vec()))?;
+        let f = |name: &str| module.load_function(name);
+        let k = Kernels {
+            fill_dummy_bf16: f("fill_dummy_bf16")?,
+            fill_dummy_f32: f("fill_dummy_f32")?,
+            embed_rows: f("embed_rows")?,
+            rms_norm_bf16: f("rms_norm_bf16")?,
+            rope_and_cache: f("rope_and_cache")?,
+            paged_attention_d64: f("paged_attention_d64")?,
+            paged_attention_d128: f("paged_attention_d128")?,
+            silu_mul_bf16: f("silu_mul_bf16")?,
+            argmax_logprob: f("argmax_logprob")?,
+            gemm_m16: f("gemm_m16")?,
+            gemm_m64: f("gemm_m64")?,
+            gemm_m128: f("gemm_m128")?,
+            gemm_reduce: f("gemm_reduce")?,
+        };
+        let blas = CudaBlas::new(stream.clone())?;
+        // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
+        let workspace = {
+            // SAFETY: cuBLAS only uses it as scratch.
+            let slice = unsafe { stream.alloc::<u8>(CUBLAS_WORKSPACE) }?;
+            let ptr = slice.device_ptr(&stream).0;
+            // SAFETY: the handle and the buffer live as long as this Gpu.
+            unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, CUBLAS_WORKSPACE) }.result()?;
+            slice
+        };
+        let multiprocessors = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors })
+    }
+
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    /// An uninitialised buffer (every user writes before reading).
+    pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<Buf<T>> {
+        // SAFETY: contents are written by kernels or copies before they are read.
+        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(Buf { slice, ptr, len })
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<Buf<T>> {
+        let mut buf = self.alloc::<T>(host.len())?;
+        self.stream.memcpy_htod(host, &mut buf.slice)?;
+        Ok(buf)
+    }
+
+    /// Copies `host` to the start of `dst`.
+    pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut Buf<T>) -> Result<()> {
+        assert!(host.len() <= dst.len);
+        if host.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.slice.slice_mut(0..host.len());
+        self.stream.memcpy_htod(host, &mut view)?;
+        Ok(())
+    }
+
+    /// Copies the first `host.len()` elements of `src` to `host`, waiting for the stream.
+    pub fn read<T: DeviceRepr>(&self, src: &Buf<T>, host: &mut [T]) -> Result<()> {
+        assert!(host.len() <= src.len);
+        if host.is_empty() {
+            return Ok(());
+        }
+        let view = src.slice.slice(0..host.len());
+        self.stream.memcpy_dtoh(&view, host)?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    pub fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`: bf16 operands, f32 sums and
+    /// output, row-major. `split` is scratch for `GEMM_MAX_SEGMENTS * m * n` floats (or fewer:
+    /// products that do not fit keep their sums in registers).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>) -> Result<()> {
+        match self.gemm_kind {
+            GemmKind::BatchInvariant => self.gemm_invariant(x, w, y, m, n, k, accumulate, split, Spread::Auto),
+            GemmKind::Cublas => self.gemm_cublas(x, w, y, m, n, k, if accumulate { 1.0 } else { 0.0 }),
+        }
+    }
+
+    /// The batch-invariant product (kernels.cu, `gemm_tile`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_invariant(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+        if !k.is_multiple_of(32) || m == 0 || n == 0 {
+            return Err(GpuError(format!("a {m}x{n}x{k} product: k must be a multiple of 32")));
+        }
+        // Tile shapes change the speed, never the sums: the largest tile that still gives
+        // every multiprocessor two blocks.
+        let n_tiles = n.div_ceil(GEMM_BN);
+        let (f, bm, threads) = match m {
+            ..=16 => (&self.k.gemm_m16, 16, 128u32),
+            _ if m <= 64 || n_tiles * m.div_ceil(128) < 2 * self.multiprocessors => (&self.k.gemm_m64, 64, 128),
+            _ => (&self.k.gemm_m128, 128, 256),
+        };
+        let nseg = gemm_segments(k);
+        let tiles = n_tiles * m.div_ceil(bm);
+        let fits = nseg * m * n <= split.len;
+        // Spreading k over blocks costs a round trip of the partial sums through memory: only
+        // when the output alone leaves multiprocessors idle.
+        let blocks = nseg > 1
+            && match spread {
+                Spread::Auto => fits && tiles < self.multiprocessors,
+                Spread::Blocks => fits,
+                Spread::Registers => false,
+            };
+        let grid = (n.div_ceil(GEMM_BN) as u32, m.div_ceil(bm) as u32, if blocks { nseg as u32 } else { 1 });
+        let (partial, per_block) = if blocks { (split.ptr, 1) } else { (0u64, nseg) };
+        let acc = i32::from(accumulate);
+        crate::launch!(self, f, grid, threads; x, w, y, partial, m as i32, n as i32, k as i32, nseg as i32, per_block as i32, acc)?;
+        if blocks {
+            let mn = (m * n) as u64;
+            let grid = mn.div_ceil(256).min(4 * 65_535) as u32;
+            crate::launch!(self, &self.k.gemm_reduce, (grid, 1, 1), 256; split.ptr, y, mn, nseg as i32, acc)?;
+        }
+        Ok(())
+    }
+
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ + beta · y` through cuBLAS (column-major: it sees the
+    /// transposes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_cublas(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, beta: f32) -> Result<()> {
+        let alpha = 1.0f32;
+        // SAFETY: the pointers address buffers of at least these shapes (callers size them).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Launches a kernel: `launch!(gpu, function, grid, block; arg, ...)`. Each argument is bound
+/// to a local that lives to the end of the launch, since the driver reads it by address; types
+/// must match the kernel's signature (u64 for pointers, i32, u64, f32).
+#[macro_export]
+macro_rules! launch {
+    ($gpu:expr, $f:expr, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let gpu: &$crate::gpu::runtime::Gpu = $gpu;
+        let mut builder = gpu.stream.launch_builder($f);
+        $(
+            // Shadowed, not dropped: every argument lives until the block ends.
+            let arg = $arg;
+            builder.arg(&arg);
+        )*
+        let config = $crate::gpu::runtime::Gpu::config($grid, $block);
+        // SAFETY: the caller passes the kernel's arguments in its signature's order and types.
+        unsafe { builder.launch(config) }
+            .map(|_| ())
+            .map_err($crate::gpu::runtime::GpuError::from)
+    }};
+}

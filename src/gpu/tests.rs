@@ -1,0 +1,222 @@
+//! The CUDA kernels against braid's plain CPU code on random inputs of odd sizes. They need a
+//! GPU (a `cuda` build run on a GPU machine) and pass vacuously, saying so, where none is found.
+
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::runtime::{available, Buf, Gpu, Spread};
+use crate::launch;
+use crate::model::attention::{paged_attention, AttentionPlan, AttentionShape};
+use crate::model::batch::{FlatBatch, Window};
+use crate::model::kv_cache::LayerKv;
+
+fn gpu() -> Option<Gpu> {
+    if !available() {
+        eprintln!("no CUDA device: skipped");
+        return None;
+    }
+    Some(Gpu::new(0, super::runtime::GemmKind::BatchInvariant).expect("the CUDA device opens"))
+}
+
+fn random_bf16(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<bf16> {
+    (0..n).map(|_| bf16::from_f32(r.random_range(-scale..scale))).collect()
+}
+
+fn read<T: cudarc::driver::DeviceRepr + Clone + Default>(gpu: &Gpu, buf: &Buf<T>, n: usize) -> Vec<T> {
+    let mut out = vec![T::default(); n];
+    gpu.read(buf, &mut out).unwrap();
+    out
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[(1, 70, 64), (5, 129, 96), (17, 200, 576), (16, 64, 2048), (64, 33, 160), (65, 300, 1024), (300, 77, 352), (130, 1000, 256)];
+
+/// Every variant and spread against an f64 product of the same bf16 operands; outputs poisoned
+/// with NaN first, so an unwritten element fails.
+#[test]
+fn gemm_matches_the_reference_product() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(11);
+    for &(m, n, k) in SHAPES {
+        let x = random_bf16(&mut r, m * k, 2.0);
+        let w = random_bf16(&mut r, n * k, 1.0);
+        let y0: Vec<f32> = (0..m * n).map(|_| r.random_range(-1.0f32..1.0)).collect();
+        let (xd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
+        let split = gpu.alloc::<f32>(8 * m * n).unwrap();
+        for spread in [Spread::Auto, Spread::Registers, Spread::Blocks] {
+            for accumulate in [false, true] {
+                let start = if accumulate { y0.clone() } else { vec![f32::NAN; m * n] };
+                let yd = gpu.upload(&start).unwrap();
+                gpu.gemm_invariant(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate, &split, spread).unwrap();
+                let y = read(&gpu, &yd, m * n);
+                for row in 0..m {
+                    for col in 0..n {
+                        let dot: f64 = (0..k).map(|i| x[row * k + i].to_f64() * w[col * k + i].to_f64()).sum();
+                        let want = dot + if accumulate { y0[row * n + col] as f64 } else { 0.0 };
+                        let got = y[row * n + col] as f64;
+                        assert!((got - want).abs() <= 1e-5 * (k as f64).sqrt() * 2.0 + 1e-6 * want.abs(), "{m}x{n}x{k} {spread:?} acc {accumulate} ({row},{col}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A row's result is the same bits alone, inside any batch, and however the work is spread.
+#[test]
+fn gemm_rows_do_not_depend_on_the_batch() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(12);
+    for &(m, n, k) in SHAPES {
+        let x = random_bf16(&mut r, m * k, 2.0);
+        let w = random_bf16(&mut r, n * k, 1.0);
+        let wd = gpu.upload(&w).unwrap();
+        let split = gpu.alloc::<f32>(8 * m * n).unwrap();
+        let run = |rows: &[bf16], count: usize, spread: Spread| {
+            let xd = gpu.upload(rows).unwrap();
+            let yd = gpu.alloc::<f32>(count * n).unwrap();
+            gpu.gemm_invariant(xd.ptr, wd.ptr, yd.ptr, count, n, k, false, &split, spread).unwrap();
+            read(&gpu, &yd, count * n)
+        };
+        let batched = run(&x, m, Spread::Registers);
+        for spread in [Spread::Auto, Spread::Blocks] {
+            assert!(run(&x, m, spread).iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{n}x{k} {spread:?}");
+        }
+        for row in [0, m / 2, m - 1] {
+            for spread in [Spread::Auto, Spread::Registers, Spread::Blocks] {
+                let alone = run(&x[row * k..(row + 1) * k], 1, spread);
+                let same = alone.iter().zip(&batched[row * n..(row + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{m}x{n}x{k}: row {row} alone ({spread:?}) differs from the batch");
+            }
+        }
+    }
+}
+
+/// Paged attention over a mix of decodes and prefill chunks (odd lengths, shuffled block
+/// tables, a window), against the CPU kernel on the same f16 cache; outputs are bf16.
+#[test]
+fn attention_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(13);
+    for (n_head, n_kv_head, head_dim) in [(9, 3, 64), (32, 8, 64), (28, 4, 128), (8, 8, 128)] {
+        let (bs, num_blocks) = (16, 64);
+        let width = n_kv_head * head_dim;
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        rand::seq::SliceRandom::shuffle(&mut ids[..], &mut r);
+        let mut batch = FlatBatch::default();
+        let mut next = 0;
+        // (new tokens, context after the step, window)
+        for (new, context, window) in [(1usize, 37usize, None), (23, 23, None), (5, 150, None), (1, 1, None), (1, 200, Some(Window { keep: 4, size: 40 }))] {
+            let blocks = context.div_ceil(bs);
+            let table = ids[next..next + blocks].to_vec();
+            next += blocks;
+            let tokens: Vec<u32> = (0..new as u32).collect();
+            batch.push(&tokens, context, table, true);
+            batch.seqs.last_mut().unwrap().window = window;
+        }
+        let n = batch.tokens.len();
+        let cache = num_blocks * bs * width;
+        let kv = LayerKv {
+            k: (0..cache).map(|_| f16::from_f32(r.random_range(-1.0f32..1.0))).collect(),
+            v: (0..cache).map(|_| f16::from_f32(r.random_range(-1.0f32..1.0))).collect(),
+        };
+        let q: Vec<f32> = (0..n * n_head * head_dim).map(|_| r.random_range(-2.0f32..2.0)).collect();
+        let plan = AttentionPlan::new(&batch, bs);
+        let shape = AttentionShape { n_head, n_kv_head, head_dim };
+        // The random cache stands for K/V already written, the new tokens' included.
+        let want = paged_attention(&batch, &plan, &kv, &q, &shape);
+
+        let mut meta = Vec::new();
+        let offsets = super::runner::write_plan(&batch, bs, num_blocks, &mut meta).unwrap();
+        let meta_d = gpu.upload(&meta).unwrap();
+        let (qd, kd, vd) = (gpu.upload(&q).unwrap(), gpu.upload(&kv.k).unwrap(), gpu.upload(&kv.v).unwrap());
+        let out = gpu.alloc::<bf16>(n * n_head * head_dim).unwrap();
+        let f = if head_dim == 64 { &gpu.k.paged_attention_d64 } else { &gpu.k.paged_attention_d128 };
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        launch!(&gpu, f, (n as u32, n_kv_head as u32, 1), 128;
+            qd.ptr, kd.ptr, vd.ptr, meta_d.at(offsets[3]), meta_d.at(offsets[4]), out.ptr,
+            n_head as i32, n_kv_head as i32, bs as i32, scale).unwrap();
+        let got = read(&gpu, &out, n * n_head * head_dim);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let g = g.to_f32();
+            assert!((g - w).abs() <= 1e-2 * w.abs() + 1e-3, "heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {g} vs {w}");
+        }
+    }
+}
+
+/// RMS norm (over picked rows) and SwiGLU against norm.rs and vmath.rs, rounded to bf16.
+#[test]
+fn norm_and_swiglu_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(14);
+    let (rows, hidden, ffn) = (7usize, 576usize, 1539usize);
+    let x: Vec<f32> = (0..rows * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
+    let w: Vec<f32> = (0..hidden).map(|_| r.random_range(0.5f32..1.5)).collect();
+    let pick: Vec<u32> = vec![6, 0, 3];
+    let (xd, wd, pd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&pick).unwrap());
+    let out = gpu.alloc::<bf16>(pick.len() * hidden).unwrap();
+    launch!(&gpu, &gpu.k.rms_norm_bf16, (pick.len() as u32, 1, 1), 256; xd.ptr, pd.ptr, wd.ptr, out.ptr, hidden as i32, 1e-5f32).unwrap();
+    let got = read(&gpu, &out, pick.len() * hidden);
+    for (i, &p) in pick.iter().enumerate() {
+        let mut want = x[p as usize * hidden..(p as usize + 1) * hidden].to_vec();
+        crate::model::norm::rms_norm_row(&mut want, &w, 1e-5);
+        for (g, w) in got[i * hidden..(i + 1) * hidden].iter().zip(&want) {
+            // Within one bf16 step: the sums of squares are added in another order.
+            assert!((g.to_f32() - w).abs() <= w.abs() / 128.0, "norm row {p}: {g} vs {w}");
+        }
+    }
+    let gate_up: Vec<f32> = (0..rows * 2 * ffn).map(|_| r.random_range(-6.0f32..6.0)).collect();
+    let gd = gpu.upload(&gate_up).unwrap();
+    let act = gpu.alloc::<bf16>(rows * ffn).unwrap();
+    launch!(&gpu, &gpu.k.silu_mul_bf16, (64, 1, 1), 256; gd.ptr, act.ptr, ffn as i32, (rows * ffn) as u64).unwrap();
+    let got = read(&gpu, &act, rows * ffn);
+    for t in 0..rows {
+        let (g, u) = gate_up[t * 2 * ffn..(t + 1) * 2 * ffn].split_at(ffn);
+        let mut want = vec![0f32; ffn];
+        crate::model::vmath::silu_mul(g, u, &mut want);
+        for (i, (a, b)) in got[t * ffn..(t + 1) * ffn].iter().zip(&want).enumerate() {
+            assert!((a.to_f32() - b).abs() <= 8e-3 * b.abs() + 1e-6, "swiglu ({t},{i}): {a} vs {b}");
+        }
+    }
+}
+
+/// Not a test: times the batch-invariant product against cuBLAS on the shapes of a
+/// Llama-3.2-1B step (`cargo test --features cuda gpu::tests::gemm_speed -- --ignored`).
+#[test]
+#[ignore]
+fn gemm_speed() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(15);
+    let shapes = [(3072usize, 2048usize, "qkv"), (2048, 2048, "o"), (16384, 2048, "gate_up"), (2048, 8192, "down"), (128256, 2048, "lm_head")];
+    let max_w = shapes.iter().map(|s| s.0 * s.1).max().unwrap();
+    let w = gpu.upload(&random_bf16(&mut r, max_w, 0.05)).unwrap();
+    let x = gpu.upload(&random_bf16(&mut r, 8192 * 8192, 1.0)).unwrap();
+    let y = gpu.alloc::<f32>(8192 * 16384).unwrap();
+    let split = gpu.alloc::<f32>(8 * 512 * 4096).unwrap();
+    for m in [1usize, 32, 256, 4096] {
+        for &(n, k, name) in &shapes {
+            if m > 256 && name == "lm_head" {
+                continue;
+            }
+            let time = |f: &dyn Fn()| {
+                for _ in 0..3 {
+                    f();
+                }
+                gpu.synchronize().unwrap();
+                let start = std::time::Instant::now();
+                let reps = 20;
+                for _ in 0..reps {
+                    f();
+                }
+                gpu.synchronize().unwrap();
+                start.elapsed().as_secs_f64() / reps as f64 * 1e6
+            };
+            let ours = time(&|| gpu.gemm_invariant(x.ptr, w.ptr, y.ptr, m, n, k, false, &split, Spread::Auto).unwrap());
+            let cublas = time(&|| gpu.gemm_cublas(x.ptr, w.ptr, y.ptr, m, n, k, 0.0).unwrap());
+            let bytes = (n * k * 2 + m * k * 2 + m * n * 4) as f64;
+            let flops = 2.0 * (m * n * k) as f64;
+            println!("gemm m={m:5} {name:8} {n}x{k}: invariant {ours:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)  cublas {cublas:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)",
+                bytes / ours / 1e3, flops / ours / 1e6, bytes / cublas / 1e3, flops / cublas / 1e6);
+        }
+    }
+}
