@@ -25,8 +25,10 @@ model:
 build:
 	$(CARGO) build --release
 
+# Lints the CPU build and the CUDA path (the latter without nvcc: BRAID_CUDA_CHECK_ONLY).
 clippy:
 	$(CARGO) clippy --release --all-targets -- -D warnings
+	BRAID_CUDA_CHECK_ONLY=1 $(CARGO) clippy --release --features cuda --all-targets -- -D warnings
 
 # The CUDA build, on any Linux machine (no GPU or CUDA install needed): a CUDA 13.0 toolchain
 # from PyPI wheels in .cuda/ (unless NVCC or CUDA_HOME names one), then a stripped binary at

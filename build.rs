@@ -11,8 +11,16 @@ fn main() {
         return;
     }
     println!("cargo:rerun-if-changed=src/gpu/kernels.cu");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "BRAID_CUDA_CHECK_ONLY"] {
         println!("cargo:rerun-if-env-changed={var}");
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("kernels.fatbin");
+    if std::env::var_os("BRAID_CUDA_CHECK_ONLY").is_some() {
+        // Type-checking and linting the CUDA path on a machine without nvcc (CI): no kernels;
+        // such a binary refuses to open a GPU.
+        println!("cargo:warning=BRAID_CUDA_CHECK_ONLY: built without CUDA kernels");
+        std::fs::write(&out, b"").unwrap();
+        return;
     }
     let nvcc = std::env::var_os("NVCC").map(PathBuf::from).unwrap_or_else(|| {
         let candidates = [
@@ -22,7 +30,6 @@ fn main() {
         candidates.into_iter().flatten().find(|p| p.exists()).unwrap_or_else(|| PathBuf::from("nvcc"))
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("kernels.fatbin");
     let status = Command::new(&nvcc)
         .args(["--fatbin", "-O3", "-fmad=false", "-lineinfo", "-std=c++17"])
         .arg(format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]"))

@@ -58,7 +58,7 @@ extern "C" __global__ void embed_rows(const __nv_bfloat16* table, const uint32_t
 // out = (x * scale) * w, rounded to bf16 for the next matrix product. One block per output row;
 // `rows` (optional) picks which rows of x to normalise.
 
-#define NORM_THREADS 256
+#define NORM_THREADS 1024
 
 extern "C" __global__ void rms_norm_bf16(const float* x, const uint32_t* rows, const float* w, __nv_bfloat16* out,
                                          int hidden, float eps) {
@@ -150,7 +150,6 @@ extern "C" __global__ void rope_and_cache(const float* qkv, const float* bias, c
 // covers 32 / LPK keys per pass and keeps a running (max, sum, acc) per query head (online
 // softmax); the groups, then the 4 warps, are merged at the end.
 
-#define ATT_WARPS 4
 #define MAX_GROUP 8
 
 struct TokenPlan {
@@ -171,7 +170,7 @@ __device__ __forceinline__ void load8(const __half* p, float* out) {
     }
 }
 
-template <int D>
+template <int D, int ATT_WARPS>
 __device__ void attention_impl(const float* q, const __half* k_cache, const __half* v_cache,
                                const TokenPlan* plans, const uint32_t* block_tables, __nv_bfloat16* out,
                                int n_head, int n_kv_head, int block_size, float scale) {
@@ -300,17 +299,20 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-paged_attention_d64(const float* q, const __half* k, const __half* v, const TokenPlan* plans, const uint32_t* tables,
-                    __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale) {
-    attention_impl<64>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale);
-}
+// Variants by head dimension and warps per block: 8 warps finish one token's keys sooner (small
+// decode batches, where there are few blocks), 4 leave room for two blocks per multiprocessor
+// (large batches). A token's sums depend on the variant, so the batch-invariant mode keeps one.
+#define ATTENTION_VARIANT(NAME, D, WARPS)                                                                       \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
+    NAME(const float* q, const __half* k, const __half* v, const TokenPlan* plans, const uint32_t* tables,      \
+         __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale) {                          \
+        attention_impl<D, WARPS>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale);          \
+    }
 
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-paged_attention_d128(const float* q, const __half* k, const __half* v, const TokenPlan* plans, const uint32_t* tables,
-                     __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale) {
-    attention_impl<128>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale);
-}
+ATTENTION_VARIANT(paged_attention_d64_w4, 64, 4)
+ATTENTION_VARIANT(paged_attention_d64_w8, 64, 8)
+ATTENTION_VARIANT(paged_attention_d128_w4, 128, 4)
+ATTENTION_VARIANT(paged_attention_d128_w8, 128, 8)
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: out = silu(gate) * up, as vmath.rs computes it (gate / (1 + exp(-gate)) * up),
@@ -539,3 +541,81 @@ extern "C" __global__ void gemm_reduce(const float* partial, float* y, uint64_t 
         y[e] = accumulate ? __fadd_rn(t, y[e]) : t;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Products of a few rows (decode of 1-4 sequences): y[m, n] = x[m, k] · w[n, k]ᵀ (+ y), M = m.
+// Reading the weights once at full bandwidth is all that matters here: each warp owns two
+// weight rows and streams them with 16-byte loads, two k-steps in flight; the activations
+// (a few KB) stay in L1. Used instead of cuBLAS's kernels for m <= 4, which leave a 2048-wide
+// matrix latency-bound. k must be a multiple of 8.
+
+#define GEMV_WARPS 4
+#define GEMV_ROWS 2  // weight rows per warp
+
+__device__ __forceinline__ void bf16x8_to_float(uint4 raw, float* out) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+template <int M>
+__device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y,
+                          int n, int k, int accumulate) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    if (row0 >= n) return;
+    float acc[GEMV_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int j = 0; j < M; j++) acc[r][j] = 0.f;
+    const int chunks = k / 8;  // 16-byte chunks per row
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 wraw[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            const int row = min(row0 + r, n - 1);
+            wraw[r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)row * k) + c);
+        }
+        float xf[M][8];
+#pragma unroll
+        for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + c), xf[j]);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            float wf[8];
+            bf16x8_to_float(wraw[r], wf);
+#pragma unroll
+            for (int j = 0; j < M; j++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[r][j] = __fadd_rn(acc[r][j], __fmul_rn(wf[i], xf[j][i]));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int j = 0; j < M; j++) {
+            float v = acc[r][j];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            const int row = row0 + r;
+            if (lane == 0 && row < n) {
+                float* out = y + (size_t)j * n + row;
+                *out = accumulate ? __fadd_rn(v, *out) : v;
+            }
+        }
+}
+
+#define GEMV_VARIANT(M)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                             \
+    gemv_m##M(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, int n, int k, int accumulate) {        \
+        gemv_impl<M>(x, w, y, n, k, accumulate);                                                              \
+    }
+
+GEMV_VARIANT(1)
+GEMV_VARIANT(2)
+GEMV_VARIANT(3)
+GEMV_VARIANT(4)

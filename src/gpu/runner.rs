@@ -27,8 +27,8 @@ struct Workspace {
     gate_up: Buf<f32>,
     act: Buf<bf16>,
     logits: Buf<f32>,
-    ids: Buf<u32>,
-    logprobs: Buf<f32>,
+    /// The greedy rows' token ids, then their log-probabilities' bits: one read brings both.
+    chosen: Buf<u32>,
     /// Scratch of the batch-invariant products that spread k over blocks.
     split: Buf<f32>,
     /// The step's plan, uploaded at once (grown when a step needs more).
@@ -81,6 +81,9 @@ pub enum StepOutput {
     /// Greedy token and its log-probability per row, chosen on the device.
     Greedy(Vec<(u32, f32)>),
 }
+
+/// Threads of kernels.cu's RMS norm (NORM_THREADS).
+pub const NORM_THREADS: u32 = 1024;
 
 /// Most rows of a product whose k-segments are spread over blocks (decode-sized steps).
 const SPLIT_ROWS: usize = 512;
@@ -135,8 +138,7 @@ impl CudaRunner {
             gate_up: gpu.alloc(tokens * 2 * ffn)?,
             act: gpu.alloc(tokens * ffn)?,
             logits: gpu.alloc(rows * weights.vocab_size)?,
-            ids: gpu.alloc(rows)?,
-            logprobs: gpu.alloc(rows)?,
+            chosen: gpu.alloc(2 * rows)?,
             split: gpu.alloc(super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h))?,
             meta: gpu.alloc(tokens * 16)?,
         };
@@ -226,11 +228,10 @@ impl CudaRunner {
             return Ok(StepOutput::Logits(Vec::new()));
         }
         if greedy {
-            let mut ids = vec![0u32; wanted];
-            let mut logprobs = vec![0f32; wanted];
-            gpu.read(&self.ws.ids, &mut ids)?;
-            gpu.read(&self.ws.logprobs, &mut logprobs)?;
-            return Ok(StepOutput::Greedy(ids.into_iter().zip(logprobs).collect()));
+            let mut chosen = vec![0u32; 2 * rows];
+            gpu.read(&self.ws.chosen, &mut chosen)?;
+            let (ids, logprobs) = chosen.split_at(rows);
+            return Ok(StepOutput::Greedy(ids[..wanted].iter().zip(&logprobs[..wanted]).map(|(&id, &lp)| (id, f32::from_bits(lp))).collect()));
         }
         let vocab = self.weights.vocab_size;
         let mut all = vec![0f32; wanted * vocab];
@@ -248,21 +249,21 @@ impl CudaRunner {
         let ws = &self.ws;
         let n32 = n as u32;
         launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
-        let attention = if c.head_dim == 64 { &gpu.k.paged_attention_d64 } else { &gpu.k.paged_attention_d128 };
+        let (attention, attention_threads) = gpu.attention_kernel(c.head_dim, n * c.n_kv_head);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
         for (l, layer) in w.layers.iter().enumerate() {
-            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), 256; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
             gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
             let bias = layer.qkv_bias.as_ref().map_or(0, |b| b.ptr);
             launch!(gpu, &gpu.k.rope_and_cache, (n32, 1, 1), 256;
                 ws.qkv.ptr, bias, p.positions, p.slots, w.cos.ptr, w.sin.ptr, ws.q.ptr, self.k[l].ptr, self.v[l].ptr,
                 c.n_head as i32, c.n_kv_head as i32, c.head_dim as i32, c.rope_dim as i32, neox)?;
-            launch!(gpu, attention, (n32, c.n_kv_head as u32, 1), 128;
+            launch!(gpu, attention, (n32, c.n_kv_head as u32, 1), attention_threads;
                 ws.q.ptr, self.k[l].ptr, self.v[l].ptr, p.plans, p.tables, ws.attn.ptr,
                 c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale)?;
             gpu.gemm(ws.attn.ptr, layer.o.ptr, ws.x.ptr, n, h, q, true, &ws.split)?;
-            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), 256; ws.x.ptr, 0u64, layer.ffn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.ffn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
             gpu.gemm(ws.h.ptr, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h, false, &ws.split)?;
             let total = (n * ffn) as u64;
             let grid = (total.div_ceil(256).min(65_535)) as u32;
@@ -273,12 +274,12 @@ impl CudaRunner {
             return Ok(());
         }
         let rows32 = rows as u32;
-        launch!(gpu, &gpu.k.rms_norm_bf16, (rows32, 1, 1), 256; ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+        launch!(gpu, &gpu.k.rms_norm_bf16, (rows32, 1, 1), NORM_THREADS; ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
         let output = w.output.as_ref().unwrap_or(&w.embeddings);
         let vocab = w.vocab_size;
         gpu.gemm(ws.h.ptr, output.ptr, ws.logits.ptr, rows, vocab, h, false, &ws.split)?;
         if greedy {
-            launch!(gpu, &gpu.k.argmax_logprob, (rows32, 1, 1), 1024; ws.logits.ptr, vocab as i32, ws.ids.ptr, ws.logprobs.ptr)?;
+            launch!(gpu, &gpu.k.argmax_logprob, (rows32, 1, 1), 1024; ws.logits.ptr, vocab as i32, ws.chosen.ptr, ws.chosen.at(rows))?;
         }
         Ok(())
     }

@@ -57,14 +57,16 @@ pub struct Kernels {
     pub embed_rows: CudaFunction,
     pub rms_norm_bf16: CudaFunction,
     pub rope_and_cache: CudaFunction,
-    pub paged_attention_d64: CudaFunction,
-    pub paged_attention_d128: CudaFunction,
+    /// Paged attention by head dimension (64, 128) and warps per block (4, 8).
+    pub paged_attention: [[CudaFunction; 2]; 2],
     pub silu_mul_bf16: CudaFunction,
     pub argmax_logprob: CudaFunction,
     pub gemm_m16: CudaFunction,
     pub gemm_m64: CudaFunction,
     pub gemm_m128: CudaFunction,
     pub gemm_reduce: CudaFunction,
+    /// Products of 1-4 rows (`gemv_m1` ..= `gemv_m4`).
+    pub gemv: [CudaFunction; 4],
 }
 
 /// Which matrix products the forward pass uses.
@@ -101,6 +103,11 @@ pub struct Gpu {
 /// Bytes of cuBLAS scratch (what it asks for on Hopper).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
 
+/// Rows of the largest product that `gemv` computes, and the weight rows of one of its blocks
+/// (kernels.cu: GEMV_WARPS x GEMV_ROWS).
+const GEMV_MAX_ROWS: usize = 4;
+const GEMV_ROWS_PER_BLOCK: usize = 8;
+
 /// Output tile width of the batch-invariant product (every variant).
 const GEMM_BN: usize = 64;
 /// Most k-segments of a product.
@@ -127,6 +134,9 @@ impl Gpu {
         if !available() {
             return Err(GpuError("no CUDA driver or device found (is libcuda.so.1 on the loader's path?)".into()));
         }
+        if KERNELS.is_empty() {
+            return Err(GpuError("this binary was built without its CUDA kernels (BRAID_CUDA_CHECK_ONLY)".into()));
+        }
         let ctx = CudaContext::new(ordinal)?;
         // SAFETY: braid uses one stream; nothing needs cross-stream events.
         unsafe { ctx.disable_event_tracking() };
@@ -140,14 +150,17 @@ impl Gpu {
             embed_rows: f("embed_rows")?,
             rms_norm_bf16: f("rms_norm_bf16")?,
             rope_and_cache: f("rope_and_cache")?,
-            paged_attention_d64: f("paged_attention_d64")?,
-            paged_attention_d128: f("paged_attention_d128")?,
+            paged_attention: [
+                [f("paged_attention_d64_w4")?, f("paged_attention_d64_w8")?],
+                [f("paged_attention_d128_w4")?, f("paged_attention_d128_w8")?],
+            ],
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
             gemm_m16: f("gemm_m16")?,
             gemm_m64: f("gemm_m64")?,
             gemm_m128: f("gemm_m128")?,
             gemm_reduce: f("gemm_reduce")?,
+            gemv: [f("gemv_m1")?, f("gemv_m2")?, f("gemv_m3")?, f("gemv_m4")?],
         };
         let blas = CudaBlas::new(stream.clone())?;
         // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
@@ -213,6 +226,18 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
+    /// The paged-attention kernel for a launch of `blocks` (token, KV head) blocks, and its
+    /// threads: 8 warps when the blocks alone leave multiprocessors idle, else 4. The
+    /// batch-invariant mode always takes 4 (the choice changes a token's sums).
+    pub fn attention_kernel(&self, head_dim: usize, blocks: usize) -> (&CudaFunction, u32) {
+        let d = usize::from(head_dim == 128);
+        if self.gemm_kind == GemmKind::Cublas && blocks < self.multiprocessors {
+            (&self.k.paged_attention[d][1], 256)
+        } else {
+            (&self.k.paged_attention[d][0], 128)
+        }
+    }
+
     pub fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
         LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
     }
@@ -224,8 +249,20 @@ impl Gpu {
     pub fn gemm(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>) -> Result<()> {
         match self.gemm_kind {
             GemmKind::BatchInvariant => self.gemm_invariant(x, w, y, m, n, k, accumulate, split, Spread::Auto),
+            GemmKind::Cublas if (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8) => self.gemv(x, w, y, m, n, k, accumulate),
             GemmKind::Cublas => self.gemm_cublas(x, w, y, m, n, k, if accumulate { 1.0 } else { 0.0 }),
         }
+    }
+
+    /// The product for 1..=4 rows (kernels.cu, `gemv_impl`): weights streamed once at full
+    /// bandwidth, where cuBLAS's kernels for such shapes are latency-bound.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) {
+            return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
+        }
+        let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
+        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; x, w, y, n as i32, k as i32, i32::from(accumulate))
     }
 
     /// The batch-invariant product (kernels.cu, `gemm_tile`).

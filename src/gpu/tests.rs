@@ -62,6 +62,34 @@ fn gemm_matches_the_reference_product() {
     }
 }
 
+/// The few-row product (decode of up to 4 sequences) against the same f64 reference.
+#[test]
+fn gemv_matches_the_reference_product() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(16);
+    for (n, k) in [(1usize, 8usize), (7, 72), (129, 2048), (1001, 584)] {
+        for m in 1..=4 {
+            let x = random_bf16(&mut r, m * k, 2.0);
+            let w = random_bf16(&mut r, n * k, 1.0);
+            let y0: Vec<f32> = (0..m * n).map(|_| r.random_range(-1.0f32..1.0)).collect();
+            let (xd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
+            for accumulate in [false, true] {
+                let yd = gpu.upload(&if accumulate { y0.clone() } else { vec![f32::NAN; m * n] }).unwrap();
+                gpu.gemv(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate).unwrap();
+                let y = read(&gpu, &yd, m * n);
+                for row in 0..m {
+                    for col in 0..n {
+                        let dot: f64 = (0..k).map(|i| x[row * k + i].to_f64() * w[col * k + i].to_f64()).sum();
+                        let want = dot + if accumulate { y0[row * n + col] as f64 } else { 0.0 };
+                        let got = y[row * n + col] as f64;
+                        assert!((got - want).abs() <= 1e-5 * (k as f64).sqrt() * 2.0 + 1e-6 * want.abs(), "gemv {m}x{n}x{k} acc {accumulate} ({row},{col}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A row's result is the same bits alone, inside any batch, and however the work is spread.
 #[test]
 fn gemm_rows_do_not_depend_on_the_batch() {
@@ -131,15 +159,16 @@ fn attention_matches_the_cpu() {
         let meta_d = gpu.upload(&meta).unwrap();
         let (qd, kd, vd) = (gpu.upload(&q).unwrap(), gpu.upload(&kv.k).unwrap(), gpu.upload(&kv.v).unwrap());
         let out = gpu.alloc::<bf16>(n * n_head * head_dim).unwrap();
-        let f = if head_dim == 64 { &gpu.k.paged_attention_d64 } else { &gpu.k.paged_attention_d128 };
         let scale = 1.0 / (head_dim as f32).sqrt();
-        launch!(&gpu, f, (n as u32, n_kv_head as u32, 1), 128;
-            qd.ptr, kd.ptr, vd.ptr, meta_d.at(offsets[3]), meta_d.at(offsets[4]), out.ptr,
-            n_head as i32, n_kv_head as i32, bs as i32, scale).unwrap();
-        let got = read(&gpu, &out, n * n_head * head_dim);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let g = g.to_f32();
-            assert!((g - w).abs() <= 1e-2 * w.abs() + 1e-3, "heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {g} vs {w}");
+        for (warps, f) in [4, 8].into_iter().zip(&gpu.k.paged_attention[usize::from(head_dim == 128)]) {
+            launch!(&gpu, f, (n as u32, n_kv_head as u32, 1), 32 * warps;
+                qd.ptr, kd.ptr, vd.ptr, meta_d.at(offsets[3]), meta_d.at(offsets[4]), out.ptr,
+                n_head as i32, n_kv_head as i32, bs as i32, scale).unwrap();
+            let got = read(&gpu, &out, n * n_head * head_dim);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let g = g.to_f32();
+                assert!((g - w).abs() <= 1e-2 * w.abs() + 1e-3, "{warps} warps, heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {g} vs {w}");
+            }
         }
     }
 }
@@ -155,7 +184,7 @@ fn norm_and_swiglu_match_the_cpu() {
     let pick: Vec<u32> = vec![6, 0, 3];
     let (xd, wd, pd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&pick).unwrap());
     let out = gpu.alloc::<bf16>(pick.len() * hidden).unwrap();
-    launch!(&gpu, &gpu.k.rms_norm_bf16, (pick.len() as u32, 1, 1), 256; xd.ptr, pd.ptr, wd.ptr, out.ptr, hidden as i32, 1e-5f32).unwrap();
+    launch!(&gpu, &gpu.k.rms_norm_bf16, (pick.len() as u32, 1, 1), super::runner::NORM_THREADS; xd.ptr, pd.ptr, wd.ptr, out.ptr, hidden as i32, 1e-5f32).unwrap();
     let got = read(&gpu, &out, pick.len() * hidden);
     for (i, &p) in pick.iter().enumerate() {
         let mut want = x[p as usize * hidden..(p as usize + 1) * hidden].to_vec();
@@ -213,6 +242,10 @@ fn gemm_speed() {
             };
             let ours = time(&|| gpu.gemm_invariant(x.ptr, w.ptr, y.ptr, m, n, k, false, &split, Spread::Auto).unwrap());
             let cublas = time(&|| gpu.gemm_cublas(x.ptr, w.ptr, y.ptr, m, n, k, 0.0).unwrap());
+            if m <= 4 {
+                let gemv = time(&|| gpu.gemv(x.ptr, w.ptr, y.ptr, m, n, k, false).unwrap());
+                println!("gemv m={m:5} {name:8} {n}x{k}: {gemv:8.1} us ({:6.0} GB/s)", (n * k * 2) as f64 / gemv / 1e3);
+            }
             let bytes = (n * k * 2 + m * k * 2 + m * n * 4) as f64;
             let flops = 2.0 * (m * n * k) as f64;
             println!("gemm m={m:5} {name:8} {n}x{k}: invariant {ours:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)  cublas {cublas:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)",

@@ -64,7 +64,12 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     state.check_model(&request.model)?;
     let options = request.options()?;
     let session = session::session_id(&headers, options.user.as_deref())?;
-    let encode = |text: &str| state.tokenizer.encode_prompt(text).map_err(ApiError::internal);
+    let encode = |text: &str| {
+        if !state.tokenizer.has_vocabulary() {
+            return Err(ApiError::invalid_param("prompt", "this model has no vocabulary (dummy weights): send the prompt as token ids"));
+        }
+        state.tokenizer.encode_prompt(text).map_err(ApiError::internal)
+    };
     let prompts = match &request.prompt {
         PromptField::Text(t) => vec![encode(t)?],
         PromptField::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,

@@ -87,6 +87,11 @@ impl TextTokenizer {
         }
     }
 
+    /// Whether text can be encoded (false for dummy models, which take token ids).
+    pub fn has_vocabulary(&self) -> bool {
+        self.inner.is_some()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.as_ref().map_or(self.ids_only_vocab, |t| t.get_vocab_size(true))
     }
