@@ -173,7 +173,7 @@ __device__ __forceinline__ void load8(const __half* p, float* out) {
 template <int D, int ATT_WARPS>
 __device__ void attention_impl(const float* q, const __half* k_cache, const __half* v_cache,
                                const TokenPlan* plans, const uint32_t* block_tables, __nv_bfloat16* out,
-                               int n_head, int n_kv_head, int block_size, float scale) {
+                               int n_head, int n_kv_head, int block_size, float scale, float* partial) {
     constexpr int LPK = D / 8;          // lanes per key
     constexpr int KPW = 32 / LPK;       // keys per warp pass
     const int t = blockIdx.x, kvh = blockIdx.y;
@@ -212,9 +212,14 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
         for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
     }
 
-    for (int base = warp * KPW; base < n_keys; base += ATT_WARPS * KPW) {
+    // With `partial` (few blocks, long contexts), gridDim.z blocks share a token's keys: block z
+    // takes a contiguous share and writes its unnormalised (max, sum, acc) for `attention_combine`.
+    const int splits = gridDim.z;
+    const int share = (n_keys + splits - 1) / splits;
+    const int key_begin = blockIdx.z * share, key_end = min(n_keys, key_begin + share);
+    for (int base = key_begin + warp * KPW; base < key_end; base += ATT_WARPS * KPW) {
         const int idx = base + sub;
-        const bool valid = idx < n_keys;
+        const bool valid = idx < key_end;
         float kf[8], vf[8];
         if (valid) {
             const int j = idx < n_keep ? idx : first + (idx - n_keep);
@@ -295,7 +300,32 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
             l_all += sm_l[w][g] * f;
             acc_all += sm_acc[w][g][d] * f;
         }
-        out[(size_t)t * n_head * D + (size_t)(kvh * group + g) * D + d] = __float2bfloat16_rn(acc_all / l_all);
+        const size_t head = (size_t)t * n_head + kvh * group + g;
+        if (partial) {  // [token, head, split] of (max, sum, acc[D])
+            float* p = partial + (head * splits + blockIdx.z) * (D + 2);
+            if (d == 0) { p[0] = m_all; p[1] = l_all; }
+            p[2 + d] = acc_all;
+        } else {
+            out[head * D + d] = __float2bfloat16_rn(acc_all / l_all);
+        }
+    }
+}
+
+// Merges the key shares of split attention: one block per (token, head), one thread per dim.
+extern "C" __global__ void attention_combine(const float* partial, __nv_bfloat16* out, int head_dim, int splits) {
+    const size_t head = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+    const float* p = partial + head * splits * (head_dim + 2);
+    float m_all = -INFINITY;
+    for (int z = 0; z < splits; z++) m_all = fmaxf(m_all, p[z * (head_dim + 2)]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float l_all = 0.f, acc_all = 0.f;
+        for (int z = 0; z < splits; z++) {
+            const float* pz = p + z * (head_dim + 2);
+            const float f = pz[0] == -INFINITY ? 0.f : expf(pz[0] - m_all);
+            l_all += pz[1] * f;
+            acc_all += pz[2 + d] * f;
+        }
+        out[head * head_dim + d] = __float2bfloat16_rn(acc_all / l_all);
     }
 }
 
@@ -305,8 +335,8 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
 #define ATTENTION_VARIANT(NAME, D, WARPS)                                                                       \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
     NAME(const float* q, const __half* k, const __half* v, const TokenPlan* plans, const uint32_t* tables,      \
-         __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale) {                          \
-        attention_impl<D, WARPS>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale);          \
+         __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale, float* partial) {          \
+        attention_impl<D, WARPS>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale, partial); \
     }
 
 ATTENTION_VARIANT(paged_attention_d64_w4, 64, 4)
@@ -562,10 +592,35 @@ __device__ __forceinline__ void bf16x8_to_float(uint4 raw, float* out) {
     }
 }
 
+// With `norm_w`, x is the f32 residual and the product takes rms_norm_bf16's output instead:
+// each block computes the rows' scale itself (same formula), saving the norm's own launch.
 template <int M>
 __device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y,
-                          int n, int k, int accumulate) {
+                          int n, int k, int accumulate, const float* __restrict__ residual, const float* __restrict__ norm_w,
+                          float eps) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __shared__ float scale[M];
+    if (norm_w) {
+        __shared__ double partial[GEMV_WARPS][M];
+#pragma unroll
+        for (int j = 0; j < M; j++) {
+            double sum = 0.0;
+            for (int i = threadIdx.x; i < k; i += GEMV_WARPS * 32) {
+                const float v = residual[(size_t)j * k + i];
+                sum += (double)__fmul_rn(v, v);
+            }
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (lane == 0) partial[warp][j] = sum;
+        }
+        __syncthreads();
+        if (threadIdx.x < M) {
+            double total = 0.0;
+            for (int i = 0; i < GEMV_WARPS; i++) total += partial[i][threadIdx.x];
+            const float mean = (float)(total / (double)k);
+            scale[threadIdx.x] = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+        }
+        __syncthreads();
+    }
     const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     if (row0 >= n) return;
     float acc[GEMV_ROWS][M];
@@ -582,8 +637,22 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
             wraw[r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)row * k) + c);
         }
         float xf[M][8];
+        if (norm_w) {
+            const float4* nw = reinterpret_cast<const float4*>(norm_w) + 2 * c;
+            const float4 n0 = __ldg(nw), n1 = __ldg(nw + 1);
+            const float nv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
 #pragma unroll
-        for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + c), xf[j]);
+            for (int j = 0; j < M; j++) {
+                const float4* rp = reinterpret_cast<const float4*>(residual + (size_t)j * k) + 2 * c;
+                const float4 r0 = __ldg(rp), r1 = __ldg(rp + 1);
+                const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+#pragma unroll
+                for (int i = 0; i < 8; i++) xf[j][i] = __bfloat162float(__float2bfloat16_rn(__fmul_rn(__fmul_rn(rv[i], scale[j]), nv[i])));
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + c), xf[j]);
+        }
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
             float wf[8];
@@ -611,8 +680,9 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
 
 #define GEMV_VARIANT(M)                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                             \
-    gemv_m##M(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, int n, int k, int accumulate) {        \
-        gemv_impl<M>(x, w, y, n, k, accumulate);                                                              \
+    gemv_m##M(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, int n, int k, int accumulate,         \
+              const float* residual, const float* norm_w, float eps) {                                        \
+        gemv_impl<M>(x, w, y, n, k, accumulate, residual, norm_w, eps);                                       \
     }
 
 GEMV_VARIANT(1)

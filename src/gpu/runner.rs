@@ -31,6 +31,9 @@ struct Workspace {
     chosen: Buf<u32>,
     /// Scratch of the batch-invariant products that spread k over blocks.
     split: Buf<f32>,
+    /// Scratch of split attention: (max, sum, acc[head_dim]) per token, head and split, for
+    /// steps of fewer (token, KV head) pairs than multiprocessors.
+    attn_partial: Buf<f32>,
     /// The step's plan, uploaded at once (grown when a step needs more).
     meta: Buf<u32>,
 }
@@ -139,6 +142,7 @@ impl CudaRunner {
             act: gpu.alloc(tokens * ffn)?,
             logits: gpu.alloc(rows * weights.vocab_size)?,
             chosen: gpu.alloc(2 * rows)?,
+            attn_partial: gpu.alloc(tokens.min(gpu.multiprocessors()) * c.n_head * super::runtime::ATTENTION_MAX_SPLITS * (c.head_dim + 2))?,
             split: gpu.alloc(super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h))?,
             meta: gpu.alloc(tokens * 16)?,
         };
@@ -249,22 +253,37 @@ impl CudaRunner {
         let ws = &self.ws;
         let n32 = n as u32;
         launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
-        let (attention, attention_threads) = gpu.attention_kernel(c.head_dim, n * c.n_kv_head);
+        let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, n * c.n_kv_head);
+        let partial = if splits > 1 { ws.attn_partial.ptr } else { 0 };
+        // Decode of a few sequences: each norm runs inside the product that reads it.
+        let fuse_norm = gpu.fuses_norm(n, h);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
         for (l, layer) in w.layers.iter().enumerate() {
-            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
-            gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
+            if fuse_norm {
+                gpu.gemv_norm(ws.x.ptr, layer.attn_norm.ptr, c.rms_eps, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h)?;
+            } else {
+                launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+                gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
+            }
             let bias = layer.qkv_bias.as_ref().map_or(0, |b| b.ptr);
             launch!(gpu, &gpu.k.rope_and_cache, (n32, 1, 1), 256;
                 ws.qkv.ptr, bias, p.positions, p.slots, w.cos.ptr, w.sin.ptr, ws.q.ptr, self.k[l].ptr, self.v[l].ptr,
                 c.n_head as i32, c.n_kv_head as i32, c.head_dim as i32, c.rope_dim as i32, neox)?;
-            launch!(gpu, attention, (n32, c.n_kv_head as u32, 1), attention_threads;
+            launch!(gpu, attention, (n32, c.n_kv_head as u32, splits as u32), attention_threads;
                 ws.q.ptr, self.k[l].ptr, self.v[l].ptr, p.plans, p.tables, ws.attn.ptr,
-                c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale)?;
+                c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale, partial)?;
+            if splits > 1 {
+                launch!(gpu, &gpu.k.attention_combine, (n32, c.n_head as u32, 1), c.head_dim as u32;
+                    ws.attn_partial.ptr, ws.attn.ptr, c.head_dim as i32, splits as i32)?;
+            }
             gpu.gemm(ws.attn.ptr, layer.o.ptr, ws.x.ptr, n, h, q, true, &ws.split)?;
-            launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.ffn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
-            gpu.gemm(ws.h.ptr, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h, false, &ws.split)?;
+            if fuse_norm {
+                gpu.gemv_norm(ws.x.ptr, layer.ffn_norm.ptr, c.rms_eps, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h)?;
+            } else {
+                launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.ffn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+                gpu.gemm(ws.h.ptr, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h, false, &ws.split)?;
+            }
             let total = (n * ffn) as u64;
             let grid = (total.div_ceil(256).min(65_535)) as u32;
             launch!(gpu, &gpu.k.silu_mul_bf16, (grid, 1, 1), 256; ws.gate_up.ptr, ws.act.ptr, ffn as i32, total)?;

@@ -59,6 +59,7 @@ pub struct Kernels {
     pub rope_and_cache: CudaFunction,
     /// Paged attention by head dimension (64, 128) and warps per block (4, 8).
     pub paged_attention: [[CudaFunction; 2]; 2],
+    pub attention_combine: CudaFunction,
     pub silu_mul_bf16: CudaFunction,
     pub argmax_logprob: CudaFunction,
     pub gemm_m16: CudaFunction,
@@ -102,6 +103,9 @@ pub struct Gpu {
 
 /// Bytes of cuBLAS scratch (what it asks for on Hopper).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Most blocks that share one (token, KV head) pair's keys in split attention.
+pub const ATTENTION_MAX_SPLITS: usize = 8;
 
 /// Rows of the largest product that `gemv` computes, and the weight rows of one of its blocks
 /// (kernels.cu: GEMV_WARPS x GEMV_ROWS).
@@ -154,6 +158,7 @@ impl Gpu {
                 [f("paged_attention_d64_w4")?, f("paged_attention_d64_w8")?],
                 [f("paged_attention_d128_w4")?, f("paged_attention_d128_w8")?],
             ],
+            attention_combine: f("attention_combine")?,
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
             gemm_m16: f("gemm_m16")?,
@@ -226,16 +231,23 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
-    /// The paged-attention kernel for a launch of `blocks` (token, KV head) blocks, and its
-    /// threads: 8 warps when the blocks alone leave multiprocessors idle, else 4. The
-    /// batch-invariant mode always takes 4 (the choice changes a token's sums).
-    pub fn attention_kernel(&self, head_dim: usize, blocks: usize) -> (&CudaFunction, u32) {
+    /// How to run paged attention over `blocks` (token, KV head) pairs: the kernel, its threads
+    /// and how many blocks share each pair's keys. When the pairs alone leave multiprocessors
+    /// idle: 8 warps, and the keys split over up to 8 blocks (merged by `attention_combine`);
+    /// else 4 warps, unsplit. The batch-invariant mode always takes the latter, since both
+    /// choices change a token's sums.
+    pub fn attention_plan(&self, head_dim: usize, blocks: usize) -> (&CudaFunction, u32, usize) {
         let d = usize::from(head_dim == 128);
         if self.gemm_kind == GemmKind::Cublas && blocks < self.multiprocessors {
-            (&self.k.paged_attention[d][1], 256)
+            let splits = (self.multiprocessors / blocks.max(1)).clamp(1, ATTENTION_MAX_SPLITS);
+            (&self.k.paged_attention[d][1], 256, splits)
         } else {
-            (&self.k.paged_attention[d][0], 128)
+            (&self.k.paged_attention[d][0], 128, 1)
         }
+    }
+
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 
     pub fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
@@ -262,7 +274,24 @@ impl Gpu {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
         let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
-        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; x, w, y, n as i32, k as i32, i32::from(accumulate))
+        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; x, w, y, n as i32, k as i32, i32::from(accumulate), 0u64, 0u64, 0f32)
+    }
+
+    /// Whether `gemv_norm` takes a product of `m` rows `k` wide (the default mode's decode of
+    /// up to 4 sequences).
+    pub fn fuses_norm(&self, m: usize, k: usize) -> bool {
+        self.gemm_kind == GemmKind::Cublas && (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
+    }
+
+    /// `y = rms_norm(residual) · wᵀ` for 1..=4 rows: the norm (rms_norm_bf16's arithmetic,
+    /// rounded to bf16) computed inside the product instead of by its own launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_norm(&self, residual: u64, norm_w: u64, eps: f32, w: u64, y: u64, m: usize, n: usize, k: usize) -> Result<()> {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) {
+            return Err(GpuError(format!("a {m}x{n}x{k} normed product is not a GEMV (1-4 rows, k a multiple of 8)")));
+        }
+        let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
+        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; 0u64, w, y, n as i32, k as i32, 0i32, residual, norm_w, eps)
     }
 
     /// The batch-invariant product (kernels.cu, `gemm_tile`).

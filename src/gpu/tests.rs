@@ -90,6 +90,34 @@ fn gemv_matches_the_reference_product() {
     }
 }
 
+/// The few-row product with the RMS norm inside against norm.rs, bf16 rounding and an f64 dot.
+#[test]
+fn gemv_with_the_norm_inside_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(17);
+    for (n, k) in [(5usize, 64usize), (300, 2048), (77, 584)] {
+        for m in 1..=4 {
+            let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-3.0f32..3.0)).collect();
+            let nw: Vec<f32> = (0..k).map(|_| r.random_range(0.5f32..1.5)).collect();
+            let w = random_bf16(&mut r, n * k, 1.0);
+            let (xd, nd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
+            let yd = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
+            gpu.gemv_norm(xd.ptr, nd.ptr, 1e-5, wd.ptr, yd.ptr, m, n, k).unwrap();
+            let y = read(&gpu, &yd, m * n);
+            for row in 0..m {
+                let mut h = x[row * k..(row + 1) * k].to_vec();
+                crate::model::norm::rms_norm_row(&mut h, &nw, 1e-5);
+                for col in 0..n {
+                    let want: f64 = (0..k).map(|i| bf16::from_f32(h[i]).to_f64() * w[col * k + i].to_f64()).sum();
+                    let got = y[row * n + col] as f64;
+                    // One bf16 step of an input can differ (the sums of squares run in another order).
+                    assert!((got - want).abs() <= 2e-2 * (k as f64).sqrt() / 16.0 + 1e-3 * want.abs(), "gemv_norm {m}x{n}x{k} ({row},{col}): {got} vs {want}");
+                }
+            }
+        }
+    }
+}
+
 /// A row's result is the same bits alone, inside any batch, and however the work is spread.
 #[test]
 fn gemm_rows_do_not_depend_on_the_batch() {
@@ -160,14 +188,23 @@ fn attention_matches_the_cpu() {
         let (qd, kd, vd) = (gpu.upload(&q).unwrap(), gpu.upload(&kv.k).unwrap(), gpu.upload(&kv.v).unwrap());
         let out = gpu.alloc::<bf16>(n * n_head * head_dim).unwrap();
         let scale = 1.0 / (head_dim as f32).sqrt();
+        let partial = gpu.alloc::<f32>(n * n_head * 8 * (head_dim + 2)).unwrap();
         for (warps, f) in [4, 8].into_iter().zip(&gpu.k.paged_attention[usize::from(head_dim == 128)]) {
-            launch!(&gpu, f, (n as u32, n_kv_head as u32, 1), 32 * warps;
-                qd.ptr, kd.ptr, vd.ptr, meta_d.at(offsets[3]), meta_d.at(offsets[4]), out.ptr,
-                n_head as i32, n_kv_head as i32, bs as i32, scale).unwrap();
-            let got = read(&gpu, &out, n * n_head * head_dim);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let g = g.to_f32();
-                assert!((g - w).abs() <= 1e-2 * w.abs() + 1e-3, "{warps} warps, heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {g} vs {w}");
+            // Unsplit, and the keys shared by 3 and by 8 blocks (more than some tokens have).
+            for splits in [1u32, 3, 8] {
+                let part = if splits > 1 { partial.ptr } else { 0 };
+                launch!(&gpu, f, (n as u32, n_kv_head as u32, splits), 32 * warps;
+                    qd.ptr, kd.ptr, vd.ptr, meta_d.at(offsets[3]), meta_d.at(offsets[4]), out.ptr,
+                    n_head as i32, n_kv_head as i32, bs as i32, scale, part).unwrap();
+                if splits > 1 {
+                    launch!(&gpu, &gpu.k.attention_combine, (n as u32, n_head as u32, 1), head_dim as u32;
+                        partial.ptr, out.ptr, head_dim as i32, splits as i32).unwrap();
+                }
+                let got = read(&gpu, &out, n * n_head * head_dim);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let g = g.to_f32();
+                    assert!((g - w).abs() <= 1e-2 * w.abs() + 1e-3, "{warps} warps, {splits} splits, heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {g} vs {w}");
+                }
             }
         }
     }
