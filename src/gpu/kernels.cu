@@ -36,6 +36,15 @@ extern "C" __global__ void fill_dummy_bf16(__nv_bfloat16* out, uint64_t n, uint6
     }
 }
 
+// Element i of a draw at out[(i / width) * stride + i % width]: one matrix's rows interleaved
+// with another's (gate/up).
+extern "C" __global__ void fill_dummy_bf16_rows(__nv_bfloat16* out, uint64_t n, uint64_t width, uint64_t stride, uint64_t seed,
+                                                float centre, float scale) {
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+        out[(i / width) * stride + i % width] = __float2bfloat16_rn(dummy_value(seed, i, centre, scale));
+    }
+}
+
 extern "C" __global__ void fill_dummy_f32(float* out, uint64_t n, uint64_t seed, float centre, float scale) {
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
         out[i] = dummy_value(seed, i, centre, scale);
@@ -173,7 +182,8 @@ __device__ __forceinline__ void load8(const __half* p, float* out) {
 template <int D, int ATT_WARPS>
 __device__ void attention_impl(const float* q, const __half* k_cache, const __half* v_cache,
                                const TokenPlan* plans, const uint32_t* block_tables, __nv_bfloat16* out,
-                               int n_head, int n_kv_head, int block_size, float scale, float* partial) {
+                               int n_head, int n_kv_head, int block_size, float scale, float* partial,
+                               unsigned* counters) {
     constexpr int LPK = D / 8;          // lanes per key
     constexpr int KPW = 32 / LPK;       // keys per warp pass
     const int t = blockIdx.x, kvh = blockIdx.y;
@@ -213,7 +223,7 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
     }
 
     // With `partial` (few blocks, long contexts), gridDim.z blocks share a token's keys: block z
-    // takes a contiguous share and writes its unnormalised (max, sum, acc) for `attention_combine`.
+    // takes a contiguous share and writes its unnormalised (max, sum, acc); the last to finish merges.
     const int splits = gridDim.z;
     const int share = (n_keys + splits - 1) / splits;
     const int key_begin = blockIdx.z * share, key_end = min(n_keys, key_begin + share);
@@ -309,23 +319,33 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
             out[head * D + d] = __float2bfloat16_rn(acc_all / l_all);
         }
     }
-}
-
-// Merges the key shares of split attention: one block per (token, head), one thread per dim.
-extern "C" __global__ void attention_combine(const float* partial, __nv_bfloat16* out, int head_dim, int splits) {
-    const size_t head = (size_t)blockIdx.x * gridDim.y + blockIdx.y;
-    const float* p = partial + head * splits * (head_dim + 2);
-    float m_all = -INFINITY;
-    for (int z = 0; z < splits; z++) m_all = fmaxf(m_all, p[z * (head_dim + 2)]);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    if (!partial) return;
+    // The last block of a split (token, KV head) merges every block's share, in split order.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* counter = counters + (size_t)t * n_kv_head + kvh;
+        last = atomicAdd(counter, 1u) == (unsigned)splits - 1;
+        if (last) *counter = 0;  // ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < group * D; e += blockDim.x) {
+        const int g = e / D, d = e % D;
+        const size_t head = (size_t)t * n_head + kvh * group + g;
+        const float* p = partial + head * splits * (D + 2);
+        float m_all = -INFINITY;
+        for (int z = 0; z < splits; z++) m_all = fmaxf(m_all, __ldcg(p + z * (D + 2)));
         float l_all = 0.f, acc_all = 0.f;
         for (int z = 0; z < splits; z++) {
-            const float* pz = p + z * (head_dim + 2);
-            const float f = pz[0] == -INFINITY ? 0.f : expf(pz[0] - m_all);
-            l_all += pz[1] * f;
-            acc_all += pz[2 + d] * f;
+            const float mz = __ldcg(p + z * (D + 2));
+            const float f = mz == -INFINITY ? 0.f : expf(mz - m_all);
+            l_all += __ldcg(p + z * (D + 2) + 1) * f;
+            acc_all += __ldcg(p + z * (D + 2) + 2 + d) * f;
         }
-        out[head * head_dim + d] = __float2bfloat16_rn(acc_all / l_all);
+        out[head * D + d] = __float2bfloat16_rn(acc_all / l_all);
     }
 }
 
@@ -335,8 +355,10 @@ extern "C" __global__ void attention_combine(const float* partial, __nv_bfloat16
 #define ATTENTION_VARIANT(NAME, D, WARPS)                                                                       \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
     NAME(const float* q, const __half* k, const __half* v, const TokenPlan* plans, const uint32_t* tables,      \
-         __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale, float* partial) {          \
-        attention_impl<D, WARPS>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale, partial); \
+         __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale, float* partial,           \
+         unsigned* counters) {                                                                                 \
+        attention_impl<D, WARPS>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale, partial,  \
+                                 counters);                                                                   \
     }
 
 ATTENTION_VARIANT(paged_attention_d64_w4, 64, 4)
@@ -346,12 +368,13 @@ ATTENTION_VARIANT(paged_attention_d128_w8, 128, 8)
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: out = silu(gate) * up, as vmath.rs computes it (gate / (1 + exp(-gate)) * up),
-// rounded to bf16 for the down projection. gate_up f32 [n, 2 * ffn].
+// rounded to bf16 for the down projection. gate_up f32 [n, 2 * ffn], gate and up interleaved
+// (the GPU stores the gate/up weight rows alternately: weights.rs).
 
 extern "C" __global__ void silu_mul_bf16(const float* gate_up, __nv_bfloat16* out, int ffn, uint64_t total) {
     for (uint64_t e = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; e < total; e += (uint64_t)gridDim.x * blockDim.x) {
         const uint64_t t = e / ffn, i = e % ffn;
-        const float g = gate_up[t * 2 * ffn + i], u = gate_up[t * 2 * ffn + ffn + i];
+        const float g = gate_up[t * 2 * ffn + 2 * i], u = gate_up[t * 2 * ffn + 2 * i + 1];
         const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
         out[e] = __float2bfloat16_rn(__fmul_rn(silu, u));
     }
@@ -592,21 +615,45 @@ __device__ __forceinline__ void bf16x8_to_float(uint4 raw, float* out) {
     }
 }
 
-// With `norm_w`, x is the f32 residual and the product takes rms_norm_bf16's output instead:
-// each block computes the rows' scale itself (same formula), saving the norm's own launch.
+// What a few-row product reads and where it writes (one struct: the variants share it).
+//   input:  x (bf16 rows [M, k]); or, with norm_w, the f32 residual rows normalised inside as
+//           rms_norm_bf16 does (each block computes the rows' scale itself). (SwiGLU inside the
+//           down product was tried and dropped: every block recomputing it made that product
+//           slower than the launch it saved.)
+//   output: y (f32 [M, n], + y with accumulate); or, with q_out, the QKV row finished as
+//           rope_and_cache does (interleaved rope): bias, rotation, Q to q_out, K and V to
+//           their cache slots, a warp's two rows being one rotation pair; or, with act_out, the
+//           interleaved gate/up row finished as silu_mul_bf16 does, a warp's two rows being
+//           one (gate, up) pair: bf16 [M, n / 2].
+struct GemvArgs {
+    const __nv_bfloat16* x;
+    const float* residual;
+    const float* norm_w;
+    float eps;
+    int accumulate;
+    const uint32_t* positions;
+    const uint32_t* slots;
+    const float* cos_table;
+    const float* sin_table;
+    const float* bias;
+    float* q_out;
+    __half* k_cache;
+    __half* v_cache;
+    int n_head, n_kv_head, head_dim, rope_dim;
+    __nv_bfloat16* act_out;
+};
+
 template <int M>
-__device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y,
-                          int n, int k, int accumulate, const float* __restrict__ residual, const float* __restrict__ norm_w,
-                          float eps) {
+__device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict__ y, int n, int k, const GemvArgs& a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float scale[M];
-    if (norm_w) {
+    if (a.norm_w) {
         __shared__ double partial[GEMV_WARPS][M];
 #pragma unroll
         for (int j = 0; j < M; j++) {
             double sum = 0.0;
             for (int i = threadIdx.x; i < k; i += GEMV_WARPS * 32) {
-                const float v = residual[(size_t)j * k + i];
+                const float v = a.residual[(size_t)j * k + i];
                 sum += (double)__fmul_rn(v, v);
             }
             for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -617,7 +664,7 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
             double total = 0.0;
             for (int i = 0; i < GEMV_WARPS; i++) total += partial[i][threadIdx.x];
             const float mean = (float)(total / (double)k);
-            scale[threadIdx.x] = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+            scale[threadIdx.x] = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, a.eps)));
         }
         __syncthreads();
     }
@@ -637,13 +684,13 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
             wraw[r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)row * k) + c);
         }
         float xf[M][8];
-        if (norm_w) {
-            const float4* nw = reinterpret_cast<const float4*>(norm_w) + 2 * c;
+        if (a.norm_w) {
+            const float4* nw = reinterpret_cast<const float4*>(a.norm_w) + 2 * c;
             const float4 n0 = __ldg(nw), n1 = __ldg(nw + 1);
             const float nv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
 #pragma unroll
             for (int j = 0; j < M; j++) {
-                const float4* rp = reinterpret_cast<const float4*>(residual + (size_t)j * k) + 2 * c;
+                const float4* rp = reinterpret_cast<const float4*>(a.residual + (size_t)j * k) + 2 * c;
                 const float4 r0 = __ldg(rp), r1 = __ldg(rp + 1);
                 const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
 #pragma unroll
@@ -651,7 +698,7 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + c), xf[j]);
+            for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(a.x + (size_t)j * k) + c), xf[j]);
         }
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
@@ -666,23 +713,65 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
-        for (int j = 0; j < M; j++) {
-            float v = acc[r][j];
+        for (int j = 0; j < M; j++)
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            const int row = row0 + r;
-            if (lane == 0 && row < n) {
-                float* out = y + (size_t)j * n + row;
-                *out = accumulate ? __fadd_rn(v, *out) : v;
-            }
+            for (int o = 16; o > 0; o >>= 1) acc[r][j] += __shfl_xor_sync(0xffffffffu, acc[r][j], o);
+    if (lane != 0) return;
+    if (a.act_out) {
+#pragma unroll
+        for (int j = 0; j < M; j++) {
+            const float g = acc[0][j], u = acc[1][j];
+            const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+            a.act_out[(size_t)j * (n / 2) + row0 / 2] = __float2bfloat16_rn(__fmul_rn(silu, u));
         }
+        return;
+    }
+    if (!a.q_out) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+            for (int j = 0; j < M; j++) {
+                const int row = row0 + r;
+                if (row < n) {
+                    float* out = y + (size_t)j * n + row;
+                    *out = a.accumulate ? __fadd_rn(acc[r][j], *out) : acc[r][j];
+                }
+            }
+        return;
+    }
+    // QKV epilogue: rows row0, row0 + 1 are dims (d, d + 1) of one head.
+    const int q_width = a.n_head * a.head_dim, kv_width = a.n_kv_head * a.head_dim;
+    const int head = row0 / a.head_dim, d = row0 % a.head_dim;
+#pragma unroll
+    for (int j = 0; j < M; j++) {
+        float x0 = acc[0][j], x1 = acc[1][j];
+        if (a.bias) { x0 = __fadd_rn(x0, a.bias[row0]); x1 = __fadd_rn(x1, a.bias[row0 + 1]); }
+        const size_t slot = a.slots[j];
+        if (head < a.n_head + a.n_kv_head && d < a.rope_dim) {
+            const int half_rope = a.rope_dim / 2, i = d / 2;
+            const float cs = a.cos_table[(size_t)a.positions[j] * half_rope + i];
+            const float sn = a.sin_table[(size_t)a.positions[j] * half_rope + i];
+            const float y0 = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
+            const float y1 = __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, cs));
+            x0 = y0; x1 = y1;
+        }
+        if (head < a.n_head) {
+            a.q_out[(size_t)j * q_width + row0] = x0;
+            a.q_out[(size_t)j * q_width + row0 + 1] = x1;
+        } else if (head < a.n_head + a.n_kv_head) {
+            __half* kp = a.k_cache + slot * kv_width + (row0 - q_width);
+            kp[0] = __float2half_rn(x0); kp[1] = __float2half_rn(x1);
+        } else {
+            __half* vp = a.v_cache + slot * kv_width + (row0 - q_width - kv_width);
+            vp[0] = __float2half_rn(x0); vp[1] = __float2half_rn(x1);
+        }
+    }
 }
 
 #define GEMV_VARIANT(M)                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                             \
-    gemv_m##M(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, int n, int k, int accumulate,         \
-              const float* residual, const float* norm_w, float eps) {                                        \
-        gemv_impl<M>(x, w, y, n, k, accumulate, residual, norm_w, eps);                                       \
+    gemv_m##M(const __nv_bfloat16* w, float* y, int n, int k, const GemvArgs a) {                              \
+        gemv_impl<M>(w, y, n, k, a);                                                                          \
     }
 
 GEMV_VARIANT(1)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::runtime::{Buf, Gpu, GpuError, Result};
+use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Result};
 use super::weights::CudaWeights;
 use crate::launch;
 use crate::model::batch::FlatBatch;
@@ -34,6 +34,8 @@ struct Workspace {
     /// Scratch of split attention: (max, sum, acc[head_dim]) per token, head and split, for
     /// steps of fewer (token, KV head) pairs than multiprocessors.
     attn_partial: Buf<f32>,
+    /// Per (token, KV head) of split attention: blocks done, reset by the last (starts zeroed).
+    attn_counters: Buf<u32>,
     /// The step's plan, uploaded at once (grown when a step needs more).
     meta: Buf<u32>,
 }
@@ -143,6 +145,7 @@ impl CudaRunner {
             logits: gpu.alloc(rows * weights.vocab_size)?,
             chosen: gpu.alloc(2 * rows)?,
             attn_partial: gpu.alloc(tokens.min(gpu.multiprocessors()) * c.n_head * super::runtime::ATTENTION_MAX_SPLITS * (c.head_dim + 2))?,
+            attn_counters: gpu.alloc_zeroed(tokens.min(gpu.multiprocessors()) * c.n_kv_head)?,
             split: gpu.alloc(super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h))?,
             meta: gpu.alloc(tokens * 16)?,
         };
@@ -255,38 +258,58 @@ impl CudaRunner {
         launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
         let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, n * c.n_kv_head);
         let partial = if splits > 1 { ws.attn_partial.ptr } else { 0 };
-        // Decode of a few sequences: each norm runs inside the product that reads it.
-        let fuse_norm = gpu.fuses_norm(n, h);
+        // Decode of a few sequences: the norms, rope with the K/V write, and SwiGLU run inside
+        // the products next to them (kernels.cu, `gemv_impl`).
+        let fuse = gpu.fuses(n, h);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
         for (l, layer) in w.layers.iter().enumerate() {
-            if fuse_norm {
-                gpu.gemv_norm(ws.x.ptr, layer.attn_norm.ptr, c.rms_eps, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h)?;
-            } else {
-                launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
-                gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
-            }
             let bias = layer.qkv_bias.as_ref().map_or(0, |b| b.ptr);
-            launch!(gpu, &gpu.k.rope_and_cache, (n32, 1, 1), 256;
-                ws.qkv.ptr, bias, p.positions, p.slots, w.cos.ptr, w.sin.ptr, ws.q.ptr, self.k[l].ptr, self.v[l].ptr,
-                c.n_head as i32, c.n_kv_head as i32, c.head_dim as i32, c.rope_dim as i32, neox)?;
+            if fuse && neox == 0 {
+                // Norm, product, rope and the K/V write in one launch.
+                let rope = GemvArgs {
+                    residual: ws.x.ptr,
+                    norm_w: layer.attn_norm.ptr,
+                    eps: c.rms_eps,
+                    positions: p.positions,
+                    slots: p.slots,
+                    cos_table: w.cos.ptr,
+                    sin_table: w.sin.ptr,
+                    bias,
+                    q_out: ws.q.ptr,
+                    k_cache: self.k[l].ptr,
+                    v_cache: self.v[l].ptr,
+                    n_head: c.n_head as i32,
+                    n_kv_head: c.n_kv_head as i32,
+                    head_dim: c.head_dim as i32,
+                    rope_dim: c.rope_dim as i32,
+                    ..GemvArgs::default()
+                };
+                gpu.gemv_qkv(layer.qkv.ptr, n, q + 2 * kv, h, rope)?;
+            } else {
+                if fuse {
+                    gpu.gemv_norm(ws.x.ptr, layer.attn_norm.ptr, c.rms_eps, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h)?;
+                } else {
+                    launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+                    gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
+                }
+                launch!(gpu, &gpu.k.rope_and_cache, (n32, 1, 1), 256;
+                    ws.qkv.ptr, bias, p.positions, p.slots, w.cos.ptr, w.sin.ptr, ws.q.ptr, self.k[l].ptr, self.v[l].ptr,
+                    c.n_head as i32, c.n_kv_head as i32, c.head_dim as i32, c.rope_dim as i32, neox)?;
+            }
             launch!(gpu, attention, (n32, c.n_kv_head as u32, splits as u32), attention_threads;
                 ws.q.ptr, self.k[l].ptr, self.v[l].ptr, p.plans, p.tables, ws.attn.ptr,
-                c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale, partial)?;
-            if splits > 1 {
-                launch!(gpu, &gpu.k.attention_combine, (n32, c.n_head as u32, 1), c.head_dim as u32;
-                    ws.attn_partial.ptr, ws.attn.ptr, c.head_dim as i32, splits as i32)?;
-            }
+                c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale, partial, ws.attn_counters.ptr)?;
             gpu.gemm(ws.attn.ptr, layer.o.ptr, ws.x.ptr, n, h, q, true, &ws.split)?;
-            if fuse_norm {
-                gpu.gemv_norm(ws.x.ptr, layer.ffn_norm.ptr, c.rms_eps, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h)?;
+            if fuse {
+                gpu.gemv_norm_swiglu(ws.x.ptr, layer.ffn_norm.ptr, c.rms_eps, layer.gate_up.ptr, ws.act.ptr, n, 2 * ffn, h)?;
             } else {
                 launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.ffn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
                 gpu.gemm(ws.h.ptr, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h, false, &ws.split)?;
+                let total = (n * ffn) as u64;
+                let grid = (total.div_ceil(256).min(65_535)) as u32;
+                launch!(gpu, &gpu.k.silu_mul_bf16, (grid, 1, 1), 256; ws.gate_up.ptr, ws.act.ptr, ffn as i32, total)?;
             }
-            let total = (n * ffn) as u64;
-            let grid = (total.div_ceil(256).min(65_535)) as u32;
-            launch!(gpu, &gpu.k.silu_mul_bf16, (grid, 1, 1), 256; ws.gate_up.ptr, ws.act.ptr, ffn as i32, total)?;
             gpu.gemm(ws.act.ptr, layer.down.ptr, ws.x.ptr, n, h, ffn, true, &ws.split)?;
         }
         if rows == 0 {

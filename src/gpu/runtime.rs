@@ -53,13 +53,13 @@ impl<T> Buf<T> {
 /// braid's kernels, looked up once.
 pub struct Kernels {
     pub fill_dummy_bf16: CudaFunction,
+    pub fill_dummy_bf16_rows: CudaFunction,
     pub fill_dummy_f32: CudaFunction,
     pub embed_rows: CudaFunction,
     pub rms_norm_bf16: CudaFunction,
     pub rope_and_cache: CudaFunction,
     /// Paged attention by head dimension (64, 128) and warps per block (4, 8).
     pub paged_attention: [[CudaFunction; 2]; 2],
-    pub attention_combine: CudaFunction,
     pub silu_mul_bf16: CudaFunction,
     pub argmax_logprob: CudaFunction,
     pub gemm_m16: CudaFunction,
@@ -107,6 +107,34 @@ const CUBLAS_WORKSPACE: usize = 32 << 20;
 /// Most blocks that share one (token, KV head) pair's keys in split attention.
 pub const ATTENTION_MAX_SPLITS: usize = 8;
 
+/// The arguments of kernels.cu's `gemv_impl` (`GemvArgs`, same layout): its input and output
+/// modes. Addresses are 0 where unused.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemvArgs {
+    pub x: u64,
+    pub residual: u64,
+    pub norm_w: u64,
+    pub eps: f32,
+    pub accumulate: i32,
+    pub positions: u64,
+    pub slots: u64,
+    pub cos_table: u64,
+    pub sin_table: u64,
+    pub bias: u64,
+    pub q_out: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub n_head: i32,
+    pub n_kv_head: i32,
+    pub head_dim: i32,
+    pub rope_dim: i32,
+    pub act_out: u64,
+}
+
+// SAFETY: plain old data with the C layout kernels.cu declares.
+unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
+
 /// Rows of the largest product that `gemv` computes, and the weight rows of one of its blocks
 /// (kernels.cu: GEMV_WARPS x GEMV_ROWS).
 const GEMV_MAX_ROWS: usize = 4;
@@ -150,6 +178,7 @@ impl Gpu {
         let f = |name: &str| module.load_function(name);
         let k = Kernels {
             fill_dummy_bf16: f("fill_dummy_bf16")?,
+            fill_dummy_bf16_rows: f("fill_dummy_bf16_rows")?,
             fill_dummy_f32: f("fill_dummy_f32")?,
             embed_rows: f("embed_rows")?,
             rms_norm_bf16: f("rms_norm_bf16")?,
@@ -158,7 +187,6 @@ impl Gpu {
                 [f("paged_attention_d64_w4")?, f("paged_attention_d64_w8")?],
                 [f("paged_attention_d128_w4")?, f("paged_attention_d128_w8")?],
             ],
-            attention_combine: f("attention_combine")?,
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
             gemm_m16: f("gemm_m16")?,
@@ -188,6 +216,13 @@ impl Gpu {
     /// (free, total) bytes of device memory.
     pub fn memory(&self) -> Result<(usize, usize)> {
         Ok(self.ctx.mem_get_info()?)
+    }
+
+    /// A buffer of zeros.
+    pub fn alloc_zeroed<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, len: usize) -> Result<Buf<T>> {
+        let slice = self.stream.alloc_zeros::<T>(len.max(1))?;
+        let ptr = slice.device_ptr(&self.stream).0;
+        Ok(Buf { slice, ptr, len })
     }
 
     /// An uninitialised buffer (every user writes before reading).
@@ -233,7 +268,7 @@ impl Gpu {
 
     /// How to run paged attention over `blocks` (token, KV head) pairs: the kernel, its threads
     /// and how many blocks share each pair's keys. When the pairs alone leave multiprocessors
-    /// idle: 8 warps, and the keys split over up to 8 blocks (merged by `attention_combine`);
+    /// idle: 8 warps, and the keys split over up to 8 blocks (the last of them merges);
     /// else 4 warps, unsplit. The batch-invariant mode always takes the latter, since both
     /// choices change a token's sums.
     pub fn attention_plan(&self, head_dim: usize, blocks: usize) -> (&CudaFunction, u32, usize) {
@@ -270,16 +305,12 @@ impl Gpu {
     /// bandwidth, where cuBLAS's kernels for such shapes are latency-bound.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
-        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) {
-            return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
-        }
-        let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
-        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; x, w, y, n as i32, k as i32, i32::from(accumulate), 0u64, 0u64, 0f32)
+        self.gemv_with(w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() })
     }
 
-    /// Whether `gemv_norm` takes a product of `m` rows `k` wide (the default mode's decode of
-    /// up to 4 sequences).
-    pub fn fuses_norm(&self, m: usize, k: usize) -> bool {
+    /// Whether the fused few-row products (`gemv_norm`, `gemv_qkv`) take a step
+    /// of `m` rows over a `k`-wide input (the default mode's decode of up to 4 sequences).
+    pub fn fuses(&self, m: usize, k: usize) -> bool {
         self.gemm_kind == GemmKind::Cublas && (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
     }
 
@@ -287,11 +318,35 @@ impl Gpu {
     /// rounded to bf16) computed inside the product instead of by its own launch.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_norm(&self, residual: u64, norm_w: u64, eps: f32, w: u64, y: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) {
-            return Err(GpuError(format!("a {m}x{n}x{k} normed product is not a GEMV (1-4 rows, k a multiple of 8)")));
+        self.gemv_with(w, y, m, n, k, GemvArgs { residual, norm_w, eps, ..GemvArgs::default() })
+    }
+
+    /// `act = silu(gate) · up` of the gate/up product of 1..=4 rows from the residual (norm
+    /// inside), gate and up rows interleaved in `w`: silu_mul_bf16's arithmetic in the
+    /// product's last step. `act` is bf16 `[m, n / 2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_norm_swiglu(&self, residual: u64, norm_w: u64, eps: f32, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
+        if n % 2 != 0 {
+            return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
+        }
+        self.gemv_with(w, 0, m, n, k, GemvArgs { residual, norm_w, eps, act_out: act, ..GemvArgs::default() })
+    }
+
+    /// The QKV product of 1..=4 rows from the residual, finished as rope_and_cache does
+    /// (interleaved rope only): `rope` names the norm, the outputs and the rope tables.
+    pub fn gemv_qkv(&self, w: u64, m: usize, n: usize, k: usize, rope: GemvArgs) -> Result<()> {
+        if rope.q_out == 0 || rope.norm_w == 0 || rope.head_dim % 2 != 0 || rope.rope_dim % 2 != 0 {
+            return Err(GpuError("gemv_qkv needs the norm, the outputs and even head and rope dimensions".into()));
+        }
+        self.gemv_with(w, 0, m, n, k, rope)
+    }
+
+    fn gemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) || n % 2 != 0 && args.q_out != 0 {
+            return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
         let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
-        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; 0u64, w, y, n as i32, k as i32, 0i32, residual, norm_w, eps)
+        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; w, y, n as i32, k as i32, args)
     }
 
     /// The batch-invariant product (kernels.cu, `gemm_tile`).

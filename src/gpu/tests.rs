@@ -118,6 +118,88 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
     }
 }
 
+/// Norm, gate/up product and SwiGLU in one launch give the same bits as the normed product
+/// followed by silu_mul_bf16.
+#[test]
+fn gemv_swiglu_equals_the_product_then_silu() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(20);
+    let (hidden, ffn) = (192usize, 301usize);
+    for m in 1..=4 {
+        let x: Vec<f32> = (0..m * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
+        let nw: Vec<f32> = (0..hidden).map(|_| r.random_range(0.5f32..1.5)).collect();
+        let w = random_bf16(&mut r, 2 * ffn * hidden, 0.3);
+        let (xd, nd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
+        let fused = gpu.alloc::<bf16>(m * ffn).unwrap();
+        gpu.gemv_norm_swiglu(xd.ptr, nd.ptr, 1e-5, wd.ptr, fused.ptr, m, 2 * ffn, hidden).unwrap();
+        let gate_up = gpu.alloc::<f32>(m * 2 * ffn).unwrap();
+        gpu.gemv_norm(xd.ptr, nd.ptr, 1e-5, wd.ptr, gate_up.ptr, m, 2 * ffn, hidden).unwrap();
+        let separate = gpu.alloc::<bf16>(m * ffn).unwrap();
+        launch!(&gpu, &gpu.k.silu_mul_bf16, (8, 1, 1), 256; gate_up.ptr, separate.ptr, ffn as i32, (m * ffn) as u64).unwrap();
+        let (a, b) = (read(&gpu, &fused, m * ffn), read(&gpu, &separate, m * ffn));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "m {m}: fused SwiGLU differs");
+    }
+}
+
+/// Norm, QKV product, rope and the K/V write in one launch give the same bits as the normed
+/// product followed by rope_and_cache.
+#[test]
+fn gemv_qkv_equals_the_product_then_rope_and_cache() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(19);
+    let (n_head, n_kv_head, head_dim, hidden, positions_max) = (4usize, 2usize, 64usize, 200usize, 50usize);
+    let (q, kv) = (n_head * head_dim, n_kv_head * head_dim);
+    let n = q + 2 * kv;
+    let slots_total = 64usize;
+    for rope_dim in [64usize, 32] {
+        for with_bias in [false, true] {
+            for m in 1..=4 {
+                let x: Vec<f32> = (0..m * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
+                let nw: Vec<f32> = (0..hidden).map(|_| r.random_range(0.5f32..1.5)).collect();
+                let w = random_bf16(&mut r, n * hidden, 0.2);
+                let bias: Vec<f32> = (0..n).map(|_| r.random_range(-0.5f32..0.5)).collect();
+                let cos: Vec<f32> = (0..positions_max * rope_dim / 2).map(|_| r.random_range(-1.0f32..1.0)).collect();
+                let sin: Vec<f32> = (0..positions_max * rope_dim / 2).map(|_| r.random_range(-1.0f32..1.0)).collect();
+                let positions: Vec<u32> = (0..m).map(|_| r.random_range(0..positions_max as u32)).collect();
+                let slots: Vec<u32> = (0..m as u32).map(|j| 7 + 13 * j).collect();
+                let up = |v: &[f32]| gpu.upload(v).unwrap();
+                let (xd, nd, wd, bd, cd, sd) = (up(&x), up(&nw), gpu.upload(&w).unwrap(), up(&bias), up(&cos), up(&sin));
+                let (pd, sld) = (gpu.upload(&positions).unwrap(), gpu.upload(&slots).unwrap());
+                let run = |fused: bool| {
+                    let zeros = vec![f16::ZERO; slots_total * kv];
+                    let (kd, vd) = (gpu.upload(&zeros).unwrap(), gpu.upload(&zeros).unwrap());
+                    let qd = gpu.upload(&vec![f32::NAN; m * q]).unwrap();
+                    let b = if with_bias { bd.ptr } else { 0 };
+                    if fused {
+                        let args = super::runtime::GemvArgs {
+                            residual: xd.ptr, norm_w: nd.ptr, eps: 1e-5, positions: pd.ptr, slots: sld.ptr,
+                            cos_table: cd.ptr, sin_table: sd.ptr, bias: b, q_out: qd.ptr, k_cache: kd.ptr, v_cache: vd.ptr,
+                            n_head: n_head as i32, n_kv_head: n_kv_head as i32, head_dim: head_dim as i32, rope_dim: rope_dim as i32,
+                            ..Default::default()
+                        };
+                        gpu.gemv_qkv(wd.ptr, m, n, hidden, args).unwrap();
+                    } else {
+                        let qkv = gpu.alloc::<f32>(m * n).unwrap();
+                        gpu.gemv_norm(xd.ptr, nd.ptr, 1e-5, wd.ptr, qkv.ptr, m, n, hidden).unwrap();
+                        launch!(&gpu, &gpu.k.rope_and_cache, (m as u32, 1, 1), 256;
+                            qkv.ptr, b, pd.ptr, sld.ptr, cd.ptr, sd.ptr, qd.ptr, kd.ptr, vd.ptr,
+                            n_head as i32, n_kv_head as i32, head_dim as i32, rope_dim as i32, 0i32).unwrap();
+                    }
+                    (read(&gpu, &qd, m * q), read(&gpu, &kd, slots_total * kv), read(&gpu, &vd, slots_total * kv))
+                };
+                let (fused, separate) = (run(true), run(false));
+                let same_f32 = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                let same_f16 = |a: &[f16], b: &[f16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                let case = format!("m {m}, rope_dim {rope_dim}, bias {with_bias}");
+                assert!(same_f32(&fused.0, &separate.0), "Q differs: {case}");
+                assert!(same_f16(&fused.1, &separate.1), "K cache differs: {case}");
+                assert!(same_f16(&fused.2, &separate.2), "V cache differs: {case}");
+                assert!(fused.0.iter().all(|v| v.is_finite()), "Q not all written: {case}");
+            }
+        }
+    }
+}
+
 /// A row's result is the same bits alone, inside any batch, and however the work is spread.
 #[test]
 fn gemm_rows_do_not_depend_on_the_batch() {
@@ -189,17 +271,15 @@ fn attention_matches_the_cpu() {
         let out = gpu.alloc::<bf16>(n * n_head * head_dim).unwrap();
         let scale = 1.0 / (head_dim as f32).sqrt();
         let partial = gpu.alloc::<f32>(n * n_head * 8 * (head_dim + 2)).unwrap();
+        let counters = gpu.alloc_zeroed::<u32>(n * n_kv_head).unwrap();
         for (warps, f) in [4, 8].into_iter().zip(&gpu.k.paged_attention[usize::from(head_dim == 128)]) {
-            // Unsplit, and the keys shared by 3 and by 8 blocks (more than some tokens have).
-            for splits in [1u32, 3, 8] {
+            // Unsplit, and the keys shared by 3 and by 8 blocks (more than some tokens have);
+            // the counters return to zero after each split launch, so they serve the next.
+            for splits in [1u32, 3, 8, 3] {
                 let part = if splits > 1 { partial.ptr } else { 0 };
                 launch!(&gpu, f, (n as u32, n_kv_head as u32, splits), 32 * warps;
                     qd.ptr, kd.ptr, vd.ptr, meta_d.at(offsets[3]), meta_d.at(offsets[4]), out.ptr,
-                    n_head as i32, n_kv_head as i32, bs as i32, scale, part).unwrap();
-                if splits > 1 {
-                    launch!(&gpu, &gpu.k.attention_combine, (n as u32, n_head as u32, 1), head_dim as u32;
-                        partial.ptr, out.ptr, head_dim as i32, splits as i32).unwrap();
-                }
+                    n_head as i32, n_kv_head as i32, bs as i32, scale, part, counters.ptr).unwrap();
                 let got = read(&gpu, &out, n * n_head * head_dim);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     let g = g.to_f32();
@@ -231,8 +311,16 @@ fn norm_and_swiglu_match_the_cpu() {
             assert!((g.to_f32() - w).abs() <= w.abs() / 128.0, "norm row {p}: {g} vs {w}");
         }
     }
+    // Gate and up interleaved per row, as the GPU's gate/up product lays them out.
     let gate_up: Vec<f32> = (0..rows * 2 * ffn).map(|_| r.random_range(-6.0f32..6.0)).collect();
-    let gd = gpu.upload(&gate_up).unwrap();
+    let interleaved: Vec<f32> = gate_up
+        .chunks_exact(2 * ffn)
+        .flat_map(|row| {
+            let (g, u) = row.split_at(ffn);
+            g.iter().zip(u).flat_map(|(&a, &b)| [a, b]).collect::<Vec<_>>()
+        })
+        .collect();
+    let gd = gpu.upload(&interleaved).unwrap();
     let act = gpu.alloc::<bf16>(rows * ffn).unwrap();
     launch!(&gpu, &gpu.k.silu_mul_bf16, (64, 1, 1), 256; gd.ptr, act.ptr, ffn as i32, (rows * ffn) as u64).unwrap();
     let got = read(&gpu, &act, rows * ffn);

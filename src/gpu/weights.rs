@@ -20,7 +20,8 @@ pub struct LayerWeights {
     pub qkv_bias: Option<Buf<f32>>,
     pub o: Buf<bf16>,
     pub ffn_norm: Buf<f32>,
-    /// `[2 ffn, hidden]`: each output row is [gate | up].
+    /// `[2 ffn, hidden]`: gate and up rows alternate, so each output row is [g0, u0, g1, u1, ...]
+    /// (the few-row product then holds each pair in one warp and finishes SwiGLU itself).
     pub gate_up: Buf<bf16>,
     pub down: Buf<bf16>,
 }
@@ -83,7 +84,12 @@ impl CudaWeights {
                 qkv_bias: if c.qkv_bias { Some(vector(T::QkvBias(l), q + 2 * kv)?) } else { None },
                 o: matrix(&[(T::O(l), h)])?,
                 ffn_norm: vector(T::FfnNorm(l), h)?,
-                gate_up: matrix(&[(T::Gate(l), ffn), (T::Up(l), ffn)])?,
+                gate_up: {
+                    let buf = gpu.alloc::<bf16>(2 * ffn * h)?;
+                    fill_bf16_rows(&gpu, buf.ptr, ffn * h, h, 2 * h, draw(T::Gate(l)))?;
+                    fill_bf16_rows(&gpu, buf.at(h), ffn * h, h, 2 * h, draw(T::Up(l)))?;
+                    buf
+                },
                 down: matrix(&[(T::Down(l), h)])?,
             });
         }
@@ -137,7 +143,12 @@ impl CudaWeights {
                 qkv_bias,
                 o: matrix(file, &[(&p("attn_output.weight"), h, q)])?,
                 ffn_norm: vector(file, &[(&p("ffn_norm.weight"), h)])?,
-                gate_up: matrix(file, &[(&p("ffn_gate.weight"), c.ffn_size, h), (&p("ffn_up.weight"), c.ffn_size, h)])?,
+                gate_up: {
+                    let gate = floats(file, &p("ffn_gate.weight"), &[c.ffn_size, h])?;
+                    let up = floats(file, &p("ffn_up.weight"), &[c.ffn_size, h])?;
+                    let rows: Vec<bf16> = gate.chunks_exact(h).zip(up.chunks_exact(h)).flat_map(|(g, u)| g.iter().chain(u)).map(|&v| bf16::from_f32(v)).collect();
+                    gpu.upload(&rows).map_err(gpu_err)?
+                },
                 down: matrix(file, &[(&p("ffn_down.weight"), h, c.ffn_size)])?,
             });
         }
@@ -176,6 +187,11 @@ const FILL_GRID: u32 = 1024;
 
 fn fill_bf16(gpu: &Gpu, ptr: u64, n: usize, d: Draw) -> Result<()> {
     launch!(gpu, &gpu.k.fill_dummy_bf16, (FILL_GRID, 1, 1), 256; ptr, n as u64, d.seed, d.centre, d.scale)
+}
+
+/// A draw of `n` values in rows of `width`, row r at `ptr + r * stride` elements.
+fn fill_bf16_rows(gpu: &Gpu, ptr: u64, n: usize, width: usize, stride: usize, d: Draw) -> Result<()> {
+    launch!(gpu, &gpu.k.fill_dummy_bf16_rows, (FILL_GRID, 1, 1), 256; ptr, n as u64, width as u64, stride as u64, d.seed, d.centre, d.scale)
 }
 
 fn fill_f32(gpu: &Gpu, ptr: u64, n: usize, d: Draw) -> Result<()> {
