@@ -643,6 +643,38 @@ struct GemvArgs {
     __nv_bfloat16* act_out;
 };
 
+// One 16-byte chunk (8 values of k) of a few-row product: the inputs, then each row's sums.
+template <int M>
+__device__ __forceinline__ void gemv_chunk(const GemvArgs& a, int k, int c, const float* scale, const uint4* wraw,
+                                           float (&acc)[GEMV_ROWS][M]) {
+        float xf[M][8];
+        if (a.norm_w) {
+            const float4* nw = reinterpret_cast<const float4*>(a.norm_w) + 2 * c;
+            const float4 n0 = __ldg(nw), n1 = __ldg(nw + 1);
+            const float nv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+#pragma unroll
+            for (int j = 0; j < M; j++) {
+                const float4* rp = reinterpret_cast<const float4*>(a.residual + (size_t)j * k) + 2 * c;
+                const float4 r0 = __ldg(rp), r1 = __ldg(rp + 1);
+                const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+#pragma unroll
+                for (int i = 0; i < 8; i++) xf[j][i] = __bfloat162float(__float2bfloat16_rn(__fmul_rn(__fmul_rn(rv[i], scale[j]), nv[i])));
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(a.x + (size_t)j * k) + c), xf[j]);
+        }
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            float wf[8];
+            bf16x8_to_float(wraw[r], wf);
+#pragma unroll
+            for (int j = 0; j < M; j++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[r][j] = __fadd_rn(acc[r][j], __fmul_rn(wf[i], xf[j][i]));
+        }
+}
+
 template <int M>
 __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict__ y, int n, int k, const GemvArgs& a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -676,38 +708,24 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict
 #pragma unroll
         for (int j = 0; j < M; j++) acc[r][j] = 0.f;
     const int chunks = k / 8;  // 16-byte chunks per row
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 wraw[GEMV_ROWS];
+    // Two chunks per lane per pass: their weight loads are in flight together. The sums still
+    // run in increasing chunk order.
+    for (int c0 = lane; c0 < chunks; c0 += 64) {
+        uint4 wraw[2][GEMV_ROWS];
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            const int row = min(row0 + r, n - 1);
-            wraw[r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)row * k) + c);
-        }
-        float xf[M][8];
-        if (a.norm_w) {
-            const float4* nw = reinterpret_cast<const float4*>(a.norm_w) + 2 * c;
-            const float4 n0 = __ldg(nw), n1 = __ldg(nw + 1);
-            const float nv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+        for (int h = 0; h < 2; h++) {
+            const int c = min(c0 + 32 * h, chunks - 1);
 #pragma unroll
-            for (int j = 0; j < M; j++) {
-                const float4* rp = reinterpret_cast<const float4*>(a.residual + (size_t)j * k) + 2 * c;
-                const float4 r0 = __ldg(rp), r1 = __ldg(rp + 1);
-                const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
-#pragma unroll
-                for (int i = 0; i < 8; i++) xf[j][i] = __bfloat162float(__float2bfloat16_rn(__fmul_rn(__fmul_rn(rv[i], scale[j]), nv[i])));
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                const int row = min(row0 + r, n - 1);
+                wraw[h][r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)row * k) + c);
             }
-        } else {
-#pragma unroll
-            for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(a.x + (size_t)j * k) + c), xf[j]);
         }
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++) {
-            float wf[8];
-            bf16x8_to_float(wraw[r], wf);
-#pragma unroll
-            for (int j = 0; j < M; j++)
-#pragma unroll
-                for (int i = 0; i < 8; i++) acc[r][j] = __fadd_rn(acc[r][j], __fmul_rn(wf[i], xf[j][i]));
+        for (int h = 0; h < 2; h++) {
+            const int c = c0 + 32 * h;
+            if (c >= chunks) break;
+            gemv_chunk<M>(a, k, c, scale, wraw[h], acc);
         }
     }
 #pragma unroll
