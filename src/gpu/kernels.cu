@@ -386,11 +386,23 @@ extern "C" __global__ void silu_mul_bf16(const float* gate_up, __nv_bfloat16* ou
 
 #define ARGMAX_THREADS 1024
 
-extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32_t* ids, float* logprobs) {
+// A row is cut into gridDim.y slices; each block finds its slice's first maximum and
+// sum(exp(x - max)), and the last block of the row to finish merges the slices in order.
+struct ArgmaxPart {
+    double sum;
+    float max;
+    int index;
+};
+
+extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32_t* ids, float* logprobs,
+                                          ArgmaxPart* parts, unsigned* counters) {
     const float* row = logits + (size_t)blockIdx.x * vocab;
+    const int slices = gridDim.y, slice = blockIdx.y;
+    const int width = (vocab + slices - 1) / slices;
+    const int begin = slice * width, end = min(vocab, begin + width);
     float best = -INFINITY;
     int best_i = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += ARGMAX_THREADS) {
+    for (int i = begin + threadIdx.x; i < end; i += ARGMAX_THREADS) {
         const float v = row[i];
         if (v > best) { best = v; best_i = i; }  // i grows, so the first maximum of this thread
     }
@@ -417,16 +429,35 @@ extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32
     __syncthreads();
     const float max = sb[0];
     double sum = 0.0;
-    for (int i = threadIdx.x; i < vocab; i += ARGMAX_THREADS) sum += (double)expf(row[i] - max);
+    for (int i = begin + threadIdx.x; i < end; i += ARGMAX_THREADS) sum += (double)expf(row[i] - max);
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) ss[warp] = sum;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int w = 0; w < ARGMAX_THREADS / 32; w++) total += ss[w];
-        ids[blockIdx.x] = (uint32_t)si[0];
-        logprobs[blockIdx.x] = -(float)log(total);
+    if (threadIdx.x != 0) return;
+    double total = 0.0;
+    for (int w = 0; w < ARGMAX_THREADS / 32; w++) total += ss[w];
+    ArgmaxPart* mine = parts + (size_t)blockIdx.x * slices;
+    mine[slice] = ArgmaxPart{total, max, si[0]};
+    __threadfence();
+    unsigned* counter = counters + blockIdx.x;
+    if (atomicAdd(counter, 1u) != (unsigned)slices - 1) return;
+    *counter = 0;  // ready for the next launch
+    __threadfence();
+    float m_all = -INFINITY;
+    int id = 0x7fffffff;
+    for (int z = 0; z < slices; z++) {
+        const volatile ArgmaxPart* p = mine + z;
+        const float mz = p->max;
+        const int iz = p->index;
+        if (mz > m_all || (mz == m_all && iz < id)) { m_all = mz; id = iz; }
     }
+    double all = 0.0;
+    for (int z = 0; z < slices; z++) {
+        const volatile ArgmaxPart* p = mine + z;
+        if (p->max != -INFINITY) all += p->sum * exp((double)p->max - (double)m_all);
+    }
+    ids[blockIdx.x] = (uint32_t)id;
+    logprobs[blockIdx.x] = -(float)log(all);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ struct Workspace {
     attn_partial: Buf<f32>,
     /// Per (token, KV head) of split attention: blocks done, reset by the last (starts zeroed).
     attn_counters: Buf<u32>,
+    /// The device argmax's per-slice results (16 bytes each) and per-row counters (zeroed).
+    argmax_parts: Buf<u64>,
+    argmax_counters: Buf<u32>,
     /// The step's plan, uploaded at once (grown when a step needs more).
     meta: Buf<u32>,
 }
@@ -89,6 +92,9 @@ pub enum StepOutput {
 
 /// Threads of kernels.cu's RMS norm (NORM_THREADS).
 pub const NORM_THREADS: u32 = 1024;
+
+/// Slices of a logits row that the device argmax's blocks share.
+const ARGMAX_SLICES: usize = 16;
 
 /// Most rows of a product whose k-segments are spread over blocks (decode-sized steps).
 const SPLIT_ROWS: usize = 512;
@@ -146,6 +152,8 @@ impl CudaRunner {
             chosen: gpu.alloc(2 * rows)?,
             attn_partial: gpu.alloc(tokens.min(gpu.multiprocessors()) * c.n_head * super::runtime::ATTENTION_MAX_SPLITS * (c.head_dim + 2))?,
             attn_counters: gpu.alloc_zeroed(tokens.min(gpu.multiprocessors()) * c.n_kv_head)?,
+            argmax_parts: gpu.alloc(2 * rows * ARGMAX_SLICES)?,
+            argmax_counters: gpu.alloc_zeroed(rows)?,
             split: gpu.alloc(super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h))?,
             meta: gpu.alloc(tokens * 16)?,
         };
@@ -184,7 +192,7 @@ impl CudaRunner {
         let o = self.upload_plan(batch)?;
         let at = |x: usize| self.ws.meta.at(x);
         let ptrs = PlanPointers { tokens: at(0), positions: at(o[1]), slots: at(o[2]), plans: at(o[3]), tables: at(o[4]), logit_rows: at(o[5]) };
-        self.launch_forward(n, rows, ptrs, greedy)?;
+        self.launch_forward(n, rows, ptrs, greedy, decode_only && batch.logit_rows.iter().copied().eq(0..n))?;
         self.read_output(rows, rows, greedy)
     }
 
@@ -210,7 +218,7 @@ impl CudaRunner {
             };
             let stream = Arc::clone(&self.weights.gpu.stream);
             stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let launched = self.launch_forward(padded, padded, ptrs, true);
+            let launched = self.launch_forward(padded, padded, ptrs, true, true);
             let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
             match (launched, captured) {
                 (Ok(()), Ok(Some(graph))) => {
@@ -248,7 +256,8 @@ impl CudaRunner {
 
     /// Queues a whole forward pass of `n` tokens and `rows` logits rows (no copies, no waits:
     /// a graph can capture it).
-    fn launch_forward(&self, n: usize, rows: usize, p: PlanPointers, greedy: bool) -> Result<()> {
+    /// `decode`: every token is its sequence's one new token and a logits row, in order.
+    fn launch_forward(&self, n: usize, rows: usize, p: PlanPointers, greedy: bool, decode: bool) -> Result<()> {
         let w = &self.weights;
         let gpu: &Gpu = &w.gpu;
         let c = &w.config;
@@ -316,12 +325,18 @@ impl CudaRunner {
             return Ok(());
         }
         let rows32 = rows as u32;
-        launch!(gpu, &gpu.k.rms_norm_bf16, (rows32, 1, 1), NORM_THREADS; ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
         let output = w.output.as_ref().unwrap_or(&w.embeddings);
         let vocab = w.vocab_size;
-        gpu.gemm(ws.h.ptr, output.ptr, ws.logits.ptr, rows, vocab, h, false, &ws.split)?;
+        if fuse && rows == n && decode {
+            // Every token is a logits row, in order: the final norm goes inside the product.
+            gpu.gemv_norm(ws.x.ptr, w.output_norm.ptr, c.rms_eps, output.ptr, ws.logits.ptr, rows, vocab, h)?;
+        } else {
+            launch!(gpu, &gpu.k.rms_norm_bf16, (rows32, 1, 1), NORM_THREADS; ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+            gpu.gemm(ws.h.ptr, output.ptr, ws.logits.ptr, rows, vocab, h, false, &ws.split)?;
+        }
         if greedy {
-            launch!(gpu, &gpu.k.argmax_logprob, (rows32, 1, 1), 1024; ws.logits.ptr, vocab as i32, ws.chosen.ptr, ws.chosen.at(rows))?;
+            launch!(gpu, &gpu.k.argmax_logprob, (rows32, ARGMAX_SLICES as u32, 1), 1024;
+                ws.logits.ptr, vocab as i32, ws.chosen.ptr, ws.chosen.at(rows), ws.argmax_parts.ptr, ws.argmax_counters.ptr)?;
         }
         Ok(())
     }

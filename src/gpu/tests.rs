@@ -290,6 +290,41 @@ fn attention_matches_the_cpu() {
     }
 }
 
+/// The device argmax against the sampler's: the first maximum (ties included) and its
+/// log-probability, on odd vocabulary sizes (some smaller than the slices).
+#[test]
+fn argmax_matches_the_sampler() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(21);
+    for vocab in [1usize, 7, 1000, 49_157] {
+        let rows = 3;
+        let mut logits: Vec<f32> = (0..rows * vocab).map(|_| r.random_range(-8.0f32..8.0)).collect();
+        if vocab > 10 {
+            // A tie for the maximum in row 1: the first one wins.
+            let row = &mut logits[vocab..2 * vocab];
+            row[vocab / 3] = 20.0;
+            row[vocab / 2] = 20.0;
+        }
+        let ld = gpu.upload(&logits).unwrap();
+        let chosen = gpu.alloc::<u32>(2 * rows).unwrap();
+        let parts = gpu.alloc::<u64>(2 * rows * 16).unwrap();
+        let counters = gpu.alloc_zeroed::<u32>(rows).unwrap();
+        for _ in 0..2 {
+            // Twice: the counters must be back at zero for the second launch.
+            launch!(&gpu, &gpu.k.argmax_logprob, (rows as u32, 16, 1), 1024; ld.ptr, vocab as i32, chosen.ptr, chosen.at(rows), parts.ptr, counters.ptr).unwrap();
+            let got = read(&gpu, &chosen, 2 * rows);
+            for t in 0..rows {
+                let row = &logits[t * vocab..(t + 1) * vocab];
+                let id = crate::engine::sampler::argmax(row);
+                let lp = row[id as usize] - crate::engine::sampler::log_sum_exp(row);
+                assert_eq!(got[t], id, "vocab {vocab} row {t}");
+                let glp = f32::from_bits(got[rows + t]);
+                assert!((glp - lp).abs() <= 1e-4 * lp.abs().max(1.0), "vocab {vocab} row {t}: logprob {glp} vs {lp}");
+            }
+        }
+    }
+}
+
 /// RMS norm (over picked rows) and SwiGLU against norm.rs and vmath.rs, rounded to bf16.
 #[test]
 fn norm_and_swiglu_match_the_cpu() {
