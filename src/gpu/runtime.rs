@@ -99,6 +99,9 @@ pub struct Gpu {
     pub k: Kernels,
     pub gemm_kind: GemmKind,
     multiprocessors: usize,
+    /// Most blocks sharing a (token, KV head) pair's keys (BRAID_ATTENTION_SPLITS, 1..=8, for
+    /// tuning; default 8).
+    attention_max_splits: usize,
 }
 
 /// Bytes of cuBLAS scratch (what it asks for on Hopper).
@@ -206,7 +209,11 @@ impl Gpu {
             slice
         };
         let multiprocessors = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors })
+        let attention_max_splits = match std::env::var("BRAID_ATTENTION_SPLITS") {
+            Err(_) => ATTENTION_MAX_SPLITS,
+            Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
+        };
+        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits })
     }
 
     pub fn name(&self) -> String {
@@ -274,7 +281,7 @@ impl Gpu {
     pub fn attention_plan(&self, head_dim: usize, blocks: usize) -> (&CudaFunction, u32, usize) {
         let d = usize::from(head_dim == 128);
         if self.gemm_kind == GemmKind::Cublas && blocks < self.multiprocessors {
-            let splits = (self.multiprocessors / blocks.max(1)).clamp(1, ATTENTION_MAX_SPLITS);
+            let splits = (self.multiprocessors / blocks.max(1)).clamp(1, self.attention_max_splits);
             (&self.k.paged_attention[d][1], 256, splits)
         } else {
             (&self.k.paged_attention[d][0], 128, 1)
