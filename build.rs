@@ -11,6 +11,7 @@ fn main() {
         return;
     }
     println!("cargo:rerun-if-changed=src/gpu/kernels.cu");
+    println!("cargo:rerun-if-changed=src/gpu/kernels");
     for var in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "BRAID_CUDA_CHECK_ONLY"] {
         println!("cargo:rerun-if-env-changed={var}");
     }

@@ -1,4 +1,4 @@
-//! The CUDA path (feature `cuda`): braid's own kernels (kernels.cu) and cuBLAS over bf16
+//! The CUDA path (feature `cuda`): braid's own kernels (kernels.cu, kernels/) and cuBLAS over bf16
 //! weights, with a paged f16 KV cache on the device. The engine drives it exactly as it drives
 //! the CPU model: one flat batch per step.
 

@@ -90,7 +90,7 @@ pub enum StepOutput {
     Greedy(Vec<(u32, f32)>),
 }
 
-/// Threads of kernels.cu's RMS norm (NORM_THREADS).
+/// Threads of the RMS norm kernel (NORM_THREADS).
 pub const NORM_THREADS: u32 = 1024;
 
 /// Slices of a logits row that the device argmax's blocks share.
@@ -110,7 +110,7 @@ struct PlanPointers {
     logit_rows: u64,
 }
 
-/// Attention plan per query token, as kernels.cu's `TokenPlan`.
+/// Attention plan per query token, as kernels/attention.cuh's `TokenPlan`.
 const PLAN_WORDS: usize = 4;
 
 impl CudaRunner {
@@ -268,7 +268,7 @@ impl CudaRunner {
         let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, n * c.n_kv_head);
         let partial = if splits > 1 { ws.attn_partial.ptr } else { 0 };
         // Decode of a few sequences: the norms, rope with the K/V write, and SwiGLU run inside
-        // the products next to them (kernels.cu, `gemv_impl`).
+        // the products next to them (kernels/gemv.cuh, `gemv_impl`).
         let fuse = gpu.fuses(n, h);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
@@ -353,7 +353,7 @@ impl CudaRunner {
     }
 }
 
-/// Lays out a step's plan in `m`: tokens, positions, cache slots, attention plans (kernels.cu's
+/// Lays out a step's plan in `m`: tokens, positions, cache slots, attention plans (attention.cuh's
 /// `TokenPlan` per token), block tables, logit rows. Returns where each part starts.
 pub fn write_plan(batch: &FlatBatch, bs: usize, num_blocks: usize, m: &mut Vec<u32>) -> Result<[usize; 6]> {
     let n = batch.tokens.len();

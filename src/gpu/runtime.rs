@@ -110,7 +110,7 @@ const CUBLAS_WORKSPACE: usize = 32 << 20;
 /// Most blocks that share one (token, KV head) pair's keys in split attention.
 pub const ATTENTION_MAX_SPLITS: usize = 8;
 
-/// The arguments of kernels.cu's `gemv_impl` (`GemvArgs`, same layout): its input and output
+/// The arguments of `gemv_impl` (kernels/gemv.cuh) (`GemvArgs`, same layout): its input and output
 /// modes. Addresses are 0 where unused.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -135,11 +135,11 @@ pub struct GemvArgs {
     pub act_out: u64,
 }
 
-// SAFETY: plain old data with the C layout kernels.cu declares.
+// SAFETY: plain old data with the C layout kernels/gemv.cuh declares.
 unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
 
 /// Rows of the largest product that `gemv` computes, and the weight rows of one of its blocks
-/// (kernels.cu: GEMV_WARPS x GEMV_ROWS).
+/// (kernels/gemv.cuh: GEMV_WARPS x GEMV_ROWS).
 const GEMV_MAX_ROWS: usize = 4;
 const GEMV_ROWS_PER_BLOCK: usize = 8;
 
@@ -308,7 +308,7 @@ impl Gpu {
         }
     }
 
-    /// The product for 1..=4 rows (kernels.cu, `gemv_impl`): weights streamed once at full
+    /// The product for 1..=4 rows (kernels/gemv.cuh, `gemv_impl`): weights streamed once at full
     /// bandwidth, where cuBLAS's kernels for such shapes are latency-bound.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
@@ -333,7 +333,7 @@ impl Gpu {
     /// product's last step. `act` is bf16 `[m, n / 2]`.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_norm_swiglu(&self, residual: u64, norm_w: u64, eps: f32, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        if n % 2 != 0 {
+        if !n.is_multiple_of(2) {
             return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
         }
         self.gemv_with(w, 0, m, n, k, GemvArgs { residual, norm_w, eps, act_out: act, ..GemvArgs::default() })
@@ -349,14 +349,14 @@ impl Gpu {
     }
 
     fn gemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
-        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) || n % 2 != 0 && args.q_out != 0 {
+        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) || (!n.is_multiple_of(2) && args.q_out != 0) {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
         let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
         crate::launch!(self, &self.k.gemv[m - 1], grid, 128; w, y, n as i32, k as i32, args)
     }
 
-    /// The batch-invariant product (kernels.cu, `gemm_tile`).
+    /// The batch-invariant product (kernels/gemm.cuh, `gemm_tile`).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_invariant(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
         if !k.is_multiple_of(32) || m == 0 || n == 0 {

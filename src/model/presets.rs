@@ -1,7 +1,7 @@
 //! Model shapes without weight files, for `--load-format dummy`: random weights of the real
 //! shapes (like vLLM's dummy load format), so throughput can be measured on any model size
 //! without downloading it. The weights come from a counter-based generator that the CPU and the
-//! GPU (kernels.cu, `dummy_value`) compute bit for bit alike, so both run the same model.
+//! GPU (`src/gpu/kernels/pointwise.cuh`, `dummy_value`) compute bit for bit alike, so both run the same model.
 
 use half::bf16;
 
@@ -160,7 +160,7 @@ fn mix32(mut z: u64) -> u32 {
     (z >> 32) as u32
 }
 
-/// Element `i` of a draw: the exact arithmetic of kernels.cu's `dummy_value` (one rounding in
+/// Element `i` of a draw: the exact arithmetic of the GPU's `dummy_value` (one rounding in
 /// the multiply, one in the add; f32 has no fused operations in Rust).
 pub fn dummy_value(draw: Draw, i: u64) -> f32 {
     let k = (mix32(draw.seed.wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(i)) >> 8) | 1;

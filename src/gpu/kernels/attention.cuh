@@ -1,0 +1,218 @@
+// Paged attention over block tables, for decodes and prefill chunks alike (included by ../kernels.cu).
+#pragma once
+
+// ---------------------------------------------------------------------------------------------
+// Paged attention for any mix of decodes and prefill chunks: one block per (query token, KV
+// head), the heads of its query group together. Each token attends to its sequence's cached
+// positions 0..=pos (within the window, if any) through the block table.
+//
+// A group of LPK = D / 8 lanes owns one key at a time (16-byte loads of 8 halves each); a warp
+// covers 32 / LPK keys per pass and keeps a running (max, sum, acc) per query head (online
+// softmax); the groups, then the 4 warps, are merged at the end.
+
+#define MAX_GROUP 8
+
+struct TokenPlan {
+    uint32_t pos;        // logical position of the query token in its sequence
+    uint32_t table;      // offset of the sequence's block table in `block_tables`
+    uint32_t keep;       // window: first tokens always seen (0 with no window)
+    uint32_t size;       // window size in tokens (0: no window)
+};
+
+__device__ __forceinline__ void load8(const __half* p, float* out) {
+    uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __half22float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+template <int D, int ATT_WARPS>
+__device__ void attention_impl(const float* q, const __half* k_cache, const __half* v_cache,
+                               const TokenPlan* plans, const uint32_t* block_tables, __nv_bfloat16* out,
+                               int n_head, int n_kv_head, int block_size, float scale, float* partial,
+                               unsigned* counters) {
+    constexpr int LPK = D / 8;          // lanes per key
+    constexpr int KPW = 32 / LPK;       // keys per warp pass
+    const int t = blockIdx.x, kvh = blockIdx.y;
+    const int group = n_head / n_kv_head;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int sub = lane / LPK, part = lane % LPK;  // which key of the pass, which 8 dims
+    const TokenPlan plan = plans[t];
+    const uint32_t* table = block_tables + plan.table;
+    const int kv_width = n_kv_head * D;
+
+    // Visible positions: [0, n_keep) then [first, pos].
+    const int pos = plan.pos;
+    int n_keep = 0, first = 0;
+    if (plan.size) {
+        const int kept = min((int)plan.keep, pos + 1);
+        const int start = max(pos + 1 - (int)(plan.size - plan.keep), 0);
+        first = max(start, kept);
+        n_keep = kept;
+    }
+    const int n_keys = n_keep + (pos + 1 - first);
+
+    float qr[MAX_GROUP][8];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        if (g < group) {
+            const float* qp = q + (size_t)t * n_head * D + (size_t)(kvh * group + g) * D + part * 8;
+#pragma unroll
+            for (int i = 0; i < 8; i++) qr[g][i] = qp[i];
+        }
+    }
+    float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][8];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        m[g] = -INFINITY; l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
+    }
+
+    // With `partial` (few blocks, long contexts), gridDim.z blocks share a token's keys: block z
+    // takes a contiguous share and writes its unnormalised (max, sum, acc); the last to finish merges.
+    const int splits = gridDim.z;
+    const int share = (n_keys + splits - 1) / splits;
+    const int key_begin = blockIdx.z * share, key_end = min(n_keys, key_begin + share);
+    for (int base = key_begin + warp * KPW; base < key_end; base += ATT_WARPS * KPW) {
+        const int idx = base + sub;
+        const bool valid = idx < key_end;
+        float kf[8], vf[8];
+        if (valid) {
+            const int j = idx < n_keep ? idx : first + (idx - n_keep);
+            const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            const size_t off = slot * kv_width + (size_t)kvh * D + part * 8;
+            load8(k_cache + off, kf);
+            load8(v_cache + off, vf);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) { kf[i] = 0.f; vf[i] = 0.f; }
+        }
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            if (g < group) {
+                float s = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; i++) s = __fadd_rn(s, __fmul_rn(qr[g][i], kf[i]));
+#pragma unroll
+                for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (valid) {
+                    s = __fmul_rn(s, scale);
+                    const float m_new = fmaxf(m[g], s);
+                    const float correction = expf(m[g] - m_new);
+                    const float p = expf(s - m_new);
+                    l[g] = l[g] * correction + p;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * correction + p * vf[i];
+                    m[g] = m_new;
+                }
+            }
+        }
+    }
+
+    // Merge the key groups of each warp (lanes with the same `part`).
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        if (g < group) {
+#pragma unroll
+            for (int o = LPK; o < 32; o <<= 1) {
+                const float m_other = __shfl_xor_sync(0xffffffffu, m[g], o);
+                const float l_other = __shfl_xor_sync(0xffffffffu, l[g], o);
+                const float m_new = fmaxf(m[g], m_other);
+                const float a = m[g] == -INFINITY ? 0.f : expf(m[g] - m_new);
+                const float b = m_other == -INFINITY ? 0.f : expf(m_other - m_new);
+                l[g] = l[g] * a + l_other * b;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float acc_other = __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+                    acc[g][i] = acc[g][i] * a + acc_other * b;
+                }
+                m[g] = m_new;
+            }
+        }
+    }
+
+    // Merge the warps through shared memory: lanes 0..LPK of each warp hold the whole state.
+    __shared__ float sm_m[ATT_WARPS][MAX_GROUP], sm_l[ATT_WARPS][MAX_GROUP];
+    __shared__ float sm_acc[ATT_WARPS][MAX_GROUP][D];
+    if (sub == 0) {
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            if (g < group) {
+                if (part == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
+#pragma unroll
+                for (int i = 0; i < 8; i++) sm_acc[warp][g][part * 8 + i] = acc[g][i];
+            }
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < group * D; e += blockDim.x) {
+        const int g = e / D, d = e % D;
+        float m_all = -INFINITY;
+        for (int w = 0; w < ATT_WARPS; w++) m_all = fmaxf(m_all, sm_m[w][g]);
+        float l_all = 0.f, acc_all = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            const float mw = sm_m[w][g];
+            const float f = mw == -INFINITY ? 0.f : expf(mw - m_all);
+            l_all += sm_l[w][g] * f;
+            acc_all += sm_acc[w][g][d] * f;
+        }
+        const size_t head = (size_t)t * n_head + kvh * group + g;
+        if (partial) {  // [token, head, split] of (max, sum, acc[D])
+            float* p = partial + (head * splits + blockIdx.z) * (D + 2);
+            if (d == 0) { p[0] = m_all; p[1] = l_all; }
+            p[2 + d] = acc_all;
+        } else {
+            out[head * D + d] = __float2bfloat16_rn(acc_all / l_all);
+        }
+    }
+    if (!partial) return;
+    // The last block of a split (token, KV head) merges every block's share, in split order.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* counter = counters + (size_t)t * n_kv_head + kvh;
+        last = atomicAdd(counter, 1u) == (unsigned)splits - 1;
+        if (last) *counter = 0;  // ready for the next launch
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < group * D; e += blockDim.x) {
+        const int g = e / D, d = e % D;
+        const size_t head = (size_t)t * n_head + kvh * group + g;
+        const float* p = partial + head * splits * (D + 2);
+        float m_all = -INFINITY;
+        for (int z = 0; z < splits; z++) m_all = fmaxf(m_all, __ldcg(p + z * (D + 2)));
+        float l_all = 0.f, acc_all = 0.f;
+        for (int z = 0; z < splits; z++) {
+            const float mz = __ldcg(p + z * (D + 2));
+            const float f = mz == -INFINITY ? 0.f : expf(mz - m_all);
+            l_all += __ldcg(p + z * (D + 2) + 1) * f;
+            acc_all += __ldcg(p + z * (D + 2) + 2 + d) * f;
+        }
+        out[head * D + d] = __float2bfloat16_rn(acc_all / l_all);
+    }
+}
+
+// Variants by head dimension and warps per block: 8 warps finish one token's keys sooner (small
+// decode batches, where there are few blocks), 4 leave room for two blocks per multiprocessor
+// (large batches). A token's sums depend on the variant, so the batch-invariant mode keeps one.
+#define ATTENTION_VARIANT(NAME, D, WARPS)                                                                       \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                    \
+    NAME(const float* q, const __half* k, const __half* v, const TokenPlan* plans, const uint32_t* tables,      \
+         __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale, float* partial,           \
+         unsigned* counters) {                                                                                 \
+        attention_impl<D, WARPS>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale, partial,  \
+                                 counters);                                                                   \
+    }
+
+ATTENTION_VARIANT(paged_attention_d64_w4, 64, 4)
+ATTENTION_VARIANT(paged_attention_d64_w8, 64, 8)
+ATTENTION_VARIANT(paged_attention_d128_w4, 128, 4)
+ATTENTION_VARIANT(paged_attention_d128_w8, 128, 8)
