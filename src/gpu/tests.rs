@@ -325,6 +325,70 @@ fn argmax_matches_the_sampler() {
     }
 }
 
+/// Rope (both pairings, a partial rotary width) with the bias and the K/V write, against
+/// rope.rs on the CPU's own cos/sin tables.
+#[test]
+fn rope_and_cache_matches_the_cpu() {
+    use crate::model::config::{ModelConfig, RopeScaling, RopeStyle};
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(22);
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        for rope_dim in [128usize, 64] {
+            let config = ModelConfig {
+                architecture: "test".into(),
+                name: "test".into(),
+                n_layer: 1,
+                hidden_size: 7 * 128,
+                ffn_size: 8,
+                n_head: 7,
+                n_kv_head: 1,
+                head_dim: 128,
+                rope_dim,
+                rope_theta: 1e6,
+                rope_style: style,
+                rope_scaling: RopeScaling::None,
+                rms_eps: 1e-6,
+                context_length: 64,
+                qkv_bias: true,
+            };
+            let rope = crate::model::rope::Rope::new(&config, None);
+            let (q, kv) = (7 * 128, 128);
+            let tokens = 3;
+            let qkv: Vec<f32> = (0..tokens * (q + 2 * kv)).map(|_| r.random_range(-2.0f32..2.0)).collect();
+            let bias: Vec<f32> = (0..q + 2 * kv).map(|_| r.random_range(-0.5f32..0.5)).collect();
+            let positions = vec![0u32, 17, 63];
+            let slots = vec![5u32, 0, 9];
+            let all: Vec<u32> = (0..64).collect();
+            let (cos, sin) = rope.tables(&all);
+            let up = |v: &[f32]| gpu.upload(v).unwrap();
+            let (qd, bd, cd, sd) = (up(&qkv), up(&bias), up(&cos), up(&sin));
+            let (pd, sld) = (gpu.upload(&positions).unwrap(), gpu.upload(&slots).unwrap());
+            let q_out = gpu.alloc::<f32>(tokens * q).unwrap();
+            let zeros = vec![f16::ZERO; 16 * kv];
+            let (kd, vd) = (gpu.upload(&zeros).unwrap(), gpu.upload(&zeros).unwrap());
+            let neox = i32::from(style == RopeStyle::Neox);
+            launch!(&gpu, &gpu.k.rope_and_cache, (tokens as u32, 1, 1), 256;
+                qd.ptr, bd.ptr, pd.ptr, sld.ptr, cd.ptr, sd.ptr, q_out.ptr, kd.ptr, vd.ptr,
+                7i32, 1i32, 128i32, rope_dim as i32, neox).unwrap();
+            let (gq, gk, gv) = (read(&gpu, &q_out, tokens * q), read(&gpu, &kd, 16 * kv), read(&gpu, &vd, 16 * kv));
+            let half = rope_dim / 2;
+            for t in 0..tokens {
+                let row: Vec<f32> = qkv[t * (q + 2 * kv)..(t + 1) * (q + 2 * kv)].iter().zip(&bias).map(|(a, b)| a + b).collect();
+                let p = positions[t] as usize;
+                let (ct, st) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                let (mut wq, mut wk) = (row[..q].to_vec(), row[q..q + kv].to_vec());
+                rope.apply(&mut wq, ct, st);
+                rope.apply(&mut wk, ct, st);
+                let case = format!("{style:?} rope_dim {rope_dim} token {t}");
+                assert_eq!(&gq[t * q..(t + 1) * q], &wq[..], "Q: {case}");
+                let slot = slots[t] as usize;
+                assert!(gk[slot * kv..(slot + 1) * kv].iter().zip(&wk).all(|(g, w)| *g == f16::from_f32(*w)), "K: {case}");
+                assert!(gv[slot * kv..(slot + 1) * kv].iter().zip(&row[q + kv..]).all(|(g, w)| *g == f16::from_f32(*w)), "V: {case}");
+            }
+        }
+    }
+}
+
 /// RMS norm (over picked rows) and SwiGLU against norm.rs and vmath.rs, rounded to bf16.
 #[test]
 fn norm_and_swiglu_match_the_cpu() {
