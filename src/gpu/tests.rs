@@ -29,6 +29,19 @@ fn read<T: cudarc::driver::DeviceRepr + Clone + Default>(gpu: &Gpu, buf: &Buf<T>
     out
 }
 
+/// Checks `y` (`[m, n]`) against the f64 product of the same bf16 operands (+ `y0` when
+/// accumulating): f32 sums of k products stay within ~1e-5·sqrt(k).
+fn assert_product(label: &str, x: &[bf16], w: &[bf16], y0: &[f32], y: &[f32], (m, n, k): (usize, usize, usize), accumulate: bool) {
+    for row in 0..m {
+        for col in 0..n {
+            let dot: f64 = (0..k).map(|i| x[row * k + i].to_f64() * w[col * k + i].to_f64()).sum();
+            let want = dot + if accumulate { y0[row * n + col] as f64 } else { 0.0 };
+            let got = y[row * n + col] as f64;
+            assert!((got - want).abs() <= 1e-5 * (k as f64).sqrt() * 2.0 + 1e-6 * want.abs(), "{label} {m}x{n}x{k} acc {accumulate} ({row},{col}): {got} vs {want}");
+        }
+    }
+}
+
 const SHAPES: &[(usize, usize, usize)] = &[(1, 70, 64), (5, 129, 96), (17, 200, 576), (16, 64, 2048), (64, 33, 160), (65, 300, 1024), (300, 77, 352), (130, 1000, 256)];
 
 /// Every variant and spread against an f64 product of the same bf16 operands; outputs poisoned
@@ -48,15 +61,7 @@ fn gemm_matches_the_reference_product() {
                 let start = if accumulate { y0.clone() } else { vec![f32::NAN; m * n] };
                 let yd = gpu.upload(&start).unwrap();
                 gpu.gemm_invariant(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate, &split, spread).unwrap();
-                let y = read(&gpu, &yd, m * n);
-                for row in 0..m {
-                    for col in 0..n {
-                        let dot: f64 = (0..k).map(|i| x[row * k + i].to_f64() * w[col * k + i].to_f64()).sum();
-                        let want = dot + if accumulate { y0[row * n + col] as f64 } else { 0.0 };
-                        let got = y[row * n + col] as f64;
-                        assert!((got - want).abs() <= 1e-5 * (k as f64).sqrt() * 2.0 + 1e-6 * want.abs(), "{m}x{n}x{k} {spread:?} acc {accumulate} ({row},{col}): {got} vs {want}");
-                    }
-                }
+                assert_product(&format!("gemm {spread:?}"), &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
             }
         }
     }
@@ -76,15 +81,7 @@ fn gemv_matches_the_reference_product() {
             for accumulate in [false, true] {
                 let yd = gpu.upload(&if accumulate { y0.clone() } else { vec![f32::NAN; m * n] }).unwrap();
                 gpu.gemv(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate).unwrap();
-                let y = read(&gpu, &yd, m * n);
-                for row in 0..m {
-                    for col in 0..n {
-                        let dot: f64 = (0..k).map(|i| x[row * k + i].to_f64() * w[col * k + i].to_f64()).sum();
-                        let want = dot + if accumulate { y0[row * n + col] as f64 } else { 0.0 };
-                        let got = y[row * n + col] as f64;
-                        assert!((got - want).abs() <= 1e-5 * (k as f64).sqrt() * 2.0 + 1e-6 * want.abs(), "gemv {m}x{n}x{k} acc {accumulate} ({row},{col}): {got} vs {want}");
-                    }
-                }
+                assert_product("gemv", &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
             }
         }
     }
