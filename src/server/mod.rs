@@ -151,6 +151,13 @@ async fn shutdown_signal() {
     }
 }
 
+/// The model's name in the API when none is given: the GGUF file's name without `.gguf`, or
+/// the dummy preset's name (`llama-3.2-1b`, whose dots are not an extension).
+fn served_name(path: &std::path::Path) -> String {
+    let name = path.file_name().map_or_else(|| "default".into(), |n| n.to_string_lossy().into_owned());
+    name.strip_suffix(".gguf").map_or_else(|| name.clone(), str::to_string)
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !(args.queue_timeout > 0.0 && args.queue_timeout.is_finite()) {
         anyhow::bail!("--queue-timeout must be a positive number of seconds");
@@ -162,7 +169,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let model_name = args
         .served_model_name
         .clone()
-        .unwrap_or_else(|| loaded.path.file_stem().map_or("default".into(), |s| s.to_string_lossy().into_owned()));
+        .unwrap_or_else(|| served_name(&loaded.path));
     let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone())?;
     args.cache.attach(&mut engine, &loaded)?;
     let max_context = engine.max_context();
@@ -225,4 +232,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     engine_handle.shutdown();
     eprintln!("braid: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod served_name_tests {
+    use super::served_name;
+
+    #[test]
+    fn names_drop_only_the_gguf_extension() {
+        assert_eq!(served_name(std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf")), "SmolLM2-135M-Instruct.Q4_1");
+        assert_eq!(served_name(std::path::Path::new("llama-3.2-1b")), "llama-3.2-1b");
+    }
 }
