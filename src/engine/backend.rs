@@ -81,9 +81,11 @@ impl ModelHandle {
         match self {
             ModelHandle::Cpu(m) => Ok(Backend::Cpu { model: Arc::clone(m), kv: KvCache::new(&m.config, num_blocks, block_size) }),
             #[cfg(feature = "cuda")]
-            ModelHandle::Cuda(w) => crate::gpu::CudaRunner::new(Arc::clone(w), num_blocks, block_size, tokens, rows)
-                .map(|r| Backend::Cuda(Box::new(r)))
-                .map_err(|e| e.to_string()),
+            ModelHandle::Cuda(w) => {
+                let mut runner = crate::gpu::CudaRunner::new(Arc::clone(w), num_blocks, block_size, tokens, rows).map_err(|e| e.to_string())?;
+                runner.warm_up(rows).map_err(|e| e.to_string())?;
+                Ok(Backend::Cuda(Box::new(runner)))
+            }
         }
     }
 }

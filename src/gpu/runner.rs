@@ -201,6 +201,24 @@ impl CudaRunner {
     fn forward_graph(&mut self, batch: &FlatBatch) -> Result<Option<StepOutput>> {
         let n = batch.tokens.len();
         let Some(&padded) = GRAPH_BATCHES.iter().find(|&&b| b >= n && b <= self.ws.tokens && b <= self.ws.rows) else { return Ok(None) };
+        self.replay(batch, padded)
+    }
+
+    /// Captures (once) and replays every decode graph up to `max_batch` sequences on padding
+    /// alone, so that first requests find their graphs, and cuBLAS its decode shapes, ready.
+    pub fn warm_up(&mut self, max_batch: usize) -> Result<()> {
+        let largest = max_batch.min(self.ws.tokens).min(self.ws.rows);
+        for &padded in GRAPH_BATCHES.iter().filter(|&&b| b <= largest) {
+            if !self.use_graphs || self.replay(&FlatBatch::default(), padded)?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `batch`'s decode step padded to `padded` tokens through that size's graph.
+    fn replay(&mut self, batch: &FlatBatch, padded: usize) -> Result<Option<StepOutput>> {
+        let n = batch.tokens.len();
         let Some(o) = graph_layout(batch, padded, self.block_size, self.num_blocks, &mut self.host_meta)? else { return Ok(None) };
         if self.host_meta.len() > self.graph_meta.len {
             return Ok(None);
