@@ -169,10 +169,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         for ((ids, out), lps) in all_ids.iter().zip(&outputs).zip(&logprobs) {
             let text = loaded.tokenizer.decode(out);
-            if args.json && args.top_logprobs > 0 {
-                println!("{}", serde_json::json!({ "prompt_ids": ids, "ids": out, "text": text, "logprobs": lps }));
-            } else if args.json {
-                println!("{}", serde_json::json!({ "prompt_ids": ids, "ids": out, "text": text }));
+            if args.json {
+                let mut line = serde_json::json!({ "prompt_ids": ids, "ids": out, "text": text });
+                if args.top_logprobs > 0 {
+                    line["logprobs"] = serde_json::json!(lps);
+                }
+                println!("{line}");
             } else {
                 println!("{text}");
             }

@@ -49,15 +49,6 @@ impl ModelHandle {
         matches!(self, ModelHandle::Cpu(_))
     }
 
-    /// The CPU model, for code that runs only there.
-    pub fn cpu(&self) -> Option<&Arc<Llama>> {
-        match self {
-            ModelHandle::Cpu(m) => Some(m),
-            #[cfg(feature = "cuda")]
-            _ => None,
-        }
-    }
-
     /// KV-cache bytes when none are configured: a quarter of available host memory on the
     /// CPU; on a GPU, 90% of the device memory left after the activations of a step of
     /// `tokens` tokens and `rows` logits rows (vLLM's default share).
@@ -81,11 +72,9 @@ impl ModelHandle {
         match self {
             ModelHandle::Cpu(m) => Ok(Backend::Cpu { model: Arc::clone(m), kv: KvCache::new(&m.config, num_blocks, block_size) }),
             #[cfg(feature = "cuda")]
-            ModelHandle::Cuda(w) => {
-                let mut runner = crate::gpu::CudaRunner::new(Arc::clone(w), num_blocks, block_size, tokens, rows).map_err(|e| e.to_string())?;
-                runner.warm_up(rows).map_err(|e| e.to_string())?;
-                Ok(Backend::Cuda(Box::new(runner)))
-            }
+            ModelHandle::Cuda(w) => crate::gpu::CudaRunner::new(Arc::clone(w), num_blocks, block_size, tokens, rows)
+                .map(|r| Backend::Cuda(Box::new(r)))
+                .map_err(|e| e.to_string()),
         }
     }
 }
@@ -124,6 +113,17 @@ impl Backend {
                 crate::gpu::StepOutput::Logits(rows) => Logits::Rows(rows),
                 crate::gpu::StepOutput::Greedy(tokens) => Logits::Greedy(tokens),
             }),
+        }
+    }
+
+    /// Prepares decode steps of up to `max_batch` sequences ahead of the first request (on a
+    /// GPU: captures their CUDA graphs); nothing to do on the CPU.
+    pub fn warm_up(&mut self, max_batch: usize) -> Result<(), String> {
+        let _ = max_batch;
+        match self {
+            Backend::Cpu { .. } => Ok(()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(runner) => runner.warm_up(max_batch).map_err(|e| e.to_string()),
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::model::batch::{Window, RELEASED_BLOCK};
-use crate::model::{FlatBatch, KvCache, ModelConfig};
+use crate::model::{FlatBatch, KvCache};
 
 use super::backend::{Backend, Logits, ModelHandle};
 use super::block_manager::{block_hash, BlockManager};
@@ -141,9 +141,10 @@ impl Engine {
             (num_blocks * block_bytes) as f64 / (1 << 20) as f64
         );
         // A step has at most max_num_batched_tokens tokens and one logits row per sequence.
-        let backend = model
-            .backend(num_blocks, config.block_size, config.max_num_batched_tokens, config.max_num_seqs.min(config.max_num_batched_tokens))
-            .map_err(|message| EngineError::Setup { device: model.device(), message })?;
+        let rows = config.max_num_seqs.min(config.max_num_batched_tokens);
+        let setup = |message| EngineError::Setup { device: model.device(), message };
+        let mut backend = model.backend(num_blocks, config.block_size, config.max_num_batched_tokens, rows).map_err(setup)?;
+        backend.warm_up(rows).map_err(setup)?;
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,
@@ -204,10 +205,6 @@ impl Engine {
 
     pub fn model(&self) -> &ModelHandle {
         &self.model
-    }
-
-    pub fn config(&self) -> &ModelConfig {
-        self.model.config()
     }
 
     /// Tokens one request may hold: the model's context, and the whole pool.

@@ -43,6 +43,59 @@ struct Workspace {
     meta: Buf<u32>,
 }
 
+/// Elements of each workspace buffer: what `CudaRunner::new` allocates, and what
+/// `workspace_bytes` adds up for the KV-cache budget.
+struct WorkspaceSizes {
+    x: usize,
+    h: usize,
+    qkv: usize,
+    q: usize,
+    attn: usize,
+    gate_up: usize,
+    act: usize,
+    logits: usize,
+    chosen: usize,
+    attn_partial: usize,
+    attn_counters: usize,
+    argmax_parts: usize,
+    argmax_counters: usize,
+    split: usize,
+    meta: usize,
+}
+
+impl WorkspaceSizes {
+    fn new(weights: &CudaWeights, tokens: usize, rows: usize) -> Self {
+        let c = &weights.config;
+        let (h, q, kv, ffn) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size);
+        // Split attention runs only while (token, KV head) pairs are fewer than multiprocessors.
+        let split_tokens = tokens.min(weights.gpu.multiprocessors());
+        Self {
+            x: tokens * h,
+            h: tokens * h.max(q),
+            qkv: tokens * (q + 2 * kv),
+            q: tokens * q,
+            attn: tokens * q,
+            gate_up: tokens * 2 * ffn,
+            act: tokens * ffn,
+            logits: rows * weights.vocab_size,
+            chosen: 2 * rows,
+            attn_partial: split_tokens * c.n_head * super::runtime::ATTENTION_MAX_SPLITS * (c.head_dim + 2),
+            attn_counters: split_tokens * c.n_kv_head,
+            argmax_parts: 2 * rows * ARGMAX_SLICES,
+            argmax_counters: rows,
+            split: super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h),
+            meta: tokens * 16,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        // bf16: h, attn, act; u64: argmax_parts; 4-byte elements otherwise.
+        2 * (self.h + self.attn + self.act)
+            + 8 * self.argmax_parts
+            + 4 * (self.x + self.qkv + self.q + self.gate_up + self.logits + self.chosen + self.attn_partial + self.attn_counters + self.argmax_counters + self.split + self.meta)
+    }
+}
+
 pub struct CudaRunner {
     weights: Arc<CudaWeights>,
     /// Per layer, `num_blocks + 1` blocks: the last is scratch, written by the padding tokens
@@ -116,9 +169,7 @@ const PLAN_WORDS: usize = 4;
 impl CudaRunner {
     /// Device bytes of activations for a step of `tokens` tokens and `rows` logits rows.
     pub fn workspace_bytes(weights: &CudaWeights, tokens: usize, rows: usize) -> usize {
-        let c = &weights.config;
-        let (h, q, kv, ffn) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size);
-        tokens * (4 * h + 2 * h.max(q) + 4 * (q + 2 * kv) + 4 * q + 2 * q + 8 * ffn + 2 * ffn) + rows * (4 * weights.vocab_size + 8) + tokens * 64 * 4 + 4 * super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h)
+        WorkspaceSizes::new(weights, tokens, rows).bytes()
     }
 
     pub fn new(weights: Arc<CudaWeights>, num_blocks: usize, block_size: usize, tokens: usize, rows: usize) -> Result<Self> {
@@ -130,41 +181,37 @@ impl CudaRunner {
         if c.n_head / c.n_kv_head > 8 {
             return Err(GpuError(format!("{} query heads per KV head (the CUDA attention kernels take up to 8)", c.n_head / c.n_kv_head)));
         }
-        let (h, q, kv, ffn) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size);
-        let cache = (num_blocks + 1) * block_size * kv;
+        let cache = (num_blocks + 1) * block_size * c.n_kv_head * c.head_dim;
         let mut k = Vec::with_capacity(c.n_layer);
         let mut v = Vec::with_capacity(c.n_layer);
         for _ in 0..c.n_layer {
             k.push(gpu.alloc::<f16>(cache)?);
             v.push(gpu.alloc::<f16>(cache)?);
         }
+        let n = WorkspaceSizes::new(&weights, tokens, rows);
         let ws = Workspace {
             tokens,
             rows,
-            x: gpu.alloc(tokens * h)?,
-            h: gpu.alloc(tokens * h.max(q))?,
-            qkv: gpu.alloc(tokens * (q + 2 * kv))?,
-            q: gpu.alloc(tokens * q)?,
-            attn: gpu.alloc(tokens * q)?,
-            gate_up: gpu.alloc(tokens * 2 * ffn)?,
-            act: gpu.alloc(tokens * ffn)?,
-            logits: gpu.alloc(rows * weights.vocab_size)?,
-            chosen: gpu.alloc(2 * rows)?,
-            attn_partial: gpu.alloc(tokens.min(gpu.multiprocessors()) * c.n_head * super::runtime::ATTENTION_MAX_SPLITS * (c.head_dim + 2))?,
-            attn_counters: gpu.alloc_zeroed(tokens.min(gpu.multiprocessors()) * c.n_kv_head)?,
-            argmax_parts: gpu.alloc(2 * rows * ARGMAX_SLICES)?,
-            argmax_counters: gpu.alloc_zeroed(rows)?,
-            split: gpu.alloc(super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h))?,
-            meta: gpu.alloc(tokens * 16)?,
+            x: gpu.alloc(n.x)?,
+            h: gpu.alloc(n.h)?,
+            qkv: gpu.alloc(n.qkv)?,
+            q: gpu.alloc(n.q)?,
+            attn: gpu.alloc(n.attn)?,
+            gate_up: gpu.alloc(n.gate_up)?,
+            act: gpu.alloc(n.act)?,
+            logits: gpu.alloc(n.logits)?,
+            chosen: gpu.alloc(n.chosen)?,
+            attn_partial: gpu.alloc(n.attn_partial)?,
+            attn_counters: gpu.alloc_zeroed(n.attn_counters)?,
+            argmax_parts: gpu.alloc(n.argmax_parts)?,
+            argmax_counters: gpu.alloc_zeroed(n.argmax_counters)?,
+            split: gpu.alloc(n.split)?,
+            meta: gpu.alloc(n.meta)?,
         };
         let largest = GRAPH_BATCHES.iter().copied().filter(|&b| b <= tokens && b <= rows).max().unwrap_or(0);
         let graph_meta = gpu.alloc(8 * largest + 1 + largest * c.context_length.div_ceil(block_size))?;
         let use_graphs = std::env::var_os("BRAID_CUDA_GRAPHS").is_none_or(|v| v != "0");
         Ok(Self { weights, k, v, block_size, num_blocks, ws, host_meta: Vec::new(), graphs: Default::default(), graph_meta, use_graphs })
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.weights.vocab_size
     }
 
     /// One forward pass. With `greedy`, each logits row's first maximum and its log-probability

@@ -143,6 +143,11 @@ unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
 const GEMV_MAX_ROWS: usize = 4;
 const GEMV_ROWS_PER_BLOCK: usize = 8;
 
+/// Whether the few-row product takes `m` rows of width `k` (16-byte loads: k a multiple of 8).
+fn gemv_fits(m: usize, k: usize) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
+}
+
 /// Output tile width of the batch-invariant product (every variant).
 const GEMM_BN: usize = 64;
 /// Most k-segments of a product.
@@ -303,7 +308,7 @@ impl Gpu {
     pub fn gemm(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>) -> Result<()> {
         match self.gemm_kind {
             GemmKind::BatchInvariant => self.gemm_invariant(x, w, y, m, n, k, accumulate, split, Spread::Auto),
-            GemmKind::Cublas if (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8) => self.gemv(x, w, y, m, n, k, accumulate),
+            GemmKind::Cublas if gemv_fits(m, k) => self.gemv(x, w, y, m, n, k, accumulate),
             GemmKind::Cublas => self.gemm_cublas(x, w, y, m, n, k, if accumulate { 1.0 } else { 0.0 }),
         }
     }
@@ -318,7 +323,7 @@ impl Gpu {
     /// Whether the fused few-row products (`gemv_norm`, `gemv_qkv`) take a step
     /// of `m` rows over a `k`-wide input (the default mode's decode of up to 4 sequences).
     pub fn fuses(&self, m: usize, k: usize) -> bool {
-        self.gemm_kind == GemmKind::Cublas && (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
+        self.gemm_kind == GemmKind::Cublas && gemv_fits(m, k)
     }
 
     /// `y = rms_norm(residual) · wᵀ` for 1..=4 rows: the norm (rms_norm_bf16's arithmetic,
@@ -349,7 +354,7 @@ impl Gpu {
     }
 
     fn gemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
-        if !(1..=GEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(8) || (!n.is_multiple_of(2) && args.q_out != 0) {
+        if !gemv_fits(m, k) || (!n.is_multiple_of(2) && args.q_out != 0) {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
         let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);

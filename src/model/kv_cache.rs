@@ -37,10 +37,6 @@ impl KvCache {
             .collect();
         Self { block_size, num_blocks, token_width, layers }
     }
-
-    pub fn capacity_tokens(&self) -> usize {
-        self.num_blocks * self.block_size
-    }
 }
 
 /// A zeroed vector obtained from the allocator as zeroed pages (`vec![0u16; n]` is calloc), so

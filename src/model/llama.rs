@@ -164,10 +164,6 @@ impl Llama {
         self.vocab_size
     }
 
-    /// The rope of this model (the CUDA path copies its tables).
-    pub fn rope(&self) -> &Rope {
-        &self.rope
-    }
 
     /// One forward pass over a flat batch. Returns `[batch.logit_rows.len(), vocab]` f32 logits.
     ///
