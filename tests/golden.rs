@@ -34,24 +34,30 @@ fn chat_template_matches_llama_cpp_exactly() {
     }
 }
 
-/// Teacher forcing: feed prompt + reference tokens, check each step's prediction.
-///
-/// The README's strict form (every confident step within 0.1) needs llama.cpp's exact
-/// arithmetic: with 8-bit activation quantization this model is chaotic (a 1e-6 relative change
-/// of one norm moves log-probabilities by up to 0.5), so an exact f32 forward pass misses it
-/// too. What is asserted here: the top token agrees wherever llama.cpp is clearly decided, and
-/// the log-probabilities agree closely on average and within 0.1 at most steps.
+/// llama.cpp computes attention in one pass per query row (braid's order, see
+/// `model/attention.rs`) for decode steps and for prompts of under this many tokens; a longer
+/// prompt is processed in one batch with its tiled kernel, whose roundings differ.
+const LLAMA_CPP_TILED_FROM: usize = 64;
+
+/// Teacher forcing: feed prompt + reference tokens, check each step's prediction against the
+/// README's criterion. braid's forward pass is llama.cpp's arithmetic to the bit, so every step
+/// of a prompt llama.cpp ran with one-pass attention agrees to the rounding of the reference's
+/// five decimals and of the two log-softmax computations: asserted to 1e-3, on every step. The
+/// one golden prompt of 64 tokens or more went through llama.cpp's tiled kernel; there the
+/// top token still agrees at every confident step (checked), but two log-probabilities differ
+/// by 0.18 and 0.20 (printed, not asserted).
 #[test]
 fn teacher_forced_predictions_agree_with_llama_cpp() {
     let m = model();
     let cases = golden("greedy.jsonl");
     assert_eq!(cases.len(), 32);
-    let (mut confident, mut top_agree, mut within, mut abs_sum) = (0usize, 0usize, 0usize, 0f64);
+    let (mut confident, mut top_agree, mut within, mut max_short) = (0usize, 0usize, 0usize, 0f32);
     let mut failures = Vec::new();
     for (n, case) in cases.iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
         let reference = ids(&case["ids"]);
         assert_eq!(m.tokenizer.encode(case["prompt"].as_str().unwrap()).unwrap(), prompt);
+        let short = prompt.len() < LLAMA_CPP_TILED_FROM;
         let mut input = prompt.clone();
         input.extend_from_slice(&reference[..reference.len() - 1]);
         let logprobs = logprobs_all_positions(&m.model, &input).unwrap();
@@ -61,44 +67,53 @@ fn teacher_forced_predictions_agree_with_llama_cpp() {
             let gap = ref_lp - top[1][1].as_f64().unwrap() as f32;
             let row = &logprobs[prompt.len() - 1 + k];
             let ours = braid::engine::sampler::argmax(row) as usize;
+            let diff = (row[ref_id] - ref_lp).abs();
+            if short {
+                max_short = max_short.max(diff);
+                if diff > 1e-3 || (gap > 1e-3 && ours != ref_id) {
+                    failures.push(format!("prompt {n} step {k}: top token {ours} (llama.cpp {ref_id}), logprob differs by {diff:.5}"));
+                }
+            }
             if gap <= 0.1 {
                 continue;
             }
             confident += 1;
             top_agree += usize::from(ours == ref_id);
-            let diff = (row[ref_id] - ref_lp).abs();
             within += usize::from(diff <= 0.1);
-            abs_sum += diff as f64;
-            if gap > 1.0 && ours != ref_id {
+            if ours != ref_id {
                 failures.push(format!("prompt {n} step {k}: top token {ours}, llama.cpp {ref_id} (gap {gap:.2})"));
+            }
+            if diff > 0.1 {
+                eprintln!("prompt {n} ({} tokens) step {k}: logprob {:.4}, llama.cpp {ref_lp:.4}", prompt.len(), row[ref_id]);
             }
         }
     }
-    let mean = abs_sum / confident as f64;
-    eprintln!("{confident} confident steps: top token agrees on {top_agree}, logprob within 0.1 on {within}, mean |diff| {mean:.4}");
-    assert!(failures.is_empty(), "clearly decided steps disagree:\n{}", failures.join("\n"));
-    assert!(top_agree * 100 >= confident * 97, "top token agrees on only {top_agree} of {confident} steps");
-    assert!(within * 100 >= confident * 85, "logprob within 0.1 on only {within} of {confident} steps");
-    assert!(mean <= 0.05, "mean logprob difference {mean:.4}");
+    eprintln!("{confident} confident steps: top token agrees on {top_agree}, logprob within 0.1 on {within}; prompts under {LLAMA_CPP_TILED_FROM} tokens: largest logprob difference {max_short:.5}");
+    assert!(failures.is_empty(), "steps disagree:\n{}", failures.join("\n"));
 }
 
-/// The README asks for 80%; an independent implementation reaches about half (see the note on
-/// teacher forcing: one flipped near-tie and the continuation diverges). A broken model
-/// matches none, so this still guards the model.
+/// Free-running greedy decoding with end-of-sequence banned (llama.cpp's `ignore_eos`):
+/// every prompt llama.cpp ran with one-pass attention gives llama.cpp's 32 tokens exactly, and
+/// the README's 80% of prompts match their first 16.
 #[test]
-fn free_running_greedy_matches_first_16_tokens_on_many_prompts() {
+fn free_running_greedy_matches_llama_cpp() {
     let m = model();
     let cases = golden("greedy.jsonl");
-    let mut matched = 0;
+    let (mut matched16, mut short, mut short_exact) = (0, 0, 0);
     for case in &cases {
         let prompt = ids(&case["prompt_ids"]);
-        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(16) };
+        let reference = ids(&case["ids"]);
+        let logit_bias = m.tokenizer.eos_ids.iter().map(|&id| (id, -1e30)).collect();
+        let params = SamplingParams { ignore_eos: true, logit_bias, ..SamplingParams::greedy(reference.len()) };
         let (tokens, _) = generate_solo(&m.model, &prompt, params, &m.tokenizer.eos_ids).unwrap();
         let got: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        if got[..] == ids(&case["ids"])[..16] {
-            matched += 1;
+        matched16 += usize::from(got[..16] == reference[..16]);
+        if prompt.len() < LLAMA_CPP_TILED_FROM {
+            short += 1;
+            short_exact += usize::from(got == reference);
         }
     }
-    eprintln!("{matched} of {} prompts match llama.cpp's first 16 greedy tokens", cases.len());
-    assert!(matched >= 12, "only {matched} of {} prompts match their first 16 tokens", cases.len());
+    eprintln!("{matched16} of {} prompts match llama.cpp's first 16 greedy tokens; {short_exact} of {short} short prompts all 32", cases.len());
+    assert_eq!(short_exact, short, "prompts under {LLAMA_CPP_TILED_FROM} tokens give llama.cpp's 32 tokens");
+    assert!(matched16 * 100 >= cases.len() * 80, "only {matched16} of {} prompts match their first 16 tokens", cases.len());
 }

@@ -1,12 +1,21 @@
-//! CPU paged attention over a flat batch.
+//! CPU paged attention over a flat batch, computed in llama.cpp's order.
 //!
-//! Each (token, kv-head) pair is one independent task whose reductions run in a fixed order, so
-//! a token's output never depends on what else is in the batch (batch invariance).
+//! Every query row runs llama.cpp's one-pass flash attention (`ggml_compute_forward_flash_attn_
+//! ext_f16_one_chunk`, the path it takes for decode and for prompts of under 64 tokens) with
+//! the same roundings: the query rounded to f16, each score a dot product of f16 values summed
+//! in the order of ggml's AVX-512 `ggml_vec_dot_f16`, an online softmax over keys in order with
+//! libm's `expf` (inlined: `vmath::expf`), and the weighted sum of values kept in f16. This small model is chaotic
+//! enough that any other order moves its greedy output (see the golden tests).
+//!
+//! A row's arithmetic depends only on its own query and the keys it sees, never on the tile,
+//! the batch or the thread that runs it (batch invariance).
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::batch::{FlatBatch, SeqSlice};
+use super::f16_ops;
+use super::vmath;
 use super::kv_cache::LayerKv;
 
 /// Per-token facts every layer needs, computed once per forward.
@@ -28,7 +37,7 @@ struct Tile {
     pos: usize,
 }
 
-/// Query tokens per tile: each cached K/V row is converted once per tile, not once per token.
+/// Query tokens per tile: each cached K/V row is converted to f32 once per tile, not once per token.
 const TILE: usize = 16;
 
 impl AttentionPlan {
@@ -83,33 +92,22 @@ pub fn paged_attention(
     let AttentionShape { n_head, n_kv_head, head_dim } = *shape;
     let group = n_head / n_kv_head;
     let tasks: Vec<(Tile, usize)> = plan.tiles.iter().flat_map(|&tile| (0..n_kv_head).map(move |g| (tile, g))).collect();
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = super::quant_avx2::available();
+    let level = f16_ops::detect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map_init(
-            || Scratch {
-                scores: Vec::new(),
-                slots: Vec::new(),
-                visible: Vec::new(),
-                key_rows: vec![0f32; head_dim * PASS_KEYS],
-                keys: vec![0f32; head_dim * PASS_KEYS],
-                queries: Vec::new(),
-                values: Vec::new(),
-            },
-            |scratch, &(tile, g)| {
-                let seq = &batch.seqs[tile.seq];
-                let mut out = vec![0f32; tile.len * group * head_dim];
+        .map_init(Scratch::default, |scratch, &(tile, g)| {
+            let seq = &batch.seqs[tile.seq];
+            let mut out = vec![0f32; tile.len * group * head_dim];
+            match level {
+                // SAFETY: `detect` found the features.
                 #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: the features were just detected.
-                    unsafe { attend_tile_avx2(plan, seq, layer, q, shape, tile, g, scratch, &mut out) };
-                    return out;
-                }
-                attend_tile::<false>(plan, seq, layer, q, shape, tile, g, scratch, &mut out);
-                out
-            },
-        )
+                f16_ops::AVX512 => unsafe { attend_tile_avx512(plan, seq, layer, q, shape, tile, g, scratch, &mut out) },
+                #[cfg(target_arch = "x86_64")]
+                f16_ops::AVX2 => unsafe { attend_tile_avx2(plan, seq, layer, q, shape, tile, g, scratch, &mut out) },
+                _ => attend_tile::<{ f16_ops::PLAIN }>(plan, seq, layer, q, shape, tile, g, scratch, &mut out),
+            }
+            out
+        })
         .collect();
     let mut out = vec![0f32; q.len()];
     let width = group * head_dim;
@@ -122,25 +120,21 @@ pub fn paged_attention(
     out
 }
 
+#[derive(Default)]
 struct Scratch {
-    scores: Vec<f32>,
+    /// Cache slot of each key position of the tile's sequence (usize::MAX: seen by no row).
     slots: Vec<usize>,
-    /// Keys after the first `visible[r]` are beyond row r's token.
-    visible: Vec<usize>,
-    /// PASS_KEYS keys as f32, `[PASS_KEYS][head_dim]`, and transposed in blocks of KEYS,
-    /// `[2][head_dim][KEYS]`.
-    key_rows: Vec<f32>,
-    keys: Vec<f32>,
-    /// The tile's query rows, grouped and transposed for `score_rows`.
+    /// The tile's query rows, rounded to f16.
     queries: Vec<f32>,
-    /// The tile's values as f32, `[n_ctx][head_dim]`.
-    values: Vec<f32>,
+    /// Per query row, its scores and then its softmax steps over the keys it sees.
+    steps: Vec<Vec<f16_ops::Step>>,
+    /// A block of keys as f32, transposed (`f16_ops::transpose_keys`).
+    keys_t: Vec<f32>,
+    /// One row's softmax exponents.
+    exponents: Vec<f32>,
 }
 
-/// Keys scored together: each query row's dot products with them run as one vector of lanes.
-const KEYS: usize = 8;
-
-/// `attend_tile` compiled for AVX2 and FMA (the same operations, wider and fused in hardware).
+/// `attend_tile` compiled for AVX2, FMA and F16C (the same operations, in vector registers).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -155,15 +149,32 @@ unsafe fn attend_tile_avx2(
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
-    attend_tile::<true>(plan, seq, layer, q, shape, tile, g, scratch, out)
+    attend_tile::<{ f16_ops::AVX2 }>(plan, seq, layer, q, shape, tile, g, scratch, out)
+}
+
+/// `attend_tile` compiled for AVX-512 (16 lanes; the same operations again).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_tile_avx512(
+    plan: &AttentionPlan,
+    seq: &SeqSlice,
+    layer: &LayerKv,
+    q: &[f32],
+    shape: &AttentionShape,
+    tile: Tile,
+    g: usize,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
+    attend_tile::<{ f16_ops::AVX512 }>(plan, seq, layer, q, shape, tile, g, scratch, out)
 }
 
 /// Attention of a tile's tokens (the query heads of KV head `g`) over their sequence's cache.
-/// `out` is `[tile.len, group, head_dim]`. Every query row's arithmetic is the same as if it
-/// were alone: its scores in key order, its softmax, its weighted sum in key order.
+/// `out` is `[tile.len, group, head_dim]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_tile<const AVX2: bool>(
+fn attend_tile<const S: u8>(
     plan: &AttentionPlan,
     seq: &SeqSlice,
     layer: &LayerKv,
@@ -180,281 +191,111 @@ fn attend_tile<const AVX2: bool>(
     let scale = 1.0 / (head_dim as f32).sqrt();
     // The last token sees the most: positions 0..=pos + len - 1.
     let n_ctx = tile.pos + tile.len;
-    let rows = tile.len * group;
-    let Scratch { scores, slots, visible, key_rows, keys, queries, values } = scratch;
+    let Scratch { slots, queries, steps, keys_t, exponents } = scratch;
     // Keys some row of the tile sees: all, or under a window the kept ones and the recent ones.
+    // Each is the offset of its row (KV head `g`) in the layer's cache.
     let needed = |i: usize| seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos));
     slots.clear();
-    slots.extend((0..n_ctx).map(|i| if needed(i) { slot_of(&seq.block_table, plan.block_size, i) } else { usize::MAX }));
-    scores.clear();
-    scores.resize(rows * n_ctx, 0f32);
-    // Row r = (token r / group, head r % group) sees keys 0..=pos + r / group, within its window.
-    visible.clear();
-    visible.extend((0..rows).map(|r| tile.pos + r / group + 1));
-    let sees = |r: usize, i: usize| i < visible[r] && seq.window.is_none_or(|w| w.sees(visible[r] - 1, i));
-    // Queries in groups of `lanes` rows, transposed (`[group][head_dim][lanes]`), the last
-    // group padded with zero rows whose scores are never used. A decode tile has one row per
-    // query head of the KV head (three here), so it goes in groups of 4 against twice as many
-    // keys per pass instead of 8 mostly empty rows: the same number of independent chains.
-    let lanes = if rows <= NARROW_ROWS { NARROW_ROWS } else { WIDE_ROWS };
-    let groups = rows.div_ceil(lanes);
+    slots.extend((0..n_ctx).map(|i| if needed(i) { slot_of(&seq.block_table, plan.block_size, i) * width + g * head_dim } else { usize::MAX }));
+    let rows = tile.len * group;
     queries.clear();
-    queries.resize(groups * head_dim * lanes, 0.0);
-    for r in 0..rows {
-        let query = &q[((tile.first + r / group) * n_head + g * group + r % group) * head_dim..][..head_dim];
-        let (gi, lane) = (r / lanes, r % lanes);
-        for (d, &x) in query.iter().enumerate() {
-            queries[(gi * head_dim + d) * lanes + lane] = x;
+    queries.resize(rows * head_dim, 0.0);
+    // (Plain loops, not iterator closures: everything here must inline into the vector builds,
+    // or each fused multiply-add becomes a call to libm's `fmaf`.)
+    for token in 0..tile.len {
+        let q_token = &q[((tile.first + token) * n_head + g * group) * head_dim..][..group * head_dim];
+        for (h, &x) in queries[token * group * head_dim..(token + 1) * group * head_dim].iter_mut().zip(q_token) {
+            *h = f16_ops::round(x);
         }
     }
-    // Scores, PASS_KEYS keys at a time: lane l of a row's accumulator sums q[d] * k_l[d] over
-    // d in order, with one fused multiply-add per step, whatever the tile, the grouping of
-    // rows or the batch.
-    for j0 in (0..n_ctx).step_by(PASS_KEYS) {
-        let nk = PASS_KEYS.min(n_ctx - j0);
-        key_rows.fill(0.0);
-        for l in 0..nk {
-            if slots[j0 + l] != usize::MAX {
-                // (A key no row here sees stays zero: its block may be gone.)
-                widen::<AVX2>(&layer.k[slots[j0 + l] * width + g * head_dim..][..head_dim], &mut key_rows[l * head_dim..(l + 1) * head_dim]);
-            }
-        }
-        for (half, out) in keys.chunks_exact_mut(head_dim * KEYS).enumerate() {
-            transpose_keys::<AVX2>(&key_rows[half * KEYS * head_dim..], head_dim, out);
-        }
-        // Rows before `first_row` belong to tokens that come before every key of this pass.
-        let first_row = j0.saturating_sub(tile.pos) * group;
-        for gi in first_row / lanes..groups {
-            let group_queries = &queries[gi * head_dim * lanes..(gi + 1) * head_dim * lanes];
-            let mut store = |lane: usize, key0: usize, acc: &[f32; KEYS]| {
-                let r = gi * lanes + lane;
-                if r < first_row || r >= rows || j0 + key0 >= visible[r] {
-                    return;
-                }
-                let first = j0 + key0;
-                let row_scores = &mut scores[r * n_ctx + first..][..KEYS.min(n_ctx - first).min(visible[r] - first)];
-                for (l, s) in row_scores.iter_mut().enumerate() {
-                    // Keys outside the window weigh nothing: exp(-inf) = 0.
-                    *s = if seq.window.is_none() || sees(r, first + l) { acc[l] * scale } else { f32::NEG_INFINITY };
-                }
-            };
-            if lanes == NARROW_ROWS {
-                let accs = score_rows_narrow(group_queries, keys);
-                for (lane, [first, second]) in accs.iter().enumerate() {
-                    store(lane, 0, first);
-                    store(lane, KEYS, second);
-                }
-            } else {
-                for (half, half_keys) in keys.chunks_exact(head_dim * KEYS).enumerate() {
-                    for (lane, acc) in score_rows_wide(group_queries, half_keys).iter().enumerate() {
-                        store(lane, half * KEYS, acc);
+    steps.resize_with(rows, Vec::new);
+    for row_steps in steps[..rows].iter_mut() {
+        row_steps.clear();
+    }
+    // Scores: row r = (token r / group, head r % group) scores keys 0..=its position in order.
+    if S == f16_ops::AVX512 && rows >= KEY_BLOCK_ROWS && seq.window.is_none() {
+        // Many rows (a prefill tile): keys in blocks of 16, each block converted once for all
+        // rows and scored 16 keys to a register.
+        for i0 in (0..n_ctx).step_by(f16_ops::KEYS) {
+            let nk = f16_ops::KEYS.min(n_ctx - i0);
+            f16_ops::transpose_keys(&layer.k, &slots[i0..i0 + nk], head_dim, keys_t);
+            for token in i0.saturating_sub(tile.pos)..tile.len {
+                let seen = nk.min(tile.pos + token + 1 - i0);
+                for r in token * group..(token + 1) * group {
+                    let scores = f16_ops::dot_keys::<S>(keys_t, &queries[r * head_dim..(r + 1) * head_dim]);
+                    for (l, &score) in scores[..seen].iter().enumerate() {
+                        steps[r].push(f16_ops::Step { value: slots[i0 + l], ms: score * scale, vs: 0.0 });
                     }
                 }
             }
         }
-    }
-    for r in 0..rows {
-        softmax_in_place(&mut scores[r * n_ctx..r * n_ctx + visible[r]]);
-    }
-    // Values as f32 once per tile; keys no row sees stay zero (their weights are zero too).
-    values.clear();
-    values.resize(n_ctx * head_dim, 0.0);
-    for (i, &slot) in slots.iter().enumerate() {
-        if slot != usize::MAX {
-            widen::<AVX2>(&layer.v[slot * width + g * head_dim..][..head_dim], &mut values[i * head_dim..(i + 1) * head_dim]);
-        }
-    }
-    // Weighted sums, two rows at a time. A row's weights past its own last key are zero (never
-    // written), so running it as far as its partner adds exact zeros and changes nothing.
-    let weights = |r: usize, n: usize| &scores[r * n_ctx..r * n_ctx + n];
-    let mut r = 0;
-    while r + 2 <= rows {
-        let n = visible[r + 1];
-        let (first, second) = out[r * head_dim..(r + 2) * head_dim].split_at_mut(head_dim);
-        weighted_sum_rows::<2>([weights(r, n), weights(r + 1, n)], values, head_dim, [first, second]);
-        r += 2;
-    }
-    if r < rows {
-        weighted_sum_rows::<1>([weights(r, visible[r])], values, head_dim, [&mut out[r * head_dim..(r + 1) * head_dim]]);
-    }
-}
-
-/// Cached f16 values to f32. With `AVX2` (set only inside `attend_tile_avx2`, which is compiled
-/// for AVX2, FMA and F16C) eight at a time by one instruction, inline; otherwise one at a time.
-#[inline(always)]
-fn widen<const AVX2: bool>(src: &[half::f16], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len());
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if AVX2 {
-        use std::arch::x86_64::*;
-        while done + 8 <= src.len() {
-            // SAFETY: in bounds; `AVX2` is only set by callers compiled with F16C and AVX.
-            unsafe {
-                let halves = _mm_loadu_si128(src.as_ptr().add(done) as *const __m128i);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(done), _mm256_cvtph_ps(halves));
+    } else {
+        // Few rows (decode), or a window: key by key, each key row read once for the tile.
+        for (i, &slot) in slots.iter().enumerate() {
+            if slot == usize::MAX {
+                continue;
             }
-            done += 8;
-        }
-    }
-    for (d, s) in dst[done..].iter_mut().zip(&src[done..]) {
-        *d = s.to_f32();
-    }
-}
-
-/// Query rows scored together in a tile of many rows (prefill).
-const WIDE_ROWS: usize = 8;
-/// Query rows scored together in a tile of few rows (decode), against two blocks of keys.
-const NARROW_ROWS: usize = 4;
-/// Keys per pass over the queries: two blocks of KEYS.
-const PASS_KEYS: usize = 2 * KEYS;
-
-/// WIDE_ROWS transposed query rows (`[head_dim][WIDE_ROWS]`) against KEYS transposed keys
-/// (`[head_dim][KEYS]`): one accumulator of KEYS lanes per row, summed over dimensions in order.
-#[inline(always)]
-fn score_rows_wide(queries: &[f32], keys: &[f32]) -> [[f32; KEYS]; WIDE_ROWS] {
-    let mut acc = [[0f32; KEYS]; WIDE_ROWS];
-    for (kd, qd) in keys.chunks_exact(KEYS).zip(queries.chunks_exact(WIDE_ROWS)) {
-        for r in 0..WIDE_ROWS {
-            for l in 0..KEYS {
-                acc[r][l] = qd[r].mul_add(kd[l], acc[r][l]);
-            }
-        }
-    }
-    acc
-}
-
-/// NARROW_ROWS transposed query rows against two blocks of KEYS transposed keys
-/// (`[2][head_dim][KEYS]`): per row and block the same sums as `score_rows_wide`.
-#[inline(always)]
-fn score_rows_narrow(queries: &[f32], keys: &[f32]) -> [[[f32; KEYS]; 2]; NARROW_ROWS] {
-    let mut acc = [[[0f32; KEYS]; 2]; NARROW_ROWS];
-    let (first, second) = keys.split_at(keys.len() / 2);
-    for ((k0, k1), qd) in first.chunks_exact(KEYS).zip(second.chunks_exact(KEYS)).zip(queries.chunks_exact(NARROW_ROWS)) {
-        for r in 0..NARROW_ROWS {
-            for l in 0..KEYS {
-                acc[r][0][l] = qd[r].mul_add(k0[l], acc[r][0][l]);
-                acc[r][1][l] = qd[r].mul_add(k1[l], acc[r][1][l]);
-            }
-        }
-    }
-    acc
-}
-
-/// `KEYS` rows of `head_dim` (`[KEYS][head_dim]`) to `[head_dim][KEYS]`; with `AVX2` (as for
-/// `widen`) 8x8 blocks at a time.
-#[inline(always)]
-fn transpose_keys<const AVX2: bool>(rows: &[f32], head_dim: usize, out: &mut [f32]) {
-    let mut d0 = 0;
-    #[cfg(target_arch = "x86_64")]
-    if AVX2 {
-        while d0 + 8 <= head_dim {
-            // SAFETY: `AVX2` callers are compiled with AVX; both 8x8 blocks are in bounds.
-            unsafe { transpose_8x8(&rows[d0..], head_dim, &mut out[d0 * KEYS..(d0 + 8) * KEYS]) };
-            d0 += 8;
-        }
-    }
-    for d in d0..head_dim {
-        for l in 0..KEYS {
-            out[d * KEYS + l] = rows[l * head_dim + d];
-        }
-    }
-}
-
-/// The 8x8 block at the start of `src` (rows `stride` apart) into `dst` (rows 8 apart),
-/// transposed: the usual unpack / shuffle / lane-permute sequence.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn transpose_8x8(src: &[f32], stride: usize, dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    const _: () = assert!(KEYS == 8);
-    assert!(src.len() >= 7 * stride + 8 && dst.len() >= 64);
-    unsafe {
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.as_ptr().add(i * stride)));
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        let o = [
-            _mm256_permute2f128_ps::<0x20>(u0, u4),
-            _mm256_permute2f128_ps::<0x20>(u1, u5),
-            _mm256_permute2f128_ps::<0x20>(u2, u6),
-            _mm256_permute2f128_ps::<0x20>(u3, u7),
-            _mm256_permute2f128_ps::<0x31>(u0, u4),
-            _mm256_permute2f128_ps::<0x31>(u1, u5),
-            _mm256_permute2f128_ps::<0x31>(u2, u6),
-            _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ];
-        for (i, v) in o.into_iter().enumerate() {
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i * 8), v);
-        }
-    }
-}
-
-/// Output dimensions accumulated in registers at once by `weighted_sum_rows`.
-const VALUE_DIMS: usize = 32;
-
-/// `out[r] = sum_i p[r][i] * v[i]` for `R` rows, in key order for every element: the running
-/// sums of VALUE_DIMS dimensions stay in registers across all keys instead of in memory.
-#[inline(always)]
-fn weighted_sum_rows<const R: usize>(p: [&[f32]; R], values: &[f32], head_dim: usize, out: [&mut [f32]; R]) {
-    let n = p[0].len();
-    let mut d0 = 0;
-    while d0 + VALUE_DIMS <= head_dim {
-        let mut acc = [[0f32; VALUE_DIMS]; R];
-        for i in 0..n {
-            let v = &values[i * head_dim + d0..][..VALUE_DIMS];
-            for r in 0..R {
-                let pr = p[r][i];
-                for j in 0..VALUE_DIMS {
-                    acc[r][j] = pr.mul_add(v[j], acc[r][j]);
+            let key = &layer.k[slot..slot + head_dim];
+            for token in i.saturating_sub(tile.pos)..tile.len {
+                if seq.window.is_some_and(|w| !w.sees(tile.pos + token, i)) {
+                    continue;
+                }
+                for r in token * group..(token + 1) * group {
+                    let s = f16_ops::dot::<S>(key, &queries[r * head_dim..(r + 1) * head_dim]) * scale;
+                    steps[r].push(f16_ops::Step { value: slot, ms: s, vs: 0.0 });
                 }
             }
         }
-        for r in 0..R {
-            out[r][d0..d0 + VALUE_DIMS].copy_from_slice(&acc[r]);
-        }
-        d0 += VALUE_DIMS;
     }
-    // The remaining dimensions one at a time, in the same key order.
-    for d in d0..head_dim {
-        for r in 0..R {
-            out[r][d] = (0..n).fold(0f32, |acc, i| p[r][i].mul_add(values[i * head_dim + d], acc));
+    let mut totals = vec![0f32; group];
+    for (token, out_token) in out.chunks_exact_mut(group * head_dim).enumerate() {
+        // The query heads of one token see the same keys: their softmax steps line up, and
+        // their weighted sums run together over each value.
+        let token_steps = &mut steps[token * group..(token + 1) * group];
+        for (row_steps, total) in token_steps.iter_mut().zip(totals.iter_mut()) {
+            *total = online_softmax_steps::<S>(row_steps, exponents);
+        }
+        f16_ops::weighted_sums::<S>(token_steps, &layer.v, head_dim, out_token);
+        for (row, &total) in out_token.chunks_exact_mut(head_dim).zip(totals.iter()) {
+            let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
+            for o in row.iter_mut() {
+                *o *= inv;
+            }
         }
     }
 }
 
-pub fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for x in row.iter_mut() {
-        *x -= max;
-    }
-    super::vmath::exp_in_place(row);
-    // Summed in 8 lanes (a fixed order for a given length), not one long dependent chain.
-    let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(chunk) {
-            *l += x;
+/// Rows from which a tile scores keys a block at a time (`f16_ops::dot_keys`).
+const KEY_BLOCK_ROWS: usize = 8;
+
+/// llama.cpp's online softmax over a row's keys in order, on steps holding each key's score
+/// (in `ms`): at a new maximum the running sum is to be rescaled by `ms = exp(old - new)` and
+/// the key weighs `vs = 1`; otherwise `ms = 1` and it weighs `vs = exp(s - max)`. Returns the
+/// total weight, accumulated as `S = S * ms + vs` (fused, as the compiler fuses it there).
+#[inline(always)]
+fn online_softmax_steps<const S: u8>(steps: &mut [f16_ops::Step], exponents: &mut Vec<f32>) -> f32 {
+    let mut max = f32::NEG_INFINITY;
+    // The exponents, with `vs` marking a new maximum (1) or not (0)...
+    exponents.clear();
+    for step in steps.iter_mut() {
+        let s = step.ms;
+        if s > max {
+            step.vs = 1.0;
+            exponents.push(max - s);
+            max = s;
+        } else {
+            step.vs = 0.0;
+            exponents.push(s - max);
         }
     }
-    let sum = chunks.remainder().iter().fold(lanes.iter().sum::<f32>(), |s, &x| s + x);
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
+    // ...then the exponentials, independent of each other, and the running total.
+    vmath::expf_in_place::<S>(exponents);
+    let mut total = 0f32;
+    for (step, &e) in steps.iter_mut().zip(exponents.iter()) {
+        (step.ms, step.vs) = if step.vs == 1.0 { (e, 1.0) } else { (1.0, e) };
+        total = total.mul_add(step.ms, step.vs);
     }
+    total
 }
 
 #[cfg(test)]
@@ -513,22 +354,40 @@ mod tests {
         }
     }
 
+    /// The AVX2 and AVX-512 builds of the kernel give the plain build's bits on odd shapes.
     #[test]
-    fn keys_transpose_on_odd_widths() {
-        for head_dim in [1usize, 7, 8, 13, 24, 64] {
-            let rows: Vec<f32> = (0..KEYS * head_dim).map(|i| i as f32).collect();
-            let mut out = vec![0f32; head_dim * KEYS];
-            transpose_keys::<false>(&rows, head_dim, &mut out);
-            let plain = out.clone();
-            #[cfg(target_arch = "x86_64")]
-            if crate::model::quant_avx2::available() {
-                out.fill(0.0);
-                transpose_keys::<true>(&rows, head_dim, &mut out);
-                assert_eq!(out, plain, "head_dim {head_dim}: the AVX path equals the plain one");
-            }
-            for d in 0..head_dim {
-                for l in 0..KEYS {
-                    assert_eq!(out[d * KEYS + l], rows[l * head_dim + d], "head_dim {head_dim}, d {d}, key {l}");
+    fn vector_and_plain_kernels_agree_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+            for &(n_head, n_kv, hd) in &[(6usize, 2usize, 13usize), (4, 1, 64), (2, 2, 80)] {
+                let (bs, total) = (4usize, 23usize);
+                let width = n_kv * hd;
+                let table: Vec<u32> = (0..total.div_ceil(bs) as u32).collect();
+                let mut layer = LayerKv { k: vec![f16::ZERO; total.div_ceil(bs) * bs * width], v: vec![f16::ZERO; total.div_ceil(bs) * bs * width] };
+                let kv: Vec<f32> = (0..total * width).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let q: Vec<f32> = (0..total * n_head * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                let mut batch = FlatBatch::default();
+                batch.push(&vec![0; total], total, table, true);
+                let plan = AttentionPlan::new(&batch, bs);
+                write_kv(&plan, &mut layer, &kv, &kv, width);
+                let shape = AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd };
+                let group = n_head / n_kv;
+                for (tile, g) in plan.tiles.iter().flat_map(|&t| (0..n_kv).map(move |g| (t, g))) {
+                    let run = |level: u8| {
+                        let mut out = vec![0f32; tile.len * group * hd];
+                        let (seq, scratch) = (&batch.seqs[0], &mut Scratch::default());
+                        match level {
+                            f16_ops::AVX512 => unsafe { attend_tile_avx512(&plan, seq, &layer, &q, &shape, tile, g, scratch, &mut out) },
+                            f16_ops::AVX2 => unsafe { attend_tile_avx2(&plan, seq, &layer, &q, &shape, tile, g, scratch, &mut out) },
+                            _ => attend_tile::<{ f16_ops::PLAIN }>(&plan, seq, &layer, &q, &shape, tile, g, scratch, &mut out),
+                        }
+                        out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    };
+                    let plain = run(f16_ops::PLAIN);
+                    for level in (f16_ops::AVX2..=f16_ops::detect()).rev() {
+                        assert_eq!(run(level), plain, "level {level}, head_dim {hd}");
+                    }
                 }
             }
         }
@@ -582,7 +441,8 @@ mod tests {
                     let want = reference(qt, &full_k[s][..=j], &full_v[s][..=j], n_head, n_kv, hd);
                     let row = &got[t * n_head * hd..(t + 1) * n_head * hd];
                     for (a, b) in row.iter().zip(&want) {
-                        assert!((a - b).abs() < 1e-5, "seq {s} token {j}: {a} vs {b}");
+                        // The running weighted sum is kept in f16, as llama.cpp keeps it.
+                        assert!((a - b).abs() < 4e-3, "seq {s} token {j}: {a} vs {b}");
                     }
                     t += 1;
                 }
@@ -633,7 +493,7 @@ mod tests {
             let v: Vec<Vec<f32>> = seen.iter().map(|&i| vs[i].clone()).collect();
             let want = reference(&q[t * n_head * hd..(t + 1) * n_head * hd], &k, &v, n_head, n_kv, hd);
             for (a, b) in got[t * n_head * hd..(t + 1) * n_head * hd].iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "token {j}: {a} vs {b}");
+                assert!((a - b).abs() < 4e-3, "token {j}: {a} vs {b}");
             }
         }
     }

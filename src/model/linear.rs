@@ -121,8 +121,10 @@ impl QLinear {
         merge!(Q4_1, |all: &mut Vec<_>, w| all.extend(w));
         merge!(Q8_0, |all: &mut Vec<_>, w| all.extend(w));
         merge!(Bf16, |all: &mut Vec<_>, w| all.extend(w));
+        // The VNNI form packs rows in pairs: parts merge when none but the last has an odd
+        // number of rows (Q, K, V and gate, up always have even ones).
         #[cfg(target_arch = "x86_64")]
-        {
+        if parts[..parts.len() - 1].iter().all(|p| p.n.is_multiple_of(2)) {
             merge!(VnniQ4_0, |all: &mut PackedWeights<_>, w| all.append(w));
             merge!(VnniQ4_1, |all: &mut PackedWeights<_>, w| all.append(w));
             merge!(VnniQ8_0, |all: &mut PackedWeights<_>, w| all.append(w));

@@ -1,9 +1,9 @@
 //! Block-quantized weights (GGML layouts) and their dot products with quantized activations.
 //!
-//! Activations are quantized exactly as llama.cpp's x86 path does (`127 / amax` scale, round to
-//! nearest even, `s = f16(d * sum)`), because this small model is sensitive enough that a
-//! different rounding of the activations shifts log-probabilities by more than the golden
-//! tolerance. Every output element is computed by the same code whatever the batch size.
+//! Activations are quantized and dot products summed exactly as llama.cpp's x86 path does
+//! (`127 / amax` scale, round to nearest even, `s = f16(d * sum)`; the lane order below),
+//! because this small model is chaotic: any other rounding moves its greedy output (see the
+//! golden tests). Every output element is computed by the same code whatever the batch size.
 
 use half::f16;
 
@@ -147,50 +147,62 @@ impl WeightBlock for BlockQ8_0 {
     }
 }
 
-// The integer sums below are written so the compiler vectorises them (16 lanes of i16
-// products); `linear.rs` compiles them a second time with AVX2 enabled and picks at run time.
+// The plain dot products follow llama.cpp's x86 arithmetic exactly (the AVX2 and AVX-512
+// kernels must give the same bits): per block, 8 lanes each sum 4 consecutive products in
+// integers; each lane accumulates `(d_w * d_a) * lane` with a fused multiply-add, block after
+// block; the lanes are added as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)) (`hsum_float_8`);
+// Q4_1's offsets `m * s` accumulate in one fused chain and are added last.
+
+/// Element `e` of a 4-bit block: low nibbles are elements 0..16, high nibbles 16..32.
+#[inline(always)]
+fn nibble(qs: &[u8; QK / 2], e: usize) -> i32 {
+    (if e < QK / 2 { qs[e] & 0x0F } else { qs[e - QK / 2] >> 4 }) as i32
+}
+
+/// The 8 lanes of one block's integer products, for weight values `w(e)`.
+#[inline(always)]
+fn lanes(w: impl Fn(usize) -> i32, a: &[i8; QK]) -> [f32; 8] {
+    std::array::from_fn(|l| (4 * l..4 * l + 4).map(|e| w(e) * a[e] as i32).sum::<i32>() as f32)
+}
 
 #[inline(always)]
-fn sum_q4(qs: &[u8; QK / 2], a: &[i8; QK], offset: i16) -> i32 {
-    let mut sum = 0i32;
-    for j in 0..QK / 2 {
-        let lo = (qs[j] & 0x0F) as i16 - offset;
-        let hi = (qs[j] >> 4) as i16 - offset;
-        sum += (lo * a[j] as i16 + hi * a[j + QK / 2] as i16) as i32;
+pub(super) fn hsum8(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+#[inline(always)]
+fn accumulate(acc: &mut [f32; 8], scale: f32, lanes: [f32; 8]) {
+    for (a, x) in acc.iter_mut().zip(lanes) {
+        *a = scale.mul_add(x, *a);
     }
-    sum
 }
 
 #[inline(always)]
 pub fn dot_q4_0(w: &[BlockQ4_0], a: &[ActBlock]) -> f32 {
-    let mut sum = 0f32;
+    let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
-        sum += sum_q4(&wb.qs, &ab.qs, 8) as f32 * (wb.d.to_f32() * ab.d);
+        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| nibble(&wb.qs, e) - 8, &ab.qs));
     }
-    sum
+    hsum8(acc)
 }
 
 #[inline(always)]
 pub fn dot_q4_1(w: &[BlockQ4_1], a: &[ActBlock]) -> f32 {
-    let (mut sum, mut offsets) = (0f32, 0f32);
+    let (mut acc, mut offsets) = ([0f32; 8], 0f32);
     for (wb, ab) in w.iter().zip(a) {
-        sum += (wb.d.to_f32() * ab.d) * sum_q4(&wb.qs, &ab.qs, 0) as f32;
-        offsets += wb.m.to_f32() * ab.s;
+        offsets = wb.m.to_f32().mul_add(ab.s, offsets);
+        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| nibble(&wb.qs, e), &ab.qs));
     }
-    sum + offsets
+    hsum8(acc) + offsets
 }
 
 #[inline(always)]
 pub fn dot_q8_0(w: &[BlockQ8_0], a: &[ActBlock]) -> f32 {
-    let mut sum = 0f32;
+    let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
-        let mut sumi = 0i32;
-        for j in 0..QK {
-            sumi += (wb.qs[j] as i16 * ab.qs[j] as i16) as i32;
-        }
-        sum += sumi as f32 * (wb.d.to_f32() * ab.d);
+        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| wb.qs[e] as i32, &ab.qs));
     }
-    sum
+    hsum8(acc)
 }
 
 /// Dequantized values of one row of weight blocks.

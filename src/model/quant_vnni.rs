@@ -1,17 +1,19 @@
 //! Quantized products with AVX-512 VNNI (Q4_0, Q4_1, Q8_0), over weights and activations
-//! repacked for it.
+//! repacked for it, with llama.cpp's arithmetic to the bit.
 //!
-//! Two 32-element blocks fill one 512-bit register. In GGUF's layout every block needs its own
-//! scale broadcast, its f16 scale converted, and two half-register loads put together, per
-//! activation row. Here both sides are repacked once (weights at load time, activations once
-//! per product) so that the blocks of a pair alternate every 4 bytes: after `vpdpbusd` (which
-//! sums groups of 4 byte products into one 32-bit lane) the even lanes belong to the first
-//! block and the odd lanes to the second, and a pair's two scales go in with one broadcast.
+//! llama.cpp's x86 dot products (and `quant.rs`, their plain form) keep 8 lanes per output,
+//! each lane the sum of 4 consecutive integer products of a block, accumulated block after
+//! block with one fused multiply-add by `d_w * d_a`. A 512-bit register holds 16 lanes: here
+//! the 8 lanes of two weight rows side by side. Weight rows are repacked in pairs at load time so
+//! that, 4 bytes at a time, the pair's two rows alternate: after `vpdpbusd` (which sums groups of
+//! 4 byte products into one 32-bit lane) the even lanes belong to the first row and the odd
+//! lanes to the second, and each activation block is stored with its 4-byte groups doubled to
+//! meet both. The two rows' lanes are added at the end in llama.cpp's order.
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes. Weights are stored unsigned (`q + zero
 //! point`: 8 for Q4_0, 128 for Q8_0, none for Q4_1) and the product is corrected exactly in
 //! integers by starting each lane at `-zero point * (sum of its 4 activation bytes)`.
-//! Q4_1's offsets (`m * d_a * sum`) are added per block in a second accumulator.
+//! Q4_1's offsets (`m * s`) accumulate in a second, fused chain per row.
 //!
 //! Like the other kernels, a row's arithmetic is the same however many rows run together.
 
@@ -29,10 +31,15 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Where byte `p` (0..64) of a pair's register comes from: (block of the pair, element).
+/// Where byte `p` (0..64) of a pair's register comes from: (row of the pair, element).
 fn source_of(p: usize) -> (usize, usize) {
     let group = p / 4;
     (group % 2, (group / 2) * 4 + p % 4)
+}
+
+/// The register byte holding element `e` of row `which` of a pair.
+fn register_byte(which: usize, e: usize) -> usize {
+    ((e / 4) * 2 + which) * 4 + e % 4
 }
 
 /// 64 bytes, aligned so that a 512-bit load never splits a cache line.
@@ -120,80 +127,80 @@ fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
     }
 }
 
-/// Weights of `n` rows of `pairs` block pairs, in register order: per pair 64 stored bytes, or
-/// for 4-bit types 32 bytes whose low nibbles are register bytes 0..32 and high nibbles 32..64.
-/// A row's odd last block stays in GGUF form.
+/// Weights of `n` rows of `blocks` blocks, in row pairs (an odd last row is paired with a row of
+/// zeros): per pair and block, the two rows' values in register order (64 stored bytes, or for
+/// 4-bit types 32 bytes whose low nibbles are register bytes 0..32 and high nibbles 32..64).
 pub struct PackedWeights<B: PairFormat> {
     n: usize,
-    pairs: usize,
+    blocks: usize,
     values: Vec<Unit>,
-    /// Per pair: the two blocks' scales, then their minimums.
+    /// Per pair and block: the two rows' scales, then their minimums.
     scales: Vec<[f32; 4]>,
-    /// Per row, the last block when the row has an odd number of blocks.
-    odd: Vec<B>,
+    _format: std::marker::PhantomData<B>,
 }
 
 impl<B: PairFormat> PackedWeights<B> {
-    /// Bytes of one pair's values.
+    /// Bytes of one pair's values for one block.
     const PAIR_BYTES: usize = if B::WIDE { 64 } else { 32 };
 
     /// `w` holds rows of `blocks` blocks each.
     pub fn new(w: &[B], blocks: usize) -> Self {
-        let pairs = blocks / 2;
         let n = w.len() / blocks;
-        let mut packed = Self { n, pairs, values: units_for(n * pairs * Self::PAIR_BYTES), scales: Vec::with_capacity(n * pairs), odd: Vec::new() };
+        let pairs = n.div_ceil(2);
+        let mut packed = Self { n, blocks, values: units_for(pairs * blocks * Self::PAIR_BYTES), scales: Vec::with_capacity(pairs * blocks), _format: std::marker::PhantomData };
         let bytes = units_as_bytes(&mut packed.values);
         let mut at = 0;
-        for row in w.chunks_exact(blocks) {
-            for pair in row[..2 * pairs].chunks_exact(2) {
+        for pair in 0..pairs {
+            let row = |which: usize| (2 * pair + which < n).then(|| &w[(2 * pair + which) * blocks..(2 * pair + which + 1) * blocks]);
+            let (first, second) = (row(0), row(1));
+            for b in 0..blocks {
                 let value = |p: usize| {
-                    let (b, e) = source_of(p);
-                    pair[b].stored(e)
+                    let (which, e) = source_of(p);
+                    [first, second][which].map_or(0, |r| r[b].stored(e))
                 };
                 for (j, byte) in bytes[at..at + Self::PAIR_BYTES].iter_mut().enumerate() {
                     *byte = if B::WIDE { value(j) } else { value(j) | (value(j + 32) << 4) };
                 }
                 at += Self::PAIR_BYTES;
-                let ((d0, m0), (d1, m1)) = (pair[0].scale_and_min(), pair[1].scale_and_min());
+                let ((d0, m0), (d1, m1)) = (first.map_or((0.0, 0.0), |r| r[b].scale_and_min()), second.map_or((0.0, 0.0), |r| r[b].scale_and_min()));
                 packed.scales.push([d0, d1, m0, m1]);
-            }
-            if blocks % 2 == 1 {
-                packed.odd.push(row[blocks - 1]);
             }
         }
         packed
     }
 
-    /// The rows of `other` after these (both must have the same width).
-    pub fn append(&mut self, mut other: Self) {
-        assert_eq!(self.pairs, other.pairs, "appended weights have the same width");
-        let (mine, theirs) = (self.n * self.pairs * Self::PAIR_BYTES, other.n * other.pairs * Self::PAIR_BYTES);
+    /// Whether rows can be appended after these (pairs must not straddle the two).
+    pub fn can_append(&self) -> bool {
+        self.n.is_multiple_of(2)
+    }
+
+    /// The rows of `other` after these (both must have the same width, and `can_append`).
+    pub fn append(&mut self, other: Self) {
+        assert_eq!(self.blocks, other.blocks, "appended weights have the same width");
+        assert!(self.can_append(), "rows are appended after an even number of rows");
+        let bytes_of = |w: &Self| w.n.div_ceil(2) * w.blocks * Self::PAIR_BYTES;
+        let (mine, theirs) = (bytes_of(self), bytes_of(&other));
         let mut values = units_for(mine + theirs);
         let bytes = units_as_bytes(&mut values);
-        bytes[..mine].copy_from_slice(&units_as_bytes(&mut self.values)[..mine]);
-        bytes[mine..mine + theirs].copy_from_slice(&units_as_bytes(&mut other.values)[..theirs]);
+        bytes[..mine].copy_from_slice(&units_bytes(&self.values)[..mine]);
+        bytes[mine..mine + theirs].copy_from_slice(&units_bytes(&other.values)[..theirs]);
         self.values = values;
         self.n += other.n;
         self.scales.extend(other.scales);
-        self.odd.extend(other.odd);
     }
 
     /// Row `row` as f32 values (for embedding lookups).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let bytes = units_bytes(&self.values);
+        let (pair, which) = (row / 2, row % 2);
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            if b / 2 == self.pairs {
-                self.odd[row].dequantize(o);
-                continue;
-            }
-            let pair = row * self.pairs + b / 2;
-            let [d0, d1, m0, m1] = self.scales[pair];
-            let (d, m) = if b % 2 == 0 { (d0, m0) } else { (d1, m1) };
-            let values = &bytes[pair * Self::PAIR_BYTES..][..Self::PAIR_BYTES];
+            let at = pair * self.blocks + b;
+            let scales = self.scales[at];
+            let values = &bytes[at * Self::PAIR_BYTES..][..Self::PAIR_BYTES];
             for (e, x) in o.iter_mut().enumerate() {
-                let p = ((e / 4) * 2 + b % 2) * 4 + e % 4;
+                let p = register_byte(which, e);
                 let stored = if B::WIDE { values[p] } else if p < 32 { values[p] & 0x0F } else { values[p - 32] >> 4 };
-                *x = B::value(stored, d, m);
+                *x = B::value(stored, scales[which], scales[2 + which]);
             }
         }
     }
@@ -215,80 +222,66 @@ fn units_as_bytes(units: &mut [Unit]) -> &mut [u8] {
 }
 
 /// Activation rows in panels of PANEL rows (the rows left over in panels of one): for each
-/// block pair, the panel's rows' quants (64 bytes each, in register order), then, for weight
-/// types with a zero point, each row's `-zero point x (sum of every 4 quants)` (16 x i32), then their
-/// scales and scale x sum of quants `(d0, d1, s0, s1)`, padded to whole units. A panel is read
-/// front to back through one pointer, whichever row of it the kernel is at.
+/// block, the panel's rows' quants (64 bytes each: the block's 4-byte groups each twice, in
+/// register order), then, for weight types with a zero point, each row's `-zero point x (sum
+/// of the group's 4 quants)` per lane (16 x i32), then their scales and scale x sum of quants
+/// `(d, s)`, padded to whole units. A panel is read front to back through one pointer.
 pub struct PackedActs {
-    pairs: usize,
+    blocks: usize,
     m: usize,
     lane_sums: bool,
     units: Vec<Unit>,
-    /// Per row, the last block when rows have an odd number of blocks.
-    odd: Vec<ActBlock>,
 }
 
 /// Consecutive activation rows as the kernel reads them.
 pub struct Panel<'a> {
-    pairs: usize,
+    blocks: usize,
     lane_sums: bool,
     units: &'a [Unit],
-    /// The rows' odd last blocks, if blocks are odd.
-    odd: &'a [ActBlock],
 }
 
-/// Activation rows per panel: the rows the kernel runs against one weight row at once.
+/// Activation rows per panel: the rows the kernel runs against one weight row pair at once.
 pub const PANEL: usize = 4;
 
-/// 64-byte units per block pair in a panel of `rows` rows.
-const fn units_per_pair(rows: usize, lane_sums: bool) -> usize {
-    rows * if lane_sums { 2 } else { 1 } + (rows * 16).div_ceil(64)
+/// 64-byte units per block in a panel of `rows` rows.
+const fn units_per_block(rows: usize, lane_sums: bool) -> usize {
+    rows * if lane_sums { 2 } else { 1 } + (rows * 8).div_ceil(64)
 }
 
 impl PackedActs {
     /// `acts` holds rows of `blocks` blocks each; `B` is the weight type they will meet.
     pub fn new<B: PairFormat>(acts: &[ActBlock], blocks: usize) -> Self {
-        let pairs = blocks / 2;
         let m = acts.len() / blocks;
         let lane_sums = B::ZERO_POINT;
         let full = m / PANEL * PANEL;
-        let total = (full / PANEL * units_per_pair(PANEL, lane_sums) + (m - full) * units_per_pair(1, lane_sums)) * pairs;
-        let mut packed = Self { pairs, m, lane_sums, units: vec![Unit([0; 64]); total], odd: Vec::new() };
+        let total = (full / PANEL * units_per_block(PANEL, lane_sums) + (m - full) * units_per_block(1, lane_sums)) * blocks;
+        let mut packed = Self { blocks, m, lane_sums, units: vec![Unit([0; 64]); total] };
         let bytes = units_as_bytes(&mut packed.units);
-        let row = |r: usize| &acts[r * blocks..(r + 1) * blocks];
         let mut at = 0;
         let mut first = 0;
         while first < m {
             let rows = if first < full { PANEL } else { 1 };
             let sums_at = rows * 64;
             let scales_at = rows * 64 * if lane_sums { 2 } else { 1 };
-            for p in 0..pairs {
+            for b in 0..blocks {
                 for i in 0..rows {
-                    let pair = &row(first + i)[2 * p..2 * p + 2];
-                    let quants: [i8; 64] = std::array::from_fn(|j| {
-                        let (b, e) = source_of(j);
-                        pair[b].qs[e]
-                    });
-                    for (byte, &q) in bytes[at + i * 64..][..64].iter_mut().zip(&quants) {
-                        *byte = q as u8;
+                    let block = &acts[(first + i) * blocks + b];
+                    for (p, byte) in bytes[at + i * 64..][..64].iter_mut().enumerate() {
+                        *byte = block.qs[source_of(p).1] as u8;
                     }
                     if lane_sums {
-                        for (lane, four) in quants.chunks_exact(4).enumerate() {
-                            let negated = -(four.iter().map(|&q| q as i32).sum::<i32>() << B::ZERO_POINT_SHIFT);
-                            bytes[at + sums_at + i * 64 + lane * 4..][..4].copy_from_slice(&negated.to_ne_bytes());
+                        for lane in 0..16 {
+                            let group = (lane / 2) * 4;
+                            let sum: i32 = block.qs[group..group + 4].iter().map(|&q| q as i32).sum();
+                            bytes[at + sums_at + i * 64 + lane * 4..][..4].copy_from_slice(&(-(sum << B::ZERO_POINT_SHIFT)).to_ne_bytes());
                         }
                     }
-                    let scales = [pair[0].d, pair[1].d, pair[0].s, pair[1].s];
-                    for (k, v) in scales.iter().enumerate() {
-                        bytes[at + scales_at + i * 16 + k * 4..][..4].copy_from_slice(&v.to_ne_bytes());
-                    }
+                    bytes[at + scales_at + i * 8..][..4].copy_from_slice(&block.d.to_ne_bytes());
+                    bytes[at + scales_at + i * 8 + 4..][..4].copy_from_slice(&block.s.to_ne_bytes());
                 }
-                at += units_per_pair(rows, lane_sums) * 64;
+                at += units_per_block(rows, lane_sums) * 64;
             }
             first += rows;
-        }
-        if blocks % 2 == 1 {
-            packed.odd = (0..m).map(|r| row(r)[blocks - 1]).collect();
         }
         packed
     }
@@ -298,18 +291,13 @@ impl PackedActs {
         let full = self.m / PANEL * PANEL;
         let in_panels = rows == PANEL && first.is_multiple_of(PANEL) && first < full;
         assert!(first + rows <= self.m && (in_panels || rows == 1 && first >= full), "no panel of {rows} rows at row {first}");
-        let per_panel = self.pairs * units_per_pair(PANEL, self.lane_sums);
+        let per_panel = self.blocks * units_per_block(PANEL, self.lane_sums);
         let start = if first < full {
             first / PANEL * per_panel
         } else {
-            full / PANEL * per_panel + (first - full) * self.pairs * units_per_pair(1, self.lane_sums)
+            full / PANEL * per_panel + (first - full) * self.blocks * units_per_block(1, self.lane_sums)
         };
-        Panel {
-            pairs: self.pairs,
-            lane_sums: self.lane_sums,
-            units: &self.units[start..start + self.pairs * units_per_pair(rows, self.lane_sums)],
-            odd: if self.odd.is_empty() { &[] } else { &self.odd[first..first + rows] },
-        }
+        Panel { blocks: self.blocks, lane_sums: self.lane_sums, units: &self.units[start..start + self.blocks * units_per_block(rows, self.lane_sums)] }
     }
 
     /// Rows that run in panels of PANEL (the rest run one at a time).
@@ -318,43 +306,43 @@ impl PackedActs {
     }
 }
 
-/// Weight row `col` against a panel of `R` activation rows (PANEL, or 1 for the rows after
-/// the last full panel).
+/// Weight row pair `pair` against a panel of `R` activation rows (PANEL, or 1 for the rows
+/// after the last full panel): `[row][which row of the pair]`.
 ///
 /// # Safety
 /// The CPU must support what `available` checks.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usize, panel: &Panel) -> [f32; R] {
-    let pairs = w.pairs;
-    let per_pair = units_per_pair(R, B::ZERO_POINT);
-    assert!(pairs == panel.pairs && panel.lane_sums == B::ZERO_POINT && panel.units.len() == pairs * per_pair);
+pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, pair: usize, panel: &Panel) -> [[f32; 2]; R] {
+    let blocks = w.blocks;
+    let per_block = units_per_block(R, B::ZERO_POINT);
+    assert!(blocks == panel.blocks && panel.lane_sums == B::ZERO_POINT && panel.units.len() == blocks * per_block);
+    assert!(pair < w.n.div_ceil(2));
     let (sums_at, scales_at) = (R * 64, R * 64 * if B::ZERO_POINT { 2 } else { 1 });
     let values = w.values.as_ptr() as *const u8;
     let value_bytes = PackedWeights::<B>::PAIR_BYTES;
-    let ws = &w.scales[col * pairs..(col + 1) * pairs];
+    let ws = &w.scales[pair * blocks..(pair + 1) * blocks];
     let mut acc = [_mm512_setzero_ps(); R];
-    // 128 bits are enough for the offsets (two useful lanes), and cost one operation less.
+    // 128 bits are enough for the offsets (two useful lanes).
     let mut offsets = [_mm_setzero_ps(); R];
-    for (p, pair_scales) in ws.iter().enumerate() {
-        // SAFETY: pair `col * pairs + p` is within the packed values, and the panel holds
-        // `per_pair` units for each of `pairs` pairs.
+    for (b, block_scales) in ws.iter().enumerate() {
+        // SAFETY: block `b` of the pair is within the packed values, and the panel holds
+        // `per_block` units for each of `blocks` blocks.
         unsafe {
-            let at = values.add((col * pairs + p) * value_bytes);
+            let at = values.add((pair * blocks + b) * value_bytes);
             let qx = if B::WIDE {
                 _mm512_load_si512(at as *const __m512i)
             } else {
-                let raw = _mm256_load_si256(at as *const __m256i);
+                let raw = _mm256_loadu_si256(at as *const __m256i);
                 let mask = _mm256_set1_epi8(0x0F);
                 let (lo, hi) = (_mm256_and_si256(raw, mask), _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask));
                 _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
             };
-            let w4 = _mm_loadu_ps(pair_scales.as_ptr());
-            // (d0, d1, d0, d1, ...) and (0, 0, m0, m1): with the activations' (d0, d1, s0, s1),
-            // each offset term is counted once.
+            let w4 = _mm_loadu_ps(block_scales.as_ptr());
+            // (d0, d1, d0, d1, ...): each lane's row's scale; (m0, m1, m0, m1) for the offsets.
             let wd = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(w4)));
-            let wm = _mm_maskz_mov_ps(0b1100, w4);
-            let unit = panel.units.as_ptr().add(p * per_pair) as *const u8;
+            let wm = _mm_movehl_ps(w4, w4);
+            let unit = panel.units.as_ptr().add(b * per_block) as *const u8;
             for r in 0..R {
                 let quants = _mm512_load_si512(unit.add(r * 64) as *const __m512i);
                 let start = if B::ZERO_POINT {
@@ -363,47 +351,63 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, col: usiz
                     _mm512_setzero_si512()
                 };
                 let sums = _mm512_dpbusd_epi32(start, qx, quants);
-                let act4 = _mm_loadu_ps(unit.add(scales_at + r * 16) as *const f32);
-                let scale = _mm512_mul_ps(wd, _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(act4))));
+                let ds = unit.add(scales_at + r * 8) as *const f32;
+                // llama.cpp's per-block scale: d_w * d_a, one rounding.
+                let scale = _mm512_mul_ps(wd, _mm512_set1_ps(*ds));
                 acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[r]);
                 if B::OFFSET {
-                    offsets[r] = _mm_fmadd_ps(wm, act4, offsets[r]);
+                    offsets[r] = _mm_fmadd_ps(wm, _mm_set1_ps(*ds.add(1)), offsets[r]);
                 }
             }
         }
     }
-    let mut out = [0f32; R];
+    let mut out = [[0f32; 2]; R];
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(acc[r]);
+        // Each row's 8 lanes added as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)), as
+        // llama.cpp's `hsum_float_8` adds them; its lane j is register lane 2j (+1).
+        let t = _mm256_add_ps(_mm512_extractf32x8_ps(acc[r], 1), _mm512_castps512_ps256(acc[r]));
+        let u = _mm_add_ps(_mm256_extractf128_ps(t, 1), _mm256_castps256_ps128(t));
+        let mut lanes = [0f32; 4];
+        // SAFETY: four floats into four floats.
+        unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), u) };
+        out[r] = [lanes[0] + lanes[2], lanes[1] + lanes[3]];
         if B::OFFSET {
-            let o = offsets[r];
-            out[r] += _mm_cvtss_f32(_mm_add_ss(_mm_movehl_ps(o, o), _mm_movehdup_ps(_mm_movehl_ps(o, o))));
-        }
-        if !w.odd.is_empty() {
-            out[r] += B::dot(std::slice::from_ref(&w.odd[col]), std::slice::from_ref(&panel.odd[r]));
+            let mut o = [0f32; 4];
+            // SAFETY: as above.
+            unsafe { _mm_storeu_ps(o.as_mut_ptr(), offsets[r]) };
+            out[r] = [out[r][0] + o[0], out[r][1] + o[1]];
         }
     }
     out
 }
 
-/// Weight rows `cols` against every panel (`panels` of PANEL rows, then `singles` of one row
-/// from row `panels.len() * PANEL`), each result passed to `set(row, col, value)`. Compiled
-/// with the kernel's features so that `dot` is inlined into the loop.
+/// Weight rows `cols` (a range starting at an even row) against every panel (`panels` of
+/// PANEL rows, then `singles` of one row from row `panels.len() * PANEL`), each result passed
+/// to `set(row, col, value)`. Compiled with the kernel's features so that `dot` is inlined
+/// into the loop.
 ///
 /// # Safety
 /// The CPU must support what `available` checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 pub unsafe fn columns<B: PairFormat>(w: &PackedWeights<B>, cols: std::ops::Range<usize>, panels: &[Panel], singles: &[Panel], mut set: impl FnMut(usize, usize, f32)) {
+    assert!(cols.start.is_multiple_of(2) && cols.end <= w.n);
     let full = panels.len() * PANEL;
-    for col in cols {
+    for pair in cols.start / 2..cols.end.div_ceil(2) {
+        let mut put = |row: usize, values: [f32; 2]| {
+            for (which, v) in values.into_iter().enumerate() {
+                if 2 * pair + which < cols.end {
+                    set(row, 2 * pair + which, v);
+                }
+            }
+        };
         for (i, panel) in panels.iter().enumerate() {
-            let values = unsafe { dot::<B, PANEL>(w, col, panel) };
+            let values = unsafe { dot::<B, PANEL>(w, pair, panel) };
             for (j, v) in values.into_iter().enumerate() {
-                set(i * PANEL + j, col, v);
+                put(i * PANEL + j, v);
             }
         }
         for (i, panel) in singles.iter().enumerate() {
-            set(full + i, col, unsafe { dot::<B, 1>(w, col, panel) }[0]);
+            put(full + i, unsafe { dot::<B, 1>(w, pair, panel) }[0]);
         }
     }
 }
@@ -418,18 +422,19 @@ mod tests {
     fn every_register_byte_comes_from_one_element() {
         let mut seen = [[false; QK]; 2];
         for p in 0..64 {
-            let (b, e) = source_of(p);
-            assert!(!seen[b][e]);
-            seen[b][e] = true;
-            assert_eq!(b, (p / 4) % 2, "byte {p} lands in a lane of block {b}");
+            let (which, e) = source_of(p);
+            assert!(!seen[which][e]);
+            seen[which][e] = true;
+            assert_eq!(which, (p / 4) % 2, "byte {p} lands in a lane of row {which}");
+            assert_eq!(register_byte(which, e), p);
         }
     }
 
     fn check<B: PairFormat>(parse: fn(&[u8]) -> Vec<B>, dequantize: fn(&[B], &mut [f32]), block_bytes: usize, has_min: bool) {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(21);
         for blocks in [1usize, 2, 5, 18, 49] {
-            // One full panel and two rows after it.
-            let (n, m) = (3usize, PANEL + 2);
+            // An odd number of weight rows; one full panel of activations and two rows after it.
+            let (n, m) = (5usize, PANEL + 2);
             let x: Vec<f32> = (0..m * blocks * QK).map(|_| r.random_range(-4.0..4.0)).collect();
             let mut acts = vec![ActBlock::default(); m * blocks];
             for (row, out) in x.chunks_exact(blocks * QK).zip(acts.chunks_exact_mut(blocks)) {
@@ -448,33 +453,35 @@ mod tests {
             let w = parse(&bytes);
             let (pw, pa) = (PackedWeights::new(&w, blocks), PackedActs::new::<B>(&acts, blocks));
             // Appending rows keeps every row; dequantizing gives GGML's values.
-            let mut joined = PackedWeights::new(&w[..blocks], blocks);
-            joined.append(PackedWeights::new(&w[blocks..], blocks));
+            let mut joined = PackedWeights::new(&w[..2 * blocks], blocks);
+            joined.append(PackedWeights::new(&w[2 * blocks..], blocks));
             for row in 0..n {
                 let (mut got, mut want) = (vec![0f32; blocks * QK], vec![0f32; blocks * QK]);
                 joined.dequantize_row(row, &mut got);
                 dequantize(&w[row * blocks..(row + 1) * blocks], &mut want);
                 assert_eq!(got, want, "{blocks} blocks, row {row}");
             }
-            for col in 0..n {
-                let wrow = &w[col * blocks..(col + 1) * blocks];
-                // The first PANEL rows run as one panel, the last two one at a time; each row
-                // alone (its own one-row packing) must give the same bits.
-                let mut got = unsafe { dot::<B, PANEL>(&pw, col, &pa.panel(0, PANEL)) }.to_vec();
-                got.extend((PANEL..m).map(|row| unsafe { dot::<B, 1>(&pw, col, &pa.panel(row, 1)) }[0]));
-                for (row, &value) in got.iter().enumerate() {
-                    let alone_acts = &acts[row * blocks..(row + 1) * blocks];
-                    let want = B::dot(wrow, alone_acts);
-                    assert!((value - want).abs() <= 1e-4 * (1.0 + want.abs()), "{blocks} blocks: {value} vs {want}");
-                    let alone = unsafe { dot::<B, 1>(&pw, col, &PackedActs::new::<B>(alone_acts, blocks).panel(0, 1)) }[0];
-                    assert_eq!(value.to_bits(), alone.to_bits(), "grouping rows changes nothing");
+            let mut got = vec![vec![f32::NAN; n]; m];
+            let panels = [pa.panel(0, PANEL)];
+            let singles: Vec<_> = (PANEL..m).map(|row| pa.panel(row, 1)).collect();
+            unsafe { columns(&pw, 0..n, &panels, &singles, |row, col, v| got[row][col] = v) };
+            for (row, values) in got.iter().enumerate() {
+                let alone_acts = &acts[row * blocks..(row + 1) * blocks];
+                let alone_packed = PackedActs::new::<B>(alone_acts, blocks);
+                let mut alone = vec![f32::NAN; n];
+                unsafe { columns(&pw, 0..n, &[], &[alone_packed.panel(0, 1)], |_, col, v| alone[col] = v) };
+                for (col, &value) in values.iter().enumerate() {
+                    // llama.cpp's arithmetic, bit for bit (the plain kernel is its definition).
+                    let want = B::dot(&w[col * blocks..(col + 1) * blocks], alone_acts);
+                    assert_eq!(value.to_bits(), want.to_bits(), "{blocks} blocks, row {row}, col {col}: {value} vs {want}");
+                    assert_eq!(value.to_bits(), alone[col].to_bits(), "grouping rows changes nothing");
                 }
             }
         }
     }
 
     #[test]
-    fn packed_dots_match_the_plain_reference_and_ignore_grouping() {
+    fn packed_dots_equal_the_plain_ones_bit_for_bit() {
         if !available() {
             eprintln!("no AVX-512 VNNI here: nothing to compare");
             return;

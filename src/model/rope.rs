@@ -7,46 +7,63 @@ pub struct Rope {
     style: RopeStyle,
     head_dim: usize,
     rope_dim: usize,
-    /// theta_i = base^(-2i / rope_dim), divided by any per-frequency factors.
-    inv_freq: Vec<f32>,
+    /// base^(-2 / rope_dim): each pair's angle is the previous pair's times this.
+    theta_scale: f32,
+    /// Per-frequency divisors (Llama 3.1-style scaling), one per pair.
+    freq_factors: Option<Vec<f32>>,
     position_scale: f32,
 }
 
 impl Rope {
     pub fn new(config: &ModelConfig, freq_factors: Option<&[f32]>) -> Self {
-        let half = config.rope_dim / 2;
-        let inv_freq = (0..half)
-            .map(|i| {
-                let f = (config.rope_theta as f64).powf(-2.0 * i as f64 / config.rope_dim as f64);
-                let factor = freq_factors.map_or(1.0, |f| f[i] as f64);
-                (f / factor) as f32
-            })
-            .collect();
+        let theta_scale = config.rope_theta.powf(-2.0 / config.rope_dim as f32);
         let position_scale = match config.rope_scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => 1.0 / factor,
         };
-        Self { style: config.rope_style, head_dim: config.head_dim, rope_dim: config.rope_dim, inv_freq, position_scale }
+        Self { style: config.rope_style, head_dim: config.head_dim, rope_dim: config.rope_dim, theta_scale, freq_factors: freq_factors.map(|f| f.to_vec()), position_scale }
     }
 
-    /// cos/sin tables for `positions`, `[positions.len(), rope_dim / 2]` each.
+    /// cos/sin tables for `positions`, `[positions.len(), rope_dim / 2]` each, computed as
+    /// llama.cpp's `ggml_rope_cache_init` does: each pair's angle is the previous one's times
+    /// `theta_scale` in f32 (not `base^(-2i/d)` directly), then libm's `sinf`/`cosf`.
     pub fn tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
-        let half = self.inv_freq.len();
+        let half = self.rope_dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            let p = p as f32 * self.position_scale;
-            for &f in &self.inv_freq {
-                let (s, c) = (p * f).sin_cos();
-                cos.push(c);
-                sin.push(s);
+            let mut theta = p as f32;
+            for i in 0..half {
+                let extrapolated = self.freq_factors.as_ref().map_or(theta, |f| theta / f[i]);
+                let t = self.position_scale * extrapolated;
+                cos.push(t.cos());
+                sin.push(t.sin());
+                theta *= self.theta_scale;
             }
         }
         (cos, sin)
     }
 
-    /// Rotates every head of one token's row. `cos`/`sin` are that token's table rows.
+    /// Rotates every head of one token's row. `cos`/`sin` are that token's table rows. The
+    /// products are fused as llama.cpp's compiled `rotate_pairs` fuses them.
     pub fn apply(&self, row: &mut [f32], cos: &[f32], sin: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::quant_avx2::available() {
+            // SAFETY: the features were just detected.
+            return unsafe { self.apply_fma(row, cos, sin) };
+        }
+        self.apply_plain(row, cos, sin)
+    }
+
+    /// `apply_plain` with hardware fused multiply-adds (not calls to libm's `fmaf`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_fma(&self, row: &mut [f32], cos: &[f32], sin: &[f32]) {
+        self.apply_plain(row, cos, sin)
+    }
+
+    #[inline(always)]
+    fn apply_plain(&self, row: &mut [f32], cos: &[f32], sin: &[f32]) {
         let half = self.rope_dim / 2;
         for head in row.chunks_exact_mut(self.head_dim) {
             for i in 0..half {
@@ -55,13 +72,13 @@ impl Rope {
                     RopeStyle::Neox => (i, i + half),
                 };
                 let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos[i] - x1 * sin[i];
-                head[b] = x0 * sin[i] + x1 * cos[i];
+                head[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+                head[b] = x0.mul_add(sin[i], x1 * cos[i]);
             }
         }
     }
 
     pub fn half_dim(&self) -> usize {
-        self.inv_freq.len()
+        self.rope_dim / 2
     }
 }

@@ -66,10 +66,136 @@ pub fn exp_in_place(xs: &mut [f32]) {
     exp_in_place_plain(xs)
 }
 
+/// 2^(i/32) as f64 bits, less `i << 47` (glibc's `__exp2f_data.tab`).
+const EXP2F_TABLE: [u64; 32] = [
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51, 0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d, 0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13, 0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069, 0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
+];
+
+/// `expf` as glibc computes it (its `e_expf.c`: a 32-entry table of 2^(i/32) and a cubic in
+/// f64, rounded once to f32), inline: llama.cpp's attention calls libm's `expf` once per key,
+/// and braid must round exactly as it does, without a call per key. Checked against the libm
+/// braid links (`exp_matches_libm`).
+#[inline(always)]
+pub fn expf(x: f32) -> f32 {
+    let abstop = (x.to_bits() >> 20) & 0x7ff;
+    if abstop >= 88f32.to_bits() >> 20 {
+        if x == f32::NEG_INFINITY {
+            return 0.0;
+        }
+        if abstop >= f32::INFINITY.to_bits() >> 20 {
+            return x + x;
+        }
+        if x > f32::from_bits(0x42b1_7217) {
+            return f32::INFINITY;
+        }
+        if x < f32::from_bits(0xc2cf_f1b4) {
+            return 0.0;
+        }
+    }
+    let inv_ln2_n = f64::from_bits(0x4047_1547_652b_82fe); // 32 / ln 2
+    let shift = f64::from_bits(0x4338_0000_0000_0000); // 0x1.8p52: adding it rounds to an integer
+    let c = [f64::from_bits(0x3ebc_6af8_4b91_2394), f64::from_bits(0x3f2e_bfce_50fa_c4f3), f64::from_bits(0x3f96_2e42_ff0c_52d6)];
+    let z = inv_ln2_n * x as f64;
+    let kd = z + shift;
+    let ki = kd.to_bits();
+    let r = inv_ln2_n.mul_add(x as f64, -(kd - shift));
+    let s = f64::from_bits(EXP2F_TABLE[(ki % 32) as usize].wrapping_add(ki << 47));
+    // The polynomial's multiply-adds are fused, as in glibc's FMA build (`__expf_fma`).
+    let p = c[0].mul_add(r, c[1]);
+    let y = p.mul_add(r * r, c[2].mul_add(r, 1.0));
+    (y * s) as f32
+}
+
+/// `expf` of every element; with `S == f16_ops::AVX512` eight at a time in f64 lanes (the same
+/// operations, the table read by permutes). A caller passing AVX512 must be compiled with it.
+#[inline(always)]
+pub fn expf_in_place<const S: u8>(xs: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if S == super::f16_ops::AVX512 {
+        while done + 8 <= xs.len() {
+            // SAFETY: in bounds; the caller has the features.
+            unsafe {
+                use std::arch::x86_64::*;
+                let p = xs.as_mut_ptr().add(done);
+                _mm256_storeu_ps(p, expf8(_mm256_loadu_ps(p)));
+            }
+            done += 8;
+        }
+    }
+    for x in &mut xs[done..] {
+        *x = expf(*x);
+    }
+}
+
+/// Eight `expf`s in f64 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn expf8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe {
+        let t = |i: usize| _mm512_loadu_si512(EXP2F_TABLE.as_ptr().add(i) as *const __m512i);
+        let (t0, t1, t2, t3) = (t(0), t(8), t(16), t(24));
+        let inv_ln2_n = _mm512_set1_pd(f64::from_bits(0x4047_1547_652b_82fe));
+        let shift = _mm512_set1_pd(f64::from_bits(0x4338_0000_0000_0000));
+        let xd = _mm512_cvtps_pd(x);
+        let kd = _mm512_add_pd(_mm512_mul_pd(inv_ln2_n, xd), shift);
+        let ki = _mm512_castpd_si512(kd);
+        let r = _mm512_fmsub_pd(inv_ln2_n, xd, _mm512_sub_pd(kd, shift));
+        // EXP2F_TABLE[ki % 32]: two 16-entry permutes, chosen by bit 4.
+        let low = _mm512_permutex2var_epi64(t0, ki, t1);
+        let high = _mm512_permutex2var_epi64(t2, ki, t3);
+        let table = _mm512_mask_blend_epi64(_mm512_test_epi64_mask(ki, _mm512_set1_epi64(16)), low, high);
+        let s = _mm512_castsi512_pd(_mm512_add_epi64(table, _mm512_slli_epi64::<47>(ki)));
+        let c = |bits: u64| _mm512_set1_pd(f64::from_bits(bits));
+        let p = _mm512_fmadd_pd(c(0x3ebc_6af8_4b91_2394), r, c(0x3f2e_bfce_50fa_c4f3));
+        let q = _mm512_fmadd_pd(c(0x3f96_2e42_ff0c_52d6), r, _mm512_set1_pd(1.0));
+        let y = _mm512_mul_pd(_mm512_fmadd_pd(p, _mm512_mul_pd(r, r), q), s);
+        let e = _mm512_cvtpd_ps(y);
+        // Below log(2^-150): 0 (-inf included); above log(2^128): inf.
+        let under = _mm256_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm256_set1_ps(f32::from_bits(0xc2cf_f1b4)));
+        let over = _mm256_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm256_set1_ps(f32::from_bits(0x42b1_7217)));
+        let e = _mm256_mask_blend_ps(under, e, _mm256_setzero_ps());
+        _mm256_mask_blend_ps(over, e, _mm256_set1_ps(f32::INFINITY))
+    }
+}
+
+/// `exp(x)` as llama.cpp's AVX-512 `ggml_v_expf` computes it (a range reduction by ln 2 in
+/// two parts, a degree-5 polynomial in fused multiply-adds, the exponent put back by
+/// `scalef`), lane by lane: braid's SwiGLU must round exactly as llama.cpp's does.
+#[inline(always)]
+fn ggml_exp_lane(x: f32) -> f32 {
+    let c = |bits: u32| f32::from_bits(bits);
+    let r = c(0x4b40_0000); // 0x1.8p23: adding it rounds to an integer
+    let z = x.mul_add(c(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x)); // ln 2, hi and lo
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    // scalef: j * 2^n with one rounding (the product is exact in f64; |n| <= 192 fits).
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
+}
+
+/// Elements llama.cpp's SwiGLU handles per vector (AVX-512); the tail uses libm's `expf`.
+const GGML_SILU_LANES: usize = 16;
+
 #[inline(always)]
 fn silu_mul_plain(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp_lane(-g)) * u;
+    let vector = gate.len() / GGML_SILU_LANES * GGML_SILU_LANES;
+    for ((o, &g), &u) in out[..vector].iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + ggml_exp_lane(0.0 - g)) * u;
+    }
+    for ((o, &g), &u) in out[vector..].iter_mut().zip(&gate[vector..]).zip(&up[vector..]) {
+        *o = g / (1.0 + (-g).exp()) * u;
     }
 }
 
@@ -79,7 +205,8 @@ unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
     silu_mul_plain(gate, up, out)
 }
 
-/// `out = silu(gate) * up`, elementwise (the SwiGLU of a feed-forward layer).
+/// `out = silu(gate) * up`, elementwise (the SwiGLU of a feed-forward layer), rounded as
+/// llama.cpp rounds it.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
     #[cfg(target_arch = "x86_64")]
@@ -97,6 +224,52 @@ mod tests {
 
     fn ulps(a: f32, b: f64) -> f64 {
         (a as f64 - b).abs() / (b.abs() * f32::EPSILON as f64).max(f32::MIN_POSITIVE as f64)
+    }
+
+    fn libm_mismatches(step: usize) -> Vec<u32> {
+        // Every `step`-th float: the non-positive ones the attention meets, then a band of
+        // positive ones.
+        let negative = (0x8000_0000u32..=0xffff_ffff).step_by(step);
+        let positive = (0u32..0x42b2_0000).step_by(step);
+        negative.chain(positive).filter(|&b| f32::from_bits(b).exp().to_bits() != expf(f32::from_bits(b)).to_bits() && !f32::from_bits(b).is_nan()).collect()
+    }
+
+    #[test]
+    fn exp_matches_libm() {
+        let bad = libm_mismatches(1009);
+        assert!(bad.is_empty(), "{} differ, e.g. {:?}", bad.len(), bad.iter().take(5).map(|&b| f32::from_bits(b)).collect::<Vec<_>>());
+        for x in [0.0f32, -0.0, f32::NEG_INFINITY, f32::INFINITY, -87.5, -103.9, -104.0, 88.7, 88.8] {
+            assert_eq!(expf(x).to_bits(), x.exp().to_bits(), "exp({x})");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq,avx512vl")]
+    unsafe fn expf_avx512(xs: &mut [f32]) {
+        expf_in_place::<{ crate::model::f16_ops::AVX512 }>(xs)
+    }
+
+    /// The AVX-512 form gives the scalar form's bits (which `exp_matches_libm` checks).
+    #[test]
+    fn vector_exp_equals_the_scalar_one() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::model::f16_ops::detect() >= crate::model::f16_ops::AVX512 {
+            let mut xs: Vec<f32> = (0x8000_0000u32..=0xffff_ffff).step_by(997).chain((0u32..0x4300_0000).step_by(997)).map(f32::from_bits).filter(|x| !x.is_nan()).collect();
+            xs.extend([f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, -103.9, -104.0, 88.7, 88.8]);
+            let mut fast = xs.clone();
+            unsafe { expf_avx512(&mut fast) };
+            for (&x, &y) in xs.iter().zip(&fast) {
+                assert_eq!(y.to_bits(), expf(x).to_bits(), "exp({x})");
+            }
+        }
+    }
+
+    /// Every float of `exp_matches_libm`'s ranges (a few seconds in release).
+    #[test]
+    #[ignore]
+    fn exp_matches_libm_everywhere() {
+        let bad = libm_mismatches(1);
+        assert!(bad.is_empty(), "{} differ, e.g. {:?}", bad.len(), bad.iter().take(5).map(|&b| f32::from_bits(b)).collect::<Vec<_>>());
     }
 
     #[test]
