@@ -128,8 +128,9 @@ struct Scratch {
     queries: Vec<f32>,
     /// Per query row, its scores and then its softmax steps over the keys it sees.
     steps: Vec<Vec<f16_ops::Step>>,
-    /// A block of keys as f32, transposed (`f16_ops::transpose_keys`).
+    /// A block of keys as f32, transposed (`f16_ops::transpose_keys`), and one key row.
     keys_t: Vec<f32>,
+    key_row: Vec<f32>,
     /// One row's softmax exponents.
     exponents: Vec<f32>,
 }
@@ -191,7 +192,7 @@ fn attend_tile<const S: u8>(
     let scale = 1.0 / (head_dim as f32).sqrt();
     // The last token sees the most: positions 0..=pos + len - 1.
     let n_ctx = tile.pos + tile.len;
-    let Scratch { slots, queries, steps, keys_t, exponents } = scratch;
+    let Scratch { slots, queries, steps, key_row, keys_t, exponents } = scratch;
     // Keys some row of the tile sees: all, or under a window the kept ones and the recent ones.
     // Each is the offset of its row (KV head `g`) in the layer's cache.
     let needed = |i: usize| seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos));
@@ -218,7 +219,7 @@ fn attend_tile<const S: u8>(
         // rows and scored 16 keys to a register.
         for i0 in (0..n_ctx).step_by(f16_ops::KEYS) {
             let nk = f16_ops::KEYS.min(n_ctx - i0);
-            f16_ops::transpose_keys(&layer.k, &slots[i0..i0 + nk], head_dim, keys_t);
+            f16_ops::transpose_keys::<S>(&layer.k, &slots[i0..i0 + nk], head_dim, key_row, keys_t);
             for token in i0.saturating_sub(tile.pos)..tile.len {
                 let seen = nk.min(tile.pos + token + 1 - i0);
                 for r in token * group..(token + 1) * group {

@@ -79,14 +79,37 @@ fn dot_plain(k: &[f16], q: &[f32]) -> f32 {
 pub const KEYS: usize = 16;
 
 /// Up to KEYS key rows (f16, at offsets `slots` in `cache`) as f32, transposed into `out`:
-/// `[head_dim][KEYS]`, missing keys zero.
-pub fn transpose_keys(cache: &[f16], slots: &[usize], head_dim: usize, out: &mut Vec<f32>) {
+/// `[head_dim][KEYS]`, missing keys zero. `row` is scratch for one converted row.
+#[inline(always)]
+pub fn transpose_keys<const S: u8>(cache: &[f16], slots: &[usize], head_dim: usize, row: &mut Vec<f32>, out: &mut Vec<f32>) {
     out.clear();
     out.resize(head_dim * KEYS, 0.0);
+    row.clear();
+    row.resize(head_dim, 0.0);
     for (l, &slot) in slots.iter().enumerate() {
-        for (d, x) in cache[slot..slot + head_dim].iter().enumerate() {
-            out[d * KEYS + l] = x.to_f32();
+        widen::<S>(&cache[slot..slot + head_dim], row);
+        for (d, &x) in row.iter().enumerate() {
+            out[d * KEYS + l] = x;
         }
+    }
+}
+
+/// f16 values to f32 (exact), with F16C where the level has it.
+#[inline(always)]
+pub fn widen<const S: u8>(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if S >= AVX2 {
+        use std::arch::x86_64::*;
+        while done + 8 <= src.len() {
+            // SAFETY: in bounds; AVX2-level callers are compiled with F16C.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(done), _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(done) as *const __m128i))) };
+            done += 8;
+        }
+    }
+    for (d, s) in dst[done..].iter_mut().zip(&src[done..]) {
+        *d = s.to_f32();
     }
 }
 
@@ -464,7 +487,7 @@ mod tests {
             let q: Vec<f32> = (0..head_dim).map(|_| round(rng.random_range(-2.0f32..2.0))).collect();
             let slots: Vec<usize> = (0..KEYS - 3).map(|l| l * head_dim).collect();
             let mut kt = Vec::new();
-            transpose_keys(&keys, &slots, head_dim, &mut kt);
+            transpose_keys::<PLAIN>(&keys, &slots, head_dim, &mut Vec::new(), &mut kt);
             let want: Vec<u32> = (0..KEYS).map(|l| if l < slots.len() { dot::<PLAIN>(&keys[l * head_dim..(l + 1) * head_dim], &q).to_bits() } else { 0 }).collect();
             let plain: Vec<u32> = dot_keys::<PLAIN>(&kt, &q).iter().map(|x| x.to_bits()).collect();
             assert_eq!(plain, want, "head_dim {head_dim}");

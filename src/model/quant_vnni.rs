@@ -150,14 +150,21 @@ impl<B: PairFormat> PackedWeights<B> {
         let mut packed = Self { n, blocks, values: units_for(pairs * blocks * Self::PAIR_BYTES), scales: Vec::with_capacity(pairs * blocks), _format: std::marker::PhantomData };
         let bytes = units_as_bytes(&mut packed.values);
         let mut at = 0;
+        let sources: [(usize, usize); 64] = std::array::from_fn(source_of);
         for pair in 0..pairs {
             let row = |which: usize| (2 * pair + which < n).then(|| &w[(2 * pair + which) * blocks..(2 * pair + which + 1) * blocks]);
             let (first, second) = (row(0), row(1));
             for b in 0..blocks {
-                let value = |p: usize| {
-                    let (which, e) = source_of(p);
-                    [first, second][which].map_or(0, |r| r[b].stored(e))
-                };
+                // Both rows' stored values, then each register byte from its source.
+                let mut stored = [[0u8; QK]; 2];
+                for (which, r) in [first, second].into_iter().enumerate() {
+                    if let Some(r) = r {
+                        for (e, v) in stored[which].iter_mut().enumerate() {
+                            *v = r[b].stored(e);
+                        }
+                    }
+                }
+                let value = |p: usize| stored[sources[p].0][sources[p].1];
                 for (j, byte) in bytes[at..at + Self::PAIR_BYTES].iter_mut().enumerate() {
                     *byte = if B::WIDE { value(j) } else { value(j) | (value(j + 32) << 4) };
                 }
