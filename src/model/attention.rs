@@ -248,20 +248,21 @@ fn attend_tile<const S: u8>(
             }
         }
     }
-    let mut totals = vec![0f32; group];
-    for (token, out_token) in out.chunks_exact_mut(group * head_dim).enumerate() {
-        // The query heads of one token see the same keys: their softmax steps line up, and
-        // their weighted sums run together over each value.
-        let token_steps = &mut steps[token * group..(token + 1) * group];
-        for (row_steps, total) in token_steps.iter_mut().zip(totals.iter_mut()) {
-            *total = online_softmax_steps::<S>(row_steps, exponents);
-        }
-        f16_ops::weighted_sums::<S>(token_steps, &layer.v, head_dim, out_token);
-        for (row, &total) in out_token.chunks_exact_mut(head_dim).zip(totals.iter()) {
-            let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
-            for o in row.iter_mut() {
-                *o *= inv;
-            }
+    // Softmax steps of every row, then the weighted sums: of all the tile's rows at once
+    // (their keys are one sequence, each row going as far as its token), or under a window
+    // a token's query heads at a time (they see the same keys).
+    let mut totals = vec![0f32; rows];
+    for (row_steps, total) in steps[..rows].iter_mut().zip(totals.iter_mut()) {
+        *total = online_softmax_steps::<S>(row_steps, exponents);
+    }
+    let together = if seq.window.is_none() { rows } else { group };
+    for (chunk_steps, chunk_out) in steps[..rows].chunks(together).zip(out.chunks_mut(together * head_dim)) {
+        f16_ops::weighted_sums::<S>(chunk_steps, &layer.v, head_dim, chunk_out);
+    }
+    for (row, &total) in out.chunks_exact_mut(head_dim).zip(totals.iter()) {
+        let inv = if total == 0.0 { 0.0 } else { 1.0 / total };
+        for o in row.iter_mut() {
+            *o *= inv;
         }
     }
 }

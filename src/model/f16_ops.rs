@@ -185,7 +185,8 @@ pub struct Step {
 }
 
 /// The running weighted sums of several rows whose steps visit the same values in the same
-/// order (the query heads of one token): per row, per step, `acc = f16(acc * ms)` when `ms`
+/// order as far as each goes (the query heads of one token; the tokens of a tile without a
+/// window): per row, per step, `acc = f16(acc * ms)` when `ms`
 /// is not 1, then `acc = f16(v * vs + acc)`; `out` gets the rows' sums side by side (not yet
 /// divided by their total weights).
 #[inline(always)]
@@ -359,29 +360,35 @@ mod x86 {
         n
     }
 
-    /// Dimensions of a block kept in registers: 4 x 16 lanes per row.
-    const BLOCK: usize = 64;
+    /// Dimensions of a row kept in registers per pass: 2 x 16 lanes.
+    const BLOCK: usize = 32;
+    /// Rows per pass: each value (a block of it) is converted once for them all.
+    const ROWS: usize = 8;
 
-    /// `weighted_sums` for the leading whole blocks of 64 dimensions, up to 4 rows at a time,
-    /// the running sums in registers across all steps (each value converted once for them
-    /// all). Returns the dimensions done.
+    /// `weighted_sums` for the leading whole blocks of BLOCK dimensions, ROWS rows at a time,
+    /// the running sums in registers across all steps. Returns the dimensions done.
     ///
     /// # Safety
     /// AVX-512 F with F16C; every step's value row is within `values`; `out` is
-    /// `rows.len() * head_dim` zeros.
+    /// `rows.len() * head_dim` zeros; rows visit the same values in the same order as far as
+    /// each goes.
     #[inline(always)]
     pub unsafe fn weighted_sums_avx512(rows: &[Vec<super::Step>], values: &[f16], head_dim: usize, out: &mut [f32]) -> usize {
         let blocks = head_dim / BLOCK;
-        for (chunk, rows) in rows.chunks(4).enumerate() {
-            let first = chunk * 4;
+        for (chunk, rows) in rows.chunks(ROWS).enumerate() {
+            let out = &mut out[chunk * ROWS * head_dim..];
             for b in 0..blocks {
                 // SAFETY: as the function's.
                 unsafe {
                     match rows.len() {
-                        4 => block::<4>(rows, values, b * BLOCK, head_dim, &mut out[first * head_dim..]),
-                        3 => block::<3>(rows, values, b * BLOCK, head_dim, &mut out[first * head_dim..]),
-                        2 => block::<2>(rows, values, b * BLOCK, head_dim, &mut out[first * head_dim..]),
-                        _ => block::<1>(rows, values, b * BLOCK, head_dim, &mut out[first * head_dim..]),
+                        8 => block::<8>(rows, values, b * BLOCK, head_dim, out),
+                        7 => block::<7>(rows, values, b * BLOCK, head_dim, out),
+                        6 => block::<6>(rows, values, b * BLOCK, head_dim, out),
+                        5 => block::<5>(rows, values, b * BLOCK, head_dim, out),
+                        4 => block::<4>(rows, values, b * BLOCK, head_dim, out),
+                        3 => block::<3>(rows, values, b * BLOCK, head_dim, out),
+                        2 => block::<2>(rows, values, b * BLOCK, head_dim, out),
+                        _ => block::<1>(rows, values, b * BLOCK, head_dim, out),
                     }
                 }
             }
@@ -391,17 +398,17 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn block<const R: usize>(rows: &[Vec<super::Step>], values: &[f16], d0: usize, head_dim: usize, out: &mut [f32]) {
-        let n = rows[0].len();
-        assert!(rows.iter().all(|r| r.len() == n));
+        let longest = (0..R).max_by_key(|&r| rows[r].len()).unwrap_or(0);
+        let n = rows[longest].len();
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for k in 0..n {
-                let at = rows[0][k].value + d0;
+                let at = rows[longest][k].value + d0;
                 assert!(at + BLOCK <= values.len());
                 let p = values.as_ptr().add(at);
-                let v: [__m512; 4] = std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * j) as *const __m256i)));
+                let v: [__m512; 2] = std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * j) as *const __m256i)));
                 for r in 0..R {
-                    let step = rows[r][k];
+                    let Some(&step) = rows[r].get(k) else { continue };
                     if step.ms != 1.0 {
                         let ms = _mm512_set1_ps(step.ms);
                         for a in acc[r].iter_mut() {
