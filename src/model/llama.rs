@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use super::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
 use super::batch::FlatBatch;
 use super::config::ModelConfig;
+use super::dump;
 use super::gguf::{GgufFile, ModelError};
 use super::kv_cache::KvCache;
 use super::linear::QLinear;
@@ -188,9 +189,13 @@ impl Llama {
         let mut k = vec![0f32; n_tokens * kw];
         let mut v = vec![0f32; n_tokens * kw];
         let mut act = vec![0f32; n_tokens * ffn];
-        for (layer, layer_kv) in self.layers.iter().zip(kv.layers.iter_mut()) {
+        let step = dump::next_step();
+        dump::tensor(step, || "embd".into(), &x);
+        for (l, (layer, layer_kv)) in self.layers.iter().zip(kv.layers.iter_mut()).enumerate() {
             let h = rms_norm_rows(&x, &layer.attn_norm, c.rms_eps);
+            dump::tensor(step, || format!("attn_norm-{l}"), &h);
             let qkv = layer.qkv.forward(&h, n_tokens)?;
+            dump::tensor(step, || format!("qkv-{l}"), &qkv);
             for (t, row) in qkv.chunks_exact(qw + 2 * kw).enumerate() {
                 let (ct, st) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
                 let (qt, kt) = (&mut q[t * qw..(t + 1) * qw], &mut k[t * kw..(t + 1) * kw]);
@@ -200,16 +205,23 @@ impl Llama {
                 self.rope.apply(qt, ct, st);
                 self.rope.apply(kt, ct, st);
             }
+            dump::tensor(step, || format!("Qcur-{l}"), &q);
+            dump::tensor(step, || format!("Kcur-{l}"), &k);
             write_kv(&plan, layer_kv, &k, &v, kw);
             let attn = paged_attention(batch, &plan, layer_kv, &q, &shape);
+            dump::tensor(step, || format!("kqv_out-{l}"), &attn);
             add_into(&mut x, &layer.wo.forward(&attn, n_tokens)?);
+            dump::tensor(step, || format!("ffn_inp-{l}"), &x);
             let h = rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps);
             let gate_up = layer.gate_up.forward(&h, n_tokens)?;
+            dump::tensor(step, || format!("gate_up-{l}"), &gate_up);
             for (row, out) in gate_up.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
                 let (gate, up) = row.split_at(ffn);
                 silu_mul(gate, up, out);
             }
+            dump::tensor(step, || format!("ffn_swiglu-{l}"), &act);
             add_into(&mut x, &layer.w_down.forward(&act, n_tokens)?);
+            dump::tensor(step, || format!("l_out-{l}"), &x);
         }
         let mut last = Vec::with_capacity(batch.logit_rows.len() * hidden);
         for &r in &batch.logit_rows {
@@ -217,6 +229,7 @@ impl Llama {
         }
         let last = rms_norm_rows(&last, &self.norm, c.rms_eps);
         let logits = self.output.forward_rows(&last, batch.logit_rows.len())?;
+        dump::tensor(step, || "result_output".into(), &logits);
         Tensor::from_vec(logits, (batch.logit_rows.len(), self.vocab_size), &Device::Cpu)
     }
 }

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod batch;
 pub mod bf16;
 pub mod config;
+pub mod dump;
 pub mod f16_ops;
 pub mod gguf;
 pub mod kv_cache;

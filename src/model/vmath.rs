@@ -1,10 +1,12 @@
-//! Vectorisable elementwise math: `exp` for the softmax and SiLU over whole slices.
+//! Elementwise math, in three forms for three callers:
 //!
-//! libm's `expf` is one call per element, and the call keeps the loops around it scalar: a
-//! 1,000-token prefill takes about 180 million of them. `exp` here is the classic Cephes
-//! single-precision scheme (range reduction by ln 2, a degree-5 polynomial, the exponent put
-//! back by integer arithmetic) written as straight-line code over lanes of 8, which the
-//! compiler turns into vector instructions. It is within a few ulp of the true value.
+//! - `exp_in_place`: a vectorised `exp` for the sampler's log-softmax over the vocabulary. It is
+//!   the classic Cephes single-precision scheme (range reduction by ln 2, a degree-5
+//!   polynomial, the exponent put back by integer arithmetic) written as straight-line code
+//!   over lanes of 8, within a few ulp of the true value.
+//! - `expf` / `expf_in_place`: glibc's `expf` to the bit, for attention's softmax (llama.cpp
+//!   calls libm's `expf` there, once per key).
+//! - `silu_mul`: SwiGLU with llama.cpp's AVX-512 `ggml_v_expf`, to the bit.
 
 const LANES: usize = 8;
 
