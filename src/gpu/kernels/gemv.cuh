@@ -175,8 +175,9 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict
             const int half_rope = a.rope_dim / 2, i = d / 2;
             const float cs = a.cos_table[(size_t)a.positions[j] * half_rope + i];
             const float sn = a.sin_table[(size_t)a.positions[j] * half_rope + i];
-            const float y0 = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
-            const float y1 = __fadd_rn(__fmul_rn(x0, sn), __fmul_rn(x1, cs));
+            // Fused as the CPU's rope (rope.rs) fuses it, after llama.cpp.
+            const float y0 = __fmaf_rn(x0, cs, -__fmul_rn(x1, sn));
+            const float y1 = __fmaf_rn(x0, sn, __fmul_rn(x1, cs));
             x0 = y0; x1 = y1;
         }
         if (head < a.n_head) {

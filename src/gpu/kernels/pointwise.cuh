@@ -120,8 +120,9 @@ extern "C" __global__ void rope_and_cache(const float* qkv, const float* bias, c
         if (bias) { x0 = __fadd_rn(x0, bias[base + a]); x1 = __fadd_rn(x1, bias[base + b]); }
         if (i < half_rope) {
             const float c = cs[i], s = sn[i];
-            const float y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-            const float y1 = __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
+            // Fused as the CPU's rope (rope.rs) fuses it, after llama.cpp.
+            const float y0 = __fmaf_rn(x0, c, -__fmul_rn(x1, s));
+            const float y1 = __fmaf_rn(x0, s, __fmul_rn(x1, c));
             x0 = y0; x1 = y1;
         }
         if (head < n_head) {
