@@ -42,6 +42,12 @@ pub fn test_placement() -> braid::model::Placement {
     }
 }
 
+/// Whether the tests run on the CPU, whose arithmetic is llama.cpp's to the bit (the GPU runs
+/// the weights dequantized to bf16: close to llama.cpp, not identical).
+pub fn on_cpu() -> bool {
+    matches!(test_placement(), braid::model::Placement::Cpu)
+}
+
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
