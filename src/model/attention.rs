@@ -98,13 +98,14 @@ pub fn paged_attention(
         .map_init(Scratch::default, |scratch, &(tile, g)| {
             let seq = &batch.seqs[tile.seq];
             let mut out = vec![0f32; tile.len * group * head_dim];
+            let job = TileJob { plan, seq, layer, q, shape, tile, g };
             match level {
                 // SAFETY: `detect` found the features.
                 #[cfg(target_arch = "x86_64")]
-                f16_ops::AVX512 => unsafe { attend_tile_avx512(plan, seq, layer, q, shape, tile, g, scratch, &mut out) },
+                f16_ops::AVX512 => unsafe { attend_tile_avx512(&job, scratch, &mut out) },
                 #[cfg(target_arch = "x86_64")]
-                f16_ops::AVX2 => unsafe { attend_tile_avx2(plan, seq, layer, q, shape, tile, g, scratch, &mut out) },
-                _ => attend_tile::<{ f16_ops::PLAIN }>(plan, seq, layer, q, shape, tile, g, scratch, &mut out),
+                f16_ops::AVX2 => unsafe { attend_tile_avx2(&job, scratch, &mut out) },
+                _ => attend_tile::<{ f16_ops::PLAIN }>(&job, scratch, &mut out),
             }
             out
         })
@@ -135,57 +136,37 @@ struct Scratch {
     exponents: Vec<f32>,
 }
 
+/// One task: a tile of one sequence's query tokens against that sequence's cache, for the
+/// query heads of KV head `g`.
+struct TileJob<'a> {
+    plan: &'a AttentionPlan,
+    seq: &'a SeqSlice,
+    layer: &'a LayerKv,
+    q: &'a [f32],
+    shape: &'a AttentionShape,
+    tile: Tile,
+    g: usize,
+}
+
 /// `attend_tile` compiled for AVX2, FMA and F16C (the same operations, in vector registers).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_tile_avx2(
-    plan: &AttentionPlan,
-    seq: &SeqSlice,
-    layer: &LayerKv,
-    q: &[f32],
-    shape: &AttentionShape,
-    tile: Tile,
-    g: usize,
-    scratch: &mut Scratch,
-    out: &mut [f32],
-) {
-    attend_tile::<{ f16_ops::AVX2 }>(plan, seq, layer, q, shape, tile, g, scratch, out)
+unsafe fn attend_tile_avx2(job: &TileJob, scratch: &mut Scratch, out: &mut [f32]) {
+    attend_tile::<{ f16_ops::AVX2 }>(job, scratch, out)
 }
 
 /// `attend_tile` compiled for AVX-512 (16 lanes; the same operations again).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq,avx512vl")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_tile_avx512(
-    plan: &AttentionPlan,
-    seq: &SeqSlice,
-    layer: &LayerKv,
-    q: &[f32],
-    shape: &AttentionShape,
-    tile: Tile,
-    g: usize,
-    scratch: &mut Scratch,
-    out: &mut [f32],
-) {
-    attend_tile::<{ f16_ops::AVX512 }>(plan, seq, layer, q, shape, tile, g, scratch, out)
+unsafe fn attend_tile_avx512(job: &TileJob, scratch: &mut Scratch, out: &mut [f32]) {
+    attend_tile::<{ f16_ops::AVX512 }>(job, scratch, out)
 }
 
 /// Attention of a tile's tokens (the query heads of KV head `g`) over their sequence's cache.
 /// `out` is `[tile.len, group, head_dim]`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_tile<const S: u8>(
-    plan: &AttentionPlan,
-    seq: &SeqSlice,
-    layer: &LayerKv,
-    q: &[f32],
-    shape: &AttentionShape,
-    tile: Tile,
-    g: usize,
-    scratch: &mut Scratch,
-    out: &mut [f32],
-) {
+fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32]) {
+    let TileJob { plan, seq, layer, q, shape, tile, g } = *job;
     let AttentionShape { n_head, n_kv_head, head_dim } = *shape;
     let group = n_head / n_kv_head;
     let width = n_kv_head * head_dim;
@@ -378,11 +359,12 @@ mod tests {
                 for (tile, g) in plan.tiles.iter().flat_map(|&t| (0..n_kv).map(move |g| (t, g))) {
                     let run = |level: u8| {
                         let mut out = vec![0f32; tile.len * group * hd];
-                        let (seq, scratch) = (&batch.seqs[0], &mut Scratch::default());
+                        let job = TileJob { plan: &plan, seq: &batch.seqs[0], layer: &layer, q: &q, shape: &shape, tile, g };
+                        let scratch = &mut Scratch::default();
                         match level {
-                            f16_ops::AVX512 => unsafe { attend_tile_avx512(&plan, seq, &layer, &q, &shape, tile, g, scratch, &mut out) },
-                            f16_ops::AVX2 => unsafe { attend_tile_avx2(&plan, seq, &layer, &q, &shape, tile, g, scratch, &mut out) },
-                            _ => attend_tile::<{ f16_ops::PLAIN }>(&plan, seq, &layer, &q, &shape, tile, g, scratch, &mut out),
+                            f16_ops::AVX512 => unsafe { attend_tile_avx512(&job, scratch, &mut out) },
+                            f16_ops::AVX2 => unsafe { attend_tile_avx2(&job, scratch, &mut out) },
+                            _ => attend_tile::<{ f16_ops::PLAIN }>(&job, scratch, &mut out),
                         }
                         out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
                     };
