@@ -260,15 +260,16 @@ fn online_softmax_steps<const S: u8>(steps: &mut [f16_ops::Step], exponents: &mu
     let mut max = f32::NEG_INFINITY;
     // The exponents, with `vs` marking a new maximum (1) or not (0)...
     exponents.clear();
-    for step in steps.iter_mut() {
+    exponents.resize(steps.len(), 0.0);
+    for (step, exponent) in steps.iter_mut().zip(exponents.iter_mut()) {
         let s = step.ms;
         if s > max {
             step.vs = 1.0;
-            exponents.push(max - s);
+            *exponent = max - s;
             max = s;
         } else {
             step.vs = 0.0;
-            exponents.push(s - max);
+            *exponent = s - max;
         }
     }
     // ...then the exponentials, independent of each other, and the running total.
