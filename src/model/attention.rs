@@ -129,6 +129,8 @@ struct Scratch {
     queries: Vec<f32>,
     /// Per query row, its scores and then its softmax steps over the keys it sees.
     steps: Vec<Vec<f16_ops::Step>>,
+    /// Under a window, per token of the tile, the cache offsets of the keys it sees.
+    token_keys: Vec<Vec<usize>>,
     /// A block of keys as f32, transposed (`f16_ops::transpose_keys`), and one key row.
     keys_t: Vec<f32>,
     key_row: Vec<f32>,
@@ -173,7 +175,7 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
     let scale = 1.0 / (head_dim as f32).sqrt();
     // The last token sees the most: positions 0..=pos + len - 1.
     let n_ctx = tile.pos + tile.len;
-    let Scratch { slots, queries, steps, key_row, keys_t, exponents } = scratch;
+    let Scratch { slots, queries, steps, token_keys, key_row, keys_t, exponents } = scratch;
     // Keys some row of the tile sees: all, or under a window the kept ones and the recent ones.
     // Each is the offset of its row (KV head `g`) in the layer's cache.
     let needed = |i: usize| seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos));
@@ -194,8 +196,10 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
     for row_steps in steps[..rows].iter_mut() {
         row_steps.clear();
     }
-    // Scores: row r = (token r / group, head r % group) scores keys 0..=its position in order.
-    if S == f16_ops::AVX512 && rows >= KEY_BLOCK_ROWS && seq.window.is_none() {
+    // Scores (into each step's `ms` for now): row r = (token r / group, head r % group) scores
+    // the keys it sees, in order.
+    let windowed = seq.window.is_some();
+    if S == f16_ops::AVX512 && rows >= KEY_BLOCK_ROWS && !windowed {
         // Many rows (a prefill tile): keys in blocks of 16, each block converted once for all
         // rows and scored 16 keys to a register.
         for i0 in (0..n_ctx).step_by(f16_ops::KEYS) {
@@ -205,14 +209,17 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
                 let seen = nk.min(tile.pos + token + 1 - i0);
                 for r in token * group..(token + 1) * group {
                     let scores = f16_ops::dot_keys::<S>(keys_t, &queries[r * head_dim..(r + 1) * head_dim]);
-                    for (l, &score) in scores[..seen].iter().enumerate() {
-                        steps[r].push(f16_ops::Step { value: slots[i0 + l], ms: score * scale, vs: 0.0 });
-                    }
+                    steps[r].extend(scores[..seen].iter().map(|&score| f16_ops::Step { ms: score * scale, vs: 0.0 }));
                 }
             }
         }
     } else {
         // Few rows (decode), or a window: key by key, each key row read once for the tile.
+        // Under a window each token keeps the list of the keys it sees.
+        token_keys.resize_with(tile.len, Vec::new);
+        for keys in token_keys[..tile.len].iter_mut() {
+            keys.clear();
+        }
         for (i, &slot) in slots.iter().enumerate() {
             if slot == usize::MAX {
                 continue;
@@ -222,23 +229,29 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
                 if seq.window.is_some_and(|w| !w.sees(tile.pos + token, i)) {
                     continue;
                 }
+                if windowed {
+                    token_keys[token].push(slot);
+                }
                 for r in token * group..(token + 1) * group {
                     let s = f16_ops::dot::<S>(key, &queries[r * head_dim..(r + 1) * head_dim]) * scale;
-                    steps[r].push(f16_ops::Step { value: slot, ms: s, vs: 0.0 });
+                    steps[r].push(f16_ops::Step { ms: s, vs: 0.0 });
                 }
             }
         }
     }
     // Softmax steps of every row, then the weighted sums: of all the tile's rows at once
-    // (their keys are one sequence, each row going as far as its token), or under a window
-    // a token's query heads at a time (they see the same keys).
+    // (without a window every token sees keys 0..=its position), or under a window a token's
+    // query heads at a time (they see the same keys).
     let mut totals = vec![0f32; rows];
     for (row_steps, total) in steps[..rows].iter_mut().zip(totals.iter_mut()) {
         *total = online_softmax_steps::<S>(row_steps, exponents);
     }
-    let together = if seq.window.is_none() { rows } else { group };
-    for (chunk_steps, chunk_out) in steps[..rows].chunks(together).zip(out.chunks_mut(together * head_dim)) {
-        f16_ops::weighted_sums::<S>(chunk_steps, &layer.v, head_dim, chunk_out);
+    if windowed {
+        for (token, token_out) in out.chunks_exact_mut(group * head_dim).enumerate() {
+            f16_ops::weighted_sums::<S>(&steps[token * group..(token + 1) * group], &token_keys[token], &layer.v, head_dim, token_out);
+        }
+    } else {
+        f16_ops::weighted_sums::<S>(&steps[..rows], &slots[..n_ctx], &layer.v, head_dim, out);
     }
     for (row, &total) in out.chunks_exact_mut(head_dim).zip(totals.iter()) {
         let inv = if total == 0.0 { 0.0 } else { 1.0 / total };

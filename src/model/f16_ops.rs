@@ -175,37 +175,37 @@ pub fn mad<const S: u8>(acc: &mut [f32], v: &[f16], w: f32) {
     }
 }
 
-/// One key of a row's online softmax (llama.cpp's order): the offset of its value row, the
-/// factor `ms` the running sum is scaled by first (1.0: none), and its weight `vs`.
-#[derive(Clone, Copy, Debug)]
+/// One key of a row's online softmax (llama.cpp's order): the factor `ms` the running sum is
+/// scaled by first (1.0: none), and the key's weight `vs`.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Step {
-    pub value: usize,
     pub ms: f32,
     pub vs: f32,
 }
 
-/// The running weighted sums of several rows whose steps visit the same values in the same
-/// order as far as each goes (the query heads of one token; the tokens of a tile without a
-/// window): per row, per step, `acc = f16(acc * ms)` when `ms`
-/// is not 1, then `acc = f16(v * vs + acc)`; `out` gets the rows' sums side by side (not yet
+/// The running weighted sums of several rows whose steps visit the values at `keys` (offsets
+/// into `values`) in order, each row as far as its steps go (the query heads of one token; the
+/// tokens of a tile without a window): per row, per step, `acc = f16(acc * ms)` when `ms` is
+/// not 1, then `acc = f16(v * vs + acc)`; `out` gets the rows' sums side by side (not yet
 /// divided by their total weights).
 #[inline(always)]
-pub fn weighted_sums<const S: u8>(rows: &[Vec<Step>], values: &[f16], head_dim: usize, out: &mut [f32]) {
+pub fn weighted_sums<const S: u8>(rows: &[Vec<Step>], keys: &[usize], values: &[f16], head_dim: usize, out: &mut [f32]) {
     assert_eq!(out.len(), rows.len() * head_dim);
+    assert!(rows.iter().all(|r| r.len() <= keys.len()) && keys.iter().all(|&k| k + head_dim <= values.len()));
     out.fill(0.0);
     let done = match S {
-        // SAFETY: as in `dot`; every step's value row is within `values`.
+        // SAFETY: as in `dot`; the offsets were just checked.
         #[cfg(target_arch = "x86_64")]
-        AVX512 => unsafe { x86::weighted_sums_avx512(rows, values, head_dim, out) },
+        AVX512 => unsafe { x86::weighted_sums_avx512(rows, keys, values, head_dim, out) },
         _ => 0,
     };
     for (steps, acc) in rows.iter().zip(out.chunks_exact_mut(head_dim)) {
         let acc = &mut acc[done..];
-        for step in steps {
+        for (step, &key) in steps.iter().zip(keys) {
             if step.ms != 1.0 {
                 scale::<S>(acc, step.ms);
             }
-            mad::<S>(acc, &values[step.value + done..step.value + head_dim], step.vs);
+            mad::<S>(acc, &values[key + done..key + head_dim], step.vs);
         }
     }
 }
@@ -369,11 +369,10 @@ mod x86 {
     /// the running sums in registers across all steps. Returns the dimensions done.
     ///
     /// # Safety
-    /// AVX-512 F with F16C; every step's value row is within `values`; `out` is
-    /// `rows.len() * head_dim` zeros; rows visit the same values in the same order as far as
-    /// each goes.
+    /// AVX-512 F with F16C; rows are no longer than `keys`, whose value rows are within
+    /// `values`; `out` is `rows.len() * head_dim` zeros.
     #[inline(always)]
-    pub unsafe fn weighted_sums_avx512(rows: &[Vec<super::Step>], values: &[f16], head_dim: usize, out: &mut [f32]) -> usize {
+    pub unsafe fn weighted_sums_avx512(rows: &[Vec<super::Step>], keys: &[usize], values: &[f16], head_dim: usize, out: &mut [f32]) -> usize {
         let blocks = head_dim / BLOCK;
         for (chunk, rows) in rows.chunks(ROWS).enumerate() {
             let out = &mut out[chunk * ROWS * head_dim..];
@@ -381,14 +380,14 @@ mod x86 {
                 // SAFETY: as the function's.
                 unsafe {
                     match rows.len() {
-                        8 => block::<8>(rows, values, b * BLOCK, head_dim, out),
-                        7 => block::<7>(rows, values, b * BLOCK, head_dim, out),
-                        6 => block::<6>(rows, values, b * BLOCK, head_dim, out),
-                        5 => block::<5>(rows, values, b * BLOCK, head_dim, out),
-                        4 => block::<4>(rows, values, b * BLOCK, head_dim, out),
-                        3 => block::<3>(rows, values, b * BLOCK, head_dim, out),
-                        2 => block::<2>(rows, values, b * BLOCK, head_dim, out),
-                        _ => block::<1>(rows, values, b * BLOCK, head_dim, out),
+                        8 => block::<8>(rows, keys, values, b * BLOCK, head_dim, out),
+                        7 => block::<7>(rows, keys, values, b * BLOCK, head_dim, out),
+                        6 => block::<6>(rows, keys, values, b * BLOCK, head_dim, out),
+                        5 => block::<5>(rows, keys, values, b * BLOCK, head_dim, out),
+                        4 => block::<4>(rows, keys, values, b * BLOCK, head_dim, out),
+                        3 => block::<3>(rows, keys, values, b * BLOCK, head_dim, out),
+                        2 => block::<2>(rows, keys, values, b * BLOCK, head_dim, out),
+                        _ => block::<1>(rows, keys, values, b * BLOCK, head_dim, out),
                     }
                 }
             }
@@ -397,15 +396,12 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn block<const R: usize>(rows: &[Vec<super::Step>], values: &[f16], d0: usize, head_dim: usize, out: &mut [f32]) {
-        let longest = (0..R).max_by_key(|&r| rows[r].len()).unwrap_or(0);
-        let n = rows[longest].len();
+    unsafe fn block<const R: usize>(rows: &[Vec<super::Step>], keys: &[usize], values: &[f16], d0: usize, head_dim: usize, out: &mut [f32]) {
+        let n = rows[..R].iter().map(|r| r.len()).max().unwrap_or(0);
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
-            for k in 0..n {
-                let at = rows[longest][k].value + d0;
-                assert!(at + BLOCK <= values.len());
-                let p = values.as_ptr().add(at);
+            for (k, &key) in keys[..n].iter().enumerate() {
+                let p = values.as_ptr().add(key + d0);
                 let v: [__m512; 2] = std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * j) as *const __m256i)));
                 for r in 0..R {
                     let Some(&step) = rows[r].get(k) else { continue };
