@@ -225,12 +225,12 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
                 continue;
             }
             let key = &layer.k[slot..slot + head_dim];
-            for token in i.saturating_sub(tile.pos)..tile.len {
+            for (token, keys) in token_keys[..tile.len].iter_mut().enumerate().skip(i.saturating_sub(tile.pos)) {
                 if seq.window.is_some_and(|w| !w.sees(tile.pos + token, i)) {
                     continue;
                 }
                 if windowed {
-                    token_keys[token].push(slot);
+                    keys.push(slot);
                 }
                 for r in token * group..(token + 1) * group {
                     let s = f16_ops::dot::<S>(key, &queries[r * head_dim..(r + 1) * head_dim]) * scale;
