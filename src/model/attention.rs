@@ -4,8 +4,9 @@
 //! ext_f16_one_chunk`, the path it takes for decode and for prompts of under 64 tokens) with
 //! the same roundings: the query rounded to f16, each score a dot product of f16 values summed
 //! in the order of ggml's AVX-512 `ggml_vec_dot_f16`, an online softmax over keys in order with
-//! libm's `expf` (inlined: `vmath::expf`), and the weighted sum of values kept in f16. This small model is chaotic
-//! enough that any other order moves its greedy output (see the golden tests).
+//! libm's `expf` (inlined: `vmath::expf`), and the weighted sum of values kept in f16. This
+//! small model is chaotic enough that any other order moves its greedy output (see the golden
+//! tests). The f16 operations themselves are in `f16_ops.rs`.
 //!
 //! A row's arithmetic depends only on its own query and the keys it sees, never on the tile,
 //! the batch or the thread that runs it (batch invariance).
@@ -15,8 +16,8 @@ use rayon::prelude::*;
 
 use super::batch::{FlatBatch, SeqSlice};
 use super::f16_ops;
-use super::vmath;
 use super::kv_cache::LayerKv;
+use super::vmath;
 
 /// Per-token facts every layer needs, computed once per forward.
 pub struct AttentionPlan {
@@ -37,7 +38,8 @@ struct Tile {
     pos: usize,
 }
 
-/// Query tokens per tile: each cached K/V row is converted to f32 once per tile, not once per token.
+/// Query tokens per tile: a tile's rows score each block of keys after one conversion, and run
+/// their weighted sums together over each value.
 const TILE: usize = 16;
 
 impl AttentionPlan {
@@ -123,7 +125,8 @@ pub fn paged_attention(
 
 #[derive(Default)]
 struct Scratch {
-    /// Cache slot of each key position of the tile's sequence (usize::MAX: seen by no row).
+    /// Where each key position's row (of the tile's KV head) starts in the layer's cache
+    /// (usize::MAX: seen by no row of the tile).
     slots: Vec<usize>,
     /// The tile's query rows, rounded to f16.
     queries: Vec<f32>,
