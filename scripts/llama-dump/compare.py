@@ -2,7 +2,7 @@
 for each tensor, how many elements are bit-identical and the largest difference. Step 0 is the
 prefill of the prompt, each later step one decoded token.
 
-Usage: compare.py BRAID_DIR LLAMA_DIR N_LAYERS PROMPT_LEN N_STEPS
+Usage: compare.py BRAID_DIR LLAMA_DIR PROMPT_LEN N_STEPS
 """
 import glob
 import sys
@@ -28,7 +28,8 @@ def side_by_side(parts, rows):
 
 def main():
     bd, ld = sys.argv[1], sys.argv[2]
-    n_layers, prompt_len, n_steps = (int(a) for a in sys.argv[3:6])
+    prompt_len, n_steps = (int(a) for a in sys.argv[3:5])
+    n_layers = len(glob.glob(f"{bd}/s0_attn_norm-*.bin"))
     inexact = 0
     for step in range(n_steps + 1):
         rows = prompt_len if step == 0 else 1
