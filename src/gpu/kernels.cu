@@ -1,8 +1,8 @@
 // braid's CUDA kernels, one module: the llama forward pass around cuBLAS's matrix products, and
 // braid's own products (batch-invariant, and few-row ones for decode). Compiled by build.rs
 // with nvcc, without FMA contraction, so that each kernel fuses only where it says so (rope
-// fuses as braid's CPU code does). The CPU follows llama.cpp's roundings where the GPU keeps its
-// own: f16 running sums in attention, ggml's `exp` in SwiGLU, the order of every sum.
+// and SwiGLU round as braid's CPU code does). The CPU follows llama.cpp's roundings where the
+// GPU keeps its own: f16 running sums in attention, the order of every sum.
 //
 // Layouts (row-major, one row per token of the flat batch):
 //   residual x        f32  [n, hidden]

@@ -425,7 +425,13 @@ fn norm_and_swiglu_match_the_cpu() {
         let mut want = vec![0f32; ffn];
         crate::model::vmath::silu_mul(g, u, &mut want);
         for (i, (a, b)) in got[t * ffn..(t + 1) * ffn].iter().zip(&want).enumerate() {
-            assert!((a.to_f32() - b).abs() <= 8e-3 * b.abs() + 1e-6, "swiglu ({t},{i}): {a} vs {b}");
+            // The CPU's SwiGLU to the bit (ggml's exp), then the GPU's rounding to bf16 (libm's
+            // exp in a row's tail past its last 16 may differ from CUDA's in the last bit).
+            if i < ffn / 16 * 16 {
+                assert_eq!(a.to_bits(), bf16::from_f32(*b).to_bits(), "swiglu ({t},{i}): {a} vs {b}");
+            } else {
+                assert!((a.to_f32() - b).abs() <= 8e-3 * b.abs() + 1e-6, "swiglu ({t},{i}): {a} vs {b}");
+            }
         }
     }
 }

@@ -145,8 +145,7 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict
 #pragma unroll
         for (int j = 0; j < M; j++) {
             const float g = acc[0][j], u = acc[1][j];
-            const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-            a.act_out[(size_t)j * (n / 2) + row0 / 2] = __float2bfloat16_rn(__fmul_rn(silu, u));
+            a.act_out[(size_t)j * (n / 2) + row0 / 2] = __float2bfloat16_rn(silu_mul(g, u, row0 / 2, n / 2));
         }
         return;
     }

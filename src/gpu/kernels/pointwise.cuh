@@ -142,16 +142,37 @@ extern "C" __global__ void rope_and_cache(const float* qkv, const float* bias, c
 }
 
 // ---------------------------------------------------------------------------------------------
-// SwiGLU: out = silu(gate) * up, as vmath.rs computes it (gate / (1 + exp(-gate)) * up),
-// rounded to bf16 for the down projection. gate_up f32 [n, 2 * ffn], gate and up interleaved
-// (the GPU stores the gate/up weight rows alternately: weights.rs).
+// SwiGLU: out = silu(gate) * up, as vmath.rs computes it (gate / (1 + exp(-gate)) * up, the
+// exp being ggml's AVX-512 polynomial), rounded to bf16 for the down projection. gate_up f32
+// [n, 2 * ffn], gate and up interleaved (the GPU stores the gate/up weight rows alternately:
+// weights.rs).
+
+// vmath.rs's `ggml_exp_lane`, operation for operation.
+__device__ __forceinline__ float ggml_expf(float x) {
+    const float r = __int_as_float(0x4b400000);  // 0x1.8p23
+    const float n = __fsub_rn(__fmaf_rn(x, __int_as_float(0x3fb8aa3b), r), r);
+    const float b = __fmaf_rn(-n, __int_as_float(0x35bfbe8e), __fmaf_rn(-n, __int_as_float(0x3f317200), x));
+    const float u = __fmul_rn(b, b);
+    const float j = __fmaf_rn(
+        __fmaf_rn(__fmaf_rn(__int_as_float(0x3c072010), b, __int_as_float(0x3d2b9f17)), u,
+                  __fmaf_rn(__int_as_float(0x3e2aaf33), b, __int_as_float(0x3efffedb))),
+        u, __fmaf_rn(__int_as_float(0x3f7ffff6), b, 1.0f));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+    return (float)((double)j * ldexp(1.0, (int)n));  // scalef: one rounding
+}
+
+// silu(g) * u as vmath.rs's `silu_mul` computes element `i` of a row of `ffn` (ggml's vector
+// exp for the whole 16s of the row, libm's for the rest).
+__device__ __forceinline__ float silu_mul(float g, float u, int i, int ffn) {
+    const float e = i < ffn / 16 * 16 ? ggml_expf(__fsub_rn(0.0f, g)) : expf(-g);
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, e)), u);
+}
 
 extern "C" __global__ void silu_mul_bf16(const float* gate_up, __nv_bfloat16* out, int ffn, uint64_t total) {
     for (uint64_t e = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; e < total; e += (uint64_t)gridDim.x * blockDim.x) {
         const uint64_t t = e / ffn, i = e % ffn;
         const float g = gate_up[t * 2 * ffn + 2 * i], u = gate_up[t * 2 * ffn + 2 * i + 1];
-        const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-        out[e] = __float2bfloat16_rn(__fmul_rn(silu, u));
+        out[e] = __float2bfloat16_rn(silu_mul(g, u, (int)i, ffn));
     }
 }
 
