@@ -207,7 +207,7 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
         // rows and scored 16 keys to a register.
         for i0 in (0..n_ctx).step_by(f16_ops::KEYS) {
             let nk = f16_ops::KEYS.min(n_ctx - i0);
-            f16_ops::transpose_keys::<S>(&layer.k, &slots[i0..i0 + nk], head_dim, key_row, keys_t);
+            f16_ops::transpose_keys(&layer.k, &slots[i0..i0 + nk], head_dim, key_row, keys_t);
             for token in i0.saturating_sub(tile.pos)..tile.len {
                 let seen = nk.min(tile.pos + token + 1 - i0);
                 for r in token * group..(token + 1) * group {

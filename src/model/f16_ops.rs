@@ -50,22 +50,21 @@ pub fn dot<const S: u8>(k: &[f16], q: &[f32]) -> f32 {
         AVX512 => unsafe { x86::dot_avx512(k.as_ptr(), q.as_ptr(), full) },
         #[cfg(target_arch = "x86_64")]
         AVX2 => unsafe { x86::dot_avx2(k.as_ptr(), q.as_ptr(), full) },
-        _ => dot_plain(&k[..full], &q[..full]),
+        _ => dot_plain(|e| k[e].to_f32(), q, full),
     };
-    let mut total = head as f64;
-    for (a, &b) in k[full..].iter().zip(&q[full..]) {
-        total += (a.to_f32() * b) as f64;
-    }
-    total as f32
+    with_tail(head, k[full..].iter().zip(&q[full..]).map(|(a, &b)| a.to_f32() * b))
 }
 
+/// `dot`'s sum over the whole 64-element runs of its first `full` elements, key element `e`
+/// being `k(e)`: the definition the vector forms meet.
 #[inline(always)]
-fn dot_plain(k: &[f16], q: &[f32]) -> f32 {
+fn dot_plain(k: impl Fn(usize) -> f32, q: &[f32], full: usize) -> f32 {
     let mut acc = [[0f32; 16]; 4];
-    for (kc, qc) in k.chunks_exact(64).zip(q.chunks_exact(64)) {
-        for j in 0..4 {
-            for l in 0..16 {
-                acc[j][l] = kc[16 * j + l].to_f32().mul_add(qc[16 * j + l], acc[j][l]);
+    for c in (0..full).step_by(64) {
+        for (j, accumulator) in acc.iter_mut().enumerate() {
+            for (l, a) in accumulator.iter_mut().enumerate() {
+                let e = c + 16 * j + l;
+                *a = k(e).mul_add(q[e], *a);
             }
         }
     }
@@ -75,41 +74,28 @@ fn dot_plain(k: &[f16], q: &[f32]) -> f32 {
     (t4[0] + t4[2]) + (t4[1] + t4[3])
 }
 
+/// `dot`'s last step: the runs' sum plus the products past them, added in f64.
+#[inline(always)]
+fn with_tail(head: f32, products: impl Iterator<Item = f32>) -> f32 {
+    products.fold(head as f64, |total, p| total + p as f64) as f32
+}
+
 /// Keys scored together by `dot_keys`.
 pub const KEYS: usize = 16;
 
 /// Up to KEYS key rows (f16, at offsets `slots` in `cache`) as f32, transposed into `out`:
 /// `[head_dim][KEYS]`, missing keys zero. `row` is scratch for one converted row.
-#[inline(always)]
-pub fn transpose_keys<const S: u8>(cache: &[f16], slots: &[usize], head_dim: usize, row: &mut Vec<f32>, out: &mut Vec<f32>) {
+pub fn transpose_keys(cache: &[f16], slots: &[usize], head_dim: usize, row: &mut Vec<f32>, out: &mut Vec<f32>) {
+    use half::slice::HalfFloatSliceExt;
     out.clear();
     out.resize(head_dim * KEYS, 0.0);
     row.clear();
     row.resize(head_dim, 0.0);
     for (l, &slot) in slots.iter().enumerate() {
-        widen::<S>(&cache[slot..slot + head_dim], row);
+        cache[slot..slot + head_dim].convert_to_f32_slice(row);
         for (d, &x) in row.iter().enumerate() {
             out[d * KEYS + l] = x;
         }
-    }
-}
-
-/// f16 values to f32 (exact), with F16C where the level has it.
-#[inline(always)]
-pub fn widen<const S: u8>(src: &[f16], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len());
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if S >= AVX2 {
-        use std::arch::x86_64::*;
-        while done + 8 <= src.len() {
-            // SAFETY: in bounds; AVX2-level callers are compiled with F16C.
-            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(done), _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().add(done) as *const __m128i))) };
-            done += 8;
-        }
-    }
-    for (d, s) in dst[done..].iter_mut().zip(&src[done..]) {
-        *d = s.to_f32();
     }
 }
 
@@ -124,18 +110,11 @@ pub fn dot_keys<const S: u8>(keys_t: &[f32], q: &[f32]) -> [f32; KEYS] {
         // SAFETY: as in `dot`; the lengths were checked.
         #[cfg(target_arch = "x86_64")]
         AVX512 => unsafe { x86::dot_keys_avx512(keys_t.as_ptr(), q.as_ptr(), full) },
-        _ => std::array::from_fn(|l| {
-            let k: Vec<f16> = (0..full).map(|d| f16::from_f32(keys_t[d * KEYS + l])).collect();
-            dot_plain(&k, &q[..full])
-        }),
+        _ => std::array::from_fn(|l| dot_plain(|e| keys_t[e * KEYS + l], q, full)),
     };
     if full < head_dim {
         for (l, o) in out.iter_mut().enumerate() {
-            let mut total = *o as f64;
-            for d in full..head_dim {
-                total += (keys_t[d * KEYS + l] * q[d]) as f64;
-            }
-            *o = total as f32;
+            *o = with_tail(*o, (full..head_dim).map(|d| keys_t[d * KEYS + l] * q[d]));
         }
     }
     out
@@ -490,7 +469,7 @@ mod tests {
             let q: Vec<f32> = (0..head_dim).map(|_| round(rng.random_range(-2.0f32..2.0))).collect();
             let slots: Vec<usize> = (0..KEYS - 3).map(|l| l * head_dim).collect();
             let mut kt = Vec::new();
-            transpose_keys::<PLAIN>(&keys, &slots, head_dim, &mut Vec::new(), &mut kt);
+            transpose_keys(&keys, &slots, head_dim, &mut Vec::new(), &mut kt);
             let want: Vec<u32> = (0..KEYS).map(|l| if l < slots.len() { dot::<PLAIN>(&keys[l * head_dim..(l + 1) * head_dim], &q).to_bits() } else { 0 }).collect();
             let plain: Vec<u32> = dot_keys::<PLAIN>(&kt, &q).iter().map(|x| x.to_bits()).collect();
             assert_eq!(plain, want, "head_dim {head_dim}");

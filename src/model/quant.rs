@@ -155,8 +155,12 @@ impl WeightBlock for BlockQ8_0 {
 
 /// Element `e` of a 4-bit block: low nibbles are elements 0..16, high nibbles 16..32.
 #[inline(always)]
-fn nibble(qs: &[u8; QK / 2], e: usize) -> i32 {
-    (if e < QK / 2 { qs[e] & 0x0F } else { qs[e - QK / 2] >> 4 }) as i32
+pub(super) fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
+    if e < QK / 2 {
+        qs[e] & 0x0F
+    } else {
+        qs[e - QK / 2] >> 4
+    }
 }
 
 /// The 8 lanes of one block's integer products, for weight values `w(e)`.
@@ -166,7 +170,7 @@ fn lanes(w: impl Fn(usize) -> i32, a: &[i8; QK]) -> [f32; 8] {
 }
 
 #[inline(always)]
-pub(super) fn hsum8(a: [f32; 8]) -> f32 {
+fn hsum8(a: [f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
@@ -181,7 +185,7 @@ fn accumulate(acc: &mut [f32; 8], scale: f32, lanes: [f32; 8]) {
 pub fn dot_q4_0(w: &[BlockQ4_0], a: &[ActBlock]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
-        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| nibble(&wb.qs, e) - 8, &ab.qs));
+        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| nibble(&wb.qs, e) as i32 - 8, &ab.qs));
     }
     hsum8(acc)
 }
@@ -191,7 +195,7 @@ pub fn dot_q4_1(w: &[BlockQ4_1], a: &[ActBlock]) -> f32 {
     let (mut acc, mut offsets) = ([0f32; 8], 0f32);
     for (wb, ab) in w.iter().zip(a) {
         offsets = wb.m.to_f32().mul_add(ab.s, offsets);
-        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| nibble(&wb.qs, e), &ab.qs));
+        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| nibble(&wb.qs, e) as i32, &ab.qs));
     }
     hsum8(acc) + offsets
 }

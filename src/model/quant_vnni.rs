@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use super::quant::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
+use super::quant::{nibble, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -116,14 +116,6 @@ impl PairFormat for BlockQ8_0 {
     }
     fn scale_and_min(&self) -> (f32, f32) {
         (self.d.to_f32(), 0.0)
-    }
-}
-
-fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
-    if e < QK / 2 {
-        qs[e] & 0x0F
-    } else {
-        qs[e - QK / 2] >> 4
     }
 }
 

@@ -76,6 +76,15 @@ const EXP2F_TABLE: [u64; 32] = [
     0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069, 0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
 ];
 
+/// glibc `expf`'s constants: 32 / ln 2; 0x1.8p52 (adding it rounds to an integer); the cubic's
+/// coefficients (of r^3, r^2 and r), and its limits: below log(2^-150) the result is 0, above
+/// log(2^128) infinity.
+const EXPF_INV_LN2_N: f64 = f64::from_bits(0x4047_1547_652b_82fe);
+const EXPF_SHIFT: f64 = f64::from_bits(0x4338_0000_0000_0000);
+const EXPF_POLY: [f64; 3] = [f64::from_bits(0x3ebc_6af8_4b91_2394), f64::from_bits(0x3f2e_bfce_50fa_c4f3), f64::from_bits(0x3f96_2e42_ff0c_52d6)];
+const EXPF_UNDER: f32 = f32::from_bits(0xc2cf_f1b4);
+const EXPF_OVER: f32 = f32::from_bits(0x42b1_7217);
+
 /// `expf` as glibc computes it (its `e_expf.c`: a 32-entry table of 2^(i/32) and a cubic in
 /// f64, rounded once to f32), inline: llama.cpp's attention calls libm's `expf` once per key,
 /// and braid must round exactly as it does, without a call per key. Checked against the libm
@@ -90,22 +99,19 @@ pub fn expf(x: f32) -> f32 {
         if abstop >= f32::INFINITY.to_bits() >> 20 {
             return x + x;
         }
-        if x > f32::from_bits(0x42b1_7217) {
+        if x > EXPF_OVER {
             return f32::INFINITY;
         }
-        if x < f32::from_bits(0xc2cf_f1b4) {
+        if x < EXPF_UNDER {
             return 0.0;
         }
     }
-    let inv_ln2_n = f64::from_bits(0x4047_1547_652b_82fe); // 32 / ln 2
-    let shift = f64::from_bits(0x4338_0000_0000_0000); // 0x1.8p52: adding it rounds to an integer
-    let c = [f64::from_bits(0x3ebc_6af8_4b91_2394), f64::from_bits(0x3f2e_bfce_50fa_c4f3), f64::from_bits(0x3f96_2e42_ff0c_52d6)];
-    let z = inv_ln2_n * x as f64;
-    let kd = z + shift;
+    let kd = EXPF_INV_LN2_N * x as f64 + EXPF_SHIFT;
     let ki = kd.to_bits();
-    let r = inv_ln2_n.mul_add(x as f64, -(kd - shift));
+    let r = EXPF_INV_LN2_N.mul_add(x as f64, -(kd - EXPF_SHIFT));
     let s = f64::from_bits(EXP2F_TABLE[(ki % 32) as usize].wrapping_add(ki << 47));
     // The polynomial's multiply-adds are fused, as in glibc's FMA build (`__expf_fma`).
+    let c = EXPF_POLY;
     let p = c[0].mul_add(r, c[1]);
     let y = p.mul_add(r * r, c[2].mul_add(r, 1.0));
     (y * s) as f32
@@ -141,8 +147,8 @@ unsafe fn expf8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     unsafe {
         let t = |i: usize| _mm512_loadu_si512(EXP2F_TABLE.as_ptr().add(i) as *const __m512i);
         let (t0, t1, t2, t3) = (t(0), t(8), t(16), t(24));
-        let inv_ln2_n = _mm512_set1_pd(f64::from_bits(0x4047_1547_652b_82fe));
-        let shift = _mm512_set1_pd(f64::from_bits(0x4338_0000_0000_0000));
+        let inv_ln2_n = _mm512_set1_pd(EXPF_INV_LN2_N);
+        let shift = _mm512_set1_pd(EXPF_SHIFT);
         let xd = _mm512_cvtps_pd(x);
         let kd = _mm512_add_pd(_mm512_mul_pd(inv_ln2_n, xd), shift);
         let ki = _mm512_castpd_si512(kd);
@@ -152,14 +158,14 @@ unsafe fn expf8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
         let high = _mm512_permutex2var_epi64(t2, ki, t3);
         let table = _mm512_mask_blend_epi64(_mm512_test_epi64_mask(ki, _mm512_set1_epi64(16)), low, high);
         let s = _mm512_castsi512_pd(_mm512_add_epi64(table, _mm512_slli_epi64::<47>(ki)));
-        let c = |bits: u64| _mm512_set1_pd(f64::from_bits(bits));
-        let p = _mm512_fmadd_pd(c(0x3ebc_6af8_4b91_2394), r, c(0x3f2e_bfce_50fa_c4f3));
-        let q = _mm512_fmadd_pd(c(0x3f96_2e42_ff0c_52d6), r, _mm512_set1_pd(1.0));
+        let c = [_mm512_set1_pd(EXPF_POLY[0]), _mm512_set1_pd(EXPF_POLY[1]), _mm512_set1_pd(EXPF_POLY[2])];
+        let p = _mm512_fmadd_pd(c[0], r, c[1]);
+        let q = _mm512_fmadd_pd(c[2], r, _mm512_set1_pd(1.0));
         let y = _mm512_mul_pd(_mm512_fmadd_pd(p, _mm512_mul_pd(r, r), q), s);
         let e = _mm512_cvtpd_ps(y);
         // Below log(2^-150): 0 (-inf included); above log(2^128): inf.
-        let under = _mm256_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm256_set1_ps(f32::from_bits(0xc2cf_f1b4)));
-        let over = _mm256_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm256_set1_ps(f32::from_bits(0x42b1_7217)));
+        let under = _mm256_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXPF_UNDER));
+        let over = _mm256_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm256_set1_ps(EXPF_OVER));
         let e = _mm256_mask_blend_ps(under, e, _mm256_setzero_ps());
         _mm256_mask_blend_ps(over, e, _mm256_set1_ps(f32::INFINITY))
     }
