@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
@@ -68,6 +68,8 @@ pub struct Kernels {
     pub gemm_reduce: CudaFunction,
     /// Products of 1-4 rows (`gemv_m1` ..= `gemv_m4`).
     pub gemv: [CudaFunction; 4],
+    /// The same with k split over a block's warps, for narrow outputs (`gemv_split_m1` ..).
+    pub gemv_split: [CudaFunction; 4],
 }
 
 /// Which matrix products the forward pass uses.
@@ -102,6 +104,13 @@ pub struct Gpu {
     /// Most blocks sharing a (token, KV head) pair's keys (BRAID_ATTENTION_SPLITS, 1..=8, for
     /// tuning; default 8).
     attention_max_splits: usize,
+    /// Whether kernels start while the previous one finishes (programmatic dependent launch,
+    /// compute capability 9.0+; BRAID_PDL=0 turns it off). Every braid kernel waits for its
+    /// predecessor's results (kernels.cu, `pdl_enter`), so this changes timing, never results.
+    pub programmatic_launch: bool,
+    /// Whether plain few-row products with narrow outputs split k over a block's warps
+    /// (`gemv_split_*`; BRAID_GEMV_SPLIT=0 turns it off).
+    pub gemv_split: bool,
 }
 
 /// Bytes of cuBLAS scratch (what it asks for on Hopper).
@@ -142,6 +151,8 @@ unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
 /// (kernels/gemv.cuh: GEMV_WARPS x GEMV_ROWS).
 const GEMV_MAX_ROWS: usize = 4;
 const GEMV_ROWS_PER_BLOCK: usize = 8;
+/// Weight rows of a block of the split-k variant (GEMV_ROWS: its warps share them).
+const GEMV_SPLIT_ROWS_PER_BLOCK: usize = 2;
 
 /// Whether the few-row product takes `m` rows of width `k` (16-byte loads: k a multiple of 8).
 fn gemv_fits(m: usize, k: usize) -> bool {
@@ -202,6 +213,7 @@ impl Gpu {
             gemm_m128: f("gemm_m128")?,
             gemm_reduce: f("gemm_reduce")?,
             gemv: [f("gemv_m1")?, f("gemv_m2")?, f("gemv_m3")?, f("gemv_m4")?],
+            gemv_split: [f("gemv_split_m1")?, f("gemv_split_m2")?, f("gemv_split_m3")?, f("gemv_split_m4")?],
         };
         let blas = CudaBlas::new(stream.clone())?;
         // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
@@ -218,7 +230,10 @@ impl Gpu {
             Err(_) => ATTENTION_MAX_SPLITS,
             Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
         };
-        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits })
+        let capability = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let programmatic_launch = capability >= 9 && std::env::var_os("BRAID_PDL").is_none_or(|v| v != "0");
+        let gemv_split = std::env::var_os("BRAID_GEMV_SPLIT").is_none_or(|v| v != "0");
+        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, gemv_split })
     }
 
     pub fn name(&self) -> String {
@@ -297,10 +312,6 @@ impl Gpu {
         self.multiprocessors
     }
 
-    pub fn config(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
-        LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
-    }
-
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`: bf16 operands, f32 sums and
     /// output, row-major. `split` is scratch for `GEMM_MAX_SEGMENTS * m * n` floats (or fewer:
     /// products that do not fit keep their sums in registers).
@@ -357,8 +368,15 @@ impl Gpu {
         if !gemv_fits(m, k) || (!n.is_multiple_of(2) && args.q_out != 0) {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
-        let grid = (n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
-        crate::launch!(self, &self.k.gemv[m - 1], grid, 128; w, y, n as i32, k as i32, args)
+        let plain = args.norm_w == 0 && args.q_out == 0 && args.act_out == 0;
+        // A block per 8 rows leaves a narrow output (o, down: 2048 rows) too few loads in flight.
+        let (f, rows_per_block) = if plain && self.gemv_split && n.div_ceil(GEMV_ROWS_PER_BLOCK) < 4 * self.multiprocessors {
+            (&self.k.gemv_split[m - 1], GEMV_SPLIT_ROWS_PER_BLOCK)
+        } else {
+            (&self.k.gemv[m - 1], GEMV_ROWS_PER_BLOCK)
+        };
+        let grid = (n.div_ceil(rows_per_block) as u32, 1, 1);
+        crate::launch!(self, f, grid, 128; w, y, n as i32, k as i32, args)
     }
 
     /// The batch-invariant product (kernels/gemm.cuh, `gemm_tile`).
@@ -437,18 +455,54 @@ impl Gpu {
 #[macro_export]
 macro_rules! launch {
     ($gpu:expr, $f:expr, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {{
-        use cudarc::driver::PushKernelArg as _;
         let gpu: &$crate::gpu::runtime::Gpu = $gpu;
-        let mut builder = gpu.stream.launch_builder($f);
+        let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
         $(
             // Shadowed, not dropped: every argument lives until the block ends.
             let arg = $arg;
-            builder.arg(&arg);
+            params.push($crate::gpu::runtime::kernel_param(&arg));
         )*
-        let config = $crate::gpu::runtime::Gpu::config($grid, $block);
+        let (function, grid, block): (&cudarc::driver::CudaFunction, (u32, u32, u32), u32) = ($f, $grid, $block);
         // SAFETY: the caller passes the kernel's arguments in its signature's order and types.
-        unsafe { builder.launch(config) }
-            .map(|_| ())
-            .map_err($crate::gpu::runtime::GpuError::from)
+        unsafe { gpu.launch_raw(function, grid, block, &mut params) }
     }};
+}
+
+/// A kernel argument's address, as the driver takes it (plain data only).
+pub fn kernel_param<T: DeviceRepr>(arg: &T) -> *mut std::ffi::c_void {
+    arg as *const T as *mut std::ffi::c_void
+}
+
+impl Gpu {
+    /// Launches `f` on the stream, programmatically dependent on the kernel before it when
+    /// `programmatic_launch` is on (cudarc's launch builder cannot set launch attributes).
+    ///
+    /// # Safety
+    /// `params` holds the addresses of `f`'s arguments, in its signature's order and types,
+    /// and the buffers they address outlive the launch.
+    pub unsafe fn launch_raw(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread()?;
+        let mut attrs = [sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { programmaticStreamSerializationAllowed: 1 },
+        }];
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: u32::from(self.programmatic_launch),
+        };
+        // SAFETY: the config and attributes live across the call; the caller vouches for the
+        // arguments.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
+        Ok(())
+    }
 }

@@ -70,18 +70,22 @@ fn gemm_matches_the_reference_product() {
 /// The few-row product (decode of up to 4 sequences) against the same f64 reference.
 #[test]
 fn gemv_matches_the_reference_product() {
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(16);
-    for (n, k) in [(1usize, 8usize), (7, 72), (129, 2048), (1001, 584)] {
+    for (n, k) in [(1usize, 8usize), (7, 72), (129, 2048), (1001, 584), (33, 8200)] {
         for m in 1..=4 {
             let x = random_bf16(&mut r, m * k, 2.0);
             let w = random_bf16(&mut r, n * k, 1.0);
             let y0: Vec<f32> = (0..m * n).map(|_| r.random_range(-1.0f32..1.0)).collect();
             let (xd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
-            for accumulate in [false, true] {
-                let yd = gpu.upload(&if accumulate { y0.clone() } else { vec![f32::NAN; m * n] }).unwrap();
-                gpu.gemv(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate).unwrap();
-                assert_product("gemv", &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
+            // These outputs are narrow enough for the split-k variant: both, in turn.
+            for split in [false, true] {
+                gpu.gemv_split = split;
+                for accumulate in [false, true] {
+                    let yd = gpu.upload(&if accumulate { y0.clone() } else { vec![f32::NAN; m * n] }).unwrap();
+                    gpu.gemv(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate).unwrap();
+                    assert_product(if split { "gemv split" } else { "gemv" }, &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
+                }
             }
         }
     }
@@ -92,7 +96,7 @@ fn gemv_matches_the_reference_product() {
 fn gemv_with_the_norm_inside_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(17);
-    for (n, k) in [(5usize, 64usize), (300, 2048), (77, 584)] {
+    for (n, k) in [(5usize, 64usize), (300, 2048), (77, 584), (9, 8200)] {
         for m in 1..=4 {
             let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-3.0f32..3.0)).collect();
             let nw: Vec<f32> = (0..k).map(|_| r.random_range(0.5f32..1.5)).collect();
@@ -112,6 +116,39 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
                 }
             }
         }
+    }
+}
+
+/// Kernels launched to start while their predecessor finishes (programmatic dependent launch)
+/// still see its results and never overwrite what it reads: a chain of normed products, each
+/// reading the buffer the previous one wrote and writing the one it read, gives the same bits
+/// with the launch attribute as without it (where the device has it; else both are plain).
+#[test]
+fn dependent_launches_see_their_predecessors_results() {
+    let Some(mut gpu) = gpu() else { return };
+    let supported = gpu.programmatic_launch;
+    let mut r = ChaCha8Rng::seed_from_u64(23);
+    for (m, k) in [(1usize, 2048usize), (3, 1032)] {
+        let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-3.0f32..3.0)).collect();
+        let nw: Vec<f32> = (0..k).map(|_| r.random_range(0.5f32..1.5)).collect();
+        let w = random_bf16(&mut r, k * k, 1.0);
+        let (nd, wd) = (gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
+        let mut results = Vec::new();
+        for programmatic in [false, true] {
+            gpu.programmatic_launch = programmatic && supported;
+            let bufs = [gpu.upload(&x).unwrap(), gpu.upload(&vec![f32::NAN; m * k]).unwrap()];
+            for step in 0..41 {
+                let (from, to) = (&bufs[step % 2], &bufs[1 - step % 2]);
+                gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, wd.ptr, to.ptr, m, k, k).unwrap();
+            }
+            let out = read(&gpu, &bufs[1], m * k);
+            assert!(out.iter().all(|v| v.is_finite()), "the chain stays finite");
+            results.push(out);
+        }
+        assert!(results[0].iter().zip(&results[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{k}: dependent launches changed the results");
+    }
+    if !supported {
+        eprintln!("no programmatic dependent launch on this device: compared plain launches");
     }
 }
 

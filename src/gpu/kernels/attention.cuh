@@ -208,6 +208,7 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
     NAME(const float* q, const __half* k, const __half* v, const TokenPlan* plans, const uint32_t* tables,      \
          __nv_bfloat16* out, int n_head, int n_kv_head, int block_size, float scale, float* partial,           \
          unsigned* counters) {                                                                                 \
+        pdl_enter();                                                                                          \
         attention_impl<D, WARPS>(q, k, v, plans, tables, out, n_head, n_kv_head, block_size, scale, partial,  \
                                  counters);                                                                   \
     }

@@ -151,6 +151,7 @@ __device__ void gemm_tile(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
     extern "C" __global__ void __launch_bounds__(WM * WN * 32, MIN_BLOCKS)                                     \
     NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, float* partial, int m, int n, int k,       \
          int nseg, int segs_per_block, int accumulate) {                                                      \
+        pdl_enter();                                                                                          \
         gemm_tile<BM, BN, WM, WN>(x, w, y, partial, m, n, k, nseg, segs_per_block, accumulate);              \
     }
 
@@ -160,6 +161,7 @@ GEMM_VARIANT(gemm_m128, 128, 64, 4, 2, 2)
 
 // y = ((p0 + p1) + ...) (+ y): the segment sums of `gemm_*` with `partial`, in order.
 extern "C" __global__ void gemm_reduce(const float* partial, float* y, uint64_t mn, int nseg, int accumulate) {
+    pdl_enter();
     for (uint64_t e = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; e < mn; e += (uint64_t)gridDim.x * blockDim.x) {
         float t = partial[e];
         for (int s = 1; s < nseg; s++) t = __fadd_rn(t, partial[(uint64_t)s * mn + e]);

@@ -49,26 +49,29 @@ struct GemvArgs {
     __nv_bfloat16* act_out;
 };
 
-// One 16-byte chunk (8 values of k) of a few-row product: the inputs, then each row's sums.
+// Row j's values at chunk c (8 values of k) normalised as rms_norm_bf16 does, rounded to bf16.
+__device__ __forceinline__ void gemv_norm_chunk(const GemvArgs& a, int k, int j, int c, float scale, float (&out)[8]) {
+    const float4* nw = reinterpret_cast<const float4*>(a.norm_w) + 2 * c;
+    const float4 n0 = __ldg(nw), n1 = __ldg(nw + 1);
+    const float nv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+    const float4* rp = reinterpret_cast<const float4*>(a.residual + (size_t)j * k) + 2 * c;
+    const float4 r0 = __ldg(rp), r1 = __ldg(rp + 1);
+    const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
+#pragma unroll
+    for (int i = 0; i < 8; i++) out[i] = __bfloat162float(__float2bfloat16_rn(__fmul_rn(__fmul_rn(rv[i], scale), nv[i])));
+}
+
+// One 16-byte chunk (8 values of k) of a few-row product: the inputs (normalised here, or x),
+// then each row's sums. (Normalising once per block into shared memory instead of once per
+// warp and chunk measured the same: H100 run 10.)
 template <int M>
 __device__ __forceinline__ void gemv_chunk(const GemvArgs& a, int k, int c, const float* scale, const uint4* wraw,
                                            float (&acc)[GEMV_ROWS][M]) {
         float xf[M][8];
-        if (a.norm_w) {
-            const float4* nw = reinterpret_cast<const float4*>(a.norm_w) + 2 * c;
-            const float4 n0 = __ldg(nw), n1 = __ldg(nw + 1);
-            const float nv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
 #pragma unroll
-            for (int j = 0; j < M; j++) {
-                const float4* rp = reinterpret_cast<const float4*>(a.residual + (size_t)j * k) + 2 * c;
-                const float4 r0 = __ldg(rp), r1 = __ldg(rp + 1);
-                const float rv[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
-#pragma unroll
-                for (int i = 0; i < 8; i++) xf[j][i] = __bfloat162float(__float2bfloat16_rn(__fmul_rn(__fmul_rn(rv[i], scale[j]), nv[i])));
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < M; j++) bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(a.x + (size_t)j * k) + c), xf[j]);
+        for (int j = 0; j < M; j++) {
+            if (a.norm_w) gemv_norm_chunk(a, k, j, c, scale[j], xf[j]);
+            else bf16x8_to_float(__ldg(reinterpret_cast<const uint4*>(a.x + (size_t)j * k) + c), xf[j]);
         }
 #pragma unroll
         for (int r = 0; r < GEMV_ROWS; r++) {
@@ -81,9 +84,31 @@ __device__ __forceinline__ void gemv_chunk(const GemvArgs& a, int k, int c, cons
         }
 }
 
+// Address of 16-byte chunk c of weight row `row`, both clamped to the matrix (so that every
+// load of a pass is in bounds; the sums skip what lies beyond).
+__device__ __forceinline__ const uint4* gemv_chunk_at(const __nv_bfloat16* w, int n, int k, int row, int c) {
+    return reinterpret_cast<const uint4*>(w + (size_t)min(row, n - 1) * k) + min(c, k / 8 - 1);
+}
+
+// One lane's weights for a pass: chunks c0 and c0 + step of rows row0, row0 + 1.
+__device__ __forceinline__ void gemv_load_pass(const __nv_bfloat16* __restrict__ w, int n, int k, int row0, int c0, int step,
+                                               uint4 (&wraw)[2][GEMV_ROWS]) {
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) wraw[h][r] = __ldg(gemv_chunk_at(w, n, k, row0 + r, c0 + step * h));
+}
+
 template <int M>
 __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict__ y, int n, int k, const GemvArgs& a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    const int chunks = k / 8;  // 16-byte chunks per row
+    // The weights depend on no earlier kernel: the first pass is loaded while that one
+    // finishes (pdl_enter, kernels.cu). (Fetching later passes into L2 as well was slower.)
+    uint4 wraw[2][GEMV_ROWS];
+    if (row0 < n) gemv_load_pass(w, n, k, row0, lane, 32, wraw);
+    pdl_enter();
     __shared__ float scale[M];
     if (a.norm_w) {
         __shared__ double partial[GEMV_WARPS][M];
@@ -106,27 +131,16 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict
         }
         __syncthreads();
     }
-    const int row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     if (row0 >= n) return;
     float acc[GEMV_ROWS][M];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
         for (int j = 0; j < M; j++) acc[r][j] = 0.f;
-    const int chunks = k / 8;  // 16-byte chunks per row
     // Two chunks per lane per pass: their weight loads are in flight together. The sums still
     // run in increasing chunk order.
     for (int c0 = lane; c0 < chunks; c0 += 64) {
-        uint4 wraw[2][GEMV_ROWS];
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int c = min(c0 + 32 * h, chunks - 1);
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) {
-                const int row = min(row0 + r, n - 1);
-                wraw[h][r] = __ldg(reinterpret_cast<const uint4*>(w + (size_t)row * k) + c);
-            }
-        }
+        if (c0 != lane) gemv_load_pass(w, n, k, row0, c0, 32, wraw);
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int c = c0 + 32 * h;
@@ -192,10 +206,63 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same product for narrow outputs (plain input and output, as o and down): a block's warps
+// share its two rows and split k between them, so that a 2048-row matrix keeps four times as
+// many loads in flight. Lane l of warp v sums chunks v·32 + l + 128·i in increasing i; the
+// lanes of a warp are then summed, and the warps in order.
+template <int M>
+__device__ void gemv_split_impl(const __nv_bfloat16* __restrict__ w, float* __restrict__ y, int n, int k, const GemvArgs& a) {
+    constexpr int STEP = GEMV_WARPS * 32;  // chunks between a lane's two of a pass
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * GEMV_ROWS, first = warp * 32 + lane;
+    const int chunks = k / 8;
+    uint4 wraw[2][GEMV_ROWS];
+    gemv_load_pass(w, n, k, row0, first, STEP, wraw);  // before the wait, as gemv_impl's
+    pdl_enter();
+    float acc[GEMV_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int j = 0; j < M; j++) acc[r][j] = 0.f;
+    for (int c0 = first; c0 < chunks; c0 += 2 * STEP) {
+        if (c0 != first) gemv_load_pass(w, n, k, row0, c0, STEP, wraw);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int c = c0 + STEP * h;
+            if (c >= chunks) break;
+            gemv_chunk<M>(a, k, c, nullptr, wraw[h], acc);
+        }
+    }
+    __shared__ float part[GEMV_WARPS][GEMV_ROWS][M];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int j = 0; j < M; j++) {
+            float v = acc[r][j];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (lane == 0) part[warp][r][j] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x >= GEMV_ROWS * M) return;
+    const int r = threadIdx.x / M, j = threadIdx.x % M, row = row0 + r;
+    if (row >= n) return;
+    float sum = part[0][r][j];
+#pragma unroll
+    for (int v = 1; v < GEMV_WARPS; v++) sum = __fadd_rn(sum, part[v][r][j]);
+    float* out = y + (size_t)j * n + row;
+    *out = a.accumulate ? __fadd_rn(sum, *out) : sum;
+}
+
 #define GEMV_VARIANT(M)                                                                                       \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                             \
     gemv_m##M(const __nv_bfloat16* w, float* y, int n, int k, const GemvArgs a) {                              \
         gemv_impl<M>(w, y, n, k, a);                                                                          \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                             \
+    gemv_split_m##M(const __nv_bfloat16* w, float* y, int n, int k, const GemvArgs a) {                        \
+        gemv_split_impl<M>(w, y, n, k, a);                                                                    \
     }
 
 GEMV_VARIANT(1)

@@ -21,6 +21,7 @@ __device__ __forceinline__ float dummy_value(uint64_t seed, uint64_t i, float ce
 }
 
 extern "C" __global__ void fill_dummy_bf16(__nv_bfloat16* out, uint64_t n, uint64_t seed, float centre, float scale) {
+    pdl_enter();
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
         out[i] = __float2bfloat16_rn(dummy_value(seed, i, centre, scale));
     }
@@ -30,12 +31,14 @@ extern "C" __global__ void fill_dummy_bf16(__nv_bfloat16* out, uint64_t n, uint6
 // with another's (gate/up).
 extern "C" __global__ void fill_dummy_bf16_rows(__nv_bfloat16* out, uint64_t n, uint64_t width, uint64_t stride, uint64_t seed,
                                                 float centre, float scale) {
+    pdl_enter();
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
         out[(i / width) * stride + i % width] = __float2bfloat16_rn(dummy_value(seed, i, centre, scale));
     }
 }
 
 extern "C" __global__ void fill_dummy_f32(float* out, uint64_t n, uint64_t seed, float centre, float scale) {
+    pdl_enter();
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
         out[i] = dummy_value(seed, i, centre, scale);
     }
@@ -45,6 +48,7 @@ extern "C" __global__ void fill_dummy_f32(float* out, uint64_t n, uint64_t seed,
 // Embedding lookup: x[t] = table[tokens[t]] (bf16 table, f32 rows).
 
 extern "C" __global__ void embed_rows(const __nv_bfloat16* table, const uint32_t* tokens, float* x, int hidden) {
+    pdl_enter();
     const int t = blockIdx.x;
     const __nv_bfloat16* row = table + (size_t)tokens[t] * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -61,6 +65,7 @@ extern "C" __global__ void embed_rows(const __nv_bfloat16* table, const uint32_t
 
 extern "C" __global__ void rms_norm_bf16(const float* x, const uint32_t* rows, const float* w, __nv_bfloat16* out,
                                          int hidden, float eps) {
+    pdl_enter();
     const int r = blockIdx.x;
     const float* row = x + (size_t)(rows ? rows[r] : r) * hidden;
     double sum = 0.0;
@@ -96,6 +101,7 @@ extern "C" __global__ void rope_and_cache(const float* qkv, const float* bias, c
                                           const uint32_t* slots, const float* cos_table, const float* sin_table,
                                           float* q_out, __half* k_cache, __half* v_cache, int n_head, int n_kv_head,
                                           int head_dim, int rope_dim, int neox) {
+    pdl_enter();
     const int t = blockIdx.x;
     const int q_width = n_head * head_dim, kv_width = n_kv_head * head_dim;
     const int row_width = q_width + 2 * kv_width;
@@ -169,6 +175,7 @@ __device__ __forceinline__ float silu_mul(float g, float u, int i, int ffn) {
 }
 
 extern "C" __global__ void silu_mul_bf16(const float* gate_up, __nv_bfloat16* out, int ffn, uint64_t total) {
+    pdl_enter();
     for (uint64_t e = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; e < total; e += (uint64_t)gridDim.x * blockDim.x) {
         const uint64_t t = e / ffn, i = e % ffn;
         const float g = gate_up[t * 2 * ffn + 2 * i], u = gate_up[t * 2 * ffn + 2 * i + 1];
@@ -192,6 +199,7 @@ struct ArgmaxPart {
 
 extern "C" __global__ void argmax_logprob(const float* logits, int vocab, uint32_t* ids, float* logprobs,
                                           ArgmaxPart* parts, unsigned* counters) {
+    pdl_enter();
     const float* row = logits + (size_t)blockIdx.x * vocab;
     const int slices = gridDim.y, slice = blockIdx.y;
     const int width = (vocab + slices - 1) / slices;
