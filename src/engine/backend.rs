@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::sampler::DeviceDraw;
 use crate::model::{FlatBatch, KvCache, Llama, ModelConfig};
 
 /// A loaded model, shareable between engines (weights are read-only).
@@ -97,21 +98,27 @@ pub enum Backend {
 pub enum Logits {
     /// Full logits rows, for the host's sampler.
     Rows(Vec<Vec<f32>>),
-    /// Each row's greedy token and log-probability, chosen where the logits are.
-    Greedy(Vec<(u32, f32)>),
+    /// Each row's token and its log-probability, chosen where the logits are.
+    Chosen(Vec<(u32, f32)>),
 }
 
 impl Backend {
-    /// One forward pass. `greedy` allows the backend to choose greedy tokens itself (the GPU
-    /// then sends back token ids instead of logits); the CPU always returns rows.
-    pub fn forward(&mut self, batch: &FlatBatch, greedy: bool) -> candle_core::Result<Logits> {
-        let _ = greedy;
+    /// Whether `forward` can choose tokens itself (`draws`): the GPU then sends back token ids
+    /// instead of logits rows. The CPU always returns rows.
+    pub fn draws_on_device(&self) -> bool {
+        !matches!(self, Backend::Cpu { .. })
+    }
+
+    /// One forward pass. With `draws` (one per logits row, where `draws_on_device`), the
+    /// backend chooses each row's token itself.
+    pub fn forward(&mut self, batch: &FlatBatch, draws: Option<&[DeviceDraw]>) -> candle_core::Result<Logits> {
+        let _ = draws;
         match self {
             Backend::Cpu { model, kv } => Ok(Logits::Rows(model.forward(batch, kv)?.to_vec2::<f32>()?)),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(runner) => Ok(match runner.forward(batch, greedy)? {
+            Backend::Cuda(runner) => Ok(match runner.forward(batch, draws)? {
                 crate::gpu::StepOutput::Logits(rows) => Logits::Rows(rows),
-                crate::gpu::StepOutput::Greedy(tokens) => Logits::Greedy(tokens),
+                crate::gpu::StepOutput::Chosen(tokens) => Logits::Chosen(tokens),
             }),
         }
     }

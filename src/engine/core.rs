@@ -12,7 +12,7 @@ use super::backend::{Backend, Logits, ModelHandle};
 use super::block_manager::{block_hash, BlockManager};
 use super::disk::{DiskCache, DiskStats, Identity};
 use super::retention::RetentionPlan;
-use super::sampler::{SampledToken, SamplingParams};
+use super::sampler::{DeviceDraw, SampledToken, SamplingParams};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig};
 use super::sequence::{RequestId, Sequence};
 use super::{tiering, FinishReason};
@@ -335,12 +335,17 @@ impl Engine {
             batch.seqs.last_mut().expect("just pushed").window = seq.window;
             samples.push(sample);
         }
-        // Greedy requests without penalties, bias or alternatives can take their token from
-        // the backend (on a GPU: token ids come back instead of logits).
-        let greedy = scheduled.iter().zip(&samples).all(|(s, &sample)| !sample || self.scheduler.running[index[&s.id]].sampler.is_plain_greedy());
-        let (mut rows, mut chosen) = match self.backend.forward(&batch, greedy)? {
+        // Requests without penalties, bias or alternatives can take their token from the
+        // backend (on a GPU: token ids come back instead of logits), all of a step or none.
+        let on_device = self.backend.draws_on_device()
+            && scheduled.iter().zip(&samples).all(|(s, &sample)| !sample || self.scheduler.running[index[&s.id]].sampler.samples_anywhere());
+        let draws: Option<Vec<DeviceDraw>> = on_device.then(|| {
+            let sampled = scheduled.iter().zip(&samples).filter(|&(_, &sample)| sample);
+            sampled.map(|(s, _)| self.scheduler.running[index[&s.id]].sampler.device_draw()).collect()
+        });
+        let (mut rows, mut chosen) = match self.backend.forward(&batch, draws.as_deref())? {
             Logits::Rows(rows) => (rows.into_iter(), Vec::new().into_iter()),
-            Logits::Greedy(tokens) => (Vec::new().into_iter(), tokens.into_iter()),
+            Logits::Chosen(tokens) => (Vec::new().into_iter(), tokens.into_iter()),
         };
         let block_size = self.blocks.block_size();
         let mut finished = Vec::new();

@@ -4,6 +4,7 @@ pub mod backend;
 pub mod block_manager;
 pub mod core;
 pub mod disk;
+pub mod draw;
 pub mod retention;
 pub mod sampler;
 pub mod scheduler;

@@ -5,6 +5,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::draw::{draw, DrawParams};
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -125,18 +127,6 @@ impl Sampler {
         &self.params
     }
 
-    /// Whether the next token is the logits' first maximum, untouched by penalties or bias,
-    /// with no alternatives to report: what a backend can choose by itself.
-    pub fn is_plain_greedy(&self) -> bool {
-        let p = &self.params;
-        p.temperature == 0.0
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
-            && p.logit_bias.is_empty()
-            && p.top_logprobs == 0
-    }
-
     /// Records a generated token (for the penalties).
     pub fn observe(&mut self, id: u32) {
         let entry = self.counts.entry(id).or_insert((0, false));
@@ -176,43 +166,40 @@ impl Sampler {
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        // Candidates sorted by logit, truncated by top-k; ties broken by id for determinism.
-        let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
-        let mut candidates = top_k_indices(logits, k);
-        let max = logits[candidates[0] as usize];
-        let mut probs: Vec<f32> = candidates.iter().map(|&i| ((logits[i as usize] - max) / p.temperature).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        if p.min_p > 0.0 {
-            let cutoff = probs[0] * p.min_p;
-            let keep = probs.iter().take_while(|&&x| x >= cutoff).count().max(1);
-            candidates.truncate(keep);
-            probs.truncate(keep);
-        }
-        if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let mut keep = probs.len();
-            for (i, &x) in probs.iter().enumerate() {
-                cumulative += x;
-                if cumulative >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            candidates.truncate(keep);
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for (&id, &x) in candidates.iter().zip(&probs) {
-            if r < x {
-                return id;
-            }
-            r -= x;
-        }
-        *candidates.last().expect("at least one candidate")
+        let uniform = self.rng.random::<f32>();
+        draw(logits, &self.draw_params(), uniform)
     }
+
+    fn draw_params(&self) -> DrawParams {
+        let p = &self.params;
+        DrawParams { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, min_p: p.min_p }
+    }
+
+    /// Whether a backend that samples on its own device can pick this request's next token:
+    /// no penalties, bias or alternatives to report (its logits reach the draw unchanged).
+    pub fn samples_anywhere(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.logit_bias.is_empty() && p.top_logprobs == 0
+    }
+
+    /// The next token's draw for a backend to make (after `samples_anywhere`): the parameters
+    /// and this request's next uniform number, taken from its generator as `sample` would.
+    pub fn device_draw(&mut self) -> DeviceDraw {
+        if self.params.temperature == 0.0 {
+            return DeviceDraw::Greedy;
+        }
+        let uniform = self.rng.random::<f32>();
+        DeviceDraw::Random { params: self.draw_params(), uniform }
+    }
+}
+
+/// One row's choice as a backend makes it on its device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeviceDraw {
+    /// The first maximum.
+    Greedy,
+    /// `draw::draw(row, params, uniform)`.
+    Random { params: DrawParams, uniform: f32 },
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -301,10 +288,17 @@ mod tests {
             let id = s.sample(&mut logits()).id;
             assert!(id == 1 || id == 4, "min_p kept token {id}");
         }
+        // Tokens 1 and 4 tie for the best logit: a threshold keeps both.
+        let params = SamplingParams { temperature: 1.0, top_p: 0.01, seed: Some(1), ..SamplingParams::default() };
+        let mut s = Sampler::new(params, &[]);
+        let ids: std::collections::BTreeSet<u32> = (0..100).map(|_| s.sample(&mut logits()).id).collect();
+        assert_eq!(ids, [1, 4].into());
+        let mut row = logits();
+        row[4] = 2.9;
         let params = SamplingParams { temperature: 1.0, top_p: 0.01, seed: Some(1), ..SamplingParams::default() };
         let mut s = Sampler::new(params, &[]);
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut logits()).id, 1);
+            assert_eq!(s.sample(&mut row.clone()).id, 1);
         }
     }
 

@@ -26,9 +26,9 @@ pub fn solo_backend(model: &ModelHandle, tokens: usize, step_tokens: usize) -> c
 }
 
 fn logits_rows(backend: &mut Backend, batch: &FlatBatch) -> candle_core::Result<Vec<Vec<f32>>> {
-    match backend.forward(batch, false)? {
+    match backend.forward(batch, None)? {
         Logits::Rows(rows) => Ok(rows),
-        Logits::Greedy(_) => candle_core::bail!("the backend chose tokens where logits were asked for"),
+        Logits::Chosen(_) => candle_core::bail!("the backend chose tokens where logits were asked for"),
     }
 }
 

@@ -28,6 +28,7 @@ __device__ __forceinline__ void pdl_enter() {
 }
 
 #include "kernels/pointwise.cuh"
+#include "kernels/sample.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/gemm.cuh"
 #include "kernels/gemv.cuh"

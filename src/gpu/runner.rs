@@ -2,8 +2,8 @@
 //! the engine's largest step, and the launch sequence of a llama-family forward pass.
 //!
 //! Per step the host uploads one small array (tokens, positions, cache slots, attention plans,
-//! block tables, logit rows) and reads back either each sampled row's greedy token and
-//! log-probability, or the logits rows when the requests need host-side sampling.
+//! block tables, logit rows) and reads back either each sampled row's token and log-probability
+//! (greedy or drawn on the device), or the logits rows when the requests need host-side sampling.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use half::{bf16, f16};
 
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Result};
 use super::weights::CudaWeights;
+use crate::engine::sampler::DeviceDraw;
 use crate::launch;
 use crate::model::batch::FlatBatch;
 use crate::model::config::RopeStyle;
@@ -27,8 +28,10 @@ struct Workspace {
     gate_up: Buf<f32>,
     act: Buf<bf16>,
     logits: Buf<f32>,
-    /// The greedy rows' token ids, then their log-probabilities' bits: one read brings both.
+    /// The chosen rows' token ids, then their log-probabilities' bits: one read brings both.
     chosen: Buf<u32>,
+    /// Each row's draw (kernels/sample.cuh, `RowDraw`), `DRAW_WORDS` words per row.
+    draws: Buf<u32>,
     /// Scratch of the batch-invariant products that spread k over blocks.
     split: Buf<f32>,
     /// Scratch of split attention: (max, sum, acc[head_dim]) per token, head and split, for
@@ -55,6 +58,7 @@ struct WorkspaceSizes {
     act: usize,
     logits: usize,
     chosen: usize,
+    draws: usize,
     attn_partial: usize,
     attn_counters: usize,
     argmax_parts: usize,
@@ -79,6 +83,7 @@ impl WorkspaceSizes {
             act: tokens * ffn,
             logits: rows * weights.vocab_size,
             chosen: 2 * rows,
+            draws: DRAW_WORDS * rows,
             attn_partial: split_tokens * c.n_head * super::runtime::ATTENTION_MAX_SPLITS * (c.head_dim + 2),
             attn_counters: split_tokens * c.n_kv_head,
             argmax_parts: 2 * rows * ARGMAX_SLICES,
@@ -92,7 +97,7 @@ impl WorkspaceSizes {
         // bf16: h, attn, act; u64: argmax_parts; 4-byte elements otherwise.
         2 * (self.h + self.attn + self.act)
             + 8 * self.argmax_parts
-            + 4 * (self.x + self.qkv + self.q + self.gate_up + self.logits + self.chosen + self.attn_partial + self.attn_counters + self.argmax_counters + self.split + self.meta)
+            + 4 * (self.x + self.qkv + self.q + self.gate_up + self.logits + self.chosen + self.draws + self.attn_partial + self.attn_counters + self.argmax_counters + self.split + self.meta)
     }
 }
 
@@ -106,9 +111,9 @@ pub struct CudaRunner {
     pub num_blocks: usize,
     ws: Workspace,
     host_meta: Vec<u32>,
-    /// Decode steps replayed from CUDA graphs, one per padded batch size (`GRAPH_BATCHES`):
-    /// a step is then one launch instead of ~150.
-    graphs: std::collections::HashMap<usize, DecodeGraph>,
+    /// Decode steps replayed from CUDA graphs, one per padded batch size (`GRAPH_BATCHES`)
+    /// and whether any row draws at random: a step is then one launch instead of ~150.
+    graphs: std::collections::HashMap<(usize, bool), DecodeGraph>,
     /// The fixed-address plan the graphs read (`graph_layout`).
     graph_meta: Buf<u32>,
     use_graphs: bool,
@@ -139,9 +144,51 @@ struct PlanOffsets {
 pub enum StepOutput {
     /// `[rows, vocab]` logits.
     Logits(Vec<Vec<f32>>),
-    /// Greedy token and its log-probability per row, chosen on the device.
-    Greedy(Vec<(u32, f32)>),
+    /// Each row's token and its log-probability, chosen on the device.
+    Chosen(Vec<(u32, f32)>),
 }
+
+/// Words of a row's draw (kernels/sample.cuh, `RowDraw`).
+const DRAW_WORDS: usize = 8;
+
+/// The rows' draws as `RowDraw`s, padded with greedy rows to `rows`; and whether any draws at
+/// random (else the argmax alone decides).
+pub(super) fn draw_words(draws: &[DeviceDraw], rows: usize) -> (Vec<u32>, bool) {
+    let mut words = vec![0u32; DRAW_WORDS * rows];
+    let mut random = false;
+    for (row, draw) in words.chunks_exact_mut(DRAW_WORDS).zip(draws) {
+        if let DeviceDraw::Random { params, uniform } = draw {
+            random = true;
+            let top_k = u32::try_from(params.top_k).unwrap_or(u32::MAX).min(i32::MAX as u32);
+            row[..5].copy_from_slice(&[params.temperature.to_bits(), top_k, params.top_p.to_bits(), params.min_p.to_bits(), uniform.to_bits()]);
+        }
+    }
+    (words, random)
+}
+
+/// What a forward pass leaves for the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choose {
+    /// The logits rows.
+    Logits,
+    /// Each row's first maximum (argmax_logprob).
+    Greedy,
+    /// The argmax, then the random draws of the rows that have them (sample_rows).
+    Draws,
+}
+
+impl Choose {
+    fn from(on_device: bool, random: bool) -> Self {
+        match (on_device, random) {
+            (false, _) => Choose::Logits,
+            (true, false) => Choose::Greedy,
+            (true, true) => Choose::Draws,
+        }
+    }
+}
+
+/// Threads of the sampling kernel (kernels/sample.cuh, SAMPLE_THREADS).
+const SAMPLE_THREADS: u32 = 1024;
 
 /// Threads of the RMS norm kernel (NORM_THREADS).
 pub const NORM_THREADS: u32 = 1024;
@@ -201,6 +248,7 @@ impl CudaRunner {
             act: gpu.alloc(n.act)?,
             logits: gpu.alloc(n.logits)?,
             chosen: gpu.alloc(n.chosen)?,
+            draws: gpu.alloc(n.draws)?,
             attn_partial: gpu.alloc(n.attn_partial)?,
             attn_counters: gpu.alloc_zeroed(n.attn_counters)?,
             argmax_parts: gpu.alloc(n.argmax_parts)?,
@@ -214,9 +262,9 @@ impl CudaRunner {
         Ok(Self { weights, k, v, block_size, num_blocks, ws, host_meta: Vec::new(), graphs: Default::default(), graph_meta, use_graphs })
     }
 
-    /// One forward pass. With `greedy`, each logits row's first maximum and its log-probability
-    /// are chosen on the device and only they come back.
-    pub fn forward(&mut self, batch: &FlatBatch, greedy: bool) -> Result<StepOutput> {
+    /// One forward pass. With `draws` (one per logits row), each row's token and its
+    /// log-probability are chosen on the device and only they come back.
+    pub fn forward(&mut self, batch: &FlatBatch, draws: Option<&[DeviceDraw]>) -> Result<StepOutput> {
         let w = Arc::clone(&self.weights);
         let n = batch.tokens.len();
         let rows = batch.logit_rows.len();
@@ -228,35 +276,50 @@ impl CudaRunner {
         {
             return Err(GpuError(format!("position {p} is past the rope tables ({} positions)", w.positions)));
         }
+        if draws.is_some_and(|d| d.len() != rows) {
+            return Err(GpuError(format!("{} draws for {rows} logits rows", draws.map_or(0, <[_]>::len))));
+        }
         let decode_only = rows == n && batch.seqs.iter().all(|s| s.query_len == 1);
-        if greedy
+        if let Some(draws) = draws
             && decode_only
             && self.use_graphs
-            && let Some(out) = self.forward_graph(batch)?
+            && let Some(out) = self.forward_graph(batch, draws)?
         {
             return Ok(out);
         }
         let o = self.upload_plan(batch)?;
+        let random = match draws {
+            Some(draws) => {
+                let (words, random) = draw_words(draws, rows);
+                if random {
+                    self.weights.gpu.write(&words, &mut self.ws.draws)?;
+                }
+                random
+            }
+            None => false,
+        };
         let at = |x: usize| self.ws.meta.at(x);
         let ptrs = PlanPointers { tokens: at(0), positions: at(o[1]), slots: at(o[2]), plans: at(o[3]), tables: at(o[4]), logit_rows: at(o[5]) };
-        self.launch_forward(n, rows, ptrs, greedy, decode_only && batch.logit_rows.iter().copied().eq(0..n))?;
-        self.read_output(rows, rows, greedy)
+        let choose = Choose::from(draws.is_some(), random);
+        self.launch_forward(n, rows, ptrs, choose, decode_only && batch.logit_rows.iter().copied().eq(0..n))?;
+        self.read_output(rows, rows, draws.is_some())
     }
 
     /// A decode step through the graph of its padded batch size, captured on first use.
     /// None when the step does not fit a graph (the caller runs it directly).
-    fn forward_graph(&mut self, batch: &FlatBatch) -> Result<Option<StepOutput>> {
+    fn forward_graph(&mut self, batch: &FlatBatch, draws: &[DeviceDraw]) -> Result<Option<StepOutput>> {
         let n = batch.tokens.len();
         let Some(&padded) = GRAPH_BATCHES.iter().find(|&&b| b >= n && b <= self.ws.tokens && b <= self.ws.rows) else { return Ok(None) };
-        self.replay(batch, padded)
+        self.replay(batch, padded, draws)
     }
 
-    /// Captures (once) and replays every decode graph up to `max_batch` sequences on padding
-    /// alone, so that first requests find their graphs, and cuBLAS its decode shapes, ready.
+    /// Captures (once) and replays every greedy decode graph up to `max_batch` sequences on
+    /// padding alone, so that first requests find their graphs, and cuBLAS its decode shapes,
+    /// ready. (Graphs with random draws are captured on first use.)
     pub fn warm_up(&mut self, max_batch: usize) -> Result<()> {
         let largest = max_batch.min(self.ws.tokens).min(self.ws.rows);
         for &padded in GRAPH_BATCHES.iter().filter(|&&b| b <= largest) {
-            if !self.use_graphs || self.replay(&FlatBatch::default(), padded)?.is_none() {
+            if !self.use_graphs || self.replay(&FlatBatch::default(), padded, &[])?.is_none() {
                 break;
             }
         }
@@ -264,14 +327,18 @@ impl CudaRunner {
     }
 
     /// `batch`'s decode step padded to `padded` tokens through that size's graph.
-    fn replay(&mut self, batch: &FlatBatch, padded: usize) -> Result<Option<StepOutput>> {
+    fn replay(&mut self, batch: &FlatBatch, padded: usize, draws: &[DeviceDraw]) -> Result<Option<StepOutput>> {
         let n = batch.tokens.len();
         let Some(o) = graph_layout(batch, padded, self.block_size, self.num_blocks, &mut self.host_meta)? else { return Ok(None) };
         if self.host_meta.len() > self.graph_meta.len {
             return Ok(None);
         }
         self.weights.gpu.write(&self.host_meta, &mut self.graph_meta)?;
-        if !self.graphs.contains_key(&padded) {
+        let (words, random) = draw_words(draws, padded);
+        if random {
+            self.weights.gpu.write(&words, &mut self.ws.draws)?;
+        }
+        if !self.graphs.contains_key(&(padded, random)) {
             let at = |x: usize| self.graph_meta.at(x);
             let ptrs = PlanPointers {
                 tokens: at(o.tokens),
@@ -283,11 +350,11 @@ impl CudaRunner {
             };
             let stream = Arc::clone(&self.weights.gpu.stream);
             stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-            let launched = self.launch_forward(padded, padded, ptrs, true, true);
+            let launched = self.launch_forward(padded, padded, ptrs, Choose::from(true, random), true);
             let captured = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
             match (launched, captured) {
                 (Ok(()), Ok(Some(graph))) => {
-                    self.graphs.insert(padded, DecodeGraph(graph));
+                    self.graphs.insert((padded, random), DecodeGraph(graph));
                 }
                 (launched, captured) => {
                     tracing::warn!("CUDA graph capture failed ({:?} / {:?}): decode steps run without graphs", launched.err(), captured.err());
@@ -296,22 +363,23 @@ impl CudaRunner {
                 }
             }
         }
-        self.graphs[&padded].0.launch()?;
+        self.graphs[&(padded, random)].0.launch()?;
         self.read_output(n, padded, true).map(Some)
     }
 
-    /// Copies back the first `wanted` rows' results of a step with `rows` logits rows.
-    fn read_output(&mut self, wanted: usize, rows: usize, greedy: bool) -> Result<StepOutput> {
+    /// Copies back the first `wanted` rows' results of a step with `rows` logits rows: their
+    /// chosen tokens, or their logits.
+    fn read_output(&mut self, wanted: usize, rows: usize, chosen: bool) -> Result<StepOutput> {
         let gpu = Arc::clone(&self.weights.gpu);
         if rows == 0 {
             gpu.synchronize()?;
             return Ok(StepOutput::Logits(Vec::new()));
         }
-        if greedy {
+        if chosen {
             let mut chosen = vec![0u32; 2 * rows];
             gpu.read(&self.ws.chosen, &mut chosen)?;
             let (ids, logprobs) = chosen.split_at(rows);
-            return Ok(StepOutput::Greedy(ids[..wanted].iter().zip(&logprobs[..wanted]).map(|(&id, &lp)| (id, f32::from_bits(lp))).collect()));
+            return Ok(StepOutput::Chosen(ids[..wanted].iter().zip(&logprobs[..wanted]).map(|(&id, &lp)| (id, f32::from_bits(lp))).collect()));
         }
         let vocab = self.weights.vocab_size;
         let mut all = vec![0f32; wanted * vocab];
@@ -322,7 +390,7 @@ impl CudaRunner {
     /// Queues a whole forward pass of `n` tokens and `rows` logits rows (no copies, no waits:
     /// a graph can capture it).
     /// `decode`: every token is its sequence's one new token and a logits row, in order.
-    fn launch_forward(&self, n: usize, rows: usize, p: PlanPointers, greedy: bool, decode: bool) -> Result<()> {
+    fn launch_forward(&self, n: usize, rows: usize, p: PlanPointers, choose: Choose, decode: bool) -> Result<()> {
         let w = &self.weights;
         let gpu: &Gpu = &w.gpu;
         let c = &w.config;
@@ -399,9 +467,14 @@ impl CudaRunner {
             launch!(gpu, &gpu.k.rms_norm_bf16, (rows32, 1, 1), NORM_THREADS; ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
             gpu.gemm(ws.h.ptr, output.ptr, ws.logits.ptr, rows, vocab, h, false, &ws.split)?;
         }
-        if greedy {
+        if choose != Choose::Logits {
             launch!(gpu, &gpu.k.argmax_logprob, (rows32, ARGMAX_SLICES as u32, 1), 1024;
                 ws.logits.ptr, vocab as i32, ws.chosen.ptr, ws.chosen.at(rows), ws.argmax_parts.ptr, ws.argmax_counters.ptr)?;
+        }
+        if choose == Choose::Draws {
+            // After the argmax: its token gives each row's maximum, and greedy rows keep it.
+            launch!(gpu, &gpu.k.sample_rows, (rows32, 1, 1), SAMPLE_THREADS;
+                ws.logits.ptr, vocab as i32, ws.draws.ptr, ws.chosen.ptr, ws.chosen.at(rows))?;
         }
         Ok(())
     }

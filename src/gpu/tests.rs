@@ -16,7 +16,10 @@ fn gpu() -> Option<Gpu> {
         eprintln!("no CUDA device: skipped");
         return None;
     }
-    Some(Gpu::new(0, super::runtime::GemmKind::BatchInvariant).expect("the CUDA device opens"))
+    let mut gpu = Gpu::new(0, super::runtime::GemmKind::BatchInvariant).expect("the CUDA device opens");
+    // Every kernel launched as the default mode's decode launches it, where the device can.
+    gpu.programmatic_launch = gpu.supports_programmatic_launch();
+    Some(gpu)
 }
 
 fn random_bf16(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<bf16> {
@@ -126,7 +129,7 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
 #[test]
 fn dependent_launches_see_their_predecessors_results() {
     let Some(mut gpu) = gpu() else { return };
-    let supported = gpu.programmatic_launch;
+    let supported = gpu.supports_programmatic_launch();
     let mut r = ChaCha8Rng::seed_from_u64(23);
     for (m, k) in [(1usize, 2048usize), (3, 1032)] {
         let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-3.0f32..3.0)).collect();
@@ -357,6 +360,65 @@ fn argmax_matches_the_sampler() {
             }
         }
     }
+}
+
+/// Random draws on the device pick draw.rs's token for the same logits, parameters and
+/// uniform number (the same integers on both sides), and greedy rows keep the argmax: rows of
+/// odd vocabularies, coarse logits (many ties) and fine ones, every limit alone and together.
+#[test]
+fn sample_rows_match_the_cpu_draw() {
+    use crate::engine::draw::{draw, DrawParams};
+    use crate::engine::sampler::{argmax, log_sum_exp, DeviceDraw};
+    let Some(gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(29);
+    let mut drawn = 0;
+    for vocab in [1usize, 7, 1000, 4099, 49_157] {
+        let rows = 24;
+        let mut logits = Vec::with_capacity(rows * vocab);
+        for row in 0..rows {
+            let step = [0.5f32, 1e-3][row % 2];
+            logits.extend((0..vocab).map(|_| (r.random_range(-12.0f32..12.0) / step).round() * step));
+        }
+        let draws: Vec<DeviceDraw> = (0..rows)
+            .map(|row| match row % 8 {
+                0 => DeviceDraw::Greedy,
+                k => DeviceDraw::Random {
+                    params: DrawParams {
+                        temperature: [0.3f32, 1.0, 2.5][row % 3],
+                        top_k: if k & 1 != 0 { [1, 3, 40, 5000][row % 4] } else { 0 },
+                        top_p: if k & 2 != 0 { [0.9f32, 0.5, 0.05][row % 3] } else { 1.0 },
+                        min_p: if k & 4 != 0 { [0.05f32, 0.3][row % 2] } else { 0.0 },
+                    },
+                    uniform: r.random::<f32>(),
+                },
+            })
+            .collect();
+        let (words, random) = super::runner::draw_words(&draws, rows);
+        assert!(random);
+        let ld = gpu.upload(&logits).unwrap();
+        let dd = gpu.upload(&words).unwrap();
+        let chosen = gpu.alloc::<u32>(2 * rows).unwrap();
+        let parts = gpu.alloc::<u64>(2 * rows * 16).unwrap();
+        let counters = gpu.alloc_zeroed::<u32>(rows).unwrap();
+        launch!(&gpu, &gpu.k.argmax_logprob, (rows as u32, 16, 1), 1024; ld.ptr, vocab as i32, chosen.ptr, chosen.at(rows), parts.ptr, counters.ptr).unwrap();
+        launch!(&gpu, &gpu.k.sample_rows, (rows as u32, 1, 1), 1024; ld.ptr, vocab as i32, dd.ptr, chosen.ptr, chosen.at(rows)).unwrap();
+        let got = read(&gpu, &chosen, 2 * rows);
+        for (t, d) in draws.iter().enumerate() {
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            let want = match d {
+                DeviceDraw::Greedy => argmax(row),
+                DeviceDraw::Random { params, uniform } => {
+                    drawn += 1;
+                    draw(row, params, *uniform)
+                }
+            };
+            assert_eq!(got[t], want, "vocab {vocab} row {t} {d:?}");
+            let lp = row[want as usize] - log_sum_exp(row);
+            let glp = f32::from_bits(got[rows + t]);
+            assert!((glp - lp).abs() <= 1e-4 * lp.abs().max(1.0), "vocab {vocab} row {t}: logprob {glp} vs {lp}");
+        }
+    }
+    assert!(drawn > 100);
 }
 
 /// Rope (both pairings, a partial rotary width) with the bias and the K/V write, against

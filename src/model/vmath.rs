@@ -193,6 +193,28 @@ fn ggml_exp_lane(x: f32) -> f32 {
     (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
 }
 
+#[inline(always)]
+fn ggml_exp_plain(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = ggml_exp_lane(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn ggml_exp_avx2(xs: &mut [f32]) {
+    ggml_exp_plain(xs)
+}
+
+/// `x = exp(x)` for every element, each as `ggml_exp_lane` computes it: the same bits as the
+/// GPU's `ggml_expf` (kernels/pointwise.cuh), which the sampler's weights rely on.
+pub fn ggml_exp_in_place(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::quant_avx2::available() {
+        // SAFETY: the features were just detected.
+        return unsafe { ggml_exp_avx2(xs) };
+    }
+    ggml_exp_plain(xs)
+}
+
 /// Elements llama.cpp's SwiGLU handles per vector (AVX-512); the tail uses libm's `expf`.
 const GGML_SILU_LANES: usize = 16;
 

@@ -1,0 +1,214 @@
+//! A random draw from one row of logits: temperature, top-k, min-p and top-p as thresholds,
+//! then one uniform number walked over the kept tokens in vocabulary order.
+//!
+//! The GPU's `sample_rows` kernel (src/gpu/kernels/sample.cuh) computes the same integers:
+//! each token's weight is `exp((logit - max) * (1 / T))` by ggml's exp polynomial, which both sides
+//! compute to the bit, in 32.32 fixed point, and every sum is of integers. Given the same logits
+//! and the same uniform number, both pick the same token. Nothing is sorted: a thresholds
+//! search and one walk are linear in the vocabulary.
+//!
+//! What is kept (each limit off at its neutral value):
+//! - top-k: tokens whose logit is at least the k-th largest (ties at the k-th all stay);
+//! - min-p: tokens whose weight relative to the best is at least `min_p`;
+//! - top-p: of those, the tokens at or above the highest logit `t` such that their weights sum
+//!   to at least `top_p` of the top-k tokens' weight (ties at `t` all stay).
+
+/// What a random draw needs of a request's sampling parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawParams {
+    /// > 0 (0 is greedy, which does not draw).
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub min_p: f32,
+}
+
+/// Fixed-point scale of the weights: 1.0 (the best token's) is 2^32.
+const ONE: f32 = 4_294_967_296.0;
+
+/// Each token's relative probability `p = exp((l - max) * (1 / T))` and its fixed-point weight
+/// `w = trunc(p * 2^32)`.
+fn weights(logits: &[f32], max: f32, temperature: f32) -> (Vec<f32>, Vec<u64>) {
+    let inv_t = 1.0 / temperature;
+    let mut p: Vec<f32> = logits.iter().map(|&l| (l - max) * inv_t).collect();
+    crate::model::vmath::ggml_exp_in_place(&mut p);
+    let w = p.iter().map(|&x| (x * ONE) as u64).collect();
+    (p, w)
+}
+
+/// The `k`-th largest logit (1-based).
+fn kth_largest(logits: &[f32], k: usize) -> f32 {
+    let mut values = logits.to_vec();
+    let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    *kth
+}
+
+/// The highest logit `t` among the candidates whose weights at or above `t` sum to at least
+/// `target`; `None` when all of them together fall short. Sorts only as long a head of the
+/// candidates as it needs, growing it fourfold at a time.
+fn top_p_floor(logits: &[f32], w: &[u64], mut candidates: Vec<u32>, target: u64) -> Option<f32> {
+    if candidates.iter().map(|&i| w[i as usize]).sum::<u64>() < target {
+        return None;
+    }
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    let mut head_len = 64;
+    loop {
+        let n = head_len.min(candidates.len());
+        let complete = n == candidates.len();
+        if !complete {
+            candidates.select_nth_unstable_by(n - 1, by_logit);
+        }
+        candidates[..n].sort_by(by_logit);
+        let head = &candidates[..n];
+        let boundary = logits[head[n - 1] as usize];
+        let mut sum = 0u64;
+        let mut i = 0;
+        while i < n {
+            let t = logits[head[i] as usize];
+            while i < n && logits[head[i] as usize] == t {
+                sum += w[head[i] as usize];
+                i += 1;
+            }
+            if t == boundary && !complete {
+                // Ties with the head's last logit may lie beyond the head: count them all.
+                let all: u64 = candidates.iter().filter(|&&c| logits[c as usize] >= t).map(|&c| w[c as usize]).sum();
+                if all >= target {
+                    return Some(t);
+                }
+                break;
+            }
+            if sum >= target {
+                return Some(t);
+            }
+        }
+        assert!(!complete, "the candidates' weights reach the target");
+        head_len *= 4;
+    }
+}
+
+/// The token that `uniform` (in [0, 1)) picks from `logits` under `params`.
+pub fn draw(logits: &[f32], params: &DrawParams, uniform: f32) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (p, w) = weights(logits, max, params.temperature);
+    let k_floor = if params.top_k > 0 && params.top_k < logits.len() { kth_largest(logits, params.top_k) } else { f32::NEG_INFINITY };
+    let in_k = |i: usize| logits[i] >= k_floor;
+    let base = |i: usize| in_k(i) && p[i] >= params.min_p;
+    let mut floor = k_floor;
+    if params.top_p < 1.0 {
+        let top_k_weight: u64 = (0..logits.len()).filter(|&i| in_k(i)).map(|i| w[i]).sum();
+        let target = (params.top_p as f64 * top_k_weight as f64).ceil() as u64;
+        let candidates = (0..logits.len() as u32).filter(|&i| base(i as usize)).collect();
+        if let Some(t) = top_p_floor(logits, &w, candidates, target) {
+            floor = floor.max(t);
+        }
+    }
+    let kept = |i: usize| base(i) && logits[i] >= floor;
+    let total: u64 = (0..logits.len()).filter(|&i| kept(i)).map(|i| w[i]).sum();
+    let mut r = (uniform as f64 * total as f64) as u64;
+    for i in (0..logits.len()).filter(|&i| kept(i)) {
+        if r < w[i] {
+            return i as u32;
+        }
+        r -= w[i];
+    }
+    unreachable!("r < total, the sum of the kept weights")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> DrawParams {
+        DrawParams { temperature, top_k, top_p, min_p }
+    }
+
+    /// The kept set by its definition: sorted candidates, cumulative weights.
+    fn kept_reference(logits: &[f32], d: &DrawParams) -> Vec<bool> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (p, w) = weights(logits, max, d.temperature);
+        let mut sorted: Vec<f32> = logits.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let k_floor = if d.top_k > 0 && d.top_k < logits.len() { sorted[d.top_k - 1] } else { f32::NEG_INFINITY };
+        let base: Vec<bool> = (0..logits.len()).map(|i| logits[i] >= k_floor && p[i] >= d.min_p).collect();
+        let mut floor = k_floor;
+        if d.top_p < 1.0 {
+            let m: u64 = (0..logits.len()).filter(|&i| logits[i] >= k_floor).map(|i| w[i]).sum();
+            let target = (d.top_p as f64 * m as f64).ceil() as u64;
+            // Every candidate logit as a threshold, highest first.
+            let mut ts: Vec<f32> = (0..logits.len()).filter(|&i| base[i]).map(|i| logits[i]).collect();
+            ts.sort_by(|a, b| b.total_cmp(a));
+            if let Some(&t) = ts.iter().find(|&&t| (0..logits.len()).filter(|&i| base[i] && logits[i] >= t).map(|i| w[i]).sum::<u64>() >= target) {
+                floor = floor.max(t);
+            }
+        }
+        (0..logits.len()).map(|i| base[i] && logits[i] >= floor).collect()
+    }
+
+    #[test]
+    fn kept_tokens_follow_the_definition_on_random_rows() {
+        let mut r = ChaCha8Rng::seed_from_u64(5);
+        for case in 0..300 {
+            let v = r.random_range(1..700usize);
+            // Coarse logits make ties common; fine ones make them rare.
+            let step = if case % 2 == 0 { 0.25 } else { 1e-3 };
+            let logits: Vec<f32> = (0..v).map(|_| (r.random_range(-40.0f32..40.0) / step).round() * step).collect();
+            let d = params(r.random_range(0.05f32..3.0), [0, 1, 5, 50, 1000][case % 5], [1.0, 0.95, 0.5, 0.01][case % 4], [0.0, 0.0, 0.05, 0.5][(case / 4) % 4]);
+            let kept = kept_reference(&logits, &d);
+            for _ in 0..20 {
+                let id = draw(&logits, &d, r.random::<f32>()) as usize;
+                assert!(kept[id], "case {case}: token {id} is not kept under {d:?}");
+            }
+            assert!(kept.iter().any(|&k| k));
+        }
+    }
+
+    #[test]
+    fn the_walk_matches_the_weights() {
+        // Two tokens of weights 1 and 1/2 (temperature 1, logits 0 and -ln 2): a uniform below
+        // 2/3 picks the first.
+        let logits = [0.0, -std::f32::consts::LN_2];
+        let d = params(1.0, 0, 1.0, 0.0);
+        assert_eq!(draw(&logits, &d, 0.0), 0);
+        assert_eq!(draw(&logits, &d, 0.66), 0);
+        assert_eq!(draw(&logits, &d, 0.67), 1);
+        assert_eq!(draw(&logits, &d, 0.999_999), 1);
+    }
+
+    #[test]
+    fn frequencies_follow_the_probabilities() {
+        let logits = [1.0, 3.0, 2.0, -1.0, 2.5, 0.5];
+        let d = params(0.8, 0, 1.0, 0.0);
+        let mut r = ChaCha8Rng::seed_from_u64(9);
+        let n = 200_000;
+        let mut counts = [0usize; 6];
+        for _ in 0..n {
+            counts[draw(&logits, &d, r.random::<f32>()) as usize] += 1;
+        }
+        let z: f64 = logits.iter().map(|&l| ((l - 3.0) as f64 / 0.8).exp()).sum();
+        for (i, &c) in counts.iter().enumerate() {
+            let want = ((logits[i] - 3.0) as f64 / 0.8).exp() / z;
+            assert!((c as f64 / n as f64 - want).abs() < 0.005, "token {i}: {} vs {want}", c as f64 / n as f64);
+        }
+    }
+
+    #[test]
+    fn limits_cut_the_tail() {
+        let logits = [1.0, 3.0, 2.0, -1.0, 2.5, 0.5];
+        let kept = |d: DrawParams| -> Vec<u32> {
+            let mut ids: Vec<u32> = (0..1000).map(|j| draw(&logits, &d, j as f32 / 1000.0)).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        assert_eq!(kept(params(1.0, 2, 1.0, 0.0)), vec![1, 4]);
+        assert_eq!(kept(params(1.0, 0, 0.01, 0.0)), vec![1]);
+        // exp(-0.5) = 0.61 and exp(-1) = 0.37 of the best: min-p 0.5 keeps two.
+        assert_eq!(kept(params(1.0, 0, 1.0, 0.5)), vec![1, 4]);
+        assert_eq!(kept(params(1.0, 0, 1.0, 0.0)), vec![0, 1, 2, 3, 4, 5]);
+    }
+}
