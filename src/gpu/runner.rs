@@ -187,9 +187,6 @@ impl Choose {
     }
 }
 
-/// Threads of the sampling kernel (kernels/sample.cuh, SAMPLE_THREADS).
-const SAMPLE_THREADS: u32 = 1024;
-
 /// Threads of the RMS norm kernel (NORM_THREADS).
 pub const NORM_THREADS: u32 = 1024;
 
@@ -473,8 +470,7 @@ impl CudaRunner {
         }
         if choose == Choose::Draws {
             // After the argmax: its token gives each row's maximum, and greedy rows keep it.
-            launch!(gpu, &gpu.k.sample_rows, (rows32, 1, 1), SAMPLE_THREADS;
-                ws.logits.ptr, vocab as i32, ws.draws.ptr, ws.chosen.ptr, ws.chosen.at(rows))?;
+            gpu.sample_rows(ws.logits.ptr, vocab, ws.draws.ptr, ws.chosen.ptr, ws.chosen.at(rows), rows)?;
         }
         Ok(())
     }

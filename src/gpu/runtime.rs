@@ -62,7 +62,8 @@ pub struct Kernels {
     pub paged_attention: [[CudaFunction; 2]; 2],
     pub silu_mul_bf16: CudaFunction,
     pub argmax_logprob: CudaFunction,
-    pub sample_rows: CudaFunction,
+    /// Random draws by blocks per row (`sample_rows_c1`, `_c2`, `_c4`, `_c8`).
+    pub sample_rows: [CudaFunction; 4],
     pub gemm_m16: CudaFunction,
     pub gemm_m64: CudaFunction,
     pub gemm_m128: CudaFunction,
@@ -114,6 +115,9 @@ pub struct Gpu {
     pub gemv_split: bool,
     capability_major: u32,
 }
+
+/// Threads of a `sample_rows` block (kernels/sample.cuh, SAMPLE_THREADS).
+const SAMPLE_THREADS: u32 = 1024;
 
 /// Bytes of cuBLAS scratch (what it asks for on Hopper).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
@@ -210,7 +214,7 @@ impl Gpu {
             ],
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
-            sample_rows: f("sample_rows")?,
+            sample_rows: [f("sample_rows_c1")?, f("sample_rows_c2")?, f("sample_rows_c4")?, f("sample_rows_c8")?],
             gemm_m16: f("gemm_m16")?,
             gemm_m64: f("gemm_m64")?,
             gemm_m128: f("gemm_m128")?,
@@ -388,6 +392,18 @@ impl Gpu {
         };
         let grid = (n.div_ceil(rows_per_block) as u32, 1, 1);
         crate::launch!(self, f, grid, 128; w, y, n as i32, k as i32, args)
+    }
+
+    /// Each row's random draw (kernels/sample.cuh) over `rows` logits rows, after the argmax
+    /// has filled `ids` and `logprobs`. A row's blocks form one cluster (compute capability
+    /// 9.0): as many as leave every row a share of the multiprocessors, up to 8.
+    pub fn sample_rows(&self, logits: u64, vocab: usize, draws: u64, ids: u64, logprobs: u64, rows: usize) -> Result<()> {
+        let (variant, cluster) = if self.capability_major >= 9 {
+            [(3, 8u32), (2, 4), (1, 2), (0, 1)].into_iter().find(|&(_, c)| c as usize * rows <= self.multiprocessors).unwrap_or((0, 1))
+        } else {
+            (0, 1)
+        };
+        crate::launch!(self, &self.k.sample_rows[variant], (rows as u32, cluster, 1), SAMPLE_THREADS; logits, vocab as i32, draws, ids, logprobs)
     }
 
     /// The batch-invariant product (kernels/gemm.cuh, `gemm_tile`).
