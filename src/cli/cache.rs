@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::{EngineArgs, ModelArgs};
-use crate::engine::disk::{folder, gguf_fingerprint, SaveMode};
+use crate::engine::disk::{dummy_fingerprint, folder, gguf_fingerprint, SaveMode};
 use crate::engine::{DiskCache, Engine, SamplingParams};
 use crate::model::LoadedModel;
 
@@ -51,7 +51,10 @@ impl PromptCacheArgs {
 
     fn open(&self, engine: &Engine, loaded: &LoadedModel) -> anyhow::Result<Option<DiskCache>> {
         let Some(dir) = &self.prompt_cache_dir else { return Ok(None) };
-        let fingerprint = gguf_fingerprint(&loaded.path).with_context(|| format!("cannot fingerprint {}", loaded.path.display()))?;
+        let fingerprint = match loaded.dummy_seed {
+            Some(seed) => dummy_fingerprint(&loaded.path.to_string_lossy(), seed),
+            None => gguf_fingerprint(&loaded.path).with_context(|| format!("cannot fingerprint {}", loaded.path.display()))?,
+        };
         let identity = engine.disk_identity(fingerprint);
         let name = loaded.path.file_name().map_or_else(|| loaded.model.config().name.clone(), |n| n.to_string_lossy().into_owned());
         let disk = DiskCache::open(dir, self.prompt_cache_bytes, identity, &name).context("--prompt-cache-dir is not usable")?;

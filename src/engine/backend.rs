@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::sampler::DeviceDraw;
+use super::tiering::BlockStore;
 use crate::model::{FlatBatch, KvCache, Llama, ModelConfig};
 
 /// A loaded model, shareable between engines (weights are read-only).
@@ -48,6 +49,18 @@ impl ModelHandle {
 
     pub fn is_cpu(&self) -> bool {
         matches!(self, ModelHandle::Cpu(_))
+    }
+
+    /// What tells this model's K/V values from those the same weights give elsewhere: 0 on the
+    /// CPU (whose kernel family the weights' fingerprint covers), else a tag of the GPU path and
+    /// its products' mode. Mixed into the prompt cache's identity, so that a block computed one
+    /// way is never loaded by another.
+    pub fn arithmetic_tag(&self) -> u128 {
+        match self {
+            ModelHandle::Cpu(_) => 0,
+            #[cfg(feature = "cuda")]
+            ModelHandle::Cuda(w) => xxhash_rust::xxh3::xxh3_128(format!("cuda bf16 {:?}", w.gpu.gemm_kind).as_bytes()),
+        }
     }
 
     /// KV-cache bytes when none are configured: a quarter of available host memory on the
@@ -134,12 +147,12 @@ impl Backend {
         }
     }
 
-    /// The host-memory KV cache (the disk tier reads and fills its blocks).
-    pub fn cpu_kv(&mut self) -> Option<&mut KvCache> {
+    /// The KV blocks, as the disk tier reads and fills them.
+    pub fn block_store(&mut self) -> &mut dyn BlockStore {
         match self {
-            Backend::Cpu { kv, .. } => Some(kv),
+            Backend::Cpu { kv, .. } => kv,
             #[cfg(feature = "cuda")]
-            _ => None,
+            Backend::Cuda(runner) => runner.as_mut(),
         }
     }
 }

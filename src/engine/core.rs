@@ -67,8 +67,6 @@ pub enum EngineError {
     BadParams(String),
     #[error("the prompt cache folder holds blocks of another layout ({0:?}) than this engine's")]
     DiskLayout(Box<Identity>),
-    #[error("the prompt cache on disk works with the CPU backend only (this engine runs on {0})")]
-    DiskNeedsCpu(String),
     #[error("cannot set up the engine on {device}: {message}")]
     Setup { device: String, message: String },
 }
@@ -168,7 +166,13 @@ impl Engine {
     }
 
     /// What identifies this engine's KV blocks on disk, given the model file's fingerprint.
+    /// The prompt cache identity of this engine for weights of `fingerprint`: its layout, and
+    /// the fingerprint mixed with how this backend computes K/V (`arithmetic_tag`).
     pub fn disk_identity(&self, fingerprint: u128) -> Identity {
+        self.disk_layout(fingerprint ^ self.model.arithmetic_tag())
+    }
+
+    fn disk_layout(&self, fingerprint: u128) -> Identity {
         let c = self.model.config();
         Identity {
             fingerprint,
@@ -184,11 +188,8 @@ impl Engine {
     /// leaving memory (or finishing requests) are written there. Its identity must be this
     /// engine's layout (the fingerprint is the caller's word).
     pub fn attach_disk_cache(&mut self, disk: DiskCache) -> Result<(), EngineError> {
-        if !self.model.is_cpu() {
-            return Err(EngineError::DiskNeedsCpu(self.model.device()));
-        }
         let identity = *disk.identity();
-        if identity != self.disk_identity(identity.fingerprint) {
+        if identity != self.disk_layout(identity.fingerprint) {
             return Err(EngineError::DiskLayout(Box::new(identity)));
         }
         self.blocks.record_evictions();
@@ -311,14 +312,13 @@ impl Engine {
 
     fn step_on_pool(&mut self) -> candle_core::Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.pending_events);
-        // The disk tier is attached only to CPU engines, so the cache is in host memory.
-        if let (Some(disk), Some(kv)) = (&self.disk, self.backend.cpu_kv()) {
+        if let Some(disk) = &self.disk {
             let slots = self.scheduler.config.max_num_seqs.saturating_sub(self.scheduler.running.len());
-            tiering::fill_from_disk(disk, &mut self.blocks, kv, &self.scheduler.waiting, slots);
+            tiering::fill_from_disk(disk, &mut self.blocks, self.backend.block_store(), &self.scheduler.waiting, slots);
         }
         let scheduled = self.scheduler.schedule(&mut self.blocks);
-        if let (Some(disk), Some(kv)) = (&self.disk, self.backend.cpu_kv()) {
-            tiering::spill_evicted(disk, &mut self.blocks, kv);
+        if let Some(disk) = &self.disk {
+            tiering::spill_evicted(disk, &mut self.blocks, self.backend.block_store());
         }
         self.last_step = scheduled.clone();
         if scheduled.is_empty() {
@@ -386,8 +386,8 @@ impl Engine {
         for id in finished {
             let pos = self.scheduler.running.iter().position(|s| s.id == id).expect("finished sequence is running");
             let seq = self.scheduler.running.remove(pos);
-            if let (Some(disk), Some(kv)) = (&self.disk, self.backend.cpu_kv()) {
-                tiering::save_sequence(disk, kv, &seq, block_size);
+            if let Some(disk) = &self.disk {
+                tiering::save_sequence(disk, self.backend.block_store(), &seq, block_size);
             }
             apply_retention(&mut self.blocks, &seq);
             self.blocks.release(&seq.block_table);

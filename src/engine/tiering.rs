@@ -18,50 +18,67 @@ use super::sequence::Sequence;
 use crate::model::batch::RELEASED_BLOCK;
 use crate::model::KvCache;
 
-/// A block's K and V bytes: layer by layer, K then V, f16 little-endian.
-pub fn block_bytes(kv: &KvCache, id: BlockId) -> Vec<u8> {
-    let n = kv.block_size * kv.token_width;
-    let start = id as usize * n;
-    let mut out = Vec::with_capacity(kv.layers.len() * 4 * n);
-    for layer in &kv.layers {
-        for half in [&layer.k, &layer.v] {
-            out.extend(half[start..start + n].iter().flat_map(|x| x.to_bits().to_le_bytes()));
-        }
-    }
-    out
+/// Where a backend keeps its KV blocks, as the disk tier reads and fills them. A block's bytes
+/// are its K and V, layer by layer, K then V, f16 little-endian, whatever holds them.
+pub trait BlockStore {
+    fn block_bytes(&self, id: BlockId) -> Result<Vec<u8>, String>;
+    /// Fills a block from bytes laid out as `block_bytes` makes them.
+    fn fill_block(&mut self, id: BlockId, bytes: &[u8]) -> Result<(), String>;
 }
 
-/// Fills a block from bytes laid out as `block_bytes` makes them.
-pub fn fill_block(kv: &mut KvCache, id: BlockId, bytes: &[u8]) {
-    let n = kv.block_size * kv.token_width;
-    assert_eq!(bytes.len(), kv.layers.len() * 4 * n, "block payload of the wrong size");
-    let start = id as usize * n;
-    let mut chunks = bytes.chunks_exact(2 * n);
-    for layer in &mut kv.layers {
-        for half in [&mut layer.k, &mut layer.v] {
-            let src = chunks.next().expect("sized above");
-            for (dst, b) in half[start..start + n].iter_mut().zip(src.chunks_exact(2)) {
-                *dst = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+impl BlockStore for KvCache {
+    fn block_bytes(&self, id: BlockId) -> Result<Vec<u8>, String> {
+        let n = self.block_size * self.token_width;
+        let start = id as usize * n;
+        let mut out = Vec::with_capacity(self.layers.len() * 4 * n);
+        for layer in &self.layers {
+            for half in [&layer.k, &layer.v] {
+                out.extend(half[start..start + n].iter().flat_map(|x| x.to_bits().to_le_bytes()));
             }
         }
+        Ok(out)
+    }
+
+    fn fill_block(&mut self, id: BlockId, bytes: &[u8]) -> Result<(), String> {
+        let n = self.block_size * self.token_width;
+        assert_eq!(bytes.len(), self.layers.len() * 4 * n, "block payload of the wrong size");
+        let start = id as usize * n;
+        let mut chunks = bytes.chunks_exact(2 * n);
+        for layer in &mut self.layers {
+            for half in [&mut layer.k, &mut layer.v] {
+                let src = chunks.next().expect("sized above");
+                for (dst, b) in half[start..start + n].iter_mut().zip(src.chunks_exact(2)) {
+                    *dst = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Queues a block for the disk (a block that cannot be read is left out, and said so).
+fn save(disk: &DiskCache, kv: &dyn BlockStore, id: BlockId, hash: u64, mode: SaveMode) {
+    match kv.block_bytes(id) {
+        Ok(bytes) => disk.save(hash, bytes, mode),
+        Err(e) => tracing::warn!("KV block {id} not written to the prompt cache: {e}"),
     }
 }
 
 /// Writes the named blocks that allocation just evicted, while their contents are intact.
-pub fn spill_evicted(disk: &DiskCache, blocks: &mut BlockManager, kv: &KvCache) {
+pub fn spill_evicted(disk: &DiskCache, blocks: &mut BlockManager, kv: &dyn BlockStore) {
     for (id, hash) in blocks.take_evicted() {
         if disk.wants(hash) {
-            disk.save(hash, block_bytes(kv, id), SaveMode::Wait);
+            save(disk, kv, id, hash, SaveMode::Wait);
         }
     }
 }
 
 /// Writes a finishing sequence's full, computed blocks that are not on disk yet.
-pub fn save_sequence(disk: &DiskCache, kv: &KvCache, seq: &Sequence, block_size: usize) {
+pub fn save_sequence(disk: &DiskCache, kv: &dyn BlockStore, seq: &Sequence, block_size: usize) {
     let full = (seq.num_computed / block_size).min(seq.block_hashes.len()).min(seq.block_table.len());
     for (&id, &hash) in seq.block_table[..full].iter().zip(&seq.block_hashes) {
         if id != RELEASED_BLOCK && disk.wants(hash) {
-            disk.save(hash, block_bytes(kv, id), disk.write_through());
+            save(disk, kv, id, hash, disk.write_through());
         }
     }
 }
@@ -70,7 +87,7 @@ pub fn save_sequence(disk: &DiskCache, kv: &KvCache, seq: &Sequence, block_size:
 /// `slots` waiting ones), as far as each prefix continues on disk or in memory. A request is
 /// served only while free blocks remain for all of it, so loading never evicts what the step
 /// is about to use. Returns the blocks loaded.
-pub fn fill_from_disk(disk: &DiskCache, blocks: &mut BlockManager, kv: &mut KvCache, waiting: &VecDeque<Sequence>, slots: usize) -> usize {
+pub fn fill_from_disk(disk: &DiskCache, blocks: &mut BlockManager, kv: &mut dyn BlockStore, waiting: &VecDeque<Sequence>, slots: usize) -> usize {
     let block_size = blocks.block_size();
     // Blocks held until the end, so one request's loads never evict another's (or its own
     // cached head); released together, they are the most recently freed and found by lookup.
@@ -107,15 +124,15 @@ pub fn fill_from_disk(disk: &DiskCache, blocks: &mut BlockManager, kv: &mut KvCa
             let Some(id) = blocks.allocate() else { break };
             spill_evicted(disk, blocks, kv);
             held.push(id);
-            match disk.load(hash) {
-                Some(bytes) => {
-                    fill_block(kv, id, &bytes);
-                    blocks.add_loaded(id, hash);
-                    loaded += 1;
-                }
-                // A bad file (removed by now): the prefix continues in memory only.
-                None => break,
+            let Some(bytes) = disk.load(hash) else {
+                break; // a bad file (removed by now): the prefix continues in memory only
+            };
+            if let Err(e) = kv.fill_block(id, &bytes) {
+                tracing::warn!("KV block {id} not loaded from the prompt cache: {e}");
+                break;
             }
+            blocks.add_loaded(id, hash);
+            loaded += 1;
         }
     }
     blocks.release(&held);

@@ -11,7 +11,9 @@ use half::{bf16, f16};
 
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Result};
 use super::weights::CudaWeights;
+use crate::engine::block_manager::BlockId;
 use crate::engine::sampler::DeviceDraw;
+use crate::engine::tiering::BlockStore;
 use crate::launch;
 use crate::model::batch::FlatBatch;
 use crate::model::config::RopeStyle;
@@ -166,6 +168,39 @@ pub(super) fn draw_words(draws: &[DeviceDraw], rows: usize) -> (Vec<u32>, bool) 
     (words, random)
 }
 
+/// The GPU's KV blocks for the prompt cache on disk: per layer, a block's K (then V) is one run
+/// of `block_size` tokens' f16 values, laid out as the CPU's (tiering.rs).
+impl BlockStore for CudaRunner {
+    fn block_bytes(&self, id: BlockId) -> std::result::Result<Vec<u8>, String> {
+        let n = self.block_values();
+        let mut out = Vec::with_capacity(self.k.len() * 4 * n);
+        let mut host = vec![f16::ZERO; n];
+        for (k, v) in self.k.iter().zip(&self.v) {
+            for half in [k, v] {
+                self.weights.gpu.read_at(half, id as usize * n, &mut host).map_err(|e| e.to_string())?;
+                out.extend(host.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn fill_block(&mut self, id: BlockId, bytes: &[u8]) -> std::result::Result<(), String> {
+        let n = self.block_values();
+        if bytes.len() != self.k.len() * 4 * n || id as usize >= self.num_blocks {
+            return Err(format!("a block payload of {} bytes for block {id}", bytes.len()));
+        }
+        let gpu = Arc::clone(&self.weights.gpu);
+        let mut chunks = bytes.chunks_exact(2 * n);
+        for (k, v) in self.k.iter_mut().zip(self.v.iter_mut()) {
+            for half in [k, v] {
+                let host: Vec<f16> = chunks.next().expect("sized above").chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+                gpu.write_at(&host, half, id as usize * n).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a forward pass leaves for the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Choose {
@@ -211,6 +246,12 @@ struct PlanPointers {
 const PLAN_WORDS: usize = 4;
 
 impl CudaRunner {
+    /// f16 values of one block's K (or V) in one layer.
+    fn block_values(&self) -> usize {
+        let c = &self.weights.config;
+        self.block_size * c.n_kv_head * c.head_dim
+    }
+
     /// Device bytes of activations for a step of `tokens` tokens and `rows` logits rows.
     pub fn workspace_bytes(weights: &CudaWeights, tokens: usize, rows: usize) -> usize {
         WorkspaceSizes::new(weights, tokens, rows).bytes()

@@ -283,22 +283,33 @@ impl Gpu {
 
     /// Copies `host` to the start of `dst`.
     pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut Buf<T>) -> Result<()> {
-        assert!(host.len() <= dst.len);
+        self.write_at(host, dst, 0)
+    }
+
+    /// Copies `host` into `dst` from element `offset` on.
+    pub fn write_at<T: DeviceRepr>(&self, host: &[T], dst: &mut Buf<T>, offset: usize) -> Result<()> {
+        assert!(offset + host.len() <= dst.len);
         if host.is_empty() {
             return Ok(());
         }
-        let mut view = dst.slice.slice_mut(0..host.len());
+        let mut view = dst.slice.slice_mut(offset..offset + host.len());
         self.stream.memcpy_htod(host, &mut view)?;
         Ok(())
     }
 
     /// Copies the first `host.len()` elements of `src` to `host`, waiting for the stream.
     pub fn read<T: DeviceRepr>(&self, src: &Buf<T>, host: &mut [T]) -> Result<()> {
-        assert!(host.len() <= src.len);
+        self.read_at(src, 0, host)
+    }
+
+    /// Copies `host.len()` elements of `src` from element `offset` on to `host`, waiting for
+    /// the stream.
+    pub fn read_at<T: DeviceRepr>(&self, src: &Buf<T>, offset: usize, host: &mut [T]) -> Result<()> {
+        assert!(offset + host.len() <= src.len);
         if host.is_empty() {
             return Ok(());
         }
-        let view = src.slice.slice(0..host.len());
+        let view = src.slice.slice(offset..offset + host.len());
         self.stream.memcpy_dtoh(&view, host)?;
         self.stream.synchronize()?;
         Ok(())

@@ -58,6 +58,8 @@ pub struct LoadedModel {
     /// None when the model ships no chat template.
     pub chat_template: Option<ChatTemplate>,
     pub path: PathBuf,
+    /// The seed of dummy weights (`path` then names their preset).
+    pub dummy_seed: Option<u64>,
 }
 
 /// The files of a model path: a GGUF file, or a folder holding one GGUF file and optionally
@@ -110,7 +112,7 @@ pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelErro
         #[cfg(feature = "cuda")]
         Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(crate::gpu::CudaWeights::from_gguf(gpu.clone(), &mut file, config)?)),
     };
-    Ok(LoadedModel { model, tokenizer, chat_template, path: gguf_path })
+    Ok(LoadedModel { model, tokenizer, chat_template, path: gguf_path, dummy_seed: None })
 }
 
 /// A model of a preset's shape with dummy weights drawn from `seed` (`presets.rs`); it has no
@@ -125,7 +127,7 @@ pub fn load_dummy(name: &str, seed: u64, placement: &Placement) -> Result<Loaded
             crate::gpu::CudaWeights::dummy(gpu.clone(), &preset, seed).map_err(|e| ModelError::Invalid(e.to_string()))?,
         )),
     };
-    Ok(LoadedModel { model, tokenizer: TextTokenizer::ids_only(preset.vocab_size), chat_template: None, path: PathBuf::from(name) })
+    Ok(LoadedModel { model, tokenizer: TextTokenizer::ids_only(preset.vocab_size), chat_template: None, path: PathBuf::from(name), dummy_seed: Some(seed) })
 }
 
 /// The model path to use: the flag, else `BRAID_MODEL`, else the default model.

@@ -45,3 +45,11 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
     }
     Ok(h.digest128())
 }
+
+/// The fingerprint of dummy weights (`--load-format dummy`): the preset and seed they are drawn
+/// from, and what computes the K/V from them.
+pub fn dummy_fingerprint(preset: &str, seed: u64) -> u128 {
+    let mut h = Xxh3::new();
+    h.update(format!("braid {} kernels {}; dummy {preset} seed {seed}", env!("CARGO_PKG_VERSION"), crate::model::linear::kernel_family()).as_bytes());
+    h.digest128()
+}

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
-pub use fingerprint::gguf_fingerprint;
+pub use fingerprint::{dummy_fingerprint, gguf_fingerprint};
 pub use format::{FormatError, Header, Identity};
 
 /// Bytes of block copies that may wait for the writer; beyond that, an eviction waits for room
