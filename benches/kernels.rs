@@ -1,5 +1,6 @@
 //! Microbenchmarks of braid's CPU kernels: quantized matrix products at decode and prefill
-//! batch sizes, and paged attention. Run with `cargo bench --bench kernels`.
+//! batch sizes, paged attention, and the sampler's random draw. Run with `cargo bench --bench
+//! kernels`.
 
 use std::sync::Arc;
 
@@ -66,5 +67,24 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, attention);
+fn sampling(c: &mut Criterion) {
+    use braid::engine::draw::{draw, DrawParams};
+    use braid::engine::sampler::{log_sum_exp, top_k_indices};
+    let mut group = c.benchmark_group("sampling");
+    // SmolLM2's vocabulary and Llama 3's, logits spread like a trained model's.
+    for vocab in [49_152usize, 128_256] {
+        let logits: Vec<f32> = random(vocab, 5).iter().map(|x| x * 24.0).collect();
+        for (name, top_p) in [("T0.8", 1.0f32), ("T0.8 top-p 0.9", 0.9)] {
+            let params = DrawParams { temperature: 0.8, top_k: 0, top_p, min_p: 0.0 };
+            group.bench_function(format!("draw {name}/{vocab}"), |b| b.iter(|| draw(&logits, &params, 0.37)));
+        }
+        // The logprob every sampled token reports, and the full sort the sampler used to make
+        // of every row before the draw walked it in order (kept for comparison).
+        group.bench_function(format!("log_sum_exp/{vocab}"), |b| b.iter(|| log_sum_exp(&logits)));
+        group.bench_function(format!("sort of the row (former draw)/{vocab}"), |b| b.iter(|| top_k_indices(&logits, vocab)));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matmul, attention, sampling);
 criterion_main!(benches);
