@@ -46,47 +46,46 @@ fn kth_largest(logits: &[f32], k: usize) -> f32 {
     *kth
 }
 
+/// Buckets of the top-p search, by logit below the best.
+const TOP_P_BUCKETS: usize = 256; // (a bucket's index fits a byte)
+/// Temperatures below the best logit that the buckets span: past 23, a weight is below 2^-33 of
+/// the best and truncates to 0 (the last bucket takes those).
+const TOP_P_SPAN: f32 = 23.0;
+
 /// The highest logit `t` among the candidates whose weights at or above `t` sum to at least
-/// `target`; `None` when all of them together fall short. Sorts only as long a head of the
-/// candidates as it needs, growing it fourfold at a time.
-fn top_p_floor(logits: &[f32], w: &[u64], mut candidates: Vec<u32>, target: u64) -> Option<f32> {
-    if candidates.iter().map(|&i| w[i as usize]).sum::<u64>() < target {
-        return None;
+/// `target`; `None` when all of them together fall short. One pass adds the weights up in
+/// buckets of logit (each bucket's logits above the next's); only the bucket where the sum
+/// reaches the target is sorted.
+fn top_p_floor(logits: &[f32], w: &[u64], candidates: &[u32], target: u64, max: f32, temperature: f32) -> Option<f32> {
+    let per_logit = TOP_P_BUCKETS as f32 / (TOP_P_SPAN * temperature);
+    // Monotone in the logit: equal logits share a bucket, higher ones never come later.
+    let bucket = |l: f32| (((max - l) * per_logit) as usize).min(TOP_P_BUCKETS - 1);
+    let buckets: Vec<u8> = candidates.iter().map(|&c| bucket(logits[c as usize]) as u8).collect();
+    let mut mass = [0u64; TOP_P_BUCKETS];
+    for (&c, &b) in candidates.iter().zip(&buckets) {
+        mass[b as usize] += w[c as usize];
     }
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
-    let mut head_len = 64;
-    loop {
-        let n = head_len.min(candidates.len());
-        let complete = n == candidates.len();
-        if !complete {
-            candidates.select_nth_unstable_by(n - 1, by_logit);
+    let mut above = 0u64;
+    let crossing = mass.iter().position(|&m| {
+        above += m;
+        above >= target
+    })?;
+    above -= mass[crossing];
+    let mut inside: Vec<u32> = candidates.iter().zip(&buckets).filter(|&(_, &b)| b as usize == crossing).map(|(&c, _)| c).collect();
+    inside.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+    let mut sum = above;
+    let mut i = 0;
+    while i < inside.len() {
+        let t = logits[inside[i] as usize];
+        while i < inside.len() && logits[inside[i] as usize] == t {
+            sum += w[inside[i] as usize];
+            i += 1;
         }
-        candidates[..n].sort_by(by_logit);
-        let head = &candidates[..n];
-        let boundary = logits[head[n - 1] as usize];
-        let mut sum = 0u64;
-        let mut i = 0;
-        while i < n {
-            let t = logits[head[i] as usize];
-            while i < n && logits[head[i] as usize] == t {
-                sum += w[head[i] as usize];
-                i += 1;
-            }
-            if t == boundary && !complete {
-                // Ties with the head's last logit may lie beyond the head: count them all.
-                let all: u64 = candidates.iter().filter(|&&c| logits[c as usize] >= t).map(|&c| w[c as usize]).sum();
-                if all >= target {
-                    return Some(t);
-                }
-                break;
-            }
-            if sum >= target {
-                return Some(t);
-            }
+        if sum >= target {
+            return Some(t);
         }
-        assert!(!complete, "the candidates' weights reach the target");
-        head_len *= 4;
     }
+    unreachable!("the crossing bucket's weights reach the target")
 }
 
 /// The token that `uniform` (in [0, 1)) picks from `logits` under `params`.
@@ -100,8 +99,8 @@ pub fn draw(logits: &[f32], params: &DrawParams, uniform: f32) -> u32 {
     if params.top_p < 1.0 {
         let top_k_weight: u64 = (0..logits.len()).filter(|&i| in_k(i)).map(|i| w[i]).sum();
         let target = (params.top_p as f64 * top_k_weight as f64).ceil() as u64;
-        let candidates = (0..logits.len() as u32).filter(|&i| base(i as usize)).collect();
-        if let Some(t) = top_p_floor(logits, &w, candidates, target) {
+        let candidates: Vec<u32> = (0..logits.len() as u32).filter(|&i| base(i as usize)).collect();
+        if let Some(t) = top_p_floor(logits, &w, &candidates, target, max, params.temperature) {
             floor = floor.max(t);
         }
     }
