@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::sampler::DeviceDraw;
+use super::sampler::RowChoice;
 use super::tiering::BlockStore;
 use crate::model::{FlatBatch, KvCache, Llama, ModelConfig};
 
@@ -107,32 +107,29 @@ pub enum Backend {
     Cuda(Box<crate::gpu::CudaRunner>),
 }
 
-/// A step's output for the rows whose logits were asked for.
-pub enum Logits {
-    /// Full logits rows, for the host's sampler.
-    Rows(Vec<Vec<f32>>),
-    /// Each row's token and its log-probability, chosen where the logits are.
-    Chosen(Vec<(u32, f32)>),
+/// A step's output for one row whose logits were asked for.
+pub enum RowOutput {
+    /// The logits, for the host's sampler.
+    Logits(Vec<f32>),
+    /// The token and its log-probability, chosen where the logits are.
+    Chosen(u32, f32),
 }
 
 impl Backend {
-    /// Whether `forward` can choose tokens itself (`draws`): the GPU then sends back token ids
+    /// Whether `forward` can choose tokens itself (`choices`): the GPU then sends back token ids
     /// instead of logits rows. The CPU always returns rows.
     pub fn draws_on_device(&self) -> bool {
         !matches!(self, Backend::Cpu { .. })
     }
 
-    /// One forward pass. With `draws` (one per logits row, where `draws_on_device`), the
-    /// backend chooses each row's token itself.
-    pub fn forward(&mut self, batch: &FlatBatch, draws: Option<&[DeviceDraw]>) -> candle_core::Result<Logits> {
-        let _ = draws;
+    /// One forward pass: one output per logits row. With `choices` (one per logits row, where
+    /// `draws_on_device`), the backend chooses the rows' tokens itself but for `Host` rows.
+    pub fn forward(&mut self, batch: &FlatBatch, choices: Option<&[RowChoice]>) -> candle_core::Result<Vec<RowOutput>> {
+        let _ = choices;
         match self {
-            Backend::Cpu { model, kv } => Ok(Logits::Rows(model.forward(batch, kv)?.to_vec2::<f32>()?)),
+            Backend::Cpu { model, kv } => Ok(model.forward(batch, kv)?.to_vec2::<f32>()?.into_iter().map(RowOutput::Logits).collect()),
             #[cfg(feature = "cuda")]
-            Backend::Cuda(runner) => Ok(match runner.forward(batch, draws)? {
-                crate::gpu::StepOutput::Logits(rows) => Logits::Rows(rows),
-                crate::gpu::StepOutput::Chosen(tokens) => Logits::Chosen(tokens),
-            }),
+            Backend::Cuda(runner) => Ok(runner.forward(batch, choices)?),
         }
     }
 

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use crate::model::batch::{Window, RELEASED_BLOCK};
 use crate::model::{FlatBatch, KvCache};
 
-use super::backend::{Backend, Logits, ModelHandle};
+use super::backend::{Backend, ModelHandle, RowOutput};
 use super::block_manager::{block_hash, BlockManager};
 use super::disk::{DiskCache, DiskStats, Identity};
 use super::retention::RetentionPlan;
-use super::sampler::{DeviceDraw, SampledToken, SamplingParams};
+use super::sampler::{RowChoice, SampledToken, SamplingParams};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig};
 use super::sequence::{RequestId, Sequence};
 use super::{tiering, FinishReason};
@@ -336,17 +336,14 @@ impl Engine {
             samples.push(sample);
         }
         // Requests without penalties, bias or alternatives can take their token from the
-        // backend (on a GPU: token ids come back instead of logits), all of a step or none.
-        let on_device = self.backend.draws_on_device()
-            && scheduled.iter().zip(&samples).all(|(s, &sample)| !sample || self.scheduler.running[index[&s.id]].sampler.samples_anywhere());
-        let draws: Option<Vec<DeviceDraw>> = on_device.then(|| {
+        // backend (on a GPU: token ids come back instead of logits); the others' logits rows
+        // come back to the host's sampler.
+        let choices: Option<Vec<RowChoice>> = self.backend.draws_on_device().then(|| {
             let sampled = scheduled.iter().zip(&samples).filter(|&(_, &sample)| sample);
-            sampled.map(|(s, _)| self.scheduler.running[index[&s.id]].sampler.device_draw()).collect()
+            sampled.map(|(s, _)| self.scheduler.running[index[&s.id]].sampler.row_choice()).collect()
         });
-        let (mut rows, mut chosen) = match self.backend.forward(&batch, draws.as_deref())? {
-            Logits::Rows(rows) => (rows.into_iter(), Vec::new().into_iter()),
-            Logits::Chosen(tokens) => (Vec::new().into_iter(), tokens.into_iter()),
-        };
+        let outputs = self.backend.forward(&batch, choices.as_deref())?;
+        let mut tokens = sample_rows(&mut self.scheduler.running, &index, &scheduled, &samples, outputs);
         let block_size = self.blocks.block_size();
         let mut finished = Vec::new();
         for (s, sample) in scheduled.iter().zip(samples) {
@@ -359,13 +356,7 @@ impl Engine {
             if !sample {
                 continue;
             }
-            let token = match rows.next() {
-                Some(mut row) => seq.sampler.sample(&mut row),
-                None => {
-                    let (id, logprob) = chosen.next().expect("one logits row or token per sampled sequence");
-                    SampledToken { id, logprob, top: Vec::new() }
-                }
-            };
+            let token = tokens[index[&s.id]].take().expect("a token per sampled sequence");
             seq.sampler.observe(token.id);
             seq.tokens.push(token.id);
             self.generated_tokens += 1;
@@ -394,6 +385,28 @@ impl Engine {
         }
         Ok(events)
     }
+}
+
+/// The sampled rows' tokens, indexed like `running`: those the backend chose, and the host
+/// sampler's from the other rows' logits, drawn in parallel (each request's sampler has its own
+/// generator, so the order makes no difference).
+fn sample_rows(running: &mut [Sequence], index: &HashMap<RequestId, usize>, scheduled: &[Scheduled], samples: &[bool], outputs: Vec<RowOutput>) -> Vec<Option<SampledToken>> {
+    use rayon::prelude::*;
+    let mut rows: Vec<Option<RowOutput>> = (0..running.len()).map(|_| None).collect();
+    let mut outputs = outputs.into_iter();
+    for (s, _) in scheduled.iter().zip(samples).filter(|&(_, &sample)| sample) {
+        rows[index[&s.id]] = Some(outputs.next().expect("one output per sampled sequence"));
+    }
+    running
+        .par_iter_mut()
+        .zip(rows.into_par_iter())
+        .map(|(seq, row)| {
+            row.map(|row| match row {
+                RowOutput::Logits(mut logits) => seq.sampler.sample(&mut logits),
+                RowOutput::Chosen(id, logprob) => SampledToken { id, logprob, top: Vec::new() },
+            })
+        })
+        .collect()
 }
 
 /// Gives a leaving sequence's blocks the retention classes of their tokens.

@@ -12,7 +12,7 @@ pub mod sequence;
 pub mod solo;
 pub mod tiering;
 
-pub use backend::{Backend, Logits, ModelHandle};
+pub use backend::{Backend, ModelHandle, RowOutput};
 pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, Event};
 pub use disk::{DiskCache, DiskStats};
 pub use retention::{Retention, RetentionPlan};

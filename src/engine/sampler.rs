@@ -182,24 +182,30 @@ impl Sampler {
         p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.logit_bias.is_empty() && p.top_logprobs == 0
     }
 
-    /// The next token's draw for a backend to make (after `samples_anywhere`): the parameters
-    /// and this request's next uniform number, taken from its generator as `sample` would.
-    pub fn device_draw(&mut self) -> DeviceDraw {
+    /// Who picks the next token where the backend can pick on its device: the device, given
+    /// the parameters and this request's next uniform number (taken from its generator as
+    /// `sample` would take it), unless the logits must reach the host's sampler.
+    pub fn row_choice(&mut self) -> RowChoice {
+        if !self.samples_anywhere() {
+            return RowChoice::Host;
+        }
         if self.params.temperature == 0.0 {
-            return DeviceDraw::Greedy;
+            return RowChoice::Greedy;
         }
         let uniform = self.rng.random::<f32>();
-        DeviceDraw::Random { params: self.draw_params(), uniform }
+        RowChoice::Random { params: self.draw_params(), uniform }
     }
 }
 
-/// One row's choice as a backend makes it on its device.
+/// Who chooses one row's token when the backend can choose on its device.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum DeviceDraw {
-    /// The first maximum.
+pub enum RowChoice {
+    /// The device: the first maximum.
     Greedy,
-    /// `draw::draw(row, params, uniform)`.
+    /// The device: `draw::draw(row, params, uniform)`.
     Random { params: DrawParams, uniform: f32 },
+    /// The host's sampler (penalties, bias or alternatives): the row's logits come back.
+    Host,
 }
 
 pub fn argmax(logits: &[f32]) -> u32 {

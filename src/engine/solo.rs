@@ -3,7 +3,7 @@
 
 use crate::model::FlatBatch;
 
-use super::backend::{Backend, Logits, ModelHandle};
+use super::backend::{Backend, ModelHandle, RowOutput};
 
 use super::sampler::{SampledToken, Sampler, SamplingParams};
 
@@ -26,10 +26,14 @@ pub fn solo_backend(model: &ModelHandle, tokens: usize, step_tokens: usize) -> c
 }
 
 fn logits_rows(backend: &mut Backend, batch: &FlatBatch) -> candle_core::Result<Vec<Vec<f32>>> {
-    match backend.forward(batch, None)? {
-        Logits::Rows(rows) => Ok(rows),
-        Logits::Chosen(_) => candle_core::bail!("the backend chose tokens where logits were asked for"),
-    }
+    backend
+        .forward(batch, None)?
+        .into_iter()
+        .map(|row| match row {
+            RowOutput::Logits(row) => Ok(row),
+            RowOutput::Chosen(..) => candle_core::bail!("the backend chose tokens where logits were asked for"),
+        })
+        .collect()
 }
 
 /// Generates up to `params.max_tokens` tokens after `prompt`.

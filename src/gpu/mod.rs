@@ -6,7 +6,7 @@ pub mod runner;
 pub mod runtime;
 pub mod weights;
 
-pub use runner::{CudaRunner, StepOutput};
+pub use runner::CudaRunner;
 pub use runtime::{available, GemmKind, Gpu, GpuError};
 pub use weights::CudaWeights;
 

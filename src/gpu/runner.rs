@@ -12,7 +12,8 @@ use half::{bf16, f16};
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Result};
 use super::weights::CudaWeights;
 use crate::engine::block_manager::BlockId;
-use crate::engine::sampler::DeviceDraw;
+use crate::engine::backend::RowOutput;
+use crate::engine::sampler::RowChoice;
 use crate::engine::tiering::BlockStore;
 use crate::launch;
 use crate::model::batch::FlatBatch;
@@ -142,24 +143,16 @@ struct PlanOffsets {
     logit_rows: usize,
 }
 
-/// What a forward pass hands back.
-pub enum StepOutput {
-    /// `[rows, vocab]` logits.
-    Logits(Vec<Vec<f32>>),
-    /// Each row's token and its log-probability, chosen on the device.
-    Chosen(Vec<(u32, f32)>),
-}
-
 /// Words of a row's draw (kernels/sample.cuh, `RowDraw`).
 const DRAW_WORDS: usize = 8;
 
 /// The rows' draws as `RowDraw`s, padded with greedy rows to `rows`; and whether any draws at
 /// random (else the argmax alone decides).
-pub(super) fn draw_words(draws: &[DeviceDraw], rows: usize) -> (Vec<u32>, bool) {
+pub(super) fn draw_words(draws: &[RowChoice], rows: usize) -> (Vec<u32>, bool) {
     let mut words = vec![0u32; DRAW_WORDS * rows];
     let mut random = false;
     for (row, draw) in words.chunks_exact_mut(DRAW_WORDS).zip(draws) {
-        if let DeviceDraw::Random { params, uniform } = draw {
+        if let RowChoice::Random { params, uniform } = draw {
             random = true;
             let top_k = u32::try_from(params.top_k).unwrap_or(u32::MAX).min(i32::MAX as u32);
             row[..5].copy_from_slice(&[params.temperature.to_bits(), top_k, params.top_p.to_bits(), params.min_p.to_bits(), uniform.to_bits()]);
@@ -301,8 +294,9 @@ impl CudaRunner {
     }
 
     /// One forward pass. With `draws` (one per logits row), each row's token and its
-    /// log-probability are chosen on the device and only they come back.
-    pub fn forward(&mut self, batch: &FlatBatch, draws: Option<&[DeviceDraw]>) -> Result<StepOutput> {
+    /// log-probability are chosen on the device and only they come back, but for `Host` rows,
+    /// whose logits come back.
+    pub fn forward(&mut self, batch: &FlatBatch, draws: Option<&[RowChoice]>) -> Result<Vec<RowOutput>> {
         let w = Arc::clone(&self.weights);
         let n = batch.tokens.len();
         let rows = batch.logit_rows.len();
@@ -340,12 +334,12 @@ impl CudaRunner {
         let ptrs = PlanPointers { tokens: at(0), positions: at(o[1]), slots: at(o[2]), plans: at(o[3]), tables: at(o[4]), logit_rows: at(o[5]) };
         let choose = Choose::from(draws.is_some(), random);
         self.launch_forward(n, rows, ptrs, choose, decode_only && batch.logit_rows.iter().copied().eq(0..n))?;
-        self.read_output(rows, rows, draws.is_some())
+        self.read_output(rows, rows, draws)
     }
 
     /// A decode step through the graph of its padded batch size, captured on first use.
     /// None when the step does not fit a graph (the caller runs it directly).
-    fn forward_graph(&mut self, batch: &FlatBatch, draws: &[DeviceDraw]) -> Result<Option<StepOutput>> {
+    fn forward_graph(&mut self, batch: &FlatBatch, draws: &[RowChoice]) -> Result<Option<Vec<RowOutput>>> {
         let n = batch.tokens.len();
         let Some(&padded) = GRAPH_BATCHES.iter().find(|&&b| b >= n && b <= self.ws.tokens && b <= self.ws.rows) else { return Ok(None) };
         self.replay(batch, padded, draws)
@@ -365,7 +359,7 @@ impl CudaRunner {
     }
 
     /// `batch`'s decode step padded to `padded` tokens through that size's graph.
-    fn replay(&mut self, batch: &FlatBatch, padded: usize, draws: &[DeviceDraw]) -> Result<Option<StepOutput>> {
+    fn replay(&mut self, batch: &FlatBatch, padded: usize, draws: &[RowChoice]) -> Result<Option<Vec<RowOutput>>> {
         let n = batch.tokens.len();
         let Some(o) = graph_layout(batch, padded, self.block_size, self.num_blocks, &mut self.host_meta)? else { return Ok(None) };
         if self.host_meta.len() > self.graph_meta.len {
@@ -402,27 +396,36 @@ impl CudaRunner {
             }
         }
         self.graphs[&(padded, random)].0.launch()?;
-        self.read_output(n, padded, true).map(Some)
+        self.read_output(n, padded, Some(draws)).map(Some)
     }
 
-    /// Copies back the first `wanted` rows' results of a step with `rows` logits rows: their
-    /// chosen tokens, or their logits.
-    fn read_output(&mut self, wanted: usize, rows: usize, chosen: bool) -> Result<StepOutput> {
+    /// Copies back the first `wanted` rows' results of a step with `rows` logits rows: with
+    /// `choices`, the chosen tokens and the `Host` rows' logits; else every row's logits.
+    fn read_output(&mut self, wanted: usize, rows: usize, choices: Option<&[RowChoice]>) -> Result<Vec<RowOutput>> {
         let gpu = Arc::clone(&self.weights.gpu);
+        let vocab = self.weights.vocab_size;
         if rows == 0 {
             gpu.synchronize()?;
-            return Ok(StepOutput::Logits(Vec::new()));
+            return Ok(Vec::new());
         }
-        if chosen {
-            let mut chosen = vec![0u32; 2 * rows];
-            gpu.read(&self.ws.chosen, &mut chosen)?;
-            let (ids, logprobs) = chosen.split_at(rows);
-            return Ok(StepOutput::Chosen(ids[..wanted].iter().zip(&logprobs[..wanted]).map(|(&id, &lp)| (id, f32::from_bits(lp))).collect()));
-        }
-        let vocab = self.weights.vocab_size;
-        let mut all = vec![0f32; wanted * vocab];
-        gpu.read(&self.ws.logits, &mut all)?;
-        Ok(StepOutput::Logits(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect()))
+        let Some(choices) = choices else {
+            let mut all = vec![0f32; wanted * vocab];
+            gpu.read(&self.ws.logits, &mut all)?;
+            return Ok(all.chunks_exact(vocab).map(|row| RowOutput::Logits(row.to_vec())).collect());
+        };
+        let mut chosen = vec![0u32; 2 * rows];
+        gpu.read(&self.ws.chosen, &mut chosen)?;
+        let (ids, logprobs) = chosen.split_at(rows);
+        (0..wanted)
+            .map(|i| match choices.get(i) {
+                Some(RowChoice::Host) => {
+                    let mut row = vec![0f32; vocab];
+                    gpu.read_at(&self.ws.logits, i * vocab, &mut row)?;
+                    Ok(RowOutput::Logits(row))
+                }
+                _ => Ok(RowOutput::Chosen(ids[i], f32::from_bits(logprobs[i]))),
+            })
+            .collect()
     }
 
     /// Queues a whole forward pass of `n` tokens and `rows` logits rows (no copies, no waits:

@@ -368,7 +368,7 @@ fn argmax_matches_the_sampler() {
 #[test]
 fn sample_rows_match_the_cpu_draw() {
     use crate::engine::draw::{draw, DrawParams};
-    use crate::engine::sampler::{argmax, log_sum_exp, DeviceDraw};
+    use crate::engine::sampler::{argmax, log_sum_exp, RowChoice};
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(29);
     let mut drawn = 0;
@@ -380,10 +380,11 @@ fn sample_rows_match_the_cpu_draw() {
             let step = [0.5f32, 1e-3][row % 2];
             logits.extend((0..vocab).map(|_| (r.random_range(-12.0f32..12.0) / step).round() * step));
         }
-        let draws: Vec<DeviceDraw> = (0..rows)
+        let draws: Vec<RowChoice> = (0..rows)
             .map(|row| match row % 9 {
-                8 => DeviceDraw::Greedy,
-                k => DeviceDraw::Random {
+                8 if row % 2 == 0 => RowChoice::Greedy,
+                8 => RowChoice::Host, // greedy on the device (the host reads the logits)
+                k => RowChoice::Random {
                     params: DrawParams {
                         temperature: [0.3f32, 1.0, 2.5][row % 3],
                         top_k: if k & 1 != 0 { [1, 3, 40, 5000][row % 4] } else { 0 },
@@ -407,8 +408,8 @@ fn sample_rows_match_the_cpu_draw() {
         for (t, d) in draws.iter().enumerate() {
             let row = &logits[t * vocab..(t + 1) * vocab];
             let want = match d {
-                DeviceDraw::Greedy => argmax(row),
-                DeviceDraw::Random { params, uniform } => {
+                RowChoice::Greedy | RowChoice::Host => argmax(row),
+                RowChoice::Random { params, uniform } => {
                     drawn += 1;
                     draw(row, params, *uniform)
                 }
@@ -424,6 +425,51 @@ fn sample_rows_match_the_cpu_draw() {
     }
     assert!(failures.is_empty(), "{} of {drawn} draws differ:\n{}", failures.len(), failures.join("\n"));
     assert!(drawn > 100);
+}
+
+/// One step mixing rows the device chooses (greedy, a draw) with a row whose logits come back
+/// for the host's sampler: the same prompt in three sequences gives the same token three ways
+/// (a draw keeping only the top token), and the host row's logits are whole.
+#[test]
+fn a_step_mixes_device_choices_and_host_rows() {
+    use crate::engine::backend::RowOutput;
+    use crate::engine::draw::DrawParams;
+    use crate::engine::sampler::{argmax, RowChoice};
+    if !available() {
+        eprintln!("no CUDA device: skipped");
+        return;
+    }
+    let placement = crate::model::Placement::cuda(false).expect("the CUDA device opens");
+    let loaded = crate::model::load_dummy("smollm2-135m", 0, &placement).unwrap();
+    let mut backend = loaded.model.backend(3, 16, 64, 64).unwrap();
+    let prompt = [5u32, 900, 17, 4242, 31];
+    let mut batch = FlatBatch::default();
+    for s in 0..3u32 {
+        batch.push(&prompt, prompt.len(), vec![s], true);
+    }
+    let top_one = DrawParams { temperature: 1.0, top_k: 1, top_p: 1.0, min_p: 0.0 };
+    let choices = [RowChoice::Greedy, RowChoice::Host, RowChoice::Random { params: top_one, uniform: 0.5 }];
+    let out = backend.forward(&batch, Some(&choices)).unwrap();
+    assert_eq!(out.len(), 3);
+    let (RowOutput::Chosen(greedy, _), RowOutput::Logits(row), RowOutput::Chosen(drawn, _)) = (&out[0], &out[1], &out[2]) else {
+        panic!("the device chooses rows 0 and 2 and returns row 1's logits");
+    };
+    assert_eq!(row.len(), loaded.model.vocab_size());
+    assert!(row.iter().all(|x| x.is_finite()));
+    assert_eq!(argmax(row), *greedy);
+    assert_eq!(drawn, greedy);
+    // A decode step (through its CUDA graph), the host's row elsewhere.
+    let mut batch = FlatBatch::default();
+    for s in 0..3u32 {
+        batch.push(&[*greedy], prompt.len() + 1, vec![s], true);
+    }
+    let choices = [RowChoice::Random { params: top_one, uniform: 0.9 }, RowChoice::Greedy, RowChoice::Host];
+    let out = backend.forward(&batch, Some(&choices)).unwrap();
+    let (RowOutput::Chosen(drawn, _), RowOutput::Chosen(greedy, _), RowOutput::Logits(row)) = (&out[0], &out[1], &out[2]) else {
+        panic!("the device chooses rows 0 and 1 and returns row 2's logits");
+    };
+    assert_eq!(argmax(row), *greedy);
+    assert_eq!(drawn, greedy);
 }
 
 /// Rope (both pairings, a partial rotary width) with the bias and the K/V write, against
