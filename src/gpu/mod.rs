@@ -11,4 +11,6 @@ pub use runtime::{available, GemmKind, Gpu, GpuError};
 pub use weights::CudaWeights;
 
 #[cfg(test)]
+mod sample_tests;
+#[cfg(test)]
 mod tests;
