@@ -81,6 +81,7 @@ fn sampling(c: &mut Criterion) {
         // The logprob every sampled token reports, and the full sort the sampler used to make
         // of every row before the draw walked it in order (kept for comparison).
         group.bench_function(format!("log_sum_exp/{vocab}"), |b| b.iter(|| log_sum_exp(&logits)));
+        group.bench_function(format!("top 20 alternatives (logprobs)/{vocab}"), |b| b.iter(|| top_k_indices(&logits, 20)));
         group.bench_function(format!("sort of the row (former draw)/{vocab}"), |b| b.iter(|| top_k_indices(&logits, vocab)));
     }
     group.finish();

@@ -208,6 +208,9 @@ pub enum RowChoice {
     Host,
 }
 
+/// Most alternatives `top_k_indices` finds in one pass (OpenAI's `top_logprobs` allows 20).
+const SMALL_K: usize = 32;
+
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in logits.iter().enumerate() {
@@ -237,8 +240,22 @@ pub fn log_sum_exp(logits: &[f32]) -> f32 {
 
 /// Indices of the `k` largest values, largest first, lower index first among equals.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
     let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    if k > 0 && k <= SMALL_K && k < values.len() {
+        // A few alternatives (logprobs): one pass keeping the best k in order.
+        let mut best: Vec<u32> = (0..k as u32).collect();
+        best.sort_by(by_value);
+        for i in k as u32..values.len() as u32 {
+            // Later indices lose ties, so only a strictly larger value gets in.
+            if values[i as usize].total_cmp(&values[best[k - 1] as usize]).is_gt() {
+                let at = best.partition_point(|b| by_value(b, &i).is_lt());
+                best.insert(at, i);
+                best.pop();
+            }
+        }
+        return best;
+    }
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
     if k < idx.len() {
         idx.select_nth_unstable_by(k, by_value);
         idx.truncate(k);
@@ -261,6 +278,22 @@ mod tests {
         let t = s.sample(&mut logits());
         assert_eq!(t.id, 1);
         assert!((t.logprob - (3.0 - log_sum_exp(&logits()))).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_indices_one_pass_equals_the_full_sort() {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for case in 0..200 {
+            let n = r.random_range(1..300usize);
+            // Coarse values: many ties, which the lower index wins.
+            let values: Vec<f32> = (0..n).map(|_| (r.random_range(-8.0f32..8.0) * if case % 2 == 0 { 1.0 } else { 100.0 }).round()).collect();
+            let mut sorted: Vec<u32> = (0..n as u32).collect();
+            sorted.sort_by(|a, b| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b)));
+            for k in [1, 2, 5, 20, 32] {
+                let want: Vec<u32> = sorted.iter().copied().take(k).collect();
+                assert_eq!(top_k_indices(&values, k), want, "case {case} k {k}");
+            }
+        }
     }
 
     #[test]
