@@ -165,7 +165,6 @@ impl Engine {
         })
     }
 
-    /// What identifies this engine's KV blocks on disk, given the model file's fingerprint.
     /// The prompt cache identity of this engine for weights of `fingerprint`: its layout, and
     /// the fingerprint mixed with how this backend computes K/V (`arithmetic_tag`).
     pub fn disk_identity(&self, fingerprint: u128) -> Identity {

@@ -208,9 +208,6 @@ pub enum RowChoice {
     Host,
 }
 
-/// Most alternatives `top_k_indices` finds in one pass (OpenAI's `top_logprobs` allows 20).
-const SMALL_K: usize = 32;
-
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in logits.iter().enumerate() {
@@ -237,6 +234,9 @@ pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let sum = chunks.remainder().iter().fold(lanes.iter().sum::<f64>(), |s, &x| s + x as f64);
     max + sum.ln() as f32
 }
+
+/// Most alternatives `top_k_indices` finds in one pass (OpenAI's `top_logprobs` allows 20).
+const SMALL_K: usize = 32;
 
 /// Indices of the `k` largest values, largest first, lower index first among equals.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {

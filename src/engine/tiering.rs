@@ -26,6 +26,19 @@ pub trait BlockStore {
     fn fill_block(&mut self, id: BlockId, bytes: &[u8]) -> Result<(), String>;
 }
 
+/// Appends `values` to `out` as a block's bytes hold them: f16 little-endian.
+pub fn push_f16_bytes(values: &[f16], out: &mut Vec<u8>) {
+    out.extend(values.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+}
+
+/// Fills `values` from bytes as `push_f16_bytes` writes them (twice as many).
+pub fn read_f16_bytes(bytes: &[u8], values: &mut [f16]) {
+    assert_eq!(bytes.len(), 2 * values.len());
+    for (dst, b) in values.iter_mut().zip(bytes.chunks_exact(2)) {
+        *dst = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+    }
+}
+
 impl BlockStore for KvCache {
     fn block_bytes(&self, id: BlockId) -> Result<Vec<u8>, String> {
         let n = self.block_size * self.token_width;
@@ -33,7 +46,7 @@ impl BlockStore for KvCache {
         let mut out = Vec::with_capacity(self.layers.len() * 4 * n);
         for layer in &self.layers {
             for half in [&layer.k, &layer.v] {
-                out.extend(half[start..start + n].iter().flat_map(|x| x.to_bits().to_le_bytes()));
+                push_f16_bytes(&half[start..start + n], &mut out);
             }
         }
         Ok(out)
@@ -46,10 +59,7 @@ impl BlockStore for KvCache {
         let mut chunks = bytes.chunks_exact(2 * n);
         for layer in &mut self.layers {
             for half in [&mut layer.k, &mut layer.v] {
-                let src = chunks.next().expect("sized above");
-                for (dst, b) in half[start..start + n].iter_mut().zip(src.chunks_exact(2)) {
-                    *dst = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
-                }
+                read_f16_bytes(chunks.next().expect("sized above"), &mut half[start..start + n]);
             }
         }
         Ok(())

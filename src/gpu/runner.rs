@@ -14,7 +14,7 @@ use super::weights::CudaWeights;
 use crate::engine::block_manager::BlockId;
 use crate::engine::backend::RowOutput;
 use crate::engine::sampler::RowChoice;
-use crate::engine::tiering::BlockStore;
+use crate::engine::tiering::{push_f16_bytes, read_f16_bytes, BlockStore};
 use crate::launch;
 use crate::model::batch::FlatBatch;
 use crate::model::config::RopeStyle;
@@ -171,7 +171,7 @@ impl BlockStore for CudaRunner {
         for (k, v) in self.k.iter().zip(&self.v) {
             for half in [k, v] {
                 self.weights.gpu.read_at(half, id as usize * n, &mut host).map_err(|e| e.to_string())?;
-                out.extend(host.iter().flat_map(|x| x.to_bits().to_le_bytes()));
+                push_f16_bytes(&host, &mut out);
             }
         }
         Ok(out)
@@ -184,9 +184,10 @@ impl BlockStore for CudaRunner {
         }
         let gpu = Arc::clone(&self.weights.gpu);
         let mut chunks = bytes.chunks_exact(2 * n);
+        let mut host = vec![f16::ZERO; n];
         for (k, v) in self.k.iter_mut().zip(self.v.iter_mut()) {
             for half in [k, v] {
-                let host: Vec<f16> = chunks.next().expect("sized above").chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+                read_f16_bytes(chunks.next().expect("sized above"), &mut host);
                 gpu.write_at(&host, half, id as usize * n).map_err(|e| e.to_string())?;
             }
         }
@@ -321,13 +322,7 @@ impl CudaRunner {
         }
         let o = self.upload_plan(batch)?;
         let random = match draws {
-            Some(draws) => {
-                let (words, random) = draw_words(draws, rows);
-                if random {
-                    self.weights.gpu.write(&words, &mut self.ws.draws)?;
-                }
-                random
-            }
+            Some(draws) => self.upload_draws(draws, rows)?,
             None => false,
         };
         let at = |x: usize| self.ws.meta.at(x);
@@ -366,10 +361,7 @@ impl CudaRunner {
             return Ok(None);
         }
         self.weights.gpu.write(&self.host_meta, &mut self.graph_meta)?;
-        let (words, random) = draw_words(draws, padded);
-        if random {
-            self.weights.gpu.write(&words, &mut self.ws.draws)?;
-        }
+        let random = self.upload_draws(draws, padded)?;
         if !self.graphs.contains_key(&(padded, random)) {
             let at = |x: usize| self.graph_meta.at(x);
             let ptrs = PlanPointers {
@@ -397,6 +389,16 @@ impl CudaRunner {
         }
         self.graphs[&(padded, random)].0.launch()?;
         self.read_output(n, padded, Some(draws)).map(Some)
+    }
+
+    /// Writes the rows' draws (padded to `rows`) where sample_rows reads them, if any row draws
+    /// at random; returns whether one does.
+    fn upload_draws(&mut self, draws: &[RowChoice], rows: usize) -> Result<bool> {
+        let (words, random) = draw_words(draws, rows);
+        if random {
+            self.weights.gpu.write(&words, &mut self.ws.draws)?;
+        }
+        Ok(random)
     }
 
     /// Copies back the first `wanted` rows' results of a step with `rows` logits rows: with
