@@ -360,5 +360,7 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("temperature"));
         let bad = SamplingParams { top_p: 0.0, ..SamplingParams::default() };
         assert!(bad.validate().unwrap_err().contains("top_p"));
+        let bad = SamplingParams { min_p: 1.5, ..SamplingParams::default() };
+        assert!(bad.validate().unwrap_err().contains("min_p"));
     }
 }
