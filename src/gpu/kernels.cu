@@ -27,8 +27,12 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
+// Dynamic shared memory of the products' pipelines (sized at launch by invariant.rs).
+extern __shared__ __align__(16) unsigned char dynamic_smem[];
+
 #include "kernels/pointwise.cuh"
 #include "kernels/sample.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/gemm.cuh"
 #include "kernels/gemv.cuh"
+#include "kernels/igemv.cuh"

@@ -2,6 +2,7 @@
 //! weights, with a paged f16 KV cache on the device. The engine drives it exactly as it drives
 //! the CPU model: one flat batch per step.
 
+mod invariant;
 pub mod runner;
 pub mod runtime;
 pub mod weights;

@@ -443,19 +443,24 @@ impl CudaRunner {
         launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
         let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, n * c.n_kv_head);
         let partial = if splits > 1 { ws.attn_partial.ptr } else { 0 };
-        // Decode of a few sequences: the norms, rope with the K/V write, and SwiGLU run inside
-        // the products next to them (kernels/gemv.cuh, `gemv_impl`).
+        // Decode of a few sequences: rope with the K/V write and SwiGLU run inside the products
+        // next to them, and in the default mode the norms too (kernels/gemv.cuh, igemv.cuh).
         let fuse = gpu.fuses(n, h);
+        let norm_inside = gpu.norm_inside(n, h);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
+        let norm_apart = |norm_w: u64| launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, norm_w, ws.h.ptr, h as i32, c.rms_eps);
         for (l, layer) in w.layers.iter().enumerate() {
             let bias = layer.qkv_bias.as_ref().map_or(0, |b| b.ptr);
             if fuse && neox == 0 {
-                // Norm, product, rope and the K/V write in one launch.
+                // The product, rope and the K/V write in one launch (and the norm, inside or just before).
+                let input = if norm_inside {
+                    GemvArgs { residual: ws.x.ptr, norm_w: layer.attn_norm.ptr, eps: c.rms_eps, ..GemvArgs::default() }
+                } else {
+                    norm_apart(layer.attn_norm.ptr)?;
+                    GemvArgs { x: ws.h.ptr, ..GemvArgs::default() }
+                };
                 let rope = GemvArgs {
-                    residual: ws.x.ptr,
-                    norm_w: layer.attn_norm.ptr,
-                    eps: c.rms_eps,
                     positions: p.positions,
                     slots: p.slots,
                     cos_table: w.cos.ptr,
@@ -468,14 +473,14 @@ impl CudaRunner {
                     n_kv_head: c.n_kv_head as i32,
                     head_dim: c.head_dim as i32,
                     rope_dim: c.rope_dim as i32,
-                    ..GemvArgs::default()
+                    ..input
                 };
                 gpu.gemv_qkv(layer.qkv.ptr, n, q + 2 * kv, h, rope)?;
             } else {
-                if fuse {
+                if norm_inside {
                     gpu.gemv_norm(ws.x.ptr, layer.attn_norm.ptr, c.rms_eps, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h)?;
                 } else {
-                    launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.attn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+                    norm_apart(layer.attn_norm.ptr)?;
                     gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
                 }
                 launch!(gpu, &gpu.k.rope_and_cache, (n32, 1, 1), 256;
@@ -486,10 +491,13 @@ impl CudaRunner {
                 ws.q.ptr, self.k[l].ptr, self.v[l].ptr, p.plans, p.tables, ws.attn.ptr,
                 c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale, partial, ws.attn_counters.ptr)?;
             gpu.gemm(ws.attn.ptr, layer.o.ptr, ws.x.ptr, n, h, q, true, &ws.split)?;
-            if fuse {
+            if norm_inside {
                 gpu.gemv_norm_swiglu(ws.x.ptr, layer.ffn_norm.ptr, c.rms_eps, layer.gate_up.ptr, ws.act.ptr, n, 2 * ffn, h)?;
+            } else if fuse {
+                norm_apart(layer.ffn_norm.ptr)?;
+                gpu.gemv_swiglu(ws.h.ptr, layer.gate_up.ptr, ws.act.ptr, n, 2 * ffn, h)?;
             } else {
-                launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, layer.ffn_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+                norm_apart(layer.ffn_norm.ptr)?;
                 gpu.gemm(ws.h.ptr, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h, false, &ws.split)?;
                 let total = (n * ffn) as u64;
                 let grid = (total.div_ceil(256).min(65_535)) as u32;
@@ -503,7 +511,7 @@ impl CudaRunner {
         let rows32 = rows as u32;
         let output = w.output.as_ref().unwrap_or(&w.embeddings);
         let vocab = w.vocab_size;
-        if fuse && rows == n && decode {
+        if norm_inside && rows == n && decode {
             // Every token is a logits row, in order: the final norm goes inside the product.
             gpu.gemv_norm(ws.x.ptr, w.output_norm.ptr, c.rms_eps, output.ptr, ws.logits.ptr, rows, vocab, h)?;
         } else {

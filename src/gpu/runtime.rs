@@ -64,10 +64,11 @@ pub struct Kernels {
     pub argmax_logprob: CudaFunction,
     /// Random draws by blocks per row (`sample_rows_c1`, `_c2`, `_c4`, `_c8`).
     pub sample_rows: [CudaFunction; 4],
-    pub gemm_m16: CudaFunction,
-    pub gemm_m64: CudaFunction,
-    pub gemm_m128: CudaFunction,
+    /// The batch-invariant tiled product, one per shape of `invariant::GEMM_TILES`.
+    pub gemm_tiles: Vec<CudaFunction>,
     pub gemm_reduce: CudaFunction,
+    /// The batch-invariant few-row product, one per shape of `invariant::IGEMV_VARIANTS`.
+    pub igemv: Vec<CudaFunction>,
     /// Products of 1-4 rows (`gemv_m1` ..= `gemv_m4`).
     pub gemv: [CudaFunction; 4],
     /// The same with k split over a block's warps, for narrow outputs (`gemv_split_m1` ..).
@@ -81,8 +82,9 @@ pub enum GemmKind {
     /// shape, so a token batched with others can differ in the last bits from the same token
     /// alone, and a near-tie can then pick another greedy token.
     Cublas,
-    /// braid's kernel (`--batch-invariant`): each row's result is the same bits whatever else
-    /// is in the batch; 1.2-2.5x slower than cuBLAS for decode and ~6x for large prefills.
+    /// braid's kernels (`--batch-invariant`, invariant.rs): each row's result is the same bits
+    /// whatever else is in the batch; 1.25-2.1x slower than cuBLAS for decode (H100, 1 to 256
+    /// sequences) and ~5x for large prefills.
     BatchInvariant,
 }
 
@@ -107,13 +109,15 @@ pub struct Gpu {
     /// tuning; default 8).
     attention_max_splits: usize,
     /// Whether kernels start while the previous one finishes (programmatic dependent launch,
-    /// compute capability 9.0+, default mode; BRAID_PDL=0 turns it off). Every braid kernel waits for its
+    /// compute capability 9.0+, see `new` for the modes and BRAID_PDL). Every braid kernel waits for its
     /// predecessor's results (kernels.cu, `pdl_enter`), so this changes timing, never results.
     pub programmatic_launch: bool,
     /// Whether plain few-row products with narrow outputs split k over a block's warps
     /// (`gemv_split_*`; BRAID_GEMV_SPLIT=0 turns it off).
     pub gemv_split: bool,
     capability_major: u32,
+    /// Bytes of dynamic shared memory a few-row invariant product may ask for.
+    pub(super) shared_limit: usize,
 }
 
 /// Threads of a `sample_rows` block (kernels/sample.cuh, SAMPLE_THREADS).
@@ -124,6 +128,7 @@ const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 /// Most blocks that share one (token, KV head) pair's keys in split attention.
 pub const ATTENTION_MAX_SPLITS: usize = 8;
+
 
 /// The arguments of `gemv_impl` (kernels/gemv.cuh) (`GemvArgs`, same layout): its input and output
 /// modes. Addresses are 0 where unused.
@@ -165,8 +170,6 @@ fn gemv_fits(m: usize, k: usize) -> bool {
     (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
 }
 
-/// Output tile width of the batch-invariant product (every variant).
-const GEMM_BN: usize = 64;
 /// Most k-segments of a product.
 pub const GEMM_MAX_SEGMENTS: usize = 8;
 
@@ -215,13 +218,15 @@ impl Gpu {
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
             sample_rows: [f("sample_rows_c1")?, f("sample_rows_c2")?, f("sample_rows_c4")?, f("sample_rows_c8")?],
-            gemm_m16: f("gemm_m16")?,
-            gemm_m64: f("gemm_m64")?,
-            gemm_m128: f("gemm_m128")?,
+            gemm_tiles: super::invariant::GEMM_TILES.iter().map(|t| f(t.name)).collect::<std::result::Result<_, _>>()?,
             gemm_reduce: f("gemm_reduce")?,
+            igemv: super::invariant::IGEMV_VARIANTS.iter().map(|v| f(v.name)).collect::<std::result::Result<_, _>>()?,
             gemv: [f("gemv_m1")?, f("gemv_m2")?, f("gemv_m3")?, f("gemv_m4")?],
             gemv_split: [f("gemv_split_m1")?, f("gemv_split_m2")?, f("gemv_split_m3")?, f("gemv_split_m4")?],
         };
+        // What a block may ask for beyond its static shared memory (igemv's: under 1 KiB).
+        let shared_limit = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize - 1024;
+        super::invariant::allow_shared_memory(&k, shared_limit)?;
         let blas = CudaBlas::new(stream.clone())?;
         // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
         let workspace = {
@@ -238,12 +243,17 @@ impl Gpu {
             Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
         };
         let capability = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        // Not with the batch-invariant products: their mode measured 13% slower with it (H100
-        // run 25), where the default mode's batch 1 gains 7%.
-        let programmatic_launch = capability >= 9 && gemm_kind == GemmKind::Cublas && std::env::var_os("BRAID_PDL").is_none_or(|v| v != "0");
+        // Default mode: on (BRAID_PDL=0 turns it off). The batch-invariant mode measured 13%
+        // slower with it (H100 run 25, the tiled products everywhere): off unless BRAID_PDL=1.
+        let pdl = std::env::var("BRAID_PDL").ok();
+        let programmatic_launch = capability >= 9
+            && match gemm_kind {
+                GemmKind::Cublas => pdl.as_deref() != Some("0"),
+                GemmKind::BatchInvariant => pdl.as_deref() == Some("1"),
+            };
         let capability_major = capability as u32;
         let gemv_split = std::env::var_os("BRAID_GEMV_SPLIT").is_none_or(|v| v != "0");
-        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, gemv_split, capability_major })
+        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, gemv_split, capability_major, shared_limit })
     }
 
     /// Whether the device can launch kernels programmatically dependent (compute capability 9.0+).
@@ -357,9 +367,19 @@ impl Gpu {
         self.gemv_with(w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() })
     }
 
-    /// Whether the fused few-row products (`gemv_norm`, `gemv_qkv`) take a step
-    /// of `m` rows over a `k`-wide input (the default mode's decode of up to 4 sequences).
+    /// Whether the fused few-row products (`gemv_qkv`, `gemv_swiglu`) take a step of `m` rows
+    /// over a `k`-wide input (decode of a few sequences): kernels/gemv.cuh's in the default
+    /// mode (up to 4 rows), kernels/igemv.cuh's in the batch-invariant one (up to 32).
     pub fn fuses(&self, m: usize, k: usize) -> bool {
+        match self.gemm_kind {
+            GemmKind::Cublas => gemv_fits(m, k),
+            GemmKind::BatchInvariant => self.igemv_fits(m, k),
+        }
+    }
+
+    /// Whether those products also compute the RMS norm of their input inside (`gemv_norm`,
+    /// `gemv_norm_swiglu`, the norm in `gemv_qkv`): the default mode's only.
+    pub fn norm_inside(&self, m: usize, k: usize) -> bool {
         self.gemm_kind == GemmKind::Cublas && gemv_fits(m, k)
     }
 
@@ -381,13 +401,35 @@ impl Gpu {
         self.gemv_with(w, 0, m, n, k, GemvArgs { residual, norm_w, eps, act_out: act, ..GemvArgs::default() })
     }
 
-    /// The QKV product of 1..=4 rows from the residual, finished as rope_and_cache does
-    /// (interleaved rope only): `rope` names the norm, the outputs and the rope tables.
-    pub fn gemv_qkv(&self, w: u64, m: usize, n: usize, k: usize, rope: GemvArgs) -> Result<()> {
-        if rope.q_out == 0 || rope.norm_w == 0 || rope.head_dim % 2 != 0 || rope.rope_dim % 2 != 0 {
-            return Err(GpuError("gemv_qkv needs the norm, the outputs and even head and rope dimensions".into()));
+    /// `act = silu(gate) · up` of the gate/up product of the bf16 rows `x` (gate and up rows
+    /// interleaved in `w`), as `gemv_norm_swiglu` but without the norm.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_swiglu(&self, x: u64, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
+        if !n.is_multiple_of(2) {
+            return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
         }
-        self.gemv_with(w, 0, m, n, k, rope)
+        self.fused(w, 0, m, n, k, GemvArgs { x, act_out: act, ..GemvArgs::default() })
+    }
+
+    /// The QKV product of a few rows finished as rope_and_cache does (interleaved rope only):
+    /// `rope` names the input (the residual and the norm where `norm_inside`, else x), the
+    /// outputs and the rope tables.
+    pub fn gemv_qkv(&self, w: u64, m: usize, n: usize, k: usize, rope: GemvArgs) -> Result<()> {
+        if rope.q_out == 0 || (rope.norm_w == 0) == (rope.x == 0) || rope.head_dim % 2 != 0 || rope.rope_dim % 2 != 0 {
+            return Err(GpuError("gemv_qkv needs one input (x, or the residual and its norm), the outputs and even head and rope dimensions".into()));
+        }
+        if !n.is_multiple_of(2) {
+            return Err(GpuError(format!("QKV rows must come in rotation pairs, got {n}")));
+        }
+        self.fused(w, 0, m, n, k, rope)
+    }
+
+    /// A fused few-row product in the products' mode (see `fuses`).
+    fn fused(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+        match self.gemm_kind {
+            GemmKind::Cublas => self.gemv_with(w, y, m, n, k, args),
+            GemmKind::BatchInvariant => self.igemv_with(w, y, m, n, k, args),
+        }
     }
 
     fn gemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
@@ -415,43 +457,6 @@ impl Gpu {
             (0, 1)
         };
         crate::launch!(self, &self.k.sample_rows[variant], (rows as u32, cluster, 1), SAMPLE_THREADS; logits, vocab as i32, draws, ids, logprobs)
-    }
-
-    /// The batch-invariant product (kernels/gemm.cuh, `gemm_tile`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_invariant(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
-        if !k.is_multiple_of(32) || m == 0 || n == 0 {
-            return Err(GpuError(format!("a {m}x{n}x{k} product: k must be a multiple of 32")));
-        }
-        // Tile shapes change the speed, never the sums: the largest tile that still gives
-        // every multiprocessor two blocks.
-        let n_tiles = n.div_ceil(GEMM_BN);
-        let (f, bm, threads) = match m {
-            ..=16 => (&self.k.gemm_m16, 16, 128u32),
-            _ if m <= 64 || n_tiles * m.div_ceil(128) < 2 * self.multiprocessors => (&self.k.gemm_m64, 64, 128),
-            _ => (&self.k.gemm_m128, 128, 256),
-        };
-        let nseg = gemm_segments(k);
-        let tiles = n_tiles * m.div_ceil(bm);
-        let fits = nseg * m * n <= split.len;
-        // Spreading k over blocks costs a round trip of the partial sums through memory: only
-        // when the output alone leaves multiprocessors idle.
-        let blocks = nseg > 1
-            && match spread {
-                Spread::Auto => fits && tiles < self.multiprocessors,
-                Spread::Blocks => fits,
-                Spread::Registers => false,
-            };
-        let grid = (n.div_ceil(GEMM_BN) as u32, m.div_ceil(bm) as u32, if blocks { nseg as u32 } else { 1 });
-        let (partial, per_block) = if blocks { (split.ptr, 1) } else { (0u64, nseg) };
-        let acc = i32::from(accumulate);
-        crate::launch!(self, f, grid, threads; x, w, y, partial, m as i32, n as i32, k as i32, nseg as i32, per_block as i32, acc)?;
-        if blocks {
-            let mn = (m * n) as u64;
-            let grid = mn.div_ceil(256).min(4 * 65_535) as u32;
-            crate::launch!(self, &self.k.gemm_reduce, (grid, 1, 1), 256; split.ptr, y, mn, nseg as i32, acc)?;
-        }
-        Ok(())
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ + beta · y` through cuBLAS (column-major: it sees the
@@ -492,7 +497,10 @@ impl Gpu {
 /// must match the kernel's signature (u64 for pointers, i32, u64, f32).
 #[macro_export]
 macro_rules! launch {
-    ($gpu:expr, $f:expr, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {{
+    ($gpu:expr, $f:expr, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {
+        $crate::launch!($gpu, $f, $grid, $block, 0u32; $($arg),*)
+    };
+    ($gpu:expr, $f:expr, $grid:expr, $block:expr, $smem:expr; $($arg:expr),* $(,)?) => {{
         let gpu: &$crate::gpu::runtime::Gpu = $gpu;
         let mut params: Vec<*mut std::ffi::c_void> = Vec::new();
         $(
@@ -500,9 +508,9 @@ macro_rules! launch {
             let arg = $arg;
             params.push($crate::gpu::runtime::kernel_param(&arg));
         )*
-        let (function, grid, block): (&cudarc::driver::CudaFunction, (u32, u32, u32), u32) = ($f, $grid, $block);
+        let (function, grid, block, shared): (&cudarc::driver::CudaFunction, (u32, u32, u32), u32, u32) = ($f, $grid, $block, $smem);
         // SAFETY: the caller passes the kernel's arguments in its signature's order and types.
-        unsafe { gpu.launch_raw(function, grid, block, &mut params) }
+        unsafe { gpu.launch_raw(function, grid, block, shared, &mut params) }
     }};
 }
 
@@ -513,12 +521,13 @@ pub fn kernel_param<T: DeviceRepr>(arg: &T) -> *mut std::ffi::c_void {
 
 impl Gpu {
     /// Launches `f` on the stream, programmatically dependent on the kernel before it when
-    /// `programmatic_launch` is on (cudarc's launch builder cannot set launch attributes).
+    /// `programmatic_launch` is on (cudarc's launch builder cannot set launch attributes), with
+    /// `shared_bytes` of dynamic shared memory.
     ///
     /// # Safety
     /// `params` holds the addresses of `f`'s arguments, in its signature's order and types,
     /// and the buffers they address outlive the launch.
-    pub unsafe fn launch_raw(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
+    pub unsafe fn launch_raw(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, shared_bytes: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
         use cudarc::driver::sys;
         self.ctx.bind_to_thread()?;
         let mut attrs = [sys::CUlaunchAttribute {
@@ -533,7 +542,7 @@ impl Gpu {
             blockDimX: block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: 0,
+            sharedMemBytes: shared_bytes,
             hStream: self.stream.cu_stream(),
             attrs: attrs.as_mut_ptr(),
             numAttrs: u32::from(self.programmatic_launch),

@@ -5,7 +5,7 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::runtime::{available, Buf, Gpu, Spread};
+use super::runtime::{available, Buf, GemmKind, Gpu, Spread};
 use crate::launch;
 use crate::model::attention::{paged_attention, AttentionPlan, AttentionShape};
 use crate::model::batch::{FlatBatch, Window};
@@ -45,7 +45,7 @@ fn assert_product(label: &str, x: &[bf16], w: &[bf16], y0: &[f32], y: &[f32], (m
     }
 }
 
-const SHAPES: &[(usize, usize, usize)] = &[(1, 70, 64), (5, 129, 96), (17, 200, 576), (16, 64, 2048), (64, 33, 160), (65, 300, 1024), (300, 77, 352), (130, 1000, 256)];
+const SHAPES: &[(usize, usize, usize)] = &[(1, 70, 64), (3, 50, 2048), (5, 129, 96), (30, 40, 2048), (17, 200, 576), (16, 64, 2048), (64, 33, 160), (65, 300, 1024), (300, 77, 352), (130, 1000, 256)];
 
 /// Every variant and spread against an f64 product of the same bf16 operands; outputs poisoned
 /// with NaN first, so an unwritten element fails.
@@ -155,42 +155,85 @@ fn dependent_launches_see_their_predecessors_results() {
     }
 }
 
-/// Norm, gate/up product and SwiGLU in one launch give the same bits as the normed product
-/// followed by silu_mul_bf16.
-#[test]
-fn gemv_swiglu_equals_the_product_then_silu() {
-    let Some(gpu) = gpu() else { return };
-    let mut r = ChaCha8Rng::seed_from_u64(20);
-    let (hidden, ffn) = (192usize, 301usize);
-    for m in 1..=4 {
-        let x: Vec<f32> = (0..m * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
-        let nw: Vec<f32> = (0..hidden).map(|_| r.random_range(0.5f32..1.5)).collect();
-        let w = random_bf16(&mut r, 2 * ffn * hidden, 0.3);
-        let (xd, nd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
-        let fused = gpu.alloc::<bf16>(m * ffn).unwrap();
-        gpu.gemv_norm_swiglu(xd.ptr, nd.ptr, 1e-5, wd.ptr, fused.ptr, m, 2 * ffn, hidden).unwrap();
-        let gate_up = gpu.alloc::<f32>(m * 2 * ffn).unwrap();
-        gpu.gemv_norm(xd.ptr, nd.ptr, 1e-5, wd.ptr, gate_up.ptr, m, 2 * ffn, hidden).unwrap();
-        let separate = gpu.alloc::<bf16>(m * ffn).unwrap();
-        launch!(&gpu, &gpu.k.silu_mul_bf16, (8, 1, 1), 256; gate_up.ptr, separate.ptr, ffn as i32, (m * ffn) as u64).unwrap();
-        let (a, b) = (read(&gpu, &fused, m * ffn), read(&gpu, &separate, m * ffn));
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "m {m}: fused SwiGLU differs");
+/// Row counts the mode's fused few-row products take (up to 4 in the default mode, 32 in the
+/// batch-invariant one: each of its forms).
+fn fused_rows(kind: GemmKind) -> Vec<usize> {
+    match kind {
+        GemmKind::Cublas => (1..=4).collect(),
+        GemmKind::BatchInvariant => vec![1, 3, 8, 9, 16, 17, 32],
     }
 }
 
-/// Norm, QKV product, rope and the K/V write in one launch give the same bits as the normed
-/// product followed by rope_and_cache.
+/// rms_norm_bf16 of `m` rows of width `k` (what the products take as input).
+fn normed_rows(gpu: &Gpu, x: u64, norm_w: u64, m: usize, k: usize) -> Buf<bf16> {
+    let h = gpu.alloc::<bf16>(m * k).unwrap();
+    launch!(gpu, &gpu.k.rms_norm_bf16, (m as u32, 1, 1), 1024; x, 0u64, norm_w, h.ptr, k as i32, 1e-5f32).unwrap();
+    h
+}
+
+/// The unfused way to `y = rms_norm(x) · wᵀ`: rms_norm_bf16, then the mode's plain product
+/// (the few-row one in the default mode; in the batch-invariant one the tiled product that
+/// large batches take, so that fused decode steps are checked against it bit for bit).
+#[allow(clippy::too_many_arguments)]
+fn normed_product_apart(gpu: &Gpu, x: u64, norm_w: u64, w: u64, y: u64, m: usize, n: usize, k: usize) {
+    let h = normed_rows(gpu, x, norm_w, m, k);
+    match gpu.gemm_kind {
+        GemmKind::Cublas => gpu.gemv(h.ptr, w, y, m, n, k, false).unwrap(),
+        GemmKind::BatchInvariant => {
+            let split = gpu.alloc::<f32>(8 * m * n).unwrap();
+            gpu.gemm_invariant(h.ptr, w, y, m, n, k, false, &split, Spread::Registers).unwrap();
+        }
+    }
+}
+
+/// Gate/up product and SwiGLU in one launch (and the norm, in the default mode) give the same
+/// bits as the norm, the product and silu_mul_bf16 apart, in both modes (the invariant mode's
+/// few-row form checked against its tiled product).
+#[test]
+fn gemv_swiglu_equals_the_product_then_silu() {
+    let Some(mut gpu) = gpu() else { return };
+    let mut r = ChaCha8Rng::seed_from_u64(20);
+    let (hidden, ffn) = (192usize, 301usize);
+    for kind in [GemmKind::Cublas, GemmKind::BatchInvariant] {
+        gpu.gemm_kind = kind;
+        for m in fused_rows(kind) {
+            let x: Vec<f32> = (0..m * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
+            let nw: Vec<f32> = (0..hidden).map(|_| r.random_range(0.5f32..1.5)).collect();
+            let w = random_bf16(&mut r, 2 * ffn * hidden, 0.3);
+            let (xd, nd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
+            let fused = gpu.alloc::<bf16>(m * ffn).unwrap();
+            match kind {
+                GemmKind::Cublas => gpu.gemv_norm_swiglu(xd.ptr, nd.ptr, 1e-5, wd.ptr, fused.ptr, m, 2 * ffn, hidden).unwrap(),
+                GemmKind::BatchInvariant => {
+                    let h = normed_rows(&gpu, xd.ptr, nd.ptr, m, hidden);
+                    gpu.gemv_swiglu(h.ptr, wd.ptr, fused.ptr, m, 2 * ffn, hidden).unwrap();
+                }
+            }
+            let gate_up = gpu.alloc::<f32>(m * 2 * ffn).unwrap();
+            normed_product_apart(&gpu, xd.ptr, nd.ptr, wd.ptr, gate_up.ptr, m, 2 * ffn, hidden);
+            let separate = gpu.alloc::<bf16>(m * ffn).unwrap();
+            launch!(&gpu, &gpu.k.silu_mul_bf16, (8, 1, 1), 256; gate_up.ptr, separate.ptr, ffn as i32, (m * ffn) as u64).unwrap();
+            let (a, b) = (read(&gpu, &fused, m * ffn), read(&gpu, &separate, m * ffn));
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind:?} m {m}: fused SwiGLU differs");
+        }
+    }
+}
+
+/// QKV product, rope and the K/V write in one launch (and the norm, in the default mode) give
+/// the same bits as the norm, the product and rope_and_cache apart, in both modes.
 #[test]
 fn gemv_qkv_equals_the_product_then_rope_and_cache() {
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(19);
-    let (n_head, n_kv_head, head_dim, hidden, positions_max) = (4usize, 2usize, 64usize, 200usize, 50usize);
+    let (n_head, n_kv_head, head_dim, positions_max) = (4usize, 2usize, 64usize, 50usize);
     let (q, kv) = (n_head * head_dim, n_kv_head * head_dim);
     let n = q + 2 * kv;
-    let slots_total = 64usize;
-    for rope_dim in [64usize, 32] {
+    let slots_total = 512usize;
+    // The few-row product takes any k that is a multiple of 8, the invariant one of 32.
+    for (kind, hidden, rope_dim) in [(GemmKind::Cublas, 200usize, 64usize), (GemmKind::Cublas, 200, 32), (GemmKind::BatchInvariant, 224, 64), (GemmKind::BatchInvariant, 224, 32)] {
+        gpu.gemm_kind = kind;
         for with_bias in [false, true] {
-            for m in 1..=4 {
+            for m in fused_rows(kind) {
                 let x: Vec<f32> = (0..m * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
                 let nw: Vec<f32> = (0..hidden).map(|_| r.random_range(0.5f32..1.5)).collect();
                 let w = random_bf16(&mut r, n * hidden, 0.2);
@@ -208,16 +251,21 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                     let qd = gpu.upload(&vec![f32::NAN; m * q]).unwrap();
                     let b = if with_bias { bd.ptr } else { 0 };
                     if fused {
+                        let h = normed_rows(&gpu, xd.ptr, nd.ptr, m, hidden);
+                        let input = match kind {
+                            GemmKind::Cublas => super::runtime::GemvArgs { residual: xd.ptr, norm_w: nd.ptr, eps: 1e-5, ..Default::default() },
+                            GemmKind::BatchInvariant => super::runtime::GemvArgs { x: h.ptr, ..Default::default() },
+                        };
                         let args = super::runtime::GemvArgs {
-                            residual: xd.ptr, norm_w: nd.ptr, eps: 1e-5, positions: pd.ptr, slots: sld.ptr,
+                            positions: pd.ptr, slots: sld.ptr,
                             cos_table: cd.ptr, sin_table: sd.ptr, bias: b, q_out: qd.ptr, k_cache: kd.ptr, v_cache: vd.ptr,
                             n_head: n_head as i32, n_kv_head: n_kv_head as i32, head_dim: head_dim as i32, rope_dim: rope_dim as i32,
-                            ..Default::default()
+                            ..input
                         };
                         gpu.gemv_qkv(wd.ptr, m, n, hidden, args).unwrap();
                     } else {
                         let qkv = gpu.alloc::<f32>(m * n).unwrap();
-                        gpu.gemv_norm(xd.ptr, nd.ptr, 1e-5, wd.ptr, qkv.ptr, m, n, hidden).unwrap();
+                        normed_product_apart(&gpu, xd.ptr, nd.ptr, wd.ptr, qkv.ptr, m, n, hidden);
                         launch!(&gpu, &gpu.k.rope_and_cache, (m as u32, 1, 1), 256;
                             qkv.ptr, b, pd.ptr, sld.ptr, cd.ptr, sd.ptr, qd.ptr, kd.ptr, vd.ptr,
                             n_head as i32, n_kv_head as i32, head_dim as i32, rope_dim as i32, 0i32).unwrap();
@@ -227,7 +275,7 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                 let (fused, separate) = (run(true), run(false));
                 let same_f32 = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
                 let same_f16 = |a: &[f16], b: &[f16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                let case = format!("m {m}, rope_dim {rope_dim}, bias {with_bias}");
+                let case = format!("{kind:?} m {m}, rope_dim {rope_dim}, bias {with_bias}");
                 assert!(same_f32(&fused.0, &separate.0), "Q differs: {case}");
                 assert!(same_f16(&fused.1, &separate.1), "K cache differs: {case}");
                 assert!(same_f16(&fused.2, &separate.2), "V cache differs: {case}");
@@ -489,7 +537,7 @@ fn gemm_speed() {
     let x = gpu.upload(&random_bf16(&mut r, 8192 * 8192, 1.0)).unwrap();
     let y = gpu.alloc::<f32>(8192 * 16384).unwrap();
     let split = gpu.alloc::<f32>(8 * 512 * 4096).unwrap();
-    for m in [1usize, 32, 256, 4096] {
+    for m in [1usize, 4, 8, 16, 32, 64, 256, 4096] {
         for &(n, k, name) in &shapes {
             if m > 256 && name == "lm_head" {
                 continue;
@@ -509,12 +557,25 @@ fn gemm_speed() {
             };
             let ours = time(&|| gpu.gemm_invariant(x.ptr, w.ptr, y.ptr, m, n, k, false, &split, Spread::Auto).unwrap());
             let cublas = time(&|| gpu.gemm_cublas(x.ptr, w.ptr, y.ptr, m, n, k, 0.0).unwrap());
+            if m <= 32 {
+                for (index, v) in super::invariant::IGEMV_VARIANTS.iter().enumerate().filter(|(i, _)| gpu.igemv_takes(*i, m, k)) {
+                    let args = super::runtime::GemvArgs { x: x.ptr, ..Default::default() };
+                    let us = time(&|| gpu.igemv_form(index, w.ptr, y.ptr, m, n, k, args).unwrap());
+                    println!("igemv m={m:5} {name:8} {}: {us:8.1} us ({:6.0} GB/s)", v.name, (n * k * 2) as f64 / us / 1e3);
+                }
+            }
             if m <= 4 {
                 let gemv = time(&|| gpu.gemv(x.ptr, w.ptr, y.ptr, m, n, k, false).unwrap());
                 println!("gemv m={m:5} {name:8} {n}x{k}: {gemv:8.1} us ({:6.0} GB/s)", (n * k * 2) as f64 / gemv / 1e3);
             }
             let bytes = (n * k * 2 + m * k * 2 + m * n * 4) as f64;
             let flops = 2.0 * (m * n * k) as f64;
+            if m >= 64 {
+                for (index, tile) in super::invariant::GEMM_TILES.iter().enumerate() {
+                    let us = time(&|| gpu.gemm_tiled(index, x.ptr, w.ptr, y.ptr, m, n, k, false, &split, Spread::Auto).unwrap());
+                    println!("tile m={m:5} {name:8} {}: {us:8.1} us ({:5.0} TFLOP/s)", tile.name, flops / us / 1e6);
+                }
+            }
             println!("gemm m={m:5} {name:8} {n}x{k}: invariant {ours:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)  cublas {cublas:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)",
                 bytes / ours / 1e3, flops / ours / 1e6, bytes / cublas / 1e3, flops / cublas / 1e6);
         }

@@ -13,7 +13,6 @@
 // (`gemm_partial` + `gemm_reduce`); large ones keep the running sum in registers.
 
 #define GEMM_BK 32
-#define GEMM_STAGES 3
 #define GEMM_PAD 8
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -40,18 +39,22 @@ __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsi
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Block tile BM x BN, warps WM x WN (warp tile (BM/WM) x (BN/WN)). Block z handles segments
-// [z * segs_per_block, (z + 1) * segs_per_block). With `partial`, the block's single segment
-// sum goes to partial[z][m][n]; otherwise the block sums all segments and writes y.
-template <int BM, int BN, int WM, int WN>
+// Block tile BM x BN, warps WM x WN (warp tile (BM/WM) x (BN/WN)), STAGES k-tiles in flight
+// (dynamic shared memory: STAGES * (BM + BN) * (GEMM_BK + GEMM_PAD) bf16, invariant.rs sizes it).
+// Block z handles segments [z * segs_per_block, (z + 1) * segs_per_block). With `partial`,
+// the block's single segment sum goes to partial[z][m][n]; otherwise the block sums all
+// segments and writes y.
+template <int BM, int BN, int WM, int WN, int STAGES>
 __device__ void gemm_tile(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w, float* __restrict__ y,
                           float* __restrict__ partial, int m, int n, int k, int nseg, int segs_per_block, int accumulate) {
     constexpr int THREADS = WM * WN * 32;
     constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
     constexpr int MT = TM / 16, NT = TN / 8;   // mma tiles per warp
     constexpr int ROW = GEMM_BK + GEMM_PAD;    // smem row, in elements (80 bytes: ldmatrix rows stay 16-byte aligned)
-    __shared__ __align__(16) __nv_bfloat16 As[GEMM_STAGES][BM][ROW];
-    __shared__ __align__(16) __nv_bfloat16 Bs[GEMM_STAGES][BN][ROW];
+    typedef __nv_bfloat16 ATile[BM][ROW];
+    typedef __nv_bfloat16 BTile[BN][ROW];
+    ATile* As = reinterpret_cast<ATile*>(dynamic_smem);
+    BTile* Bs = reinterpret_cast<BTile*>(dynamic_smem + sizeof(ATile) * STAGES);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wm = warp / WN, wn = warp % WN;
@@ -84,17 +87,17 @@ __device__ void gemm_tile(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
             for (int e = 0; e < 4; e++) { seg[i][j][e] = 0.f; total[i][j][e] = 0.f; }
 
 #pragma unroll
-    for (int s = 0; s < GEMM_STAGES - 1; s++) {
+    for (int s = 0; s < STAGES - 1; s++) {
         if (s < tiles) load(s, s);
         cp_async_commit();
     }
     for (int t = 0; t < tiles; t++) {
-        cp_async_wait<GEMM_STAGES - 2>();
+        cp_async_wait<STAGES - 2>();
         __syncthreads();
-        const int next = t + GEMM_STAGES - 1;
-        if (next < tiles) load(next % GEMM_STAGES, next);
+        const int next = t + STAGES - 1;
+        if (next < tiles) load(next % STAGES, next);
         cp_async_commit();
-        const int st = t % GEMM_STAGES;
+        const int st = t % STAGES;
 #pragma unroll
         for (int ks = 0; ks < GEMM_BK; ks += 16) {
             unsigned a[MT][4], b[NT][2];
@@ -147,17 +150,18 @@ __device__ void gemm_tile(const __nv_bfloat16* __restrict__ x, const __nv_bfloat
             }
 }
 
-#define GEMM_VARIANT(NAME, BM, BN, WM, WN, MIN_BLOCKS)                                                         \
+#define GEMM_VARIANT(NAME, BM, BN, WM, WN, STAGES, MIN_BLOCKS)                                                 \
     extern "C" __global__ void __launch_bounds__(WM * WN * 32, MIN_BLOCKS)                                     \
     NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* y, float* partial, int m, int n, int k,       \
          int nseg, int segs_per_block, int accumulate) {                                                      \
         pdl_enter();                                                                                          \
-        gemm_tile<BM, BN, WM, WN>(x, w, y, partial, m, n, k, nseg, segs_per_block, accumulate);              \
+        gemm_tile<BM, BN, WM, WN, STAGES>(x, w, y, partial, m, n, k, nseg, segs_per_block, accumulate);      \
     }
 
-GEMM_VARIANT(gemm_m16, 16, 64, 1, 4, 4)
-GEMM_VARIANT(gemm_m64, 64, 64, 2, 2, 4)
-GEMM_VARIANT(gemm_m128, 128, 64, 4, 2, 2)
+// Names give the block tile (rows x columns); invariant.rs mirrors these shapes (GEMM_TILES).
+GEMM_VARIANT(gemm_16x64, 16, 64, 1, 4, 4, 4)
+GEMM_VARIANT(gemm_64x64, 64, 64, 2, 2, 4, 3)
+GEMM_VARIANT(gemm_128x128, 128, 128, 2, 4, 4, 1)
 
 // y = ((p0 + p1) + ...) (+ y): the segment sums of `gemm_*` with `partial`, in order.
 extern "C" __global__ void gemm_reduce(const float* partial, float* y, uint64_t mn, int nseg, int accumulate) {

@@ -49,6 +49,52 @@ struct GemvArgs {
     __nv_bfloat16* act_out;
 };
 
+// Writes the sums v0, v1 of activation row j and the adjacent output columns col, col + 1 (col
+// even) as the product's mode asks: y (+ y); or SwiGLU of a (gate, up) pair into act_out; or a
+// QKV pair finished as rope_and_cache does (bias, rotation, Q out, K and V into their slots).
+__device__ __forceinline__ void few_row_finish(const GemvArgs& a, float* __restrict__ y, int n, int j, int col, float v0, float v1) {
+    if (a.act_out) {
+        a.act_out[(size_t)j * (n / 2) + col / 2] = __float2bfloat16_rn(silu_mul(v0, v1, col / 2, n / 2));
+        return;
+    }
+    if (!a.q_out) {
+        const float v[2] = {v0, v1};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (col + r < n) {
+                float* out = y + (size_t)j * n + col + r;
+                *out = a.accumulate ? __fadd_rn(v[r], *out) : v[r];
+            }
+        }
+        return;
+    }
+    // Columns col, col + 1 are dims (d, d + 1) of one head.
+    const int q_width = a.n_head * a.head_dim, kv_width = a.n_kv_head * a.head_dim;
+    const int head = col / a.head_dim, d = col % a.head_dim;
+    float x0 = v0, x1 = v1;
+    if (a.bias) { x0 = __fadd_rn(x0, a.bias[col]); x1 = __fadd_rn(x1, a.bias[col + 1]); }
+    const size_t slot = a.slots[j];
+    if (head < a.n_head + a.n_kv_head && d < a.rope_dim) {
+        const int half_rope = a.rope_dim / 2, i = d / 2;
+        const float cs = a.cos_table[(size_t)a.positions[j] * half_rope + i];
+        const float sn = a.sin_table[(size_t)a.positions[j] * half_rope + i];
+        // Fused as the CPU's rope (rope.rs) fuses it, after llama.cpp.
+        const float y0 = __fmaf_rn(x0, cs, -__fmul_rn(x1, sn));
+        const float y1 = __fmaf_rn(x0, sn, __fmul_rn(x1, cs));
+        x0 = y0; x1 = y1;
+    }
+    if (head < a.n_head) {
+        a.q_out[(size_t)j * q_width + col] = x0;
+        a.q_out[(size_t)j * q_width + col + 1] = x1;
+    } else if (head < a.n_head + a.n_kv_head) {
+        __half* kp = a.k_cache + slot * kv_width + (col - q_width);
+        kp[0] = __float2half_rn(x0); kp[1] = __float2half_rn(x1);
+    } else {
+        __half* vp = a.v_cache + slot * kv_width + (col - q_width - kv_width);
+        vp[0] = __float2half_rn(x0); vp[1] = __float2half_rn(x1);
+    }
+}
+
 // Row j's values at chunk c (8 values of k) normalised as rms_norm_bf16 does, rounded to bf16.
 __device__ __forceinline__ void gemv_norm_chunk(const GemvArgs& a, int k, int j, int c, float scale, float (&out)[8]) {
     const float4* nw = reinterpret_cast<const float4*>(a.norm_w) + 2 * c;
@@ -155,55 +201,8 @@ __device__ void gemv_impl(const __nv_bfloat16* __restrict__ w, float* __restrict
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[r][j] += __shfl_xor_sync(0xffffffffu, acc[r][j], o);
     if (lane != 0) return;
-    if (a.act_out) {
 #pragma unroll
-        for (int j = 0; j < M; j++) {
-            const float g = acc[0][j], u = acc[1][j];
-            a.act_out[(size_t)j * (n / 2) + row0 / 2] = __float2bfloat16_rn(silu_mul(g, u, row0 / 2, n / 2));
-        }
-        return;
-    }
-    if (!a.q_out) {
-#pragma unroll
-        for (int r = 0; r < GEMV_ROWS; r++)
-#pragma unroll
-            for (int j = 0; j < M; j++) {
-                const int row = row0 + r;
-                if (row < n) {
-                    float* out = y + (size_t)j * n + row;
-                    *out = a.accumulate ? __fadd_rn(acc[r][j], *out) : acc[r][j];
-                }
-            }
-        return;
-    }
-    // QKV epilogue: rows row0, row0 + 1 are dims (d, d + 1) of one head.
-    const int q_width = a.n_head * a.head_dim, kv_width = a.n_kv_head * a.head_dim;
-    const int head = row0 / a.head_dim, d = row0 % a.head_dim;
-#pragma unroll
-    for (int j = 0; j < M; j++) {
-        float x0 = acc[0][j], x1 = acc[1][j];
-        if (a.bias) { x0 = __fadd_rn(x0, a.bias[row0]); x1 = __fadd_rn(x1, a.bias[row0 + 1]); }
-        const size_t slot = a.slots[j];
-        if (head < a.n_head + a.n_kv_head && d < a.rope_dim) {
-            const int half_rope = a.rope_dim / 2, i = d / 2;
-            const float cs = a.cos_table[(size_t)a.positions[j] * half_rope + i];
-            const float sn = a.sin_table[(size_t)a.positions[j] * half_rope + i];
-            // Fused as the CPU's rope (rope.rs) fuses it, after llama.cpp.
-            const float y0 = __fmaf_rn(x0, cs, -__fmul_rn(x1, sn));
-            const float y1 = __fmaf_rn(x0, sn, __fmul_rn(x1, cs));
-            x0 = y0; x1 = y1;
-        }
-        if (head < a.n_head) {
-            a.q_out[(size_t)j * q_width + row0] = x0;
-            a.q_out[(size_t)j * q_width + row0 + 1] = x1;
-        } else if (head < a.n_head + a.n_kv_head) {
-            __half* kp = a.k_cache + slot * kv_width + (row0 - q_width);
-            kp[0] = __float2half_rn(x0); kp[1] = __float2half_rn(x1);
-        } else {
-            __half* vp = a.v_cache + slot * kv_width + (row0 - q_width - kv_width);
-            vp[0] = __float2half_rn(x0); vp[1] = __float2half_rn(x1);
-        }
-    }
+    for (int j = 0; j < M; j++) few_row_finish(a, y, n, j, row0, acc[0][j], acc[1][j]);
 }
 
 // ---------------------------------------------------------------------------------------------
