@@ -49,23 +49,50 @@ pub struct IgemvVariant {
     pub stages: usize,
     /// k per stage.
     pub bk: usize,
+    pub width: Width,
 }
 
-const fn igemv(name: &'static str, rows: usize, groups: usize, stages: usize, bk: usize) -> IgemvVariant {
-    IgemvVariant { name, rows, groups, stages, bk }
+const fn igemv(name: &'static str, rows: usize, groups: usize, stages: usize, bk: usize, width: Width) -> IgemvVariant {
+    IgemvVariant { name, rows, groups, stages, bk, width }
 }
 
-/// The forms, in the order `igemv_with` tries them: the first with enough rows whose stage
-/// divides a segment. Stages of 64 k measured fastest (H100 run 44: batch 1's products 1.01 ms
-/// a step against 1.16 with 32; stages of 128 k were slower still).
+/// The forms, in the order `igemv_with` tries them: the first with enough rows, whose stage
+/// divides a segment, and whose weight rows per block suit the output's width. Measured on an
+/// H100 (runs 44, 49, 50): stages of 64 k beat 32 (batch 1's products 1.01 ms a step against
+/// 1.16); 64 weight rows per warp (2 stages) beat 32 (3 stages) on wide outputs (gate/up and
+/// the LM head at 32 rows: 32 and 211 µs against 43 and 293), and lost on narrow ones, where
+/// they leave too few blocks. The 32-k forms serve segments that 64 does not divide.
 pub const IGEMV_VARIANTS: &[IgemvVariant] = &[
-    igemv("igemv_8x2_s3_k64", 8, 2, 3, 64),
-    igemv("igemv_8x2_s3_k32", 8, 2, 3, 32),
-    igemv("igemv_16x2_s3_k64", 16, 2, 3, 64),
-    igemv("igemv_16x2_s4_k32", 16, 2, 4, 32),
-    igemv("igemv_32x4_s3_k64", 32, 4, 3, 64),
-    igemv("igemv_32x4_s3_k32", 32, 4, 3, 32),
+    igemv("igemv_8x4_s3_k64", 8, 4, 3, 64, Width::Narrow),
+    igemv("igemv_8x8_s2_k64", 8, 8, 2, 64, Width::Wide),
+    igemv("igemv_16x4_s3_k64", 16, 4, 3, 64, Width::Narrow),
+    igemv("igemv_16x8_s2_k64", 16, 8, 2, 64, Width::Wide),
+    igemv("igemv_32x4_s3_k64", 32, 4, 3, 64, Width::Narrow),
+    igemv("igemv_32x8_s2_k64", 32, 8, 2, 64, Width::Wide),
+    igemv("igemv_8x2_s3_k32", 8, 2, 3, 32, Width::Any),
+    igemv("igemv_16x2_s4_k32", 16, 2, 4, 32, Width::Any),
+    igemv("igemv_32x4_s3_k32", 32, 4, 3, 32, Width::Any),
 ];
+
+/// Which outputs a few-row form is for: wide ones have at least WIDE_OUTPUT rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    Narrow,
+    Wide,
+    Any,
+}
+
+const WIDE_OUTPUT: usize = 8192;
+
+impl Width {
+    fn suits(self, n: usize) -> bool {
+        match self {
+            Width::Narrow => n < WIDE_OUTPUT,
+            Width::Wide => n >= WIDE_OUTPUT,
+            Width::Any => true,
+        }
+    }
+}
 
 /// Most rows the few-row form takes.
 pub const IGEMV_MAX_ROWS: usize = 32;
@@ -105,7 +132,7 @@ impl Gpu {
         if !k.is_multiple_of(32) || m == 0 || n == 0 {
             return Err(GpuError(format!("a {m}x{n}x{k} product: k must be a multiple of 32")));
         }
-        if spread == Spread::Auto && self.igemv_fits(m, k) {
+        if spread == Spread::Auto && self.igemv_variant(m, n, k).is_some() {
             return self.igemv_with(w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() });
         }
         let index = choose_tile(m);
@@ -141,29 +168,29 @@ impl Gpu {
         Ok(())
     }
 
-    /// The form of the few-row product for `m` rows of width `k`, if any takes them.
-    fn igemv_variant(&self, m: usize, k: usize) -> Option<usize> {
+    /// The form of the few-row product for `m` rows of width `k` and `n` outputs, if any.
+    fn igemv_variant(&self, m: usize, n: usize, k: usize) -> Option<usize> {
         if !(1..=IGEMV_MAX_ROWS).contains(&m) || !k.is_multiple_of(32) {
             return None;
         }
-        (0..IGEMV_VARIANTS.len()).find(|&i| self.igemv_takes(i, m, k))
+        (0..IGEMV_VARIANTS.len()).find(|&i| IGEMV_VARIANTS[i].width.suits(n) && self.igemv_takes(i, m, k))
     }
 
-    /// Whether form `index` takes `m` rows of width `k`.
+    /// Whether form `index` takes `m` rows of width `k` (whatever the outputs).
     pub(super) fn igemv_takes(&self, index: usize, m: usize, k: usize) -> bool {
         let v = &IGEMV_VARIANTS[index];
         v.rows >= m && (k / gemm_segments(k)).is_multiple_of(v.bk) && v.shared_bytes(k) <= self.shared_limit
     }
 
-    /// Whether the few-row form takes `m` rows of width `k`.
+    /// Whether the few-row form takes `m` rows of width `k`, narrow outputs and wide.
     pub fn igemv_fits(&self, m: usize, k: usize) -> bool {
-        self.igemv_variant(m, k).is_some()
+        self.igemv_variant(m, 1, k).is_some() && self.igemv_variant(m, WIDE_OUTPUT, k).is_some()
     }
 
     /// The few-row batch-invariant product (kernels/igemv.cuh) of 1..=32 rows of `args.x`,
     /// finished as `args` asks (the forms of `GemvArgs` but the norm inside).
     pub fn igemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
-        let Some(index) = self.igemv_variant(m, k).filter(|_| args.norm_w == 0 && args.x != 0) else {
+        let Some(index) = self.igemv_variant(m, n, k).filter(|_| args.norm_w == 0 && args.x != 0) else {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a few-row invariant one (1-32 rows of x, k a multiple of 32)")));
         };
         self.igemv_form(index, w, y, m, n, k, args)

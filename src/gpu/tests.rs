@@ -45,7 +45,8 @@ fn assert_product(label: &str, x: &[bf16], w: &[bf16], y0: &[f32], y: &[f32], (m
     }
 }
 
-const SHAPES: &[(usize, usize, usize)] = &[(1, 70, 64), (3, 50, 2048), (5, 129, 96), (30, 40, 2048), (17, 200, 576), (16, 64, 2048), (64, 33, 160), (65, 300, 1024), (300, 77, 352), (130, 1000, 256)];
+// (2, 8200, 2048), (9, 8192, 512) and (20, 8193, 512): the few-row forms for wide outputs.
+const SHAPES: &[(usize, usize, usize)] = &[(1, 70, 64), (3, 50, 2048), (5, 129, 96), (30, 40, 2048), (2, 8200, 2048), (9, 8192, 512), (20, 8193, 512), (17, 200, 576), (16, 64, 2048), (64, 33, 160), (65, 300, 1024), (300, 77, 352), (130, 1000, 256)];
 
 /// Every variant and spread against an f64 product of the same bf16 operands; outputs poisoned
 /// with NaN first, so an unwritten element fails.
@@ -193,8 +194,8 @@ fn normed_product_apart(gpu: &Gpu, x: u64, norm_w: u64, w: u64, y: u64, m: usize
 fn gemv_swiglu_equals_the_product_then_silu() {
     let Some(mut gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(20);
-    let (hidden, ffn) = (192usize, 301usize);
-    for kind in [GemmKind::Cublas, GemmKind::BatchInvariant] {
+    // The last: a gate/up product wide enough for the invariant mode's wide forms.
+    for (kind, hidden, ffn) in [(GemmKind::Cublas, 192usize, 301usize), (GemmKind::BatchInvariant, 192, 301), (GemmKind::BatchInvariant, 512, 4100)] {
         gpu.gemm_kind = kind;
         for m in fused_rows(kind) {
             let x: Vec<f32> = (0..m * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
@@ -214,7 +215,7 @@ fn gemv_swiglu_equals_the_product_then_silu() {
             let separate = gpu.alloc::<bf16>(m * ffn).unwrap();
             launch!(&gpu, &gpu.k.silu_mul_bf16, (8, 1, 1), 256; gate_up.ptr, separate.ptr, ffn as i32, (m * ffn) as u64).unwrap();
             let (a, b) = (read(&gpu, &fused, m * ffn), read(&gpu, &separate, m * ffn));
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind:?} m {m}: fused SwiGLU differs");
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind:?} m {m}, ffn {ffn}: fused SwiGLU differs");
         }
     }
 }

@@ -147,9 +147,12 @@ __device__ void igemv_impl(const __nv_bfloat16* __restrict__ w, float* __restric
     }
 
 // invariant.rs mirrors these (IGEMV_VARIANTS).
-IGEMV_VARIANT(8, 2, 3, 64)
-IGEMV_VARIANT(8, 2, 3, 32)
-IGEMV_VARIANT(16, 2, 3, 64)
-IGEMV_VARIANT(16, 2, 4, 32)
+IGEMV_VARIANT(8, 4, 3, 64)
+IGEMV_VARIANT(8, 8, 2, 64)
+IGEMV_VARIANT(16, 4, 3, 64)
+IGEMV_VARIANT(16, 8, 2, 64)
 IGEMV_VARIANT(32, 4, 3, 64)
+IGEMV_VARIANT(32, 8, 2, 64)
+IGEMV_VARIANT(8, 2, 3, 32)
+IGEMV_VARIANT(16, 2, 4, 32)
 IGEMV_VARIANT(32, 4, 3, 32)
