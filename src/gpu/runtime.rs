@@ -83,7 +83,7 @@ pub enum GemmKind {
     /// alone, and a near-tie can then pick another greedy token.
     Cublas,
     /// braid's kernels (`--batch-invariant`, invariant.rs): each row's result is the same bits
-    /// whatever else is in the batch; 1.25-2.1x slower than cuBLAS for decode (H100, 1 to 256
+    /// whatever else is in the batch; 1.25-2.2x slower than cuBLAS for decode (H100, 1 to 256
     /// sequences) and ~5x for large prefills.
     BatchInvariant,
 }
@@ -128,7 +128,6 @@ const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 /// Most blocks that share one (token, KV head) pair's keys in split attention.
 pub const ATTENTION_MAX_SPLITS: usize = 8;
-
 
 /// The arguments of `gemv_impl` (kernels/gemv.cuh) (`GemvArgs`, same layout): its input and output
 /// modes. Addresses are 0 where unused.
@@ -403,7 +402,6 @@ impl Gpu {
 
     /// `act = silu(gate) · up` of the gate/up product of the bf16 rows `x` (gate and up rows
     /// interleaved in `w`), as `gemv_norm_swiglu` but without the norm.
-    #[allow(clippy::too_many_arguments)]
     pub fn gemv_swiglu(&self, x: u64, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
         if !n.is_multiple_of(2) {
             return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
