@@ -3,6 +3,7 @@
 //! the CPU model: one flat batch per step.
 
 mod invariant;
+mod plan;
 pub mod runner;
 pub mod runtime;
 pub mod weights;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
+use super::plan::{graph_layout, write_plan};
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Result};
 use super::weights::CudaWeights;
 use crate::engine::block_manager::BlockId;
@@ -132,17 +133,6 @@ unsafe impl Send for DecodeGraph {}
 /// Padded batch sizes of the decode graphs.
 const GRAPH_BATCHES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512];
 
-/// Where a step's plan parts start in the uploaded array.
-#[derive(Clone, Copy)]
-struct PlanOffsets {
-    tokens: usize,
-    positions: usize,
-    slots: usize,
-    plans: usize,
-    tables: usize,
-    logit_rows: usize,
-}
-
 /// Words of a row's draw (kernels/sample.cuh, `RowDraw`).
 const DRAW_WORDS: usize = 8;
 
@@ -235,9 +225,6 @@ struct PlanPointers {
     tables: u64,
     logit_rows: u64,
 }
-
-/// Attention plan per query token, as kernels/attention.cuh's `TokenPlan`.
-const PLAN_WORDS: usize = 4;
 
 impl CudaRunner {
     /// f16 values of one block's K (or V) in one layer.
@@ -539,75 +526,4 @@ impl CudaRunner {
         self.weights.gpu.write(&self.host_meta, &mut self.ws.meta)?;
         Ok(offsets)
     }
-}
-
-/// Lays out a step's plan in `m`: tokens, positions, cache slots, attention plans (attention.cuh's
-/// `TokenPlan` per token), block tables, logit rows. Returns where each part starts.
-pub fn write_plan(batch: &FlatBatch, bs: usize, num_blocks: usize, m: &mut Vec<u32>) -> Result<[usize; 6]> {
-    let n = batch.tokens.len();
-    m.clear();
-    let mut offsets = [0usize; 6];
-    m.extend_from_slice(&batch.tokens);
-    offsets[1] = m.len();
-    m.extend_from_slice(&batch.positions);
-    offsets[2] = m.len();
-    for seq in &batch.seqs {
-        for j in seq.context_len - seq.query_len..seq.context_len {
-            let block = seq.block_table[j / bs];
-            if block as usize >= num_blocks {
-                return Err(GpuError(format!("block {block} of a step's table is outside the cache")));
-            }
-            m.push(block * bs as u32 + (j % bs) as u32);
-        }
-    }
-    offsets[3] = m.len();
-    let mut table_offset = 0usize;
-    for seq in &batch.seqs {
-        let (keep, size) = seq.window.map_or((0, 0), |w| (w.keep as u32, w.size as u32));
-        for j in seq.context_len - seq.query_len..seq.context_len {
-            m.extend_from_slice(&[j as u32, table_offset as u32, keep, size]);
-        }
-        table_offset += seq.block_table.len();
-    }
-    debug_assert_eq!(m.len() - offsets[3], n * PLAN_WORDS);
-    offsets[4] = m.len();
-    for seq in &batch.seqs {
-        m.extend_from_slice(&seq.block_table);
-    }
-    offsets[5] = m.len();
-    m.extend(batch.logit_rows.iter().map(|&r| r as u32));
-    Ok(offsets)
-}
-
-/// The plan of a decode step padded to `padded` tokens, at addresses that depend on `padded`
-/// alone (a graph bakes them in): tokens, positions, slots, plans, logit rows (`padded` rows
-/// each, plans 4 words a token), then the block tables, the scratch block first. Padding
-/// tokens decode token 0 at position 0 into the scratch block. None when a table entry is
-/// released (windowed sequences; they run without graphs).
-fn graph_layout(batch: &FlatBatch, padded: usize, bs: usize, num_blocks: usize, m: &mut Vec<u32>) -> Result<Option<PlanOffsets>> {
-    let n = batch.tokens.len();
-    let o = PlanOffsets { tokens: 0, positions: padded, slots: 2 * padded, plans: 3 * padded, logit_rows: 7 * padded, tables: 8 * padded };
-    m.clear();
-    m.resize(o.tables, 0);
-    m.push(num_blocks as u32); // the scratch block
-    let scratch_slot = (num_blocks * bs) as u32;
-    for (t, seq) in batch.seqs.iter().enumerate() {
-        let j = seq.context_len - 1;
-        let block = seq.block_table[j / bs];
-        if block as usize >= num_blocks || seq.window.is_some() {
-            return Ok(None);
-        }
-        m[o.tokens + t] = batch.tokens[t];
-        m[o.positions + t] = batch.positions[t];
-        m[o.slots + t] = block * bs as u32 + (j % bs) as u32;
-        let table = (m.len() - o.tables) as u32;
-        m[o.plans + 4 * t..o.plans + 4 * t + 4].copy_from_slice(&[j as u32, table, 0, 0]);
-        m[o.logit_rows + t] = t as u32;
-        m.extend_from_slice(&seq.block_table);
-    }
-    for t in n..padded {
-        m[o.slots + t] = scratch_slot;
-        m[o.logit_rows + t] = t as u32;
-    }
-    Ok(Some(o))
 }

@@ -351,7 +351,7 @@ fn attention_matches_the_cpu() {
         let want = paged_attention(&batch, &plan, &kv, &q, &shape);
 
         let mut meta = Vec::new();
-        let offsets = super::runner::write_plan(&batch, bs, num_blocks, &mut meta).unwrap();
+        let offsets = super::plan::write_plan(&batch, bs, num_blocks, &mut meta).unwrap();
         let meta_d = gpu.upload(&meta).unwrap();
         let (qd, kd, vd) = (gpu.upload(&q).unwrap(), gpu.upload(&kv.k).unwrap(), gpu.upload(&kv.v).unwrap());
         let out = gpu.alloc::<bf16>(n * n_head * head_dim).unwrap();
