@@ -132,8 +132,8 @@ impl Gpu {
         if !k.is_multiple_of(32) || m == 0 || n == 0 {
             return Err(GpuError(format!("a {m}x{n}x{k} product: k must be a multiple of 32")));
         }
-        if spread == Spread::Auto && self.igemv_variant(m, n, k).is_some() {
-            return self.igemv_with(w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() });
+        if let Some(index) = self.igemv_variant(m, n, k).filter(|_| spread == Spread::Auto) {
+            return self.igemv_form(index, w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() });
         }
         let index = choose_tile(m);
         self.gemm_tiled(index, x, w, y, m, n, k, accumulate, split, spread)

@@ -431,7 +431,7 @@ impl Gpu {
     }
 
     fn gemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
-        if !gemv_fits(m, k) || (!n.is_multiple_of(2) && args.q_out != 0) {
+        if !gemv_fits(m, k) {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
         let plain = args.norm_w == 0 && args.q_out == 0 && args.act_out == 0;

@@ -168,7 +168,7 @@ fn fused_rows(kind: GemmKind) -> Vec<usize> {
 /// rms_norm_bf16 of `m` rows of width `k` (what the products take as input).
 fn normed_rows(gpu: &Gpu, x: u64, norm_w: u64, m: usize, k: usize) -> Buf<bf16> {
     let h = gpu.alloc::<bf16>(m * k).unwrap();
-    launch!(gpu, &gpu.k.rms_norm_bf16, (m as u32, 1, 1), 1024; x, 0u64, norm_w, h.ptr, k as i32, 1e-5f32).unwrap();
+    launch!(gpu, &gpu.k.rms_norm_bf16, (m as u32, 1, 1), super::runner::NORM_THREADS; x, 0u64, norm_w, h.ptr, k as i32, 1e-5f32).unwrap();
     h
 }
 
@@ -252,10 +252,13 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                     let qd = gpu.upload(&vec![f32::NAN; m * q]).unwrap();
                     let b = if with_bias { bd.ptr } else { 0 };
                     if fused {
-                        let h = normed_rows(&gpu, xd.ptr, nd.ptr, m, hidden);
+                        let h; // the normalised rows the invariant mode's product takes
                         let input = match kind {
                             GemmKind::Cublas => super::runtime::GemvArgs { residual: xd.ptr, norm_w: nd.ptr, eps: 1e-5, ..Default::default() },
-                            GemmKind::BatchInvariant => super::runtime::GemvArgs { x: h.ptr, ..Default::default() },
+                            GemmKind::BatchInvariant => {
+                                h = normed_rows(&gpu, xd.ptr, nd.ptr, m, hidden);
+                                super::runtime::GemvArgs { x: h.ptr, ..Default::default() }
+                            }
                         };
                         let args = super::runtime::GemvArgs {
                             positions: pd.ptr, slots: sld.ptr,
