@@ -20,6 +20,7 @@ fn main() {
         // Type-checking and linting the CUDA path on a machine without nvcc (CI): no kernels;
         // such a binary refuses to open a GPU.
         println!("cargo:warning=BRAID_CUDA_CHECK_ONLY: built without CUDA kernels");
+        println!("cargo:rustc-env=BRAID_CUDA_MACHINE_CODE=none");
         std::fs::write(&out, b"").unwrap();
         return;
     }
@@ -31,9 +32,14 @@ fn main() {
         candidates.into_iter().flatten().find(|p| p.exists()).unwrap_or_else(|| PathBuf::from("nvcc"))
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // Hopper's machine code is built for sm_90a, whose architecture-specific instructions
+    // (wgmma) the batch-invariant tiles use; the portable PTX beside it lacks them.
+    let machine = if cap == "90" { "90a".to_string() } else { cap.clone() };
+    println!("cargo:rustc-env=BRAID_CUDA_MACHINE_CODE=sm_{machine}");
     let status = Command::new(&nvcc)
         .args(["--fatbin", "-O3", "-fmad=false", "-lineinfo", "-std=c++17"])
-        .arg(format!("-gencode=arch=compute_{cap},code=[sm_{cap},compute_{cap}]"))
+        .arg(format!("-gencode=arch=compute_{machine},code=sm_{machine}"))
+        .arg(format!("-gencode=arch=compute_{cap},code=compute_{cap}"))
         .arg("-o")
         .arg(&out)
         .arg("src/gpu/kernels.cu")

@@ -36,3 +36,4 @@ extern __shared__ __align__(16) unsigned char dynamic_smem[];
 #include "kernels/gemm.cuh"
 #include "kernels/gemv.cuh"
 #include "kernels/igemv.cuh"
+#include "kernels/wgmma.cuh"

@@ -116,6 +116,8 @@ pub struct Gpu {
     /// (`gemv_split_*`; BRAID_GEMV_SPLIT=0 turns it off).
     pub gemv_split: bool,
     capability_major: u32,
+    /// Whether the batch-invariant products may use the wgmma tiles (`Gpu::has_wgmma`).
+    pub(super) wgmma_enabled: bool,
     /// Bytes of dynamic shared memory a few-row invariant product may ask for.
     pub(super) shared_limit: usize,
 }
@@ -225,7 +227,13 @@ impl Gpu {
         };
         // What a block may ask for beyond its static shared memory (igemv's: under 1 KiB).
         let shared_limit = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize - 1024;
-        super::invariant::allow_shared_memory(&k, shared_limit)?;
+        let capability = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        // sm_90a machine code runs on compute capability 9.0 alone; elsewhere the driver takes
+        // the PTX, whose wgmma kernels are empty.
+        let wgmma_enabled =
+            (capability, minor) == (9, 0) && env!("BRAID_CUDA_MACHINE_CODE") == "sm_90a" && std::env::var_os("BRAID_WGMMA").is_none_or(|v| v != "0");
+        super::invariant::allow_shared_memory(&k, shared_limit, wgmma_enabled)?;
         let blas = CudaBlas::new(stream.clone())?;
         // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
         let workspace = {
@@ -241,7 +249,6 @@ impl Gpu {
             Err(_) => ATTENTION_MAX_SPLITS,
             Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
         };
-        let capability = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         // Default mode: on (BRAID_PDL=0 turns it off). The batch-invariant mode measured 13%
         // slower with it (H100 run 25, the tiled products everywhere): off unless BRAID_PDL=1.
         let pdl = std::env::var("BRAID_PDL").ok();
@@ -252,7 +259,7 @@ impl Gpu {
             };
         let capability_major = capability as u32;
         let gemv_split = std::env::var_os("BRAID_GEMV_SPLIT").is_none_or(|v| v != "0");
-        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, gemv_split, capability_major, shared_limit })
+        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, gemv_split, capability_major, wgmma_enabled, shared_limit })
     }
 
     /// Whether the device can launch kernels programmatically dependent (compute capability 9.0+).

@@ -5,6 +5,7 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::invariant::GEMM_TILES;
 use super::runtime::{available, Buf, GemmKind, Gpu, Spread};
 use crate::launch;
 use crate::model::attention::{paged_attention, AttentionPlan, AttentionShape};
@@ -45,8 +46,28 @@ fn assert_product(label: &str, x: &[bf16], w: &[bf16], y0: &[f32], y: &[f32], (m
     }
 }
 
-// (2, 8200, 2048), (9, 8192, 512) and (20, 8193, 512): the few-row forms for wide outputs.
-const SHAPES: &[(usize, usize, usize)] = &[(1, 70, 64), (3, 50, 2048), (5, 129, 96), (30, 40, 2048), (2, 8200, 2048), (9, 8192, 512), (20, 8193, 512), (17, 200, 576), (16, 64, 2048), (64, 33, 160), (65, 300, 1024), (300, 77, 352), (130, 1000, 256)];
+// (2, 8200, 2048), (9, 8192, 512) and (20, 8193, 512): the few-row forms for wide outputs;
+// (40, 136, 1024), (65, 300, 1024), (129, 130, 512) and (200, 300, 2048): the wgmma tiles on
+// Hopper (segments of whole 64-k stages); (300, 77, 352) and (130, 1000, 256) fall back to
+// mma.sync there.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 70, 64),
+    (3, 50, 2048),
+    (5, 129, 96),
+    (30, 40, 2048),
+    (2, 8200, 2048),
+    (9, 8192, 512),
+    (20, 8193, 512),
+    (17, 200, 576),
+    (16, 64, 2048),
+    (64, 33, 160),
+    (40, 136, 1024),
+    (65, 300, 1024),
+    (129, 130, 512),
+    (200, 300, 2048),
+    (300, 77, 352),
+    (130, 1000, 256),
+];
 
 /// Every variant and spread against an f64 product of the same bf16 operands; outputs poisoned
 /// with NaN first, so an unwritten element fails.
@@ -66,6 +87,11 @@ fn gemm_matches_the_reference_product() {
                 let yd = gpu.upload(&start).unwrap();
                 gpu.gemm_invariant(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate, &split, spread).unwrap();
                 assert_product(&format!("gemm {spread:?}"), &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
+                for (index, tile) in GEMM_TILES.iter().enumerate().filter(|(i, _)| gpu.tile_takes(*i, k) && spread != Spread::Auto) {
+                    let yd = gpu.upload(&start).unwrap();
+                    gpu.gemm_tiled(index, xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate, &split, spread).unwrap();
+                    assert_product(&format!("{} {spread:?}", tile.name), &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
+                }
             }
         }
     }
@@ -309,6 +335,16 @@ fn gemm_rows_do_not_depend_on_the_batch() {
         for spread in [Spread::Auto, Spread::Blocks] {
             assert!(run(&x, m, spread).iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{n}x{k} {spread:?}");
         }
+        // Every tile, mma.sync and wgmma alike, gives the same bits.
+        let xd = gpu.upload(&x).unwrap();
+        for (index, tile) in GEMM_TILES.iter().enumerate().filter(|(i, _)| gpu.tile_takes(*i, k)) {
+            for spread in [Spread::Registers, Spread::Blocks] {
+                let yd = gpu.alloc::<f32>(m * n).unwrap();
+                gpu.gemm_tiled(index, xd.ptr, wd.ptr, yd.ptr, m, n, k, false, &split, spread).unwrap();
+                let same = read(&gpu, &yd, m * n).iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{m}x{n}x{k}: tile {} ({spread:?}) differs from the batch", tile.name);
+            }
+        }
         for row in [0, m / 2, m - 1] {
             for spread in [Spread::Auto, Spread::Registers, Spread::Blocks] {
                 let alone = run(&x[row * k..(row + 1) * k], 1, spread);
@@ -541,7 +577,12 @@ fn gemm_speed() {
     let x = gpu.upload(&random_bf16(&mut r, 8192 * 8192, 1.0)).unwrap();
     let y = gpu.alloc::<f32>(8192 * 16384).unwrap();
     let split = gpu.alloc::<f32>(8 * 512 * 4096).unwrap();
-    for m in [1usize, 4, 8, 16, 32, 64, 256, 4096] {
+    // BRAID_GEMM_SPEED_M="256 4096" measures those row counts alone.
+    let rows: Vec<usize> = match std::env::var("BRAID_GEMM_SPEED_M") {
+        Ok(list) => list.split_whitespace().map(|m| m.parse().expect("BRAID_GEMM_SPEED_M: row counts")).collect(),
+        Err(_) => vec![1, 4, 8, 16, 32, 64, 256, 4096],
+    };
+    for m in rows {
         for &(n, k, name) in &shapes {
             if m > 256 && name == "lm_head" {
                 continue;
@@ -575,9 +616,11 @@ fn gemm_speed() {
             let bytes = (n * k * 2 + m * k * 2 + m * n * 4) as f64;
             let flops = 2.0 * (m * n * k) as f64;
             if m >= 64 {
-                for (index, tile) in super::invariant::GEMM_TILES.iter().enumerate() {
-                    let us = time(&|| gpu.gemm_tiled(index, x.ptr, w.ptr, y.ptr, m, n, k, false, &split, Spread::Auto).unwrap());
-                    println!("tile m={m:5} {name:8} {}: {us:8.1} us ({:5.0} TFLOP/s)", tile.name, flops / us / 1e6);
+                for (index, tile) in GEMM_TILES.iter().enumerate().filter(|(i, _)| gpu.tile_takes(*i, k)) {
+                    for spread in [Spread::Auto, Spread::Registers] {
+                        let us = time(&|| gpu.gemm_tiled(index, x.ptr, w.ptr, y.ptr, m, n, k, false, &split, spread).unwrap());
+                        println!("tile m={m:5} {name:8} {} {spread:?}: {us:8.1} us ({:5.0} TFLOP/s)", tile.name, flops / us / 1e6);
+                    }
                 }
             }
             println!("gemm m={m:5} {name:8} {n}x{k}: invariant {ours:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)  cublas {cublas:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)",
