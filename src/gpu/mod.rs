@@ -13,6 +13,8 @@ pub use runtime::{available, GemmKind, Gpu, GpuError};
 pub use weights::CudaWeights;
 
 #[cfg(test)]
+mod invariant_tests;
+#[cfg(test)]
 mod sample_tests;
 #[cfg(test)]
 mod tests;
