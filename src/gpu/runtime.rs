@@ -83,8 +83,8 @@ pub enum GemmKind {
     /// alone, and a near-tie can then pick another greedy token.
     Cublas,
     /// braid's kernels (`--batch-invariant`, invariant.rs): each row's result is the same bits
-    /// whatever else is in the batch; 1.25-2.2x slower than cuBLAS for decode (H100, 1 to 256
-    /// sequences) and ~5x for large prefills.
+    /// whatever else is in the batch; on an H100 1.1-1.3x slower end to end than the default
+    /// mode (1 to 256 sequences), its large products 1.4-1.7x slower than cuBLAS's.
     BatchInvariant,
 }
 
@@ -249,8 +249,8 @@ impl Gpu {
             Err(_) => ATTENTION_MAX_SPLITS,
             Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
         };
-        // Default mode: on (BRAID_PDL=0 turns it off). The batch-invariant mode measured 13%
-        // slower with it (H100 run 25, the tiled products everywhere): off unless BRAID_PDL=1.
+        // Default mode: on (BRAID_PDL=0 turns it off). The batch-invariant mode: off unless
+        // BRAID_PDL=1; with it, batch 1 measured 2% faster and c=256 2% slower (H100 run 64).
         let pdl = std::env::var("BRAID_PDL").ok();
         let programmatic_launch = capability >= 9
             && match gemm_kind {

@@ -15,8 +15,11 @@
 #define GEMM_BK 32
 #define GEMM_PAD 8
 
+// A shared-memory address as the PTX instructions below take it.
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    const unsigned s = smem_u32(smem);
     const int size = valid ? 16 : 0;  // 0: fill with zeros
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(size));
 }
@@ -25,12 +28,12 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* smem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    const unsigned s = smem_u32(smem);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
 }
 __device__ __forceinline__ void ldmatrix_x2(unsigned* r, const void* smem) {
-    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    const unsigned s = smem_u32(smem);
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
 }
 __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, const unsigned* b) {

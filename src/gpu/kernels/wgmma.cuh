@@ -37,7 +37,7 @@ struct __align__(64) TensorMap {
 // A shared-memory matrix descriptor for a K-major operand in 128-byte swizzled rows, 8-row
 // groups 1024 bytes apart.
 __device__ __forceinline__ uint64_t wg_descriptor(const void* smem) {
-    const uint64_t address = (unsigned)__cvta_generic_to_shared(smem);
+    const uint64_t address = smem_u32(smem);
     return ((address & 0x3FFFF) >> 4)     // start address
            | (uint64_t)1 << 16            // leading byte offset: unused by swizzled K-major layouts
            | (uint64_t)(1024 >> 4) << 32  // stride byte offset: one 8-row group
@@ -80,7 +80,6 @@ __device__ __forceinline__ void wgmma_step(float* d, uint64_t a, uint64_t b) {
     }
 }
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
 }
