@@ -2,6 +2,7 @@
 //! weights, with a paged f16 KV cache on the device. The engine drives it exactly as it drives
 //! the CPU model: one flat batch per step.
 
+mod attention;
 mod invariant;
 mod plan;
 pub mod runner;
@@ -12,6 +13,8 @@ pub use runner::CudaRunner;
 pub use runtime::{available, GemmKind, Gpu, GpuError};
 pub use weights::CudaWeights;
 
+#[cfg(test)]
+mod attention_tests;
 #[cfg(test)]
 mod invariant_tests;
 #[cfg(test)]

@@ -428,7 +428,7 @@ impl CudaRunner {
         let ws = &self.ws;
         let n32 = n as u32;
         launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
-        let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, n * c.n_kv_head);
+        let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, c.n_head / c.n_kv_head, n * c.n_kv_head);
         let partial = if splits > 1 { ws.attn_partial.ptr } else { 0 };
         // Decode of a few sequences: rope with the K/V write and SwiGLU run inside the products
         // next to them, and in the default mode the norms too (kernels/gemv.cuh, igemv.cuh).

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
+use super::attention::AttentionKind;
+
 static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
 pub type Result<T> = std::result::Result<T, GpuError>;
@@ -58,8 +60,9 @@ pub struct Kernels {
     pub embed_rows: CudaFunction,
     pub rms_norm_bf16: CudaFunction,
     pub rope_and_cache: CudaFunction,
-    /// Paged attention by head dimension (64, 128) and warps per block (4, 8).
-    pub paged_attention: [[CudaFunction; 2]; 2],
+    /// Paged attention by head dimension (64, 128), `AttentionKind` and query heads per KV
+    /// head held (up to 4, up to 8): `Gpu::attention_kernel` finds one.
+    pub paged_attention: Vec<CudaFunction>,
     pub silu_mul_bf16: CudaFunction,
     pub argmax_logprob: CudaFunction,
     /// Random draws by blocks per row (`sample_rows_c1`, `_c2`, `_c4`, `_c8`).
@@ -104,10 +107,10 @@ pub struct Gpu {
     _cublas_workspace: CudaSlice<u8>,
     pub k: Kernels,
     pub gemm_kind: GemmKind,
-    multiprocessors: usize,
+    pub(super) multiprocessors: usize,
     /// Most blocks sharing a (token, KV head) pair's keys (BRAID_ATTENTION_SPLITS, 1..=8, for
     /// tuning; default 8).
-    attention_max_splits: usize,
+    pub(super) attention_max_splits: usize,
     /// Whether kernels start while the previous one finishes (programmatic dependent launch,
     /// compute capability 9.0+, see `new` for the modes and BRAID_PDL). Every braid kernel waits for its
     /// predecessor's results (kernels.cu, `pdl_enter`), so this changes timing, never results.
@@ -212,10 +215,11 @@ impl Gpu {
             embed_rows: f("embed_rows")?,
             rms_norm_bf16: f("rms_norm_bf16")?,
             rope_and_cache: f("rope_and_cache")?,
-            paged_attention: [
-                [f("paged_attention_d64_w4")?, f("paged_attention_d64_w8")?],
-                [f("paged_attention_d128_w4")?, f("paged_attention_d128_w8")?],
-            ],
+            paged_attention: [64, 128]
+                .into_iter()
+                .flat_map(|d| AttentionKind::ALL.into_iter().flat_map(move |kind| [4, 8].map(|g| format!("paged_attention_d{d}_{}_g{g}", kind.name()))))
+                .map(|name| f(&name))
+                .collect::<std::result::Result<_, _>>()?,
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
             sample_rows: [f("sample_rows_c1")?, f("sample_rows_c2")?, f("sample_rows_c4")?, f("sample_rows_c8")?],
@@ -335,19 +339,11 @@ impl Gpu {
         Ok(self.stream.synchronize()?)
     }
 
-    /// How to run paged attention over `blocks` (token, KV head) pairs: the kernel, its threads
-    /// and how many blocks share each pair's keys. When the pairs alone leave multiprocessors
-    /// idle: 8 warps, and the keys split over up to 8 blocks (the last of them merges);
-    /// else 4 warps, unsplit. The batch-invariant mode always takes the latter, since both
-    /// choices change a token's sums.
-    pub fn attention_plan(&self, head_dim: usize, blocks: usize) -> (&CudaFunction, u32, usize) {
-        let d = usize::from(head_dim == 128);
-        if self.gemm_kind == GemmKind::Cublas && blocks < self.multiprocessors {
-            let splits = (self.multiprocessors / blocks.max(1)).clamp(1, self.attention_max_splits);
-            (&self.k.paged_attention[d][1], 256, splits)
-        } else {
-            (&self.k.paged_attention[d][0], 128, 1)
-        }
+    /// A kernel of the module by name (tests time variants that braid does not launch).
+    #[cfg(test)]
+    pub(super) fn function(&self, name: &str) -> Result<CudaFunction> {
+        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(KERNELS.to_vec()))?;
+        Ok(module.load_function(name)?)
     }
 
     pub fn multiprocessors(&self) -> usize {

@@ -7,9 +7,6 @@ use rand_chacha::ChaCha8Rng;
 
 use super::runtime::{available, Buf, GemmKind, Gpu, Spread};
 use crate::launch;
-use crate::model::attention::{paged_attention, AttentionPlan, AttentionShape};
-use crate::model::batch::{FlatBatch, Window};
-use crate::model::kv_cache::LayerKv;
 
 pub(super) fn gpu() -> Option<Gpu> {
     if !available() {
@@ -258,66 +255,6 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                 assert!(same_f16(&fused.1, &separate.1), "K cache differs: {case}");
                 assert!(same_f16(&fused.2, &separate.2), "V cache differs: {case}");
                 assert!(fused.0.iter().all(|v| v.is_finite()), "Q not all written: {case}");
-            }
-        }
-    }
-}
-
-/// Paged attention over a mix of decodes and prefill chunks (odd lengths, shuffled block
-/// tables, a window), against the CPU kernel on the same f16 cache; outputs are bf16.
-#[test]
-fn attention_matches_the_cpu() {
-    let Some(gpu) = gpu() else { return };
-    let mut r = ChaCha8Rng::seed_from_u64(13);
-    for (n_head, n_kv_head, head_dim) in [(9, 3, 64), (32, 8, 64), (28, 4, 128), (8, 8, 128)] {
-        let (bs, num_blocks) = (16, 64);
-        let width = n_kv_head * head_dim;
-        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-        rand::seq::SliceRandom::shuffle(&mut ids[..], &mut r);
-        let mut batch = FlatBatch::default();
-        let mut next = 0;
-        // (new tokens, context after the step, window)
-        for (new, context, window) in [(1usize, 37usize, None), (23, 23, None), (5, 150, None), (1, 1, None), (1, 200, Some(Window { keep: 4, size: 40 }))] {
-            let blocks = context.div_ceil(bs);
-            let table = ids[next..next + blocks].to_vec();
-            next += blocks;
-            let tokens: Vec<u32> = (0..new as u32).collect();
-            batch.push(&tokens, context, table, true);
-            batch.seqs.last_mut().unwrap().window = window;
-        }
-        let n = batch.tokens.len();
-        let cache = num_blocks * bs * width;
-        let kv = LayerKv {
-            k: (0..cache).map(|_| f16::from_f32(r.random_range(-1.0f32..1.0))).collect(),
-            v: (0..cache).map(|_| f16::from_f32(r.random_range(-1.0f32..1.0))).collect(),
-        };
-        let q: Vec<f32> = (0..n * n_head * head_dim).map(|_| r.random_range(-2.0f32..2.0)).collect();
-        let plan = AttentionPlan::new(&batch, bs);
-        let shape = AttentionShape { n_head, n_kv_head, head_dim };
-        // The random cache stands for K/V already written, the new tokens' included.
-        let want = paged_attention(&batch, &plan, &kv, &q, &shape);
-
-        let mut meta = Vec::new();
-        let offsets = super::plan::write_plan(&batch, bs, num_blocks, &mut meta).unwrap();
-        let meta_d = gpu.upload(&meta).unwrap();
-        let (qd, kd, vd) = (gpu.upload(&q).unwrap(), gpu.upload(&kv.k).unwrap(), gpu.upload(&kv.v).unwrap());
-        let out = gpu.alloc::<bf16>(n * n_head * head_dim).unwrap();
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let partial = gpu.alloc::<f32>(n * n_head * 8 * (head_dim + 2)).unwrap();
-        let counters = gpu.alloc_zeroed::<u32>(n * n_kv_head).unwrap();
-        for (warps, f) in [4, 8].into_iter().zip(&gpu.k.paged_attention[usize::from(head_dim == 128)]) {
-            // Unsplit, and the keys shared by 3 and by 8 blocks (more than some tokens have);
-            // the counters return to zero after each split launch, so they serve the next.
-            for splits in [1u32, 3, 8, 3] {
-                let part = if splits > 1 { partial.ptr } else { 0 };
-                launch!(&gpu, f, (n as u32, n_kv_head as u32, splits), 32 * warps;
-                    qd.ptr, kd.ptr, vd.ptr, meta_d.at(offsets[3]), meta_d.at(offsets[4]), out.ptr,
-                    n_head as i32, n_kv_head as i32, bs as i32, scale, part, counters.ptr).unwrap();
-                let got = read(&gpu, &out, n * n_head * head_dim);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    let g = g.to_f32();
-                    assert!((g - w).abs() <= 1e-2 * w.abs() + 1e-3, "{warps} warps, {splits} splits, heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {g} vs {w}");
-                }
             }
         }
     }
