@@ -254,7 +254,8 @@ impl Gpu {
             Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
         };
         // Default mode: on (BRAID_PDL=0 turns it off). The batch-invariant mode: off unless
-        // BRAID_PDL=1; with it, batch 1 measured 2% faster and c=256 2% slower (H100 run 64).
+        // BRAID_PDL=1; with it, c=256 measured 2% slower (H100 run 64) and, since attention
+        // loads several passes at once, batch 1 4% slower (run 74; earlier, 2% faster).
         let pdl = std::env::var("BRAID_PDL").ok();
         let programmatic_launch = capability >= 9
             && match gemm_kind {
