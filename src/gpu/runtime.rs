@@ -255,7 +255,7 @@ impl Gpu {
         };
         // Default mode: on (BRAID_PDL=0 turns it off). The batch-invariant mode: off unless
         // BRAID_PDL=1; with it, c=256 measured 2% slower (H100 run 64) and, since attention
-        // loads several passes at once, batch 1 4% slower (run 74; earlier, 2% faster).
+        // loads several passes at once, batch 1 3% slower (run 74; earlier, 2% faster).
         let pdl = std::env::var("BRAID_PDL").ok();
         let programmatic_launch = capability >= 9
             && match gemm_kind {
