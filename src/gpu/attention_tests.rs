@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::attention::AttentionKind;
 use super::runtime::{Buf, Gpu, ATTENTION_MAX_SPLITS};
-use super::tests::{gpu, read};
+use super::tests::{gpu, mean_micros, read};
 use crate::launch;
 use crate::model::attention::{paged_attention, AttentionPlan, AttentionShape};
 use crate::model::batch::{FlatBatch, Window};
@@ -127,14 +127,19 @@ fn attention_matches_the_cpu() {
 fn attention_forms_of_one_warp_count_agree_bit_for_bit() {
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(14);
+    let plain = |name: &'static str| (name, gpu.function(name).unwrap());
+    let forms = [
+        (plain("paged_attention_d64_w4_g8_u1"), &[AttentionKind::Many, AttentionKind::Few][..]),
+        (plain("paged_attention_d64_w8_g8_u1"), &[AttentionKind::Split][..]),
+    ];
     for (n_head, n_kv_head) in [(32, 8), (6, 2), (8, 8), (14, 2)] {
         let shape = AttentionShape { n_head, n_kv_head, head_dim: 64 };
         let (case, _) = Case::new(&gpu, &mut r, shape, MIX, false);
         let group = n_head / n_kv_head;
-        for (plain, kinds) in [("paged_attention_d64_w4_g8_u1", &[AttentionKind::Many, AttentionKind::Few][..]), ("paged_attention_d64_w8_g8_u1", &[AttentionKind::Split][..])] {
+        for ((plain, plain_f), kinds) in &forms {
             for splits in [1u32, 3] {
-                for &kind in kinds {
-                    case.launch(&gpu, &gpu.function(plain).unwrap(), kind.threads(), splits);
+                for &kind in *kinds {
+                    case.launch(&gpu, plain_f, kind.threads(), splits);
                     let want = case.output(&gpu);
                     for g in [group, 8] {
                         case.launch(&gpu, gpu.attention_kernel(64, kind, g), kind.threads(), splits);
@@ -155,12 +160,12 @@ fn attention_speed() {
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(16);
     let shape = || AttentionShape { n_head: 32, n_kv_head: 8, head_dim: 64 };
+    let plain = |name: &str| gpu.function(name).unwrap();
+    let (plain4, plain8) = (plain("paged_attention_d64_w4_g8_u1"), plain("paged_attention_d64_w8_g8_u1"));
     for (n, context) in [(1usize, 256usize), (1, 1024), (4, 256), (16, 256), (32, 256), (64, 256), (256, 256)] {
         let seqs = vec![(1, context, None); n];
         let (case, _) = Case::new(&gpu, &mut r, shape(), &seqs, false);
         let split = (gpu.multiprocessors() / (n * 8)).clamp(1, ATTENTION_MAX_SPLITS) as u32;
-        let plain = |name: &str| gpu.function(name).unwrap();
-        let (plain4, plain8) = (plain("paged_attention_d64_w4_g8_u1"), plain("paged_attention_d64_w8_g8_u1"));
         for (name, f, threads, splits) in [
             ("4 warps, plain", &plain4, 128, 1),
             ("8 warps, plain, split", &plain8, 256, split),
@@ -168,17 +173,7 @@ fn attention_speed() {
             ("Few", gpu.attention_kernel(64, AttentionKind::Few, 4), 128, 1),
             ("Split", gpu.attention_kernel(64, AttentionKind::Split, 4), 256, split),
         ] {
-            for _ in 0..5 {
-                case.launch(&gpu, f, threads, splits);
-            }
-            gpu.synchronize().unwrap();
-            let reps = 200;
-            let start = std::time::Instant::now();
-            for _ in 0..reps {
-                case.launch(&gpu, f, threads, splits);
-            }
-            gpu.synchronize().unwrap();
-            let us = start.elapsed().as_secs_f64() / reps as f64 * 1e6;
+            let us = mean_micros(&gpu, 5, 200, &|| case.launch(&gpu, f, threads, splits));
             let bytes = (n * context * 8 * 64 * 2 * 2) as f64;
             println!("attention n={n:4} context={context:5} {name:22} splits {splits}: {us:7.2} us ({:5.0} GB/s)", bytes / us / 1e3);
         }

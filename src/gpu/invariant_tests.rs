@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::invariant::GEMM_TILES;
 use super::runtime::Spread;
-use super::tests::{assert_product, gpu, random_bf16, read};
+use super::tests::{assert_product, gpu, mean_micros, random_bf16, read};
 
 // (2, 8200, 2048), (9, 8192, 512) and (20, 8193, 512): the few-row forms for wide outputs;
 // (40, 136, 1024), (65, 300, 1024), (129, 130, 512) and (200, 300, 2048): the wgmma tiles on
@@ -125,19 +125,7 @@ fn gemm_speed() {
             if m > 256 && name == "lm_head" {
                 continue;
             }
-            let time = |f: &dyn Fn()| {
-                for _ in 0..3 {
-                    f();
-                }
-                gpu.synchronize().unwrap();
-                let start = std::time::Instant::now();
-                let reps = 20;
-                for _ in 0..reps {
-                    f();
-                }
-                gpu.synchronize().unwrap();
-                start.elapsed().as_secs_f64() / reps as f64 * 1e6
-            };
+            let time = |f: &dyn Fn()| mean_micros(&gpu, 3, 20, f);
             let ours = time(&|| gpu.gemm_invariant(x.ptr, w.ptr, y.ptr, m, n, k, false, &split, Spread::Auto).unwrap());
             let cublas = time(&|| gpu.gemm_cublas(x.ptr, w.ptr, y.ptr, m, n, k, 0.0).unwrap());
             if m <= 32 {

@@ -29,6 +29,21 @@ pub(super) fn read<T: cudarc::driver::DeviceRepr + Clone + Default>(gpu: &Gpu, b
     out
 }
 
+/// Mean µs of one call of `f` (a launch or a few) over `reps` calls queued back to back, after
+/// `warmup` calls; for the ignored speed tests.
+pub(super) fn mean_micros(gpu: &Gpu, warmup: usize, reps: usize, f: &dyn Fn()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    gpu.synchronize().unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    gpu.synchronize().unwrap();
+    start.elapsed().as_secs_f64() / reps as f64 * 1e6
+}
+
 /// Checks `y` (`[m, n]`) against the f64 product of the same bf16 operands (+ `y0` when
 /// accumulating): f32 sums of k products stay within ~1e-5·sqrt(k).
 pub(super) fn assert_product(label: &str, x: &[bf16], w: &[bf16], y0: &[f32], y: &[f32], (m, n, k): (usize, usize, usize), accumulate: bool) {
