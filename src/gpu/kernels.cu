@@ -19,12 +19,22 @@
 // before writing anything that kernel reads); only weights, which no kernel writes, may be
 // read before. Each block first lets the next kernel be launched: its blocks take the places
 // this one's leave and wait in turn (releasing after the wait measured slower, H100 run 10).
-// Without the launch attribute, or below 9.0, both are no-ops.
-__device__ __forceinline__ void pdl_enter() {
+// The batch-invariant few-row product (igemv.cuh) releases late instead, once its weights are
+// streamed: its blocks fill the multiprocessors' shared memory. Without the launch attribute,
+// or below 9.0, both are no-ops.
+__device__ __forceinline__ void pdl_release() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void pdl_enter() {
+    pdl_release();
+    pdl_wait();
 }
 
 // Dynamic shared memory of the products' pipelines (sized at launch by invariant.rs).

@@ -427,6 +427,7 @@ impl CudaRunner {
         let (h, q, kv, ffn) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size);
         let ws = &self.ws;
         let n32 = n as u32;
+        gpu.begin_step(n);
         launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
         let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, c.n_head / c.n_kv_head, n * c.n_kv_head);
         let partial = if splits > 1 { ws.attn_partial.ptr } else { 0 };

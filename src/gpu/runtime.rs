@@ -115,6 +115,10 @@ pub struct Gpu {
     /// compute capability 9.0+, see `new` for the modes and BRAID_PDL). Every braid kernel waits for its
     /// predecessor's results (kernels.cu, `pdl_enter`), so this changes timing, never results.
     pub programmatic_launch: bool,
+    /// The most tokens of a step that launches so (`begin_step`); `usize::MAX`: every step.
+    programmatic_step_tokens: usize,
+    /// Whether the current step launches so (`begin_step`; a step of more tokens turns it off).
+    step_programmatic: std::sync::atomic::AtomicBool,
     /// Whether plain few-row products with narrow outputs split k over a block's warps
     /// (`gemv_split_*`; BRAID_GEMV_SPLIT=0 turns it off).
     pub gemv_split: bool,
@@ -130,6 +134,9 @@ const SAMPLE_THREADS: u32 = 1024;
 
 /// Bytes of cuBLAS scratch (what it asks for on Hopper).
 const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// The most tokens of a batch-invariant step whose kernels launch programmatically dependent.
+const PDL_INVARIANT_TOKENS: usize = 8;
 
 /// Most blocks that share one (token, KV head) pair's keys in split attention.
 pub const ATTENTION_MAX_SPLITS: usize = 8;
@@ -253,18 +260,26 @@ impl Gpu {
             Err(_) => ATTENTION_MAX_SPLITS,
             Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
         };
-        // Default mode: on (BRAID_PDL=0 turns it off). The batch-invariant mode: off unless
-        // BRAID_PDL=1; with it, c=256 measured 2% slower (H100 run 64) and, since attention
-        // loads several passes at once, batch 1 3% slower (run 74; earlier, 2% faster).
+        // Default mode: on for every step (BRAID_PDL=0 turns it off). The batch-invariant mode:
+        // on for steps of up to PDL_INVARIANT_TOKENS (the few-row products' 8-row forms), where
+        // it took batch 1 from 1.43 to 1.39 ms, and steps of 4 and 8 tokens 30-50 µs (H100 run
+        // 81); larger steps measured 2-4% slower with it (c=32 and c=256: runs 64, 80).
+        // BRAID_PDL=1: every step.
         let pdl = std::env::var("BRAID_PDL").ok();
-        let programmatic_launch = capability >= 9
-            && match gemm_kind {
-                GemmKind::Cublas => pdl.as_deref() != Some("0"),
-                GemmKind::BatchInvariant => pdl.as_deref() == Some("1"),
-            };
+        let programmatic_launch = capability >= 9 && pdl.as_deref() != Some("0");
+        let programmatic_step_tokens = match (gemm_kind, pdl.as_deref()) {
+            (GemmKind::BatchInvariant, Some("1")) | (GemmKind::Cublas, _) => usize::MAX,
+            (GemmKind::BatchInvariant, _) => PDL_INVARIANT_TOKENS,
+        };
         let capability_major = capability as u32;
         let gemv_split = std::env::var_os("BRAID_GEMV_SPLIT").is_none_or(|v| v != "0");
-        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, gemv_split, capability_major, wgmma_enabled, shared_limit })
+        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, programmatic_step_tokens, step_programmatic: true.into(), gemv_split, capability_major, wgmma_enabled, shared_limit })
+    }
+
+    /// Starts a step of `tokens` tokens: its kernels launch programmatically dependent where
+    /// `programmatic_launch` is on and the step is small enough (`new`).
+    pub fn begin_step(&self, tokens: usize) {
+        self.step_programmatic.store(tokens <= self.programmatic_step_tokens, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the device can launch kernels programmatically dependent (compute capability 9.0+).
@@ -547,7 +562,7 @@ impl Gpu {
             sharedMemBytes: shared_bytes,
             hStream: self.stream.cu_stream(),
             attrs: attrs.as_mut_ptr(),
-            numAttrs: u32::from(self.programmatic_launch),
+            numAttrs: u32::from(self.programmatic_launch && self.step_programmatic.load(std::sync::atomic::Ordering::Relaxed)),
         };
         // SAFETY: the config and attributes live across the call; the caller vouches for the
         // arguments.

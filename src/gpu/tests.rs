@@ -112,30 +112,40 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
 /// Kernels launched to start while their predecessor finishes (programmatic dependent launch)
 /// still see its results and never overwrite what it reads: a chain of normed products, each
 /// reading the buffer the previous one wrote and writing the one it read, gives the same bits
-/// with the launch attribute as without it (where the device has it; else both are plain).
+/// with the launch attribute as without it (where the device has it; else both are plain). The
+/// default mode's products normalise inside; the batch-invariant mode's few-row ones follow
+/// rms_norm_bf16 and let the next kernel launch only after their main loop.
 #[test]
 fn dependent_launches_see_their_predecessors_results() {
     let Some(mut gpu) = gpu() else { return };
     let supported = gpu.supports_programmatic_launch();
     let mut r = ChaCha8Rng::seed_from_u64(23);
-    for (m, k) in [(1usize, 2048usize), (3, 1032)] {
+    for (kind, m, k) in [(GemmKind::Cublas, 1usize, 2048usize), (GemmKind::Cublas, 3, 1032), (GemmKind::BatchInvariant, 1, 2048), (GemmKind::BatchInvariant, 5, 1024)] {
+        gpu.gemm_kind = kind;
         let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-3.0f32..3.0)).collect();
         let nw: Vec<f32> = (0..k).map(|_| r.random_range(0.5f32..1.5)).collect();
         let w = random_bf16(&mut r, k * k, 1.0);
         let (nd, wd) = (gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
+        let (h, split) = (gpu.alloc::<bf16>(m * k).unwrap(), gpu.alloc::<f32>(8 * m * k).unwrap());
         let mut results = Vec::new();
         for programmatic in [false, true] {
             gpu.programmatic_launch = programmatic && supported;
             let bufs = [gpu.upload(&x).unwrap(), gpu.upload(&vec![f32::NAN; m * k]).unwrap()];
             for step in 0..41 {
                 let (from, to) = (&bufs[step % 2], &bufs[1 - step % 2]);
-                gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, wd.ptr, to.ptr, m, k, k).unwrap();
+                match kind {
+                    GemmKind::Cublas => gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, wd.ptr, to.ptr, m, k, k).unwrap(),
+                    GemmKind::BatchInvariant => {
+                        launch!(&gpu, &gpu.k.rms_norm_bf16, (m as u32, 1, 1), super::runner::NORM_THREADS; from.ptr, 0u64, nd.ptr, h.ptr, k as i32, 1e-5f32).unwrap();
+                        gpu.gemm_invariant(h.ptr, wd.ptr, to.ptr, m, k, k, false, &split, Spread::Auto).unwrap();
+                    }
+                }
             }
             let out = read(&gpu, &bufs[1], m * k);
             assert!(out.iter().all(|v| v.is_finite()), "the chain stays finite");
             results.push(out);
         }
-        assert!(results[0].iter().zip(&results[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{k}: dependent launches changed the results");
+        assert!(results[0].iter().zip(&results[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} {m}x{k}: dependent launches changed the results");
     }
     if !supported {
         eprintln!("no programmatic dependent launch on this device: compared plain launches");

@@ -58,7 +58,7 @@ __device__ void igemv_impl(const __nv_bfloat16* __restrict__ w, float* __restric
         if (s < tiles) load_weights(s, s);
         cp_async_commit();
     }
-    pdl_enter();
+    pdl_wait();
     // Rows past m stay zero in every stage; the rows below m arrive with the weights.
     for (int e = lane; e < STAGES * XR * ROW / 2; e += 32) {
         const int s = e / (XR * ROW / 2), rest = e % (XR * ROW / 2);
@@ -113,6 +113,10 @@ __device__ void igemv_impl(const __nv_bfloat16* __restrict__ w, float* __restric
             }
         }
     }
+    // The next kernel may launch once every block has streamed its weights (kernels.cu): run
+    // 80 put batch 1 at 1.42-1.45 ms so, against 1.50-1.51 releasing first as the others do
+    // (the next product's blocks, launched early, waited on multiprocessors this one needed).
+    pdl_release();
     cp_async_wait<0>();
     __syncthreads();  // every pipeline drained: its memory now holds the segment sums
     float* part = reinterpret_cast<float*>(dynamic_smem);
