@@ -19,9 +19,8 @@
 // before writing anything that kernel reads); only weights, which no kernel writes, may be
 // read before. Each block first lets the next kernel be launched: its blocks take the places
 // this one's leave and wait in turn (releasing after the wait measured slower, H100 run 10).
-// The batch-invariant few-row product (igemv.cuh) releases late instead, once its weights are
-// streamed: its blocks fill the multiprocessors' shared memory. Without the launch attribute,
-// or below 9.0, both are no-ops.
+// The batch-invariant few-row product (igemv.cuh) releases after its wait instead. Without the
+// launch attribute, or below 9.0, both are no-ops.
 __device__ __forceinline__ void pdl_release() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;\n" :::);

@@ -114,7 +114,7 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
 /// reading the buffer the previous one wrote and writing the one it read, gives the same bits
 /// with the launch attribute as without it (where the device has it; else both are plain). The
 /// default mode's products normalise inside; the batch-invariant mode's few-row ones follow
-/// rms_norm_bf16 and let the next kernel launch only after their main loop.
+/// rms_norm_bf16 and let the next kernel launch only after their own wait.
 #[test]
 fn dependent_launches_see_their_predecessors_results() {
     let Some(mut gpu) = gpu() else { return };

@@ -113,9 +113,10 @@ __device__ void igemv_impl(const __nv_bfloat16* __restrict__ w, float* __restric
             }
         }
     }
-    // The next kernel may launch once every block has streamed its weights (kernels.cu): run
-    // 80 put batch 1 at 1.42-1.45 ms so, against 1.50-1.51 releasing first as the others do
-    // (the next product's blocks, launched early, waited on multiprocessors this one needed).
+    // The next kernel may launch now (kernels.cu): after this kernel's wait, not before it as
+    // the others release. Released first, PDL cost this mode's batch 1 (H100 run 80: 1.50
+    // against 1.42 ms here), its few-row products' blocks filling the multiprocessors' shared
+    // memory; anywhere after the wait, from the first tile to here, measured the same (run 84).
     pdl_release();
     cp_async_wait<0>();
     __syncthreads();  // every pipeline drained: its memory now holds the segment sums
