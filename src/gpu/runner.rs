@@ -207,7 +207,14 @@ impl Choose {
 }
 
 /// Threads of the RMS norm kernel (NORM_THREADS).
-pub const NORM_THREADS: u32 = 1024;
+const NORM_THREADS: u32 = 1024;
+
+/// rms_norm_bf16 of `count` rows of the f32 rows `x` (those `rows` lists, where not 0) into the
+/// bf16 rows `out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rms_norm(gpu: &Gpu, x: u64, rows: u64, norm_w: u64, out: u64, count: usize, hidden: usize, eps: f32) -> Result<()> {
+    launch!(gpu, &gpu.k.rms_norm_bf16, (count as u32, 1, 1), NORM_THREADS; x, rows, norm_w, out, hidden as i32, eps)
+}
 
 /// Slices of a logits row that the device argmax's blocks share.
 const ARGMAX_SLICES: usize = 16;
@@ -437,7 +444,7 @@ impl CudaRunner {
         let norm_inside = gpu.norm_inside(n, h);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
-        let norm_apart = |norm_w: u64| launch!(gpu, &gpu.k.rms_norm_bf16, (n32, 1, 1), NORM_THREADS; ws.x.ptr, 0u64, norm_w, ws.h.ptr, h as i32, c.rms_eps);
+        let norm_apart = |norm_w: u64| rms_norm(gpu, ws.x.ptr, 0, norm_w, ws.h.ptr, n, h, c.rms_eps);
         for (l, layer) in w.layers.iter().enumerate() {
             let bias = layer.qkv_bias.as_ref().map_or(0, |b| b.ptr);
             if fuse && neox == 0 {
@@ -503,7 +510,7 @@ impl CudaRunner {
             // Every token is a logits row, in order: the final norm goes inside the product.
             gpu.gemv_norm(ws.x.ptr, w.output_norm.ptr, c.rms_eps, output.ptr, ws.logits.ptr, rows, vocab, h)?;
         } else {
-            launch!(gpu, &gpu.k.rms_norm_bf16, (rows32, 1, 1), NORM_THREADS; ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, h as i32, c.rms_eps)?;
+            rms_norm(gpu, ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, rows, h, c.rms_eps)?;
             gpu.gemm(ws.h.ptr, output.ptr, ws.logits.ptr, rows, vocab, h, false, &ws.split)?;
         }
         if choose != Choose::Logits {

@@ -5,6 +5,7 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::runner::rms_norm;
 use super::runtime::{available, Buf, GemmKind, Gpu, Spread};
 use crate::launch;
 
@@ -136,7 +137,7 @@ fn dependent_launches_see_their_predecessors_results() {
                 match kind {
                     GemmKind::Cublas => gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, wd.ptr, to.ptr, m, k, k).unwrap(),
                     GemmKind::BatchInvariant => {
-                        launch!(&gpu, &gpu.k.rms_norm_bf16, (m as u32, 1, 1), super::runner::NORM_THREADS; from.ptr, 0u64, nd.ptr, h.ptr, k as i32, 1e-5f32).unwrap();
+                        rms_norm(&gpu, from.ptr, 0, nd.ptr, h.ptr, m, k, 1e-5).unwrap();
                         gpu.gemm_invariant(h.ptr, wd.ptr, to.ptr, m, k, k, false, &split, Spread::Auto).unwrap();
                     }
                 }
@@ -164,7 +165,7 @@ fn fused_rows(kind: GemmKind) -> Vec<usize> {
 /// rms_norm_bf16 of `m` rows of width `k` (what the products take as input).
 fn normed_rows(gpu: &Gpu, x: u64, norm_w: u64, m: usize, k: usize) -> Buf<bf16> {
     let h = gpu.alloc::<bf16>(m * k).unwrap();
-    launch!(gpu, &gpu.k.rms_norm_bf16, (m as u32, 1, 1), super::runner::NORM_THREADS; x, 0u64, norm_w, h.ptr, k as i32, 1e-5f32).unwrap();
+    rms_norm(gpu, x, 0, norm_w, h.ptr, m, k, 1e-5).unwrap();
     h
 }
 
@@ -395,7 +396,7 @@ fn norm_and_swiglu_match_the_cpu() {
     let pick: Vec<u32> = vec![6, 0, 3];
     let (xd, wd, pd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&pick).unwrap());
     let out = gpu.alloc::<bf16>(pick.len() * hidden).unwrap();
-    launch!(&gpu, &gpu.k.rms_norm_bf16, (pick.len() as u32, 1, 1), super::runner::NORM_THREADS; xd.ptr, pd.ptr, wd.ptr, out.ptr, hidden as i32, 1e-5f32).unwrap();
+    rms_norm(&gpu, xd.ptr, pd.ptr, wd.ptr, out.ptr, pick.len(), hidden, 1e-5).unwrap();
     let got = read(&gpu, &out, pick.len() * hidden);
     for (i, &p) in pick.iter().enumerate() {
         let mut want = x[p as usize * hidden..(p as usize + 1) * hidden].to_vec();
