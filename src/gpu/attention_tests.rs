@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::attention::AttentionKind;
 use super::runtime::{Buf, Gpu, ATTENTION_MAX_SPLITS};
-use super::tests::{gpu, mean_micros, read};
+use super::tests::{gpu, mean_micros, read, same_bits};
 use crate::launch;
 use crate::model::attention::{paged_attention, AttentionPlan, AttentionShape};
 use crate::model::batch::{FlatBatch, Window};
@@ -143,7 +143,7 @@ fn attention_forms_of_one_warp_count_agree_bit_for_bit() {
                     let want = case.output(&gpu);
                     for g in [group, 8] {
                         case.launch(&gpu, gpu.attention_kernel(64, kind, g), kind.threads(), splits);
-                        let same = case.output(&gpu).iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                        let same = same_bits(&case.output(&gpu), &want);
                         assert!(same, "{kind:?} g{g}, heads {n_head}/{n_kv_head}, {splits} splits: not the bits of {plain}");
                     }
                 }

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::invariant::GEMM_TILES;
 use super::runtime::Spread;
-use super::tests::{assert_product, gpu, mean_micros, random_bf16, read};
+use super::tests::{assert_product, gpu, mean_micros, random_bf16, read, same_bits};
 
 // (2, 8200, 2048), (9, 8192, 512) and (20, 8193, 512): the few-row forms for wide outputs;
 // (40, 136, 1024), (65, 300, 1024), (129, 130, 512) and (200, 300, 2048): the wgmma tiles on
@@ -80,7 +80,7 @@ fn gemm_rows_do_not_depend_on_the_batch() {
         };
         let batched = run(&x, m, Spread::Registers);
         for spread in [Spread::Auto, Spread::Blocks] {
-            assert!(run(&x, m, spread).iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits()), "{m}x{n}x{k} {spread:?}");
+            assert!(same_bits(&run(&x, m, spread), &batched), "{m}x{n}x{k} {spread:?}");
         }
         // Every tile, mma.sync and wgmma alike, gives the same bits.
         let xd = gpu.upload(&x).unwrap();
@@ -88,14 +88,14 @@ fn gemm_rows_do_not_depend_on_the_batch() {
             for spread in [Spread::Registers, Spread::Blocks] {
                 let yd = gpu.alloc::<f32>(m * n).unwrap();
                 gpu.gemm_tiled(index, xd.ptr, wd.ptr, yd.ptr, m, n, k, false, &split, spread).unwrap();
-                let same = read(&gpu, &yd, m * n).iter().zip(&batched).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = same_bits(&read(&gpu, &yd, m * n), &batched);
                 assert!(same, "{m}x{n}x{k}: tile {} ({spread:?}) differs from the batch", tile.name);
             }
         }
         for row in [0, m / 2, m - 1] {
             for spread in [Spread::Auto, Spread::Registers, Spread::Blocks] {
                 let alone = run(&x[row * k..(row + 1) * k], 1, spread);
-                let same = alone.iter().zip(&batched[row * n..(row + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = same_bits(&alone, &batched[row * n..(row + 1) * n]);
                 assert!(same, "{m}x{n}x{k}: row {row} alone ({spread:?}) differs from the batch");
             }
         }

@@ -30,6 +30,31 @@ pub(super) fn read<T: cudarc::driver::DeviceRepr + Clone + Default>(gpu: &Gpu, b
     out
 }
 
+/// A float whose bits the kernel tests compare (NaNs and signed zeros included).
+pub(super) trait Bits: Copy {
+    fn bits(self) -> u32;
+}
+impl Bits for f32 {
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
+}
+impl Bits for f16 {
+    fn bits(self) -> u32 {
+        self.to_bits().into()
+    }
+}
+impl Bits for bf16 {
+    fn bits(self) -> u32 {
+        self.to_bits().into()
+    }
+}
+
+/// Whether two outputs are the same length and the same bits, element for element.
+pub(super) fn same_bits<T: Bits>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.bits() == y.bits())
+}
+
 /// Mean µs of one call of `f` (a launch or a few) over `reps` calls queued back to back, after
 /// `warmup` calls; for the ignored speed tests.
 pub(super) fn mean_micros(gpu: &Gpu, warmup: usize, reps: usize, f: &dyn Fn()) -> f64 {
@@ -146,7 +171,7 @@ fn dependent_launches_see_their_predecessors_results() {
             assert!(out.iter().all(|v| v.is_finite()), "the chain stays finite");
             results.push(out);
         }
-        assert!(results[0].iter().zip(&results[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} {m}x{k}: dependent launches changed the results");
+        assert!(same_bits(&results[0], &results[1]), "{kind:?} {m}x{k}: dependent launches changed the results");
     }
     if !supported {
         eprintln!("no programmatic dependent launch on this device: compared plain launches");
@@ -212,7 +237,7 @@ fn gemv_swiglu_equals_the_product_then_silu() {
             let separate = gpu.alloc::<bf16>(m * ffn).unwrap();
             launch!(&gpu, &gpu.k.silu_mul_bf16, (8, 1, 1), 256; gate_up.ptr, separate.ptr, ffn as i32, (m * ffn) as u64).unwrap();
             let (a, b) = (read(&gpu, &fused, m * ffn), read(&gpu, &separate, m * ffn));
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind:?} m {m}, ffn {ffn}: fused SwiGLU differs");
+            assert!(same_bits(&a, &b), "{kind:?} m {m}, ffn {ffn}: fused SwiGLU differs");
         }
     }
 }
@@ -274,12 +299,10 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                     (read(&gpu, &qd, m * q), read(&gpu, &kd, slots_total * kv), read(&gpu, &vd, slots_total * kv))
                 };
                 let (fused, separate) = (run(true), run(false));
-                let same_f32 = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                let same_f16 = |a: &[f16], b: &[f16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
                 let case = format!("{kind:?} m {m}, rope_dim {rope_dim}, bias {with_bias}");
-                assert!(same_f32(&fused.0, &separate.0), "Q differs: {case}");
-                assert!(same_f16(&fused.1, &separate.1), "K cache differs: {case}");
-                assert!(same_f16(&fused.2, &separate.2), "V cache differs: {case}");
+                assert!(same_bits(&fused.0, &separate.0), "Q differs: {case}");
+                assert!(same_bits(&fused.1, &separate.1), "K cache differs: {case}");
+                assert!(same_bits(&fused.2, &separate.2), "V cache differs: {case}");
                 assert!(fused.0.iter().all(|v| v.is_finite()), "Q not all written: {case}");
             }
         }
