@@ -7,8 +7,8 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::invariant::GEMM_TILES;
-use super::runtime::Spread;
+use super::invariant::{GEMM_TILES, IGEMV_VARIANTS};
+use super::runtime::{GemvArgs, Spread};
 use super::tests::{assert_product, gpu, mean_micros, random_bf16, read, same_bits};
 
 // (2, 8200, 2048), (9, 8192, 512) and (20, 8193, 512): the few-row forms for wide outputs;
@@ -92,6 +92,12 @@ fn gemm_rows_do_not_depend_on_the_batch() {
                 assert!(same, "{m}x{n}x{k}: tile {} ({spread:?}) differs from the batch", tile.name);
             }
         }
+        // And every few-row form that takes these rows.
+        for (index, form) in IGEMV_VARIANTS.iter().enumerate().filter(|(i, _)| gpu.igemv_takes(*i, m, k)) {
+            let yd = gpu.alloc::<f32>(m * n).unwrap();
+            gpu.igemv_form(index, wd.ptr, yd.ptr, m, n, k, GemvArgs { x: xd.ptr, ..GemvArgs::default() }).unwrap();
+            assert!(same_bits(&read(&gpu, &yd, m * n), &batched), "{m}x{n}x{k}: few-row form {} differs from the batch", form.name);
+        }
         for row in [0, m / 2, m - 1] {
             for spread in [Spread::Auto, Spread::Registers, Spread::Blocks] {
                 let alone = run(&x[row * k..(row + 1) * k], 1, spread);
@@ -129,8 +135,8 @@ fn gemm_speed() {
             let ours = time(&|| gpu.gemm_invariant(x.ptr, w.ptr, y.ptr, m, n, k, false, &split, Spread::Auto).unwrap());
             let cublas = time(&|| gpu.gemm_cublas(x.ptr, w.ptr, y.ptr, m, n, k, 0.0).unwrap());
             if m <= 32 {
-                for (index, v) in super::invariant::IGEMV_VARIANTS.iter().enumerate().filter(|(i, _)| gpu.igemv_takes(*i, m, k)) {
-                    let args = super::runtime::GemvArgs { x: x.ptr, ..Default::default() };
+                for (index, v) in IGEMV_VARIANTS.iter().enumerate().filter(|(i, _)| gpu.igemv_takes(*i, m, k)) {
+                    let args = GemvArgs { x: x.ptr, ..Default::default() };
                     let us = time(&|| gpu.igemv_form(index, w.ptr, y.ptr, m, n, k, args).unwrap());
                     println!("igemv m={m:5} {name:8} {}: {us:8.1} us ({:6.0} GB/s)", v.name, (n * k * 2) as f64 / us / 1e3);
                 }
