@@ -39,6 +39,10 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
                                unsigned* counters) {
     constexpr int LPK = D / 8;          // lanes per key
     constexpr int KPW = 32 / LPK;       // keys per warp pass
+    // Scores in base 2: exp(x) = 2^(x log2 e), and exp2f is one instruction where expf is
+    // several, in the loop's chain of dependent steps (H100 run 93: the forms braid runs 5-10%
+    // faster alone, steps up to 2.6% faster). Every max and sum below is in base 2.
+    const float scale2 = __fmul_rn(scale, 1.4426950408889634f);
     const int t = blockIdx.x, kvh = blockIdx.y;
     const int group = n_head / n_kv_head;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -110,10 +114,10 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
 #pragma unroll
                     for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
                     if (valid) {
-                        s = __fmul_rn(s, scale);
+                        s = __fmul_rn(s, scale2);
                         const float m_new = fmaxf(m[g], s);
-                        const float correction = expf(m[g] - m_new);
-                        const float p = expf(s - m_new);
+                        const float correction = exp2f(m[g] - m_new);
+                        const float p = exp2f(s - m_new);
                         l[g] = l[g] * correction + p;
 #pragma unroll
                         for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * correction + p * vf[i];
@@ -133,8 +137,8 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
                 const float m_other = __shfl_xor_sync(0xffffffffu, m[g], o);
                 const float l_other = __shfl_xor_sync(0xffffffffu, l[g], o);
                 const float m_new = fmaxf(m[g], m_other);
-                const float a = m[g] == -INFINITY ? 0.f : expf(m[g] - m_new);
-                const float b = m_other == -INFINITY ? 0.f : expf(m_other - m_new);
+                const float a = m[g] == -INFINITY ? 0.f : exp2f(m[g] - m_new);
+                const float b = m_other == -INFINITY ? 0.f : exp2f(m_other - m_new);
                 l[g] = l[g] * a + l_other * b;
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
@@ -167,7 +171,7 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
         float l_all = 0.f, acc_all = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) {
             const float mw = sm_m[w][g];
-            const float f = mw == -INFINITY ? 0.f : expf(mw - m_all);
+            const float f = mw == -INFINITY ? 0.f : exp2f(mw - m_all);
             l_all += sm_l[w][g] * f;
             acc_all += sm_acc[w][g][d] * f;
         }
@@ -202,7 +206,7 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
         float l_all = 0.f, acc_all = 0.f;
         for (int z = 0; z < splits; z++) {
             const float mz = __ldcg(p + z * (D + 2));
-            const float f = mz == -INFINITY ? 0.f : expf(mz - m_all);
+            const float f = mz == -INFINITY ? 0.f : exp2f(mz - m_all);
             l_all += __ldcg(p + z * (D + 2) + 1) * f;
             acc_all += __ldcg(p + z * (D + 2) + 2 + d) * f;
         }
