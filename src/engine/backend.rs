@@ -52,14 +52,18 @@ impl ModelHandle {
     }
 
     /// What tells this model's K/V values from those the same weights give elsewhere: 0 on the
-    /// CPU (whose kernel family the weights' fingerprint covers), else a tag of the GPU path and
-    /// its products' mode. Mixed into the prompt cache's identity, so that a block computed one
-    /// way is never loaded by another.
+    /// CPU (whose kernel family the weights' fingerprint covers), else a tag of the GPU path,
+    /// its products' mode and the kernels of this build (a kernel whose sums change makes
+    /// another build's blocks differ in their last bits). Mixed into the prompt cache's
+    /// identity, so that a block computed one way is never loaded by another.
     pub fn arithmetic_tag(&self) -> u128 {
         match self {
             ModelHandle::Cpu(_) => 0,
             #[cfg(feature = "cuda")]
-            ModelHandle::Cuda(w) => xxhash_rust::xxh3::xxh3_128(format!("cuda bf16 {:?}", w.gpu.gemm_kind).as_bytes()),
+            ModelHandle::Cuda(w) => {
+                let kernels = crate::gpu::Gpu::kernels_fingerprint();
+                xxhash_rust::xxh3::xxh3_128(format!("cuda bf16 {:?} kernels {kernels:032x}", w.gpu.gemm_kind).as_bytes())
+            }
         }
     }
 

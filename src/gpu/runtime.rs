@@ -291,6 +291,12 @@ impl Gpu {
         self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
     }
 
+    /// A hash of the kernels this binary carries (their machine code and PTX): it changes
+    /// whenever a kernel does, and with it, possibly, the last bits of what braid computes.
+    pub fn kernels_fingerprint() -> u128 {
+        xxhash_rust::xxh3::xxh3_128(KERNELS)
+    }
+
     /// (free, total) bytes of device memory.
     pub fn memory(&self) -> Result<(usize, usize)> {
         Ok(self.ctx.mem_get_info()?)
