@@ -14,6 +14,7 @@ want_path, got_path, n, label = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.
 near_tie = float(sys.argv[5]) if len(sys.argv) > 5 else None
 want = [json.loads(l) for l in open(want_path) if l.strip()]
 got = [json.loads(l) for l in open(got_path) if l.strip()]
+assert want, f"{label}: no outputs in {want_path}"
 assert len(want) == len(got), f"{label}: {len(want)} vs {len(got)} prompts"
 same, at_near_ties = 0, 0
 for i, (w, g) in enumerate(zip(want, got)):

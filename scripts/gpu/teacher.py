@@ -34,13 +34,14 @@ if sys.argv[1] == "prompts":
 
 if sys.argv[1] == "pair":
     a, b = rows(sys.argv[2]), rows(sys.argv[3])
-    assert [r["prompt_ids"] for r in a] == [r["prompt_ids"] for r in b], "not the same prompts"
+    assert a and [r["prompt_ids"] for r in a] == [r["prompt_ids"] for r in b], "not the same prompts"
     shared = [abs(x["logprobs"][0][0] - y["logprobs"][0][0]) for x, y in zip(a, b) if x["ids"][0] == y["ids"][0]]
     print(f"{sys.argv[4]}: teacher-forced top-1 agrees at {len(shared)}/{len(a)} positions; "
           f"|difference| in log-probability of the shared tokens: {spread(shared)}")
     sys.exit(0)
 
 cpu, gpu = rows(sys.argv[2]), rows(sys.argv[3])
+assert cpu and len(gpu) == sum(len(r["ids"]) for r in cpu), f"{sys.argv[3]}: not one output per prefix of {sys.argv[2]}"
 label, near_tie = sys.argv[4], float(sys.argv[5])
 agree, k, margins, diffs = 0, 0, [], []
 for row in cpu:
