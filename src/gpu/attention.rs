@@ -33,7 +33,7 @@ impl AttentionKind {
         if self == Self::Split { 256 } else { 128 }
     }
 
-    /// The form for `blocks` (token, KV head) pairs. H100 run 68, 32/8 heads x 64, 256 keys:
+    /// The form for `blocks` (token, KV head) pairs. On an H100, 32/8 heads x 64, 256 keys:
     /// up to 256 pairs (32 tokens) 8 warps took 9.2-13.7 µs (the keys split below 132 pairs)
     /// and 4 warps with 8 passes at once 12.7-17.6; from 512 pairs, 4 warps with 2 passes were
     /// fastest (22.3 µs at 512 pairs, 88.7 at 2,048).

@@ -84,7 +84,7 @@ const fn igemv(name: &'static str, rows: usize, groups: usize, stages: usize, bk
 
 /// The forms, in the order `igemv_with` tries them: the first with enough rows, whose stage
 /// divides a segment, and whose weight rows per block suit the output's width. Measured on an
-/// H100 (runs 44, 49, 50): stages of 64 k beat 32 (batch 1's products 1.01 ms a step against
+/// H100: stages of 64 k beat 32 (batch 1's products 1.01 ms a step against
 /// 1.16); 64 weight rows per warp (2 stages) beat 32 (3 stages) on wide outputs (gate/up and
 /// the LM head at 32 rows: 32 and 211 µs against 43 and 293), and lost on narrow ones, where
 /// they leave too few blocks. The 32-k forms serve segments that 64 does not divide.
@@ -206,11 +206,11 @@ impl Gpu {
 
     /// The tile for an m x n x k product. Where this GPU has the wgmma tiles and a segment of k
     /// holds whole stages of them: the largest that still makes a block for every
-    /// multiprocessor, else the smallest (H100 runs 58-60: at 256 rows, 128 x 128 for gate/up
+    /// multiprocessor, else the smallest (on an H100, at 256 rows, 128 x 128 for gate/up
     /// and the LM head; the narrower QKV, o and down products, whose 128 x 128 tiles leave most
     /// multiprocessors idle, ran up to 1.5x faster in smaller ones). Else the smallest mma.sync
     /// tile that holds the rows, up to 128 x 128 (fastest beyond 64 rows even where its tiles
-    /// are fewer than the multiprocessors: H100 run 39).
+    /// are fewer than the multiprocessors).
     fn choose_tile(&self, m: usize, n: usize, k: usize) -> usize {
         let wgmma = || (0..GEMM_TILES.len()).filter(|&i| GEMM_TILES[i].kind == TileKind::Wgmma);
         if m > IGEMV_MAX_ROWS && wgmma().all(|i| self.tile_takes(i, k)) {
@@ -247,7 +247,7 @@ impl Gpu {
         // Spreading k over blocks costs a round trip of the partial sums through memory: only
         // when the output alone leaves most multiprocessors idle (half of them for mma.sync;
         // three quarters for wgmma, whose 64 tiles of a 256-row o product took 12.8 µs
-        // unspread and 27.4 spread: H100 run 58).
+        // unspread and 27.4 spread).
         let idle = if tile.kind == TileKind::Wgmma { 4 } else { 2 };
         let blocks = nseg > 1
             && match spread {

@@ -18,7 +18,7 @@
 // therefore wait, in every block and before it exits, for the previous kernel's results (and
 // before writing anything that kernel reads); only weights, which no kernel writes, may be
 // read before. Each block first lets the next kernel be launched: its blocks take the places
-// this one's leave and wait in turn (releasing after the wait measured slower, H100 run 10).
+// this one's leave and wait in turn (releasing after the wait measured slower).
 // The batch-invariant few-row product (igemv.cuh) releases after its wait instead. Without the
 // launch attribute, or below 9.0, both are no-ops.
 __device__ __forceinline__ void pdl_release() {

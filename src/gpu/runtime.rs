@@ -262,8 +262,8 @@ impl Gpu {
         };
         // Default mode: on for every step (BRAID_PDL=0 turns it off). The batch-invariant mode:
         // on for steps of up to PDL_INVARIANT_TOKENS (the few-row products' 8-row forms), where
-        // it took batch 1 from 1.43 to 1.39 ms, and steps of 4 and 8 tokens 30-50 µs (H100 run
-        // 81); larger steps measured 2-4% slower with it (c=32 and c=256: runs 64, 80).
+        // it took batch 1 from 1.43 to 1.39 ms, and steps of 4 and 8 tokens 30-50 µs (on an
+        // H100); larger steps measured 2-4% slower with it (c=32 and c=256).
         // BRAID_PDL=1: every step.
         let pdl = std::env::var("BRAID_PDL").ok();
         let programmatic_launch = capability >= 9 && pdl.as_deref() != Some("0");

@@ -40,10 +40,10 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
     constexpr int LPK = D / 8;          // lanes per key
     constexpr int KPW = 32 / LPK;       // keys per warp pass
     // Scores in base 2: exp(x) = 2^(x log2 e), and exp2f is one instruction where expf is
-    // several, in the loop's chain of dependent steps (H100 run 93: the forms braid runs 5-10%
+    // several, in the loop's chain of dependent steps (on an H100 the forms braid runs 5-10%
     // faster alone, steps up to 2.6% faster). Every max and sum below is in base 2. The loop
     // multiplies and adds in fused steps (__fmaf_rn; the build's -fmad=false is for kernels
-    // that round as the CPU does, which attention never did): 2-10% faster again (run 95).
+    // that round as the CPU does, which attention never did): 2-10% faster again.
     const float scale2 = __fmul_rn(scale, 1.4426950408889634f);
     const int t = blockIdx.x, kvh = blockIdx.y;
     const int group = n_head / n_kv_head;
@@ -89,7 +89,7 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
     constexpr int STRIDE = ATT_WARPS * KPW;  // keys between a lane's passes
     for (int base = key_begin + warp * KPW; base < key_end; base += U * STRIDE) {
         // Keys past the end load the block's first key instead (always in range) and change
-        // nothing: unconditional loads measured faster than guarded ones (H100 run 67).
+        // nothing: unconditional loads measured faster than guarded ones.
         uint4 kraw[U], vraw[U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -220,7 +220,7 @@ __device__ void attention_impl(const float* q, const __half* k_cache, const __ha
 // passes loaded at once (U). 8 warps finish one token's keys sooner (small decode batches,
 // where there are few blocks); 4 leave room for more blocks per multiprocessor (large batches).
 // A token's sums depend on the warps, so the batch-invariant mode keeps 4; G and U change no
-// sum. Measured (H100 run 66, 32/8 heads x 64, 256 keys; before, every form held 8 heads and
+// sum. Measured (H100, 32/8 heads x 64, 256 keys; before, every form held 8 heads and
 // loaded one pass at a time): 256 tokens took 183 µs with 4 warps, 102 holding 4 heads (fewer
 // registers, more blocks per multiprocessor), 89 loading 2 passes at once; one token took 17.4
 // µs, 12.7 loading 8 passes at once. Split forms gained nothing from U (7.7 µs either way).

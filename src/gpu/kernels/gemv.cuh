@@ -109,7 +109,7 @@ __device__ __forceinline__ void gemv_norm_chunk(const GemvArgs& a, int k, int j,
 
 // One 16-byte chunk (8 values of k) of a few-row product: the inputs (normalised here, or x),
 // then each row's sums. (Normalising once per block into shared memory instead of once per
-// warp and chunk measured the same: H100 run 10.)
+// warp and chunk measured the same.)
 template <int M>
 __device__ __forceinline__ void gemv_chunk(const GemvArgs& a, int k, int c, const float* scale, const uint4* wraw,
                                            float (&acc)[GEMV_ROWS][M]) {

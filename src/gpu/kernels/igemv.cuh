@@ -9,7 +9,7 @@
 // weight and activation tiles into shared memory, ldmatrix, as gemm_tile). The block then
 // folds the segments in order and finishes as gemv_impl does (GemvArgs: rope and the K/V
 // write, SwiGLU, accumulate; the input is always x: a norm inside, paid per block, measured
-// slower than rms_norm_bf16's launch, H100 run 45), each lane holding two adjacent output
+// slower than rms_norm_bf16's launch), each lane holding two adjacent output
 // columns: a rotation or gate/up pair. So a sequence decoded alone (here) gets the same bits
 // as inside a large batch (gemm_tile).
 
@@ -114,9 +114,9 @@ __device__ void igemv_impl(const __nv_bfloat16* __restrict__ w, float* __restric
         }
     }
     // The next kernel may launch now (kernels.cu): after this kernel's wait, not before it as
-    // the others release. Released first, PDL cost this mode's batch 1 (H100 run 80: 1.50
+    // the others release. Released first, PDL cost this mode's batch 1 (on an H100: 1.50
     // against 1.42 ms here), its few-row products' blocks filling the multiprocessors' shared
-    // memory; anywhere after the wait, from the first tile to here, measured the same (run 84).
+    // memory; anywhere after the wait, from the first tile to here, measured the same.
     pdl_release();
     cp_async_wait<0>();
     __syncthreads();  // every pipeline drained: its memory now holds the segment sums

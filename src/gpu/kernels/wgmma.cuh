@@ -7,7 +7,7 @@
 // instruction differs: wgmma.m64n128k16 takes each 16-wide step where gemm_tile issues
 // mma.m16n8k16, and the tensor cores give the same bits for both (the kernel tests compare
 // every tile and the few-row form bit for bit). On an H100 the products of a 256-row decode
-// step run 2.5-4x faster than in gemm_tile, at 0.6-0.8x cuBLAS's speed (H100 runs 56-61).
+// step run 2.5-4x faster than in gemm_tile, at 0.6-0.8x cuBLAS's speed.
 //
 // A block is (64·WGS) x BN of y (BN 64 or 128). Warpgroup 0 produces: one thread issues each
 // stage's two TMA box loads (x rows, w rows; 64 k each), which land in the 128-byte swizzle
