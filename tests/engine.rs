@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use braid::engine::{Engine, EngineConfig, FinishReason, RequestId, SamplingParams};
+use braid::engine::{Engine, EngineConfig, FinishReason, RequestId, SamplingParams, StepFault};
 use common::{golden, ids, model};
 
 fn engine(config: EngineConfig) -> Engine {
@@ -259,4 +259,69 @@ fn a_rotating_window_bounds_memory_and_stays_batch_invariant() {
     }
     // The window changes what the model sees once it is full.
     assert_ne!(out[0], solo(&prompts[0], &params));
+}
+
+/// A step that fails, by a panic on a compute thread (like a sampler's) or by a backend error,
+/// fails only its own requests: they are aborted with their blocks freed, while a request still
+/// waiting and an abort queued before the step survive; the engine goes on, and the waiting
+/// request gets the tokens it gets alone.
+#[test]
+fn a_failed_step_fails_only_its_requests() {
+    let prompts = golden_prompts();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(6) };
+    for panic in [true, false] {
+        // One sequence at a time: `a` runs, `b` and `c` wait.
+        let mut e = engine(EngineConfig { max_num_seqs: 1, ..small_config() });
+        let baseline = e.stats();
+        e.inject_fault(StepFault { at: 2, always: false, panic });
+        let a = e.add_request(prompts[0].clone(), params.clone()).unwrap();
+        let b = e.add_request(prompts[1].clone(), params.clone()).unwrap();
+        let c = e.add_request(prompts[2].clone(), params.clone()).unwrap();
+        let first = e.step().unwrap();
+        assert!(first.iter().all(|ev| ev.id == a) && !first.is_empty(), "{first:?}");
+        assert!(e.abort(c), "c was waiting");
+        let err = e.step().unwrap_err();
+        assert_eq!(err.failed, vec![a], "only the step's own request fails");
+        assert_eq!(err.panicked, panic);
+        assert!(err.to_string().contains("the engine step failed") && err.cause.contains("injected test fault"), "{err}");
+        assert!(e.last_step().is_empty());
+        let s = e.stats();
+        assert_eq!((s.running, s.waiting), (0, 1), "b still waits: {s:?}");
+        // Then: the abort queued before the failure, the failed request's, and b to its end.
+        let mut finishes = HashMap::new();
+        let mut tokens = Vec::new();
+        let mut steps = 0;
+        while e.has_work() {
+            for ev in e.step().expect("the engine goes on after a failed step") {
+                if ev.id == b
+                    && let Some(t) = ev.token
+                {
+                    tokens.push(t.id);
+                }
+                if let Some(f) = ev.finish {
+                    assert!(finishes.insert(ev.id, f).is_none(), "request {} finished twice", ev.id);
+                }
+            }
+            steps += 1;
+            assert!(steps < 100);
+        }
+        assert_eq!(finishes, HashMap::from([(a, FinishReason::Abort), (b, FinishReason::Length), (c, FinishReason::Abort)]));
+        assert_eq!(tokens, solo(&prompts[1], &params));
+        assert_eq!(e.stats().kv_blocks_used, baseline.kv_blocks_used, "the failed request's blocks were freed");
+    }
+}
+
+/// A fault that repeats fails every step it reaches, each with its own requests, and the
+/// engine reports each failure rather than unwinding out of `step`.
+#[test]
+fn a_repeating_fault_fails_each_step_without_escaping() {
+    let prompts = golden_prompts();
+    let mut e = engine(EngineConfig { max_num_seqs: 1, ..small_config() });
+    e.inject_fault(StepFault { at: 1, always: true, panic: true });
+    let ids: Vec<RequestId> = prompts[..3].iter().map(|p| e.add_request(p.clone(), SamplingParams::greedy(4)).unwrap()).collect();
+    for &id in &ids {
+        assert_eq!(e.step().unwrap_err().failed, vec![id]);
+    }
+    assert_eq!(e.stats().kv_blocks_used, 0);
+    assert_eq!(e.forward_passes(), 3);
 }

@@ -3,6 +3,7 @@
 //! `step` advances every running request by one forward pass, `abort` removes.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use crate::model::batch::{Window, RELEASED_BLOCK};
@@ -71,6 +72,42 @@ pub enum EngineError {
     Setup { device: String, message: String },
 }
 
+/// A step that failed: its forward pass returned an error, or something in it panicked (on this
+/// thread or on a compute thread). The requests it ran are aborted (their blocks freed, their
+/// `Abort` events come with the next step); every other request, waiting or running, is kept,
+/// and so are events queued before the step. The engine can go on stepping.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("the engine step failed: {cause}")]
+pub struct StepError {
+    /// The backend's error, or the panic's message.
+    pub cause: String,
+    pub panicked: bool,
+    /// The requests that were in the failed step, now aborted.
+    pub failed: Vec<RequestId>,
+}
+
+/// The text of a caught panic's payload (what `panic!` was given, when it was text).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => format!("panic: {s}"),
+        (_, Some(s)) => format!("panic: {s}"),
+        _ => "panic".to_string(),
+    }
+}
+
+/// A failure injected on purpose, for tests of what a failed step does (the server reads it
+/// from `BRAID_TEST_FAULT`). Not for use outside tests.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepFault {
+    /// The forward pass, counted from 1, that fails first.
+    pub at: u64,
+    /// Every later one fails too (otherwise only that one).
+    pub always: bool,
+    /// It panics on a compute thread (otherwise the backend returns an error).
+    pub panic: bool,
+}
+
 /// What a step produced for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -119,6 +156,12 @@ pub struct Engine {
     window: Option<Window>,
     max_kv_size: Option<usize>,
     disk: Option<DiskCache>,
+    /// Forward passes run (steps that scheduled something), since start.
+    forward_passes: u64,
+    /// The forward pass at which the injected fault fires (u64::MAX: none), so a step pays
+    /// one comparison for the hook.
+    fault_at: u64,
+    fault: Option<StepFault>,
 }
 
 impl Engine {
@@ -162,6 +205,9 @@ impl Engine {
             window: config.max_kv_size.map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
             max_kv_size: config.max_kv_size,
             disk: None,
+            forward_passes: 0,
+            fault_at: u64::MAX,
+            fault: None,
         })
     }
 
@@ -299,14 +345,64 @@ impl Engine {
         }
     }
 
-    /// One forward pass over every scheduled request; returns new tokens and finishes.
-    pub fn step(&mut self) -> candle_core::Result<Vec<Event>> {
+    /// Forward passes run so far (steps that scheduled something).
+    pub fn forward_passes(&self) -> u64 {
+        self.forward_passes
+    }
+
+    /// Makes a coming forward pass fail on purpose (tests only).
+    #[doc(hidden)]
+    pub fn inject_fault(&mut self, fault: StepFault) {
+        self.fault = Some(fault);
+        self.fault_at = fault.at.max(1);
+    }
+
+    /// One forward pass over every scheduled request; returns new tokens and finishes. A
+    /// failure (an error or a panic anywhere in the step) fails only the requests of this step:
+    /// see `StepError`.
+    pub fn step(&mut self) -> Result<Vec<Event>, StepError> {
+        // Events queued before the step (aborts) survive its failure.
+        let mut events = std::mem::take(&mut self.pending_events);
+        self.last_step.clear();
         // The whole step runs on a compute thread: the kernels' ~150 parallel regions per
         // forward pass then start from inside the pool, instead of each one handing its work
         // to the pool and putting this thread to sleep until it is done (two context switches
-        // per region, a third of a decode step's time when measured).
+        // per region, a third of a decode step's time when measured). A panic on any compute
+        // thread comes back out of `install` on this one, where it is caught: the requests of
+        // the step are given up below, so no half-updated sequence is stepped again.
         let pool = Arc::clone(&self.compute);
-        pool.install(|| self.step_on_pool())
+        let outcome = catch_unwind(AssertUnwindSafe(|| pool.install(|| self.step_on_pool())));
+        let (cause, panicked) = match outcome {
+            Ok(Ok(new)) => {
+                events.extend(new);
+                return Ok(events);
+            }
+            Ok(Err(e)) => (e.to_string(), false),
+            Err(payload) => (panic_message(&*payload), true),
+        };
+        events.append(&mut self.pending_events);
+        self.pending_events = events;
+        let failed: Vec<RequestId> = self.last_step.iter().map(|s| s.id).collect();
+        for &id in &failed {
+            self.abort(id);
+        }
+        self.last_step.clear();
+        Err(StepError { cause, panicked, failed })
+    }
+
+    /// Fires the injected fault: an error from the "backend", or a panic on a compute thread
+    /// (like a sampler's), which `step` must catch.
+    #[cold]
+    fn injected_fault(&mut self) -> candle_core::Result<()> {
+        let Some(fault) = self.fault else { return Ok(()) };
+        if !fault.always {
+            self.fault_at = u64::MAX;
+        }
+        let message = format!("injected test fault at forward pass {} (BRAID_TEST_FAULT)", self.forward_passes);
+        if fault.panic {
+            rayon::join(|| (), || panic!("{message}"));
+        }
+        Err(candle_core::Error::Msg(message))
     }
 
     fn step_on_pool(&mut self) -> candle_core::Result<Vec<Event>> {
@@ -341,6 +437,10 @@ impl Engine {
             let sampled = scheduled.iter().zip(&samples).filter(|&(_, &sample)| sample);
             sampled.map(|(s, _)| self.scheduler.running[index[&s.id]].sampler.row_choice()).collect()
         });
+        self.forward_passes += 1;
+        if self.forward_passes >= self.fault_at {
+            self.injected_fault()?;
+        }
         let outputs = self.backend.forward(&batch, choices.as_deref())?;
         let mut tokens = sample_rows(&mut self.scheduler.running, &index, &scheduled, &samples, outputs);
         let block_size = self.blocks.block_size();

@@ -13,7 +13,7 @@ pub mod solo;
 pub mod tiering;
 
 pub use backend::{Backend, ModelHandle, RowOutput};
-pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, Event};
+pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineStats, Event, StepError, StepFault};
 pub use disk::{DiskCache, DiskStats};
 pub use retention::{Retention, RetentionPlan};
 pub use sampler::{SampledToken, Sampler, SamplingParams};

@@ -1,14 +1,71 @@
 //! The engine runs on its own OS thread; the async server talks to it over channels. A request
 //! whose receiver is gone (the client disconnected) is aborted before the next step.
+//!
+//! A step that fails (an error, or a panic anywhere in it) fails only its own requests, with
+//! the cause; the rest go on. When the engine cannot go on (`MAX_FAILED_STEPS` failures in a
+//! row, or a panic on this thread outside a step) it is declared stopped, with the reason:
+//! every request it holds or is given from then on is answered with that reason, and
+//! `EngineHandle::failure` says so (the server answers /health 503 and shuts down).
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
 
 use super::metrics as m;
-use crate::engine::{Engine, EngineStats, FinishReason, RequestId, RetentionPlan, SampledToken, SamplingParams};
+use crate::engine::{panic_message, Engine, EngineStats, FinishReason, RequestId, RetentionPlan, SampledToken, SamplingParams, StepFault};
+
+/// Failed steps in a row after which the engine is declared stopped. A failed step's requests
+/// are aborted, so a request that breaks a step (input reaching a bug) is gone by the next one,
+/// and two such requests arriving together fail two steps. Three failures in a row, each after
+/// the previous step's requests were removed, point at the engine itself (a lost device, a
+/// broken cache) rather than at its requests: stepping on would fail every later request one
+/// step at a time while the replica looked alive, so it stops and a supervisor restarts it.
+pub const MAX_FAILED_STEPS: u32 = 3;
+
+/// A failure to cause on purpose, read once at start from the `BRAID_TEST_FAULT` environment
+/// variable. For tests only: `panic-once@N` (forward pass N panics on a compute thread),
+/// `panic-always@N` (every pass from N panics), `error-once@N`, `error-always@N` (the same as
+/// backend errors), `panic-thread@N` (the engine thread itself panics, outside any step, once
+/// N passes have run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    Step(StepFault),
+    Thread(u64),
+}
+
+impl std::str::FromStr for TestFault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("BRAID_TEST_FAULT={s:?}: expected panic-once@N, panic-always@N, error-once@N, error-always@N or panic-thread@N");
+        let (kind, at) = s.split_once('@').ok_or_else(bad)?;
+        let at: u64 = at.parse().map_err(|_| bad())?;
+        let step = |panic, always| Ok(Self::Step(StepFault { at, always, panic }));
+        match kind {
+            "panic-once" => step(true, false),
+            "panic-always" => step(true, true),
+            "error-once" => step(false, false),
+            "error-always" => step(false, true),
+            "panic-thread" => Ok(Self::Thread(at)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl TestFault {
+    /// The fault `BRAID_TEST_FAULT` asks for, if any.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        match std::env::var("BRAID_TEST_FAULT") {
+            Ok(v) if !v.is_empty() => v.parse().map(Some),
+            _ => Ok(None),
+        }
+    }
+}
 
 /// What a request hears from the engine.
 #[derive(Debug, Clone)]
@@ -31,26 +88,71 @@ pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     stats: Arc<Mutex<EngineStats>>,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Why the engine stopped serving, once it has; set by the engine thread.
+    failure: Arc<watch::Sender<Option<String>>>,
+    /// Set by `shutdown`: the thread ending from then on is expected.
+    stopping: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
-    pub fn spawn(mut engine: Engine) -> Self {
+    pub fn spawn(engine: Engine) -> Self {
+        Self::spawn_with_fault(engine, None)
+    }
+
+    /// Like `spawn`, with a failure to cause on purpose (tests only).
+    pub fn spawn_with_fault(mut engine: Engine, fault: Option<TestFault>) -> Self {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(engine.stats()));
-        let shared = stats.clone();
+        let failure = Arc::new(watch::Sender::new(None));
+        let thread_fault_at = match fault {
+            Some(TestFault::Step(f)) => {
+                engine.inject_fault(f);
+                u64::MAX
+            }
+            Some(TestFault::Thread(at)) => at,
+            None => u64::MAX,
+        };
+        let (shared, failed) = (stats.clone(), failure.clone());
         let thread = std::thread::Builder::new()
             .name("braid-engine".into())
-            .spawn(move || run(&mut engine, rx, &shared))
+            .spawn(move || {
+                let _published = PublishPanic(&failed);
+                serve(engine, rx, &shared, &failed, thread_fault_at);
+            })
             .expect("the engine thread starts");
-        Self { commands: tx, stats, thread: Arc::new(Mutex::new(Some(thread))) }
+        Self { commands: tx, stats, thread: Arc::new(Mutex::new(Some(thread))), failure, stopping: Arc::new(AtomicBool::new(false)) }
     }
 
     /// Stops the engine thread once it has nothing left to do and waits for it, so queued
     /// disk-cache writes reach the disk before the process exits.
     pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         let _ = self.commands.send(Command::Shutdown);
-        if let Some(thread) = self.thread.lock().expect("thread lock").take() {
+        let thread = self.thread.lock().expect("thread lock").take();
+        if let Some(thread) = thread {
             let _ = thread.join();
+        }
+    }
+
+    /// Why the engine can no longer serve, if it can't: what the thread reported when it gave
+    /// up, or that the thread has ended (it never should before `shutdown`). Read live, not
+    /// from the last step's statistics.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(reason) = self.failure.borrow().clone() {
+            return Some(reason);
+        }
+        let ended = self.thread.lock().ok().is_some_and(|t| t.as_ref().is_some_and(std::thread::JoinHandle::is_finished));
+        (ended && !self.stopping.load(Ordering::SeqCst)).then(|| "the engine thread has ended".to_string())
+    }
+
+    /// Waits until the engine has stopped serving; returns why.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
+        match reason {
+            Ok(Some(reason)) => reason,
+            // The thread keeps the sender alive as long as it runs; unreachable in practice.
+            _ => "the engine thread has ended".to_string(),
         }
     }
 
@@ -73,26 +175,71 @@ struct Live {
     events: UnboundedSender<SeqEvent>,
 }
 
-fn run(engine: &mut Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<EngineStats>) {
+/// Publishes a panic that ends the engine thread past `serve`'s own catch (while it answers
+/// requests after a stop, or drops the engine), so the server still learns of it and shuts down.
+struct PublishPanic<'a>(&'a watch::Sender<Option<String>>);
+
+impl Drop for PublishPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.send_if_modified(|f| f.is_none() && f.replace("the engine thread panicked".into()).is_none());
+        }
+    }
+}
+
+/// The engine thread: steps until shut down; if the engine stops on the way, tells every
+/// request it holds why, publishes the reason, and answers every later request with it until
+/// shut down.
+fn serve(mut engine: Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<EngineStats>, failure: &watch::Sender<Option<String>>, thread_fault_at: u64) {
+    // Outside the caught closure, so the requests it held can still be answered after a panic.
     let mut live: HashMap<RequestId, Live> = HashMap::new();
+    let outcome = catch_unwind(AssertUnwindSafe(|| run(&mut engine, &commands, stats, &mut live, thread_fault_at)));
+    let reason = match outcome {
+        Ok(None) => return,
+        Ok(Some(reason)) => reason,
+        Err(payload) => format!("the engine thread failed: {}", panic_message(&*payload)),
+    };
+    tracing::error!("the engine has stopped: {reason}");
+    // Published before any request hears of it, so /health already agrees.
+    failure.send_replace(Some(reason.clone()));
+    let message = format!("the engine has stopped: {reason}");
+    for (_, l) in live.drain() {
+        let _ = l.events.send(SeqEvent::Rejected(message.clone()));
+    }
+    for command in commands.iter() {
+        match command {
+            Command::Submit { events, .. } => {
+                let _ = events.send(SeqEvent::Rejected(message.clone()));
+            }
+            Command::Shutdown => break,
+        }
+    }
+    // The engine may be half-way through a change; dropping it still finishes its disk writes,
+    // and a panic there ends only this thread.
+    drop(engine);
+}
+
+/// Steps until shut down (None) or until the engine cannot go on (the reason).
+fn run(engine: &mut Engine, commands: &mpsc::Receiver<Command>, stats: &Mutex<EngineStats>, live: &mut HashMap<RequestId, Live>, thread_fault_at: u64) -> Option<String> {
     // Set by a shutdown command: stop once nothing is left to do.
     let mut stop = false;
+    let mut failed_steps = 0;
     loop {
         // Block while idle; otherwise take whatever has arrived and go on stepping.
         if !engine.has_work() {
             if stop {
-                return;
+                return None;
             }
             match commands.recv() {
-                Ok(c) => stop |= accept(engine, &mut live, c),
-                Err(_) => return, // the server is gone
+                Ok(c) => stop |= accept(engine, live, c),
+                Err(_) => return None, // the server is gone
             }
         }
         while let Ok(c) = commands.try_recv() {
-            stop |= accept(engine, &mut live, c);
+            stop |= accept(engine, live, c);
         }
         if stop && !engine.has_work() {
-            return;
+            return None;
         }
         live.retain(|&id, l| {
             if l.events.is_closed() {
@@ -104,17 +251,34 @@ fn run(engine: &mut Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<Eng
             }
         });
         let events = match engine.step() {
-            Ok(events) => events,
-            Err(e) => {
-                // A failed forward pass fails every request in it; the engine stays usable.
-                tracing::error!("engine step failed: {e}");
-                for (id, l) in live.drain() {
-                    let _ = l.events.send(SeqEvent::Rejected(format!("internal error: {e}")));
-                    engine.abort(id);
+            Ok(events) => {
+                // Only a forward pass that went through shows the engine works (a step that
+                // just hands out queued abort events shows nothing).
+                if !engine.last_step().is_empty() {
+                    failed_steps = 0;
                 }
+                events
+            }
+            Err(e) => {
+                // Only the step's own requests fail (the engine has aborted them); the waiting
+                // ones and those not in this step go on.
+                failed_steps += 1;
+                tracing::error!("{e} ({} requests failed; {failed_steps} failed steps in a row)", e.failed.len());
+                for id in &e.failed {
+                    if let Some(l) = live.remove(id) {
+                        let _ = l.events.send(SeqEvent::Rejected(e.to_string()));
+                    }
+                }
+                if failed_steps >= MAX_FAILED_STEPS {
+                    return Some(format!("{failed_steps} engine steps failed in a row; the last: {}", e.cause));
+                }
+                publish(engine, stats);
                 continue;
             }
         };
+        if engine.forward_passes() >= thread_fault_at {
+            panic!("injected test fault on the engine thread after forward pass {} (BRAID_TEST_FAULT)", engine.forward_passes());
+        }
         for event in events {
             let Some(l) = live.get(&event.id) else { continue };
             let mut gone = false;
@@ -131,10 +295,14 @@ fn run(engine: &mut Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<Eng
                 live.remove(&event.id);
             }
         }
-        let s = engine.stats();
-        m::record_engine(&s);
-        *stats.lock().expect("stats lock") = s;
+        publish(engine, stats);
     }
+}
+
+fn publish(engine: &Engine, stats: &Mutex<EngineStats>) {
+    let s = engine.stats();
+    m::record_engine(&s);
+    *stats.lock().expect("stats lock") = s;
 }
 
 /// Takes one command; returns whether it asks the thread to stop.
@@ -151,4 +319,23 @@ fn accept(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, command: Com
         Command::Shutdown => return true,
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_faults_parse_and_bad_ones_are_refused() {
+        let step = |at, always, panic| Ok(TestFault::Step(StepFault { at, always, panic }));
+        assert_eq!("panic-once@3".parse(), step(3, false, true));
+        assert_eq!("panic-always@1".parse(), step(1, true, true));
+        assert_eq!("error-once@7".parse(), step(7, false, false));
+        assert_eq!("error-always@2".parse(), step(2, true, false));
+        assert_eq!("panic-thread@4".parse(), Ok(TestFault::Thread(4)));
+        for bad in ["panic-once", "panic-once@", "panic-once@x", "panic-twice@3", "@3", "panic-once@-1"] {
+            let err = bad.parse::<TestFault>().unwrap_err();
+            assert!(err.contains("BRAID_TEST_FAULT") && err.contains("panic-once@N"), "{bad}: {err}");
+        }
+    }
 }

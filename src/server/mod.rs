@@ -102,6 +102,10 @@ impl AppState {
 
 pub const REPLICA_HEADER: &str = "x-braid-replica";
 
+/// How long a server whose engine has stopped goes on answering (/health 503 with the reason,
+/// requests 503) before it shuts down and exits non-zero.
+const STOPPED_ENGINE_LINGER: Duration = Duration::from_secs(2);
+
 async fn add_replica_header(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     if let Some(v) = state.replica.get() {
@@ -170,6 +174,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| served_name(&loaded.path));
+    // Read once: a fault to cause on purpose, for the tests of what a failing engine does.
+    let fault = engine_thread::TestFault::from_env().map_err(anyhow::Error::msg)?;
+    if let Some(fault) = fault {
+        tracing::warn!("BRAID_TEST_FAULT: the engine will fail on purpose ({fault:?}); for tests only");
+    }
     let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone())?;
     args.cache.attach(&mut engine, &loaded)?;
     let max_context = engine.max_context();
@@ -177,7 +186,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let kv_bytes = kv.kv_blocks_total * crate::model::KvCache::bytes_per_block(loaded.model.config(), kv.block_size);
     metrics::install();
     let state = Arc::new(AppState {
-        engine: EngineHandle::spawn(engine),
+        engine: EngineHandle::spawn_with_fault(engine, fault),
         vocab_size: loaded.model.vocab_size(),
         tokenizer: Arc::new(loaded.tokenizer),
         template: loaded.chat_template.map(Arc::new),
@@ -214,22 +223,40 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
         let grace = Duration::from_secs_f64(args.shutdown_grace.max(0.0));
         let closing = state.clone();
+        // A signal, or the engine stopping for good: either way stop admitting, let what runs
+        // finish (a stopped engine has already answered its requests), and exit.
         let signal = async move {
-            shutdown_signal().await;
-            eprintln!("braid: shutting down; letting running requests finish (up to {} s)", grace.as_secs_f64());
+            let stopped = tokio::select! {
+                _ = shutdown_signal() => None,
+                reason = closing.engine.failed() => Some(reason),
+            };
             closing.admission.close();
+            match stopped {
+                None => eprintln!("braid: shutting down; letting running requests finish (up to {} s)", grace.as_secs_f64()),
+                Some(reason) => {
+                    eprintln!("braid: the engine has stopped ({reason}); shutting down");
+                    // Go on answering a moment, so health checks see /health's 503 and why
+                    // rather than only a refused connection.
+                    tokio::time::sleep(STOPPED_ENGINE_LINGER).await;
+                }
+            }
             // Past the grace period, leave whatever is still running.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 eprintln!("braid: grace period over; exiting");
-                std::process::exit(0);
+                std::process::exit(if closing.engine.failure().is_some() { 1 } else { 0 });
             });
         };
         axum::serve(listener, router(state)).with_graceful_shutdown(signal).await?;
         anyhow::Ok(())
     })?;
+    // A stopped engine makes the exit code say so (a supervisor restarts the replica).
+    let failure = engine_handle.failure();
     // Lets the engine finish its prompt-cache writes.
     engine_handle.shutdown();
+    if let Some(reason) = failure {
+        anyhow::bail!("the engine stopped: {reason}");
+    }
     eprintln!("braid: stopped");
     Ok(())
 }

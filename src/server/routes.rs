@@ -396,9 +396,15 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-pub async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// 200 while the engine thread serves; 503 with the reason once it has stopped (the process is
+/// then shutting down), so a load balancer or supervisor acts on it.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(reason) = state.engine.failure() {
+        let body = json!({"status": "error", "reason": reason, "replica": state.replica()});
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let s = state.engine.stats();
-    Json(json!({"status": "ok", "running": s.running, "waiting": s.waiting + state.admission.queued(), "replica": state.replica()}))
+    Json(json!({"status": "ok", "running": s.running, "waiting": s.waiting + state.admission.queued(), "replica": state.replica()})).into_response()
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
