@@ -2,7 +2,9 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cpu;
 pub mod engine;
+pub mod gguf;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod model;

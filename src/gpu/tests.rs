@@ -123,7 +123,7 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
             let y = read(&gpu, &yd, m * n);
             for row in 0..m {
                 let mut h = x[row * k..(row + 1) * k].to_vec();
-                crate::model::norm::rms_norm_row(&mut h, &nw, 1e-5);
+                crate::cpu::norm::rms_norm_row(&mut h, &nw, 1e-5);
                 for col in 0..n {
                     let want: f64 = (0..k).map(|i| bf16::from_f32(h[i]).to_f64() * w[col * k + i].to_f64()).sum();
                     let got = y[row * n + col] as f64;
@@ -370,7 +370,7 @@ fn rope_and_cache_matches_the_cpu() {
                 context_length: 64,
                 qkv_bias: true,
             };
-            let rope = crate::model::rope::Rope::new(&config, None);
+            let rope = config.rope(None);
             let (q, kv) = (7 * 128, 128);
             let tokens = 3;
             let qkv: Vec<f32> = (0..tokens * (q + 2 * kv)).map(|_| r.random_range(-2.0f32..2.0)).collect();
@@ -423,7 +423,7 @@ fn norm_and_swiglu_match_the_cpu() {
     let got = read(&gpu, &out, pick.len() * hidden);
     for (i, &p) in pick.iter().enumerate() {
         let mut want = x[p as usize * hidden..(p as usize + 1) * hidden].to_vec();
-        crate::model::norm::rms_norm_row(&mut want, &w, 1e-5);
+        crate::cpu::norm::rms_norm_row(&mut want, &w, 1e-5);
         for (g, w) in got[i * hidden..(i + 1) * hidden].iter().zip(&want) {
             // Within one bf16 step: the sums of squares are added in another order.
             assert!((g.to_f32() - w).abs() <= w.abs() / 128.0, "norm row {p}: {g} vs {w}");
@@ -445,7 +445,7 @@ fn norm_and_swiglu_match_the_cpu() {
     for t in 0..rows {
         let (g, u) = gate_up[t * 2 * ffn..(t + 1) * 2 * ffn].split_at(ffn);
         let mut want = vec![0f32; ffn];
-        crate::model::vmath::silu_mul(g, u, &mut want);
+        crate::cpu::vmath::silu_mul(g, u, &mut want);
         for (i, (a, b)) in got[t * ffn..(t + 1) * ffn].iter().zip(&want).enumerate() {
             // The CPU's SwiGLU to the bit (ggml's exp), then the GPU's rounding to bf16 (libm's
             // exp in a row's tail past its last 16 may differ from CUDA's in the last bit).

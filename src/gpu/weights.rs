@@ -8,10 +8,9 @@ use half::bf16;
 
 use super::runtime::{Buf, Gpu, Result};
 use crate::launch;
+use crate::gguf::{GgufFile, ModelError};
 use crate::model::config::ModelConfig;
-use crate::model::gguf::{GgufFile, ModelError};
 use crate::model::presets::{Draw, DummyTensor, Preset};
-use crate::model::rope::Rope;
 
 pub struct LayerWeights {
     pub attn_norm: Buf<f32>,
@@ -35,7 +34,7 @@ pub struct CudaWeights {
     pub output: Option<Buf<bf16>>,
     pub output_norm: Buf<f32>,
     pub layers: Vec<LayerWeights>,
-    /// `[positions, rope_dim / 2]` cos and sin, the CPU's own tables (rope.rs).
+    /// `[positions, rope_dim / 2]` cos and sin, the CPU's own tables (cpu/rope.rs).
     pub cos: Buf<f32>,
     pub sin: Buf<f32>,
     pub positions: usize,
@@ -47,7 +46,7 @@ const MAX_TABLE_POSITIONS: usize = 131_072;
 fn rope_tables(gpu: &Gpu, config: &ModelConfig, freq_factors: Option<&[f32]>) -> Result<(Buf<f32>, Buf<f32>, usize)> {
     let positions = config.context_length.min(MAX_TABLE_POSITIONS);
     let all: Vec<u32> = (0..positions as u32).collect();
-    let (cos, sin) = Rope::new(config, freq_factors).tables(&all);
+    let (cos, sin) = config.rope(freq_factors).tables(&all);
     Ok((gpu.upload(&cos)?, gpu.upload(&sin)?, positions))
 }
 

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use super::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
 use super::batch::FlatBatch;
 use super::config::ModelConfig;
 use super::dump;
-use super::gguf::{GgufFile, ModelError};
 use super::kv_cache::KvCache;
-use super::linear::QLinear;
-use super::norm::rms_norm_row;
 use super::presets::Preset;
-use super::rope::Rope;
-use super::vmath::silu_mul;
+use crate::cpu::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
+use crate::cpu::linear::QLinear;
+use crate::cpu::norm::rms_norm_row;
+use crate::cpu::rope::Rope;
+use crate::cpu::vmath::silu_mul;
+use crate::gguf::{GgufFile, ModelError};
 
 /// A linear layer with an optional bias, over rows held in plain vectors.
 struct Linear {
@@ -123,7 +123,7 @@ impl Llama {
         let norm = vector(file, "output_norm.weight", h)?;
         // Llama 3.1-style rope scaling ships per-frequency divisors as a tensor.
         let freq_factors = if file.has_tensor("rope_freqs.weight") { Some(vector(file, "rope_freqs.weight", c.rope_dim / 2)?) } else { None };
-        let rope = Rope::new(c, freq_factors.as_deref());
+        let rope = c.rope(freq_factors.as_deref());
         Ok(Self { config, device: device.clone(), embeddings, layers, norm, output, rope, vocab_size })
     }
 
@@ -156,7 +156,7 @@ impl Llama {
         } else {
             (Embeddings::Rows(matrix(T::Embeddings, vocab, h)), matrix(T::Output, vocab, h))
         };
-        let rope = Rope::new(&c, preset.rope_freq_factors.as_deref());
+        let rope = c.rope(preset.rope_freq_factors.as_deref());
         let norm = vector(T::OutputNorm, h);
         Self { config: c, device: Device::Cpu, embeddings, layers, norm, output: Arc::new(output), rope, vocab_size: vocab }
     }

@@ -1,29 +1,18 @@
 //! Model architectures, weight loading and the KV-cache layout they compute against.
 
-pub mod attention;
 pub mod batch;
-pub mod bf16;
 pub mod config;
 pub mod dump;
-pub mod f16_ops;
-pub mod gguf;
 pub mod kv_cache;
-pub mod linear;
 pub mod llama;
-pub mod norm;
 pub mod presets;
-pub mod quant;
-pub mod quant_avx2;
-pub mod quant_vnni;
-pub mod rope;
-pub mod vmath;
 
 use std::path::{Path, PathBuf};
 
 
 pub use batch::{FlatBatch, SeqSlice};
 pub use config::ModelConfig;
-pub use gguf::{GgufFile, ModelError};
+pub use crate::gguf::{GgufFile, ModelError};
 pub use kv_cache::KvCache;
 pub use llama::Llama;
 
