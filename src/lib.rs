@@ -7,6 +7,7 @@ pub mod engine;
 pub mod gguf;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod loader;
 pub mod model;
 pub mod server;
 pub mod tokenizer;

@@ -5,7 +5,7 @@ use anyhow::Context;
 
 use super::{read_jsonl, EngineArgs, ModelArgs};
 use crate::engine::{Engine, SamplingParams};
-use crate::model::LoadedModel;
+use crate::loader::LoadedModel;
 
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("input").required(true))]

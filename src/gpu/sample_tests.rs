@@ -87,8 +87,8 @@ fn a_step_mixes_device_choices_and_host_rows() {
         eprintln!("no CUDA device: skipped");
         return;
     }
-    let placement = crate::model::Placement::cuda(false).expect("the CUDA device opens");
-    let loaded = crate::model::load_dummy("smollm2-135m", 0, &placement).unwrap();
+    let placement = crate::loader::Placement::cuda(false).expect("the CUDA device opens");
+    let loaded = crate::loader::load_dummy("smollm2-135m", 0, &placement).unwrap();
     let mut backend = loaded.model.backend(3, 16, 64, 64).unwrap();
     let prompt = [5u32, 900, 17, 4242, 31];
     let mut batch = FlatBatch::default();
