@@ -166,17 +166,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Reads a JSONL file into values, naming the line of any parse error.
-pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<Vec<T>> {
-    use anyhow::Context;
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1)))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
