@@ -5,7 +5,7 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::attention::AttentionKind;
+use super::variants::AttentionKind;
 use super::runtime::{Buf, Gpu, ATTENTION_MAX_SPLITS};
 use super::tests::{gpu, mean_micros, read, same_bits};
 use crate::launch;

@@ -7,7 +7,7 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::invariant::{GEMM_TILES, IGEMV_VARIANTS};
+use super::variants::{GEMM_TILES, IGEMV_VARIANTS};
 use super::runtime::{GemvArgs, Spread};
 use super::tests::{assert_product, gpu, mean_micros, random_bf16, read, same_bits};
 

@@ -92,7 +92,7 @@ impl WorkspaceSizes {
             attn_counters: split_tokens * c.n_kv_head,
             argmax_parts: 2 * rows * ARGMAX_SLICES,
             argmax_counters: rows,
-            split: super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h),
+            split: super::variants::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h),
             meta: tokens * 16,
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
-use super::attention::AttentionKind;
+use super::variants::{allow_shared_memory, AttentionKind, GEMM_TILES, IGEMV_VARIANTS};
 
 static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
@@ -67,10 +67,10 @@ pub struct Kernels {
     pub argmax_logprob: CudaFunction,
     /// Random draws by blocks per row (`sample_rows_c1`, `_c2`, `_c4`, `_c8`).
     pub sample_rows: [CudaFunction; 4],
-    /// The batch-invariant tiled product, one per shape of `invariant::GEMM_TILES`.
+    /// The batch-invariant tiled product, one per shape of `variants::GEMM_TILES`.
     pub gemm_tiles: Vec<CudaFunction>,
     pub gemm_reduce: CudaFunction,
-    /// The batch-invariant few-row product, one per shape of `invariant::IGEMV_VARIANTS`.
+    /// The batch-invariant few-row product, one per shape of `variants::IGEMV_VARIANTS`.
     pub igemv: Vec<CudaFunction>,
     /// Products of 1-4 rows (`gemv_m1` ..= `gemv_m4`).
     pub gemv: [CudaFunction; 4],
@@ -181,15 +181,6 @@ fn gemv_fits(m: usize, k: usize) -> bool {
     (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
 }
 
-/// Most k-segments of a product.
-pub const GEMM_MAX_SEGMENTS: usize = 8;
-
-/// Segments of a k-wide product: the most of 8, 4, 2, 1 that cut k into multiples of 32.
-/// A function of k alone: every shape of batch sums a row in the same order.
-pub fn gemm_segments(k: usize) -> usize {
-    [8, 4, 2, 1].into_iter().find(|&s| (k / 32).is_multiple_of(s)).expect("1 divides everything")
-}
-
 /// Whether a CUDA driver and device are present (false, not an error, when not).
 pub fn available() -> bool {
     // cudarc panics when it cannot open the driver library: silence that report here.
@@ -230,9 +221,9 @@ impl Gpu {
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
             sample_rows: [f("sample_rows_c1")?, f("sample_rows_c2")?, f("sample_rows_c4")?, f("sample_rows_c8")?],
-            gemm_tiles: super::invariant::GEMM_TILES.iter().map(|t| f(t.name)).collect::<std::result::Result<_, _>>()?,
+            gemm_tiles: GEMM_TILES.iter().map(|t| f(t.name)).collect::<std::result::Result<_, _>>()?,
             gemm_reduce: f("gemm_reduce")?,
-            igemv: super::invariant::IGEMV_VARIANTS.iter().map(|v| f(v.name)).collect::<std::result::Result<_, _>>()?,
+            igemv: IGEMV_VARIANTS.iter().map(|v| f(v.name)).collect::<std::result::Result<_, _>>()?,
             gemv: [f("gemv_m1")?, f("gemv_m2")?, f("gemv_m3")?, f("gemv_m4")?],
             gemv_split: [f("gemv_split_m1")?, f("gemv_split_m2")?, f("gemv_split_m3")?, f("gemv_split_m4")?],
         };
@@ -244,7 +235,7 @@ impl Gpu {
         // the PTX, whose wgmma kernels are empty.
         let wgmma_enabled =
             (capability, minor) == (9, 0) && env!("BRAID_CUDA_MACHINE_CODE") == "sm_90a" && std::env::var_os("BRAID_WGMMA").is_none_or(|v| v != "0");
-        super::invariant::allow_shared_memory(&k, shared_limit, wgmma_enabled)?;
+        allow_shared_memory(&k.gemm_tiles, &k.igemv, shared_limit, wgmma_enabled)?;
         let blas = CudaBlas::new(stream.clone())?;
         // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
         let workspace = {
@@ -373,7 +364,7 @@ impl Gpu {
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`: bf16 operands, f32 sums and
-    /// output, row-major. `split` is scratch for `GEMM_MAX_SEGMENTS * m * n` floats (or fewer:
+    /// output, row-major. `split` is scratch for `variants::GEMM_MAX_SEGMENTS * m * n` floats (or fewer:
     /// products that do not fit keep their sums in registers).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>) -> Result<()> {
