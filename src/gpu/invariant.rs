@@ -5,7 +5,7 @@
 
 use cudarc::driver::sys;
 
-use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Result, Spread};
+use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Product, Result, Spread};
 use super::variants::{gemm_segments, TileKind, GEMM_TILES, IGEMV_MAX_ROWS, IGEMV_VARIANTS, WGMMA_BK, WIDE_OUTPUT};
 
 /// A tensor map (cuda.h's CUtensorMap) of a row-major bf16 matrix, read in boxes of 64 columns
@@ -50,16 +50,16 @@ impl Gpu {
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y)`, each row's bits independent of the batch: the
     /// few-row form up to 32 rows (`Spread::Auto`), the tiles beyond (and always, when a test
     /// forces a spread).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_invariant(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+    pub fn gemm_invariant(&self, x: u64, p: Product, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+        let Product { m, n, k, .. } = p;
         if !k.is_multiple_of(32) || m == 0 || n == 0 {
             return Err(GpuError(format!("a {m}x{n}x{k} product: k must be a multiple of 32")));
         }
         if let Some(index) = self.igemv_variant(m, n, k).filter(|_| spread == Spread::Auto) {
-            return self.igemv_form(index, w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() });
+            return self.igemv_form(index, p, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() });
         }
         let index = self.choose_tile(m, n, k);
-        self.gemm_tiled(index, x, w, y, m, n, k, accumulate, split, spread)
+        self.gemm_tiled(index, x, p, accumulate, split, spread)
     }
 
     /// The tile for an m x n x k product. Where this GPU has the wgmma tiles and a segment of k
@@ -93,8 +93,8 @@ impl Gpu {
     }
 
     /// The product through tile `GEMM_TILES[index]` (which must take it: `tile_takes`).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_tiled(&self, index: usize, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+    pub(super) fn gemm_tiled(&self, index: usize, x: u64, p: Product, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         let tile = &GEMM_TILES[index];
         if !self.tile_takes(index, k) {
             return Err(GpuError(format!("tile {} cannot take a product of width {k} on this GPU", tile.name)));
@@ -157,16 +157,17 @@ impl Gpu {
 
     /// The few-row batch-invariant product (kernels/igemv.cuh) of 1..=32 rows of `args.x`,
     /// finished as `args` asks (the forms of `GemvArgs` but the norm inside).
-    pub fn igemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    pub fn igemv_with(&self, p: Product, args: GemvArgs) -> Result<()> {
+        let Product { m, n, k, .. } = p;
         let Some(index) = self.igemv_variant(m, n, k).filter(|_| args.norm_w == 0 && args.x != 0) else {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a few-row invariant one (1-32 rows of x, k a multiple of 32)")));
         };
-        self.igemv_form(index, w, y, m, n, k, args)
+        self.igemv_form(index, p, args)
     }
 
     /// The few-row product through form `IGEMV_VARIANTS[index]` (which must take it).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn igemv_form(&self, index: usize, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    pub(super) fn igemv_form(&self, index: usize, p: Product, args: GemvArgs) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         let v = &IGEMV_VARIANTS[index];
         let nseg = gemm_segments(k);
         let grid = (n.div_ceil(8 * v.groups) as u32, 1, 1);

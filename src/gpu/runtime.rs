@@ -169,6 +169,19 @@ pub struct GemvArgs {
 // SAFETY: plain old data with the C layout kernels/gemv.cuh declares.
 unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
 
+/// A matrix product's weights, output and shape, `y[m, n] = input[m, k] · w[n, k]ᵀ`: device
+/// addresses of row-major bf16 weights and of the output (f32, but for the SwiGLU forms, whose
+/// `y` is the bf16 `act[m, n / 2]`). The input is passed beside it: bf16 rows `x`, or the input
+/// modes of `GemvArgs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Product {
+    pub w: u64,
+    pub y: u64,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
 /// Rows of the largest product that `gemv` computes, and the weight rows of one of its blocks
 /// (kernels/gemv.cuh: GEMV_WARPS x GEMV_ROWS).
 const GEMV_MAX_ROWS: usize = 4;
@@ -366,20 +379,18 @@ impl Gpu {
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`: bf16 operands, f32 sums and
     /// output, row-major. `split` is scratch for `variants::GEMM_MAX_SEGMENTS * m * n` floats (or fewer:
     /// products that do not fit keep their sums in registers).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>) -> Result<()> {
+    pub fn gemm(&self, x: u64, p: Product, accumulate: bool, split: &Buf<f32>) -> Result<()> {
         match self.gemm_kind {
-            GemmKind::BatchInvariant => self.gemm_invariant(x, w, y, m, n, k, accumulate, split, Spread::Auto),
-            GemmKind::Cublas if gemv_fits(m, k) => self.gemv(x, w, y, m, n, k, accumulate),
-            GemmKind::Cublas => self.gemm_cublas(x, w, y, m, n, k, if accumulate { 1.0 } else { 0.0 }),
+            GemmKind::BatchInvariant => self.gemm_invariant(x, p, accumulate, split, Spread::Auto),
+            GemmKind::Cublas if gemv_fits(p.m, p.k) => self.gemv(x, p, accumulate),
+            GemmKind::Cublas => self.gemm_cublas(x, p, if accumulate { 1.0 } else { 0.0 }),
         }
     }
 
     /// The product for 1..=4 rows (kernels/gemv.cuh, `gemv_impl`): weights streamed once at full
     /// bandwidth, where cuBLAS's kernels for such shapes are latency-bound.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
-        self.gemv_with(w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() })
+    pub fn gemv(&self, x: u64, p: Product, accumulate: bool) -> Result<()> {
+        self.gemv_with(p, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() })
     }
 
     /// Whether the fused few-row products (`gemv_qkv`, `gemv_swiglu`) take a step of `m` rows
@@ -400,53 +411,52 @@ impl Gpu {
 
     /// `y = rms_norm(residual) · wᵀ` for 1..=4 rows: the norm (rms_norm_bf16's arithmetic,
     /// rounded to bf16) computed inside the product instead of by its own launch.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv_norm(&self, residual: u64, norm_w: u64, eps: f32, w: u64, y: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        self.gemv_with(w, y, m, n, k, GemvArgs { residual, norm_w, eps, ..GemvArgs::default() })
+    pub fn gemv_norm(&self, residual: u64, norm_w: u64, eps: f32, p: Product) -> Result<()> {
+        self.gemv_with(p, GemvArgs { residual, norm_w, eps, ..GemvArgs::default() })
     }
 
     /// `act = silu(gate) · up` of the gate/up product of 1..=4 rows from the residual (norm
-    /// inside), gate and up rows interleaved in `w`: silu_mul_bf16's arithmetic in the
-    /// product's last step. `act` is bf16 `[m, n / 2]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv_norm_swiglu(&self, residual: u64, norm_w: u64, eps: f32, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        if !n.is_multiple_of(2) {
-            return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
+    /// inside), gate and up rows interleaved in `p.w`: silu_mul_bf16's arithmetic in the
+    /// product's last step. `act` is `p.y`, bf16 `[m, n / 2]`.
+    pub fn gemv_norm_swiglu(&self, residual: u64, norm_w: u64, eps: f32, p: Product) -> Result<()> {
+        if !p.n.is_multiple_of(2) {
+            return Err(GpuError(format!("gate/up rows must come in pairs, got {}", p.n)));
         }
-        self.gemv_with(w, 0, m, n, k, GemvArgs { residual, norm_w, eps, act_out: act, ..GemvArgs::default() })
+        self.gemv_with(Product { y: 0, ..p }, GemvArgs { residual, norm_w, eps, act_out: p.y, ..GemvArgs::default() })
     }
 
     /// `act = silu(gate) · up` of the gate/up product of the bf16 rows `x` (gate and up rows
-    /// interleaved in `w`), as `gemv_norm_swiglu` but without the norm.
-    pub fn gemv_swiglu(&self, x: u64, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        if !n.is_multiple_of(2) {
-            return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
+    /// interleaved in `p.w`, `act` in `p.y`), as `gemv_norm_swiglu` but without the norm.
+    pub fn gemv_swiglu(&self, x: u64, p: Product) -> Result<()> {
+        if !p.n.is_multiple_of(2) {
+            return Err(GpuError(format!("gate/up rows must come in pairs, got {}", p.n)));
         }
-        self.fused(w, 0, m, n, k, GemvArgs { x, act_out: act, ..GemvArgs::default() })
+        self.fused(Product { y: 0, ..p }, GemvArgs { x, act_out: p.y, ..GemvArgs::default() })
     }
 
     /// The QKV product of a few rows finished as rope_and_cache does (interleaved rope only):
     /// `rope` names the input (the residual and the norm where `norm_inside`, else x), the
-    /// outputs and the rope tables.
-    pub fn gemv_qkv(&self, w: u64, m: usize, n: usize, k: usize, rope: GemvArgs) -> Result<()> {
+    /// outputs and the rope tables (`p.y` is unused).
+    pub fn gemv_qkv(&self, p: Product, rope: GemvArgs) -> Result<()> {
         if rope.q_out == 0 || (rope.norm_w == 0) == (rope.x == 0) || rope.head_dim % 2 != 0 || rope.rope_dim % 2 != 0 {
             return Err(GpuError("gemv_qkv needs one input (x, or the residual and its norm), the outputs and even head and rope dimensions".into()));
         }
-        if !n.is_multiple_of(2) {
-            return Err(GpuError(format!("QKV rows must come in rotation pairs, got {n}")));
+        if !p.n.is_multiple_of(2) {
+            return Err(GpuError(format!("QKV rows must come in rotation pairs, got {}", p.n)));
         }
-        self.fused(w, 0, m, n, k, rope)
+        self.fused(Product { y: 0, ..p }, rope)
     }
 
     /// A fused few-row product in the products' mode (see `fuses`).
-    fn fused(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    fn fused(&self, p: Product, args: GemvArgs) -> Result<()> {
         match self.gemm_kind {
-            GemmKind::Cublas => self.gemv_with(w, y, m, n, k, args),
-            GemmKind::BatchInvariant => self.igemv_with(w, y, m, n, k, args),
+            GemmKind::Cublas => self.gemv_with(p, args),
+            GemmKind::BatchInvariant => self.igemv_with(p, args),
         }
     }
 
-    fn gemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    fn gemv_with(&self, p: Product, args: GemvArgs) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         if !gemv_fits(m, k) {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
@@ -475,8 +485,8 @@ impl Gpu {
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ + beta · y` through cuBLAS (column-major: it sees the
     /// transposes).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_cublas(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, beta: f32) -> Result<()> {
+    pub fn gemm_cublas(&self, x: u64, p: Product, beta: f32) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         let alpha = 1.0f32;
         // SAFETY: the pointers address buffers of at least these shapes (callers size them).
         unsafe {
