@@ -4,9 +4,8 @@
 
 use std::sync::Arc;
 
-use braid::model::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
-use braid::model::kv_cache::LayerKv;
-use braid::model::linear::QLinear;
+use braid::cpu::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape, LayerKv};
+use braid::cpu::linear::QLinear;
 use braid::model::FlatBatch;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};

@@ -2,9 +2,12 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cpu;
 pub mod engine;
+pub mod gguf;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod loader;
 pub mod model;
 pub mod server;
 pub mod tokenizer;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 
 fn load_err(path: &Path) -> String {
-    match braid::model::load(path, &braid::model::Placement::Cpu) {
+    match braid::loader::load(path, &braid::loader::Placement::Cpu) {
         Ok(_) => panic!("{} loaded, but it is broken", path.display()),
         Err(e) => e.to_string(),
     }

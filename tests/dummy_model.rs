@@ -2,7 +2,7 @@
 //! file and no vocabulary, batched through the engine like a real one.
 
 use braid::engine::{generate_solo, Engine, EngineConfig, SamplingParams};
-use braid::model::{load_dummy, Placement};
+use braid::loader::{load_dummy, Placement};
 
 #[test]
 fn a_dummy_model_generates_and_batched_equals_solo() {
@@ -35,7 +35,7 @@ fn a_dummy_model_generates_and_batched_equals_solo() {
     // The same seed draws the same model; another seed another one.
     let again = load_dummy("smollm2-135m", 3, &Placement::Cpu).unwrap();
     let other = load_dummy("smollm2-135m", 4, &Placement::Cpu).unwrap();
-    let first = |m: &braid::model::LoadedModel| generate_solo(&m.model, &prompts[0], params.clone(), &[]).unwrap().0;
+    let first = |m: &braid::loader::LoadedModel| generate_solo(&m.model, &prompts[0], params.clone(), &[]).unwrap().0;
     assert_eq!(first(&again), first(&m));
     assert_ne!(first(&other), first(&m));
 }

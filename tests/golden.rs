@@ -35,7 +35,7 @@ fn chat_template_matches_llama_cpp_exactly() {
 }
 
 /// llama.cpp computes attention in one pass per query row (braid's order, see
-/// `model/attention.rs`) for decode steps and for prompts of under this many tokens; a longer
+/// `cpu/attention.rs`) for decode steps and for prompts of under this many tokens; a longer
 /// prompt is processed in one batch with its tiled kernel, whose roundings differ.
 const LLAMA_CPP_TILED_FROM: usize = 64;
 

@@ -269,8 +269,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("--rate and --burstiness must be positive");
     }
     let points = sweep_points(&args)?;
-    let tokenizer_path = crate::model::model_path(args.tokenizer.clone());
-    let gguf = crate::model::GgufFile::open(&tokenizer_path)?;
+    let tokenizer_path = crate::loader::model_path(args.tokenizer.clone());
+    let gguf = crate::gguf::GgufFile::open(&tokenizer_path)?;
     let tokenizer = crate::tokenizer::TextTokenizer::from_gguf(&gguf, None)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let url = args.url.trim_end_matches('/').to_string();

@@ -128,7 +128,7 @@ pub fn from_file(path: &std::path::Path, output: Lengths, seed: u64) -> anyhow::
         max_tokens: Option<usize>,
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    crate::cli::read_jsonl::<Line>(path)?
+    crate::util::read_jsonl::<Line>(path)?
         .into_iter()
         .enumerate()
         .map(|(i, line)| {

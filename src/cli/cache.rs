@@ -8,7 +8,7 @@ use clap::Subcommand;
 use super::{EngineArgs, ModelArgs};
 use crate::engine::disk::{dummy_fingerprint, folder, gguf_fingerprint, SaveMode};
 use crate::engine::{DiskCache, Engine, SamplingParams};
-use crate::model::LoadedModel;
+use crate::loader::LoadedModel;
 
 /// Parses a byte count: a number, optionally followed by K, M, G or T (powers of 1024) and an
 /// optional B ("500M", "4GiB", "1000000").

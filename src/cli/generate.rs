@@ -3,9 +3,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::{read_jsonl, EngineArgs, ModelArgs};
+use super::{EngineArgs, ModelArgs};
 use crate::engine::{Engine, SamplingParams};
-use crate::model::LoadedModel;
+use crate::loader::LoadedModel;
+use crate::util::read_jsonl;
 
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("input").required(true))]

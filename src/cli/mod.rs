@@ -71,36 +71,36 @@ pub enum LoadFormat {
 }
 
 impl ModelArgs {
-    pub fn placement(&self) -> anyhow::Result<crate::model::Placement> {
+    pub fn placement(&self) -> anyhow::Result<crate::loader::Placement> {
         #[cfg(feature = "cuda")]
         {
             if self.device == DeviceArg::Cuda || (self.device == DeviceArg::Auto && crate::gpu::available()) {
-                return Ok(crate::model::Placement::cuda(self.batch_invariant)?);
+                return Ok(crate::loader::Placement::cuda(self.batch_invariant)?);
             }
         }
         if self.device == DeviceArg::Cuda {
             anyhow::bail!("--device cuda: this braid was built without CUDA (build with `make build-cuda`)");
         }
-        Ok(crate::model::Placement::Cpu)
+        Ok(crate::loader::Placement::Cpu)
     }
 
-    pub fn load(&self) -> anyhow::Result<crate::model::LoadedModel> {
+    pub fn load(&self) -> anyhow::Result<crate::loader::LoadedModel> {
         let placement = self.placement()?;
         if self.load_format == LoadFormat::Dummy {
             if self.model.is_some() {
                 anyhow::bail!("--load-format dummy makes its own weights: give --model-config instead of --model");
             }
             let name = self.model_config.as_deref().expect("clap requires --model-config with dummy");
-            return Ok(crate::model::load_dummy(name, self.dummy_seed, &placement)?);
+            return Ok(crate::loader::load_dummy(name, self.dummy_seed, &placement)?);
         }
         if self.model_config.is_some() {
             anyhow::bail!("--model-config is for --load-format dummy");
         }
-        let path = crate::model::model_path(self.model.clone());
+        let path = crate::loader::model_path(self.model.clone());
         if self.model.is_none() && !path.exists() {
             anyhow::bail!("the default model {} is not installed; run `make model` (or pass --model)", path.display());
         }
-        Ok(crate::model::load(&path, &placement)?)
+        Ok(crate::loader::load(&path, &placement)?)
     }
 }
 
@@ -164,17 +164,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Reads a JSONL file into values, naming the line of any parse error.
-pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<Vec<T>> {
-    use anyhow::Context;
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1)))
-        .collect()
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::{read_jsonl, ModelArgs};
+use super::ModelArgs;
+use crate::util::read_jsonl;
 
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("input").required(true))]

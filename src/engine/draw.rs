@@ -34,7 +34,7 @@ const ONE: f32 = 4_294_967_296.0;
 fn weights(logits: &[f32], max: f32, temperature: f32) -> (Vec<f32>, Vec<u64>) {
     let inv_t = 1.0 / temperature;
     let mut p: Vec<f32> = logits.iter().map(|&l| (l - max) * inv_t).collect();
-    crate::model::vmath::ggml_exp_in_place(&mut p);
+    crate::cpu::vmath::ggml_exp_in_place(&mut p);
     let w = p.iter().map(|&x| (x * ONE) as u64).collect();
     (p, w)
 }

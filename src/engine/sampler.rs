@@ -223,7 +223,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut shifted: Vec<f32> = logits.iter().map(|&x| x - max).collect();
-    crate::model::vmath::exp_in_place(&mut shifted);
+    crate::cpu::vmath::exp_in_place(&mut shifted);
     let mut lanes = [0f64; 8];
     let mut chunks = shifted.chunks_exact(8);
     for chunk in &mut chunks {

@@ -3,36 +3,9 @@
 use cudarc::driver::CudaFunction;
 
 use super::runtime::{GemmKind, Gpu};
-
-/// The forms of paged attention (kernels/attention.cuh, `ATTENTION_VARIANTS`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttentionKind {
-    /// 4 warps a block, 2 passes of keys loaded at once: (token, KV head) pairs enough to fill
-    /// the multiprocessors twice over.
-    Many = 0,
-    /// 4 warps, 8 passes at once: fewer pairs (the same sums as `Many`).
-    Few = 1,
-    /// 8 warps, one pass at a time, the keys of a pair shared by several blocks (the last
-    /// merges) while the pairs are fewer than multiprocessors: fewer pairs, in the default
-    /// mode. Its sums differ, so the batch-invariant mode never takes it.
-    Split = 2,
-}
+use super::variants::AttentionKind;
 
 impl AttentionKind {
-    pub const ALL: [Self; 3] = [Self::Many, Self::Few, Self::Split];
-
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            Self::Many => "many",
-            Self::Few => "few",
-            Self::Split => "split",
-        }
-    }
-
-    pub fn threads(self) -> u32 {
-        if self == Self::Split { 256 } else { 128 }
-    }
-
     /// The form for `blocks` (token, KV head) pairs. On an H100, 32/8 heads x 64, 256 keys:
     /// up to 256 pairs (32 tokens) 8 warps took 9.2-13.7 µs (the keys split below 132 pairs)
     /// and 4 warps with 8 passes at once 12.7-17.6; from 512 pairs, 4 warps with 2 passes were

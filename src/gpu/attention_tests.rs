@@ -5,13 +5,12 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::attention::AttentionKind;
+use super::variants::AttentionKind;
 use super::runtime::{Buf, Gpu, ATTENTION_MAX_SPLITS};
 use super::tests::{gpu, mean_micros, read, same_bits};
 use crate::launch;
-use crate::model::attention::{paged_attention, AttentionPlan, AttentionShape};
+use crate::cpu::attention::{paged_attention, AttentionPlan, AttentionShape, LayerKv};
 use crate::model::batch::{FlatBatch, Window};
-use crate::model::kv_cache::LayerKv;
 
 /// A step's attention inputs on the device: random f16 cache, f32 queries, the plan.
 struct Case {

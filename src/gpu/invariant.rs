@@ -5,130 +5,8 @@
 
 use cudarc::driver::sys;
 
-use super::runtime::{gemm_segments, Buf, GemvArgs, Gpu, GpuError, Kernels, Result, Spread};
-
-/// The instruction a tile's kernel multiplies with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TileKind {
-    /// kernels/gemm.cuh's `gemm_tile` (mma.sync, any CUDA GPU from compute capability 8.0).
-    MmaSync,
-    /// kernels/wgmma.cuh's `gemm_wgmma_tile` (wgmma fed by the tensor memory accelerator:
-    /// Hopper's sm_90a machine code only).
-    Wgmma,
-}
-
-/// One tile shape of `gemm_tile` or `gemm_wgmma_tile` (`GEMM_VARIANT`, `GEMM_WGMMA_VARIANT`).
-pub struct GemmTile {
-    pub name: &'static str,
-    pub rows: usize,
-    pub cols: usize,
-    pub threads: u32,
-    pub stages: usize,
-    pub kind: TileKind,
-}
-
-const fn tile(name: &'static str, rows: usize, cols: usize, threads: u32, stages: usize, kind: TileKind) -> GemmTile {
-    GemmTile { name, rows, cols, threads, stages, kind }
-}
-
-/// The tiles (`choose_tile` says which a product gets). The wgmma tiles have a producer
-/// warpgroup beside one consumer warpgroup per 64 rows.
-pub const GEMM_TILES: &[GemmTile] = &[
-    tile("gemm_16x64", 16, 64, 128, 4, TileKind::MmaSync),
-    tile("gemm_64x64", 64, 64, 128, 4, TileKind::MmaSync),
-    tile("gemm_128x128", 128, 128, 256, 4, TileKind::MmaSync),
-    tile("gemm_wgmma_128x128", 128, 128, 384, 4, TileKind::Wgmma),
-    tile("gemm_wgmma_64x128", 64, 128, 256, 6, TileKind::Wgmma),
-    tile("gemm_wgmma_64x64", 64, 64, 256, 6, TileKind::Wgmma),
-];
-
-/// k per stage and the padded shared row of the mma.sync tiles (kernels/gemm.cuh: GEMM_BK,
-/// GEMM_BK + GEMM_PAD); the wgmma tiles take 64 k a stage in unpadded 128-byte rows, 1 KiB to
-/// align them, and two barriers per stage (kernels/wgmma.cuh).
-const GEMM_BK: usize = 32;
-const SHARED_ROW_BYTES: usize = (GEMM_BK + 8) * 2;
-const WGMMA_BK: usize = 64;
-
-impl GemmTile {
-    fn shared_bytes(&self) -> usize {
-        match self.kind {
-            TileKind::MmaSync => self.stages * (self.rows + self.cols) * SHARED_ROW_BYTES,
-            TileKind::Wgmma => self.stages * (self.rows + self.cols) * WGMMA_BK * 2 + 1024 + self.stages * 16,
-        }
-    }
-
-    /// k per pipeline stage: a segment of k must hold whole stages.
-    fn k_per_stage(&self) -> usize {
-        match self.kind {
-            TileKind::MmaSync => GEMM_BK,
-            TileKind::Wgmma => WGMMA_BK,
-        }
-    }
-}
-
-/// One form of `igemv_impl` (kernels/igemv.cuh, `IGEMV_VARIANT`): up to `rows` activation rows,
-/// 8·`groups` weight rows per block, `stages` tiles in flight per warp.
-pub struct IgemvVariant {
-    pub name: &'static str,
-    pub rows: usize,
-    pub groups: usize,
-    pub stages: usize,
-    /// k per stage.
-    pub bk: usize,
-    pub width: Width,
-}
-
-const fn igemv(name: &'static str, rows: usize, groups: usize, stages: usize, bk: usize, width: Width) -> IgemvVariant {
-    IgemvVariant { name, rows, groups, stages, bk, width }
-}
-
-/// The forms, in the order `igemv_with` tries them: the first with enough rows, whose stage
-/// divides a segment, and whose weight rows per block suit the output's width. Measured on an
-/// H100: stages of 64 k beat 32 (batch 1's products 1.01 ms a step against
-/// 1.16); 64 weight rows per warp (2 stages) beat 32 (3 stages) on wide outputs (gate/up and
-/// the LM head at 32 rows: 32 and 211 µs against 43 and 293), and lost on narrow ones, where
-/// they leave too few blocks. The 32-k forms serve segments that 64 does not divide.
-pub const IGEMV_VARIANTS: &[IgemvVariant] = &[
-    igemv("igemv_8x4_s3_k64", 8, 4, 3, 64, Width::Narrow),
-    igemv("igemv_8x8_s2_k64", 8, 8, 2, 64, Width::Wide),
-    igemv("igemv_16x4_s3_k64", 16, 4, 3, 64, Width::Narrow),
-    igemv("igemv_16x8_s2_k64", 16, 8, 2, 64, Width::Wide),
-    igemv("igemv_32x4_s3_k64", 32, 4, 3, 64, Width::Narrow),
-    igemv("igemv_32x8_s2_k64", 32, 8, 2, 64, Width::Wide),
-    igemv("igemv_8x2_s3_k32", 8, 2, 3, 32, Width::Any),
-    igemv("igemv_16x2_s4_k32", 16, 2, 4, 32, Width::Any),
-    igemv("igemv_32x4_s3_k32", 32, 4, 3, 32, Width::Any),
-];
-
-/// Which outputs a few-row form is for: wide ones have at least WIDE_OUTPUT rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Width {
-    Narrow,
-    Wide,
-    Any,
-}
-
-const WIDE_OUTPUT: usize = 8192;
-
-impl Width {
-    fn suits(self, n: usize) -> bool {
-        match self {
-            Width::Narrow => n < WIDE_OUTPUT,
-            Width::Wide => n >= WIDE_OUTPUT,
-            Width::Any => true,
-        }
-    }
-}
-
-/// Most rows the few-row form takes.
-pub const IGEMV_MAX_ROWS: usize = 32;
-
-impl IgemvVariant {
-    /// kernels/igemv.cuh's `igemv_warp_bytes` times the block's warps (one per segment).
-    fn shared_bytes(&self, k: usize) -> usize {
-        gemm_segments(k) * self.stages * (8 * self.groups + self.rows) * (self.bk + 8) * 2
-    }
-}
+use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Product, Result, Spread};
+use super::variants::{gemm_segments, TileKind, GEMM_TILES, IGEMV_MAX_ROWS, IGEMV_VARIANTS, WGMMA_BK, WIDE_OUTPUT};
 
 /// A tensor map (cuda.h's CUtensorMap) of a row-major bf16 matrix, read in boxes of 64 columns
 /// (one 128-byte swizzled row) by `box_rows` rows: what the wgmma tiles load their stages with.
@@ -168,40 +46,20 @@ impl TensorMap {
     }
 }
 
-/// Lets each product kernel use up to `limit` bytes of dynamic shared memory (the wgmma tiles
-/// only where `wgmma` says they run).
-pub fn allow_shared_memory(k: &Kernels, limit: usize, wgmma: bool) -> Result<()> {
-    let most = |f: &cudarc::driver::CudaFunction, bytes: usize| -> Result<()> {
-        // SAFETY: a loaded function and a valid attribute.
-        unsafe {
-            sys::cuFuncSetAttribute(f.cu_function(), sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-        }
-        .result()?;
-        Ok(())
-    };
-    for (f, tile) in k.gemm_tiles.iter().zip(GEMM_TILES).filter(|(_, t)| wgmma || t.kind == TileKind::MmaSync) {
-        most(f, tile.shared_bytes())?;
-    }
-    for f in &k.igemv {
-        most(f, limit)?;
-    }
-    Ok(())
-}
-
 impl Gpu {
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y)`, each row's bits independent of the batch: the
     /// few-row form up to 32 rows (`Spread::Auto`), the tiles beyond (and always, when a test
     /// forces a spread).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_invariant(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+    pub fn gemm_invariant(&self, x: u64, p: Product, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+        let Product { m, n, k, .. } = p;
         if !k.is_multiple_of(32) || m == 0 || n == 0 {
             return Err(GpuError(format!("a {m}x{n}x{k} product: k must be a multiple of 32")));
         }
         if let Some(index) = self.igemv_variant(m, n, k).filter(|_| spread == Spread::Auto) {
-            return self.igemv_form(index, w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() });
+            return self.igemv_form(index, p, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() });
         }
         let index = self.choose_tile(m, n, k);
-        self.gemm_tiled(index, x, w, y, m, n, k, accumulate, split, spread)
+        self.gemm_tiled(index, x, p, accumulate, split, spread)
     }
 
     /// The tile for an m x n x k product. Where this GPU has the wgmma tiles and a segment of k
@@ -235,8 +93,8 @@ impl Gpu {
     }
 
     /// The product through tile `GEMM_TILES[index]` (which must take it: `tile_takes`).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_tiled(&self, index: usize, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+    pub(super) fn gemm_tiled(&self, index: usize, x: u64, p: Product, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         let tile = &GEMM_TILES[index];
         if !self.tile_takes(index, k) {
             return Err(GpuError(format!("tile {} cannot take a product of width {k} on this GPU", tile.name)));
@@ -299,16 +157,17 @@ impl Gpu {
 
     /// The few-row batch-invariant product (kernels/igemv.cuh) of 1..=32 rows of `args.x`,
     /// finished as `args` asks (the forms of `GemvArgs` but the norm inside).
-    pub fn igemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    pub fn igemv_with(&self, p: Product, args: GemvArgs) -> Result<()> {
+        let Product { m, n, k, .. } = p;
         let Some(index) = self.igemv_variant(m, n, k).filter(|_| args.norm_w == 0 && args.x != 0) else {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a few-row invariant one (1-32 rows of x, k a multiple of 32)")));
         };
-        self.igemv_form(index, w, y, m, n, k, args)
+        self.igemv_form(index, p, args)
     }
 
     /// The few-row product through form `IGEMV_VARIANTS[index]` (which must take it).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn igemv_form(&self, index: usize, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    pub(super) fn igemv_form(&self, index: usize, p: Product, args: GemvArgs) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         let v = &IGEMV_VARIANTS[index];
         let nseg = gemm_segments(k);
         let grid = (n.div_ceil(8 * v.groups) as u32, 1, 1);

@@ -7,6 +7,7 @@ mod invariant;
 mod plan;
 pub mod runner;
 pub mod runtime;
+mod variants;
 pub mod weights;
 
 pub use runner::CudaRunner;

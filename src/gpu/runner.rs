@@ -10,7 +10,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::plan::{graph_layout, write_plan};
-use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Result};
+use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Product, Result};
 use super::weights::CudaWeights;
 use crate::engine::block_manager::BlockId;
 use crate::engine::backend::RowOutput;
@@ -92,7 +92,7 @@ impl WorkspaceSizes {
             attn_counters: split_tokens * c.n_kv_head,
             argmax_parts: 2 * rows * ARGMAX_SLICES,
             argmax_counters: rows,
-            split: super::runtime::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h),
+            split: super::variants::GEMM_MAX_SEGMENTS * SPLIT_ROWS.min(tokens) * (q + 2 * kv).max(h),
             meta: tokens * 16,
         }
     }
@@ -209,11 +209,22 @@ impl Choose {
 /// Threads of the RMS norm kernel (NORM_THREADS).
 const NORM_THREADS: u32 = 1024;
 
-/// rms_norm_bf16 of `count` rows of the f32 rows `x` (those `rows` lists, where not 0) into the
-/// bf16 rows `out`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rms_norm(gpu: &Gpu, x: u64, rows: u64, norm_w: u64, out: u64, count: usize, hidden: usize, eps: f32) -> Result<()> {
-    launch!(gpu, &gpu.k.rms_norm_bf16, (count as u32, 1, 1), NORM_THREADS; x, rows, norm_w, out, hidden as i32, eps)
+/// The operands of rms_norm_bf16: `count` rows of `hidden` f32 values from `x` (the rows that
+/// the u32 list `rows` names, where it is not 0), normalised with the weights `w` and `eps`,
+/// into the bf16 rows `out`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RmsNorm {
+    pub x: u64,
+    pub rows: u64,
+    pub w: u64,
+    pub out: u64,
+    pub count: usize,
+    pub hidden: usize,
+    pub eps: f32,
+}
+
+pub(super) fn rms_norm(gpu: &Gpu, a: RmsNorm) -> Result<()> {
+    launch!(gpu, &gpu.k.rms_norm_bf16, (a.count as u32, 1, 1), NORM_THREADS; a.x, a.rows, a.w, a.out, a.hidden as i32, a.eps)
 }
 
 /// Slices of a logits row that the device argmax's blocks share.
@@ -444,7 +455,9 @@ impl CudaRunner {
         let norm_inside = gpu.norm_inside(n, h);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
-        let norm_apart = |norm_w: u64| rms_norm(gpu, ws.x.ptr, 0, norm_w, ws.h.ptr, n, h, c.rms_eps);
+        let norm_apart = |norm_w: u64| rms_norm(gpu, RmsNorm { x: ws.x.ptr, rows: 0, w: norm_w, out: ws.h.ptr, count: n, hidden: h, eps: c.rms_eps });
+        // A product of this step's `n` rows.
+        let product = |weights: u64, y: u64, out: usize, k: usize| Product { w: weights, y, m: n, n: out, k };
         for (l, layer) in w.layers.iter().enumerate() {
             let bias = layer.qkv_bias.as_ref().map_or(0, |b| b.ptr);
             if fuse && neox == 0 {
@@ -470,13 +483,13 @@ impl CudaRunner {
                     rope_dim: c.rope_dim as i32,
                     ..input
                 };
-                gpu.gemv_qkv(layer.qkv.ptr, n, q + 2 * kv, h, rope)?;
+                gpu.gemv_qkv(product(layer.qkv.ptr, 0, q + 2 * kv, h), rope)?;
             } else {
                 if norm_inside {
-                    gpu.gemv_norm(ws.x.ptr, layer.attn_norm.ptr, c.rms_eps, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h)?;
+                    gpu.gemv_norm(ws.x.ptr, layer.attn_norm.ptr, c.rms_eps, product(layer.qkv.ptr, ws.qkv.ptr, q + 2 * kv, h))?;
                 } else {
                     norm_apart(layer.attn_norm.ptr)?;
-                    gpu.gemm(ws.h.ptr, layer.qkv.ptr, ws.qkv.ptr, n, q + 2 * kv, h, false, &ws.split)?;
+                    gpu.gemm(ws.h.ptr, product(layer.qkv.ptr, ws.qkv.ptr, q + 2 * kv, h), false, &ws.split)?;
                 }
                 launch!(gpu, &gpu.k.rope_and_cache, (n32, 1, 1), 256;
                     ws.qkv.ptr, bias, p.positions, p.slots, w.cos.ptr, w.sin.ptr, ws.q.ptr, self.k[l].ptr, self.v[l].ptr,
@@ -485,20 +498,20 @@ impl CudaRunner {
             launch!(gpu, attention, (n32, c.n_kv_head as u32, splits as u32), attention_threads;
                 ws.q.ptr, self.k[l].ptr, self.v[l].ptr, p.plans, p.tables, ws.attn.ptr,
                 c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale, partial, ws.attn_counters.ptr)?;
-            gpu.gemm(ws.attn.ptr, layer.o.ptr, ws.x.ptr, n, h, q, true, &ws.split)?;
+            gpu.gemm(ws.attn.ptr, product(layer.o.ptr, ws.x.ptr, h, q), true, &ws.split)?;
             if norm_inside {
-                gpu.gemv_norm_swiglu(ws.x.ptr, layer.ffn_norm.ptr, c.rms_eps, layer.gate_up.ptr, ws.act.ptr, n, 2 * ffn, h)?;
+                gpu.gemv_norm_swiglu(ws.x.ptr, layer.ffn_norm.ptr, c.rms_eps, product(layer.gate_up.ptr, ws.act.ptr, 2 * ffn, h))?;
             } else if fuse {
                 norm_apart(layer.ffn_norm.ptr)?;
-                gpu.gemv_swiglu(ws.h.ptr, layer.gate_up.ptr, ws.act.ptr, n, 2 * ffn, h)?;
+                gpu.gemv_swiglu(ws.h.ptr, product(layer.gate_up.ptr, ws.act.ptr, 2 * ffn, h))?;
             } else {
                 norm_apart(layer.ffn_norm.ptr)?;
-                gpu.gemm(ws.h.ptr, layer.gate_up.ptr, ws.gate_up.ptr, n, 2 * ffn, h, false, &ws.split)?;
+                gpu.gemm(ws.h.ptr, product(layer.gate_up.ptr, ws.gate_up.ptr, 2 * ffn, h), false, &ws.split)?;
                 let total = (n * ffn) as u64;
                 let grid = (total.div_ceil(256).min(65_535)) as u32;
                 launch!(gpu, &gpu.k.silu_mul_bf16, (grid, 1, 1), 256; ws.gate_up.ptr, ws.act.ptr, ffn as i32, total)?;
             }
-            gpu.gemm(ws.act.ptr, layer.down.ptr, ws.x.ptr, n, h, ffn, true, &ws.split)?;
+            gpu.gemm(ws.act.ptr, product(layer.down.ptr, ws.x.ptr, h, ffn), true, &ws.split)?;
         }
         if rows == 0 {
             return Ok(());
@@ -508,10 +521,10 @@ impl CudaRunner {
         let vocab = w.vocab_size;
         if norm_inside && rows == n && decode {
             // Every token is a logits row, in order: the final norm goes inside the product.
-            gpu.gemv_norm(ws.x.ptr, w.output_norm.ptr, c.rms_eps, output.ptr, ws.logits.ptr, rows, vocab, h)?;
+            gpu.gemv_norm(ws.x.ptr, w.output_norm.ptr, c.rms_eps, Product { w: output.ptr, y: ws.logits.ptr, m: rows, n: vocab, k: h })?;
         } else {
-            rms_norm(gpu, ws.x.ptr, p.logit_rows, w.output_norm.ptr, ws.h.ptr, rows, h, c.rms_eps)?;
-            gpu.gemm(ws.h.ptr, output.ptr, ws.logits.ptr, rows, vocab, h, false, &ws.split)?;
+            rms_norm(gpu, RmsNorm { x: ws.x.ptr, rows: p.logit_rows, w: w.output_norm.ptr, out: ws.h.ptr, count: rows, hidden: h, eps: c.rms_eps })?;
+            gpu.gemm(ws.h.ptr, Product { w: output.ptr, y: ws.logits.ptr, m: rows, n: vocab, k: h }, false, &ws.split)?;
         }
         if choose != Choose::Logits {
             launch!(gpu, &gpu.k.argmax_logprob, (rows32, ARGMAX_SLICES as u32, 1), 1024;

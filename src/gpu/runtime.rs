@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
-use super::attention::AttentionKind;
+use super::variants::{allow_shared_memory, AttentionKind, GEMM_TILES, IGEMV_VARIANTS};
 
 static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
@@ -67,10 +67,10 @@ pub struct Kernels {
     pub argmax_logprob: CudaFunction,
     /// Random draws by blocks per row (`sample_rows_c1`, `_c2`, `_c4`, `_c8`).
     pub sample_rows: [CudaFunction; 4],
-    /// The batch-invariant tiled product, one per shape of `invariant::GEMM_TILES`.
+    /// The batch-invariant tiled product, one per shape of `variants::GEMM_TILES`.
     pub gemm_tiles: Vec<CudaFunction>,
     pub gemm_reduce: CudaFunction,
-    /// The batch-invariant few-row product, one per shape of `invariant::IGEMV_VARIANTS`.
+    /// The batch-invariant few-row product, one per shape of `variants::IGEMV_VARIANTS`.
     pub igemv: Vec<CudaFunction>,
     /// Products of 1-4 rows (`gemv_m1` ..= `gemv_m4`).
     pub gemv: [CudaFunction; 4],
@@ -169,6 +169,19 @@ pub struct GemvArgs {
 // SAFETY: plain old data with the C layout kernels/gemv.cuh declares.
 unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
 
+/// A matrix product's weights, output and shape, `y[m, n] = input[m, k] · w[n, k]ᵀ`: device
+/// addresses of row-major bf16 weights and of the output (f32, but for the SwiGLU forms, whose
+/// `y` is the bf16 `act[m, n / 2]`). The input is passed beside it: bf16 rows `x`, or the input
+/// modes of `GemvArgs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Product {
+    pub w: u64,
+    pub y: u64,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
 /// Rows of the largest product that `gemv` computes, and the weight rows of one of its blocks
 /// (kernels/gemv.cuh: GEMV_WARPS x GEMV_ROWS).
 const GEMV_MAX_ROWS: usize = 4;
@@ -179,15 +192,6 @@ const GEMV_SPLIT_ROWS_PER_BLOCK: usize = 2;
 /// Whether the few-row product takes `m` rows of width `k` (16-byte loads: k a multiple of 8).
 fn gemv_fits(m: usize, k: usize) -> bool {
     (1..=GEMV_MAX_ROWS).contains(&m) && k.is_multiple_of(8)
-}
-
-/// Most k-segments of a product.
-pub const GEMM_MAX_SEGMENTS: usize = 8;
-
-/// Segments of a k-wide product: the most of 8, 4, 2, 1 that cut k into multiples of 32.
-/// A function of k alone: every shape of batch sums a row in the same order.
-pub fn gemm_segments(k: usize) -> usize {
-    [8, 4, 2, 1].into_iter().find(|&s| (k / 32).is_multiple_of(s)).expect("1 divides everything")
 }
 
 /// Whether a CUDA driver and device are present (false, not an error, when not).
@@ -230,9 +234,9 @@ impl Gpu {
             silu_mul_bf16: f("silu_mul_bf16")?,
             argmax_logprob: f("argmax_logprob")?,
             sample_rows: [f("sample_rows_c1")?, f("sample_rows_c2")?, f("sample_rows_c4")?, f("sample_rows_c8")?],
-            gemm_tiles: super::invariant::GEMM_TILES.iter().map(|t| f(t.name)).collect::<std::result::Result<_, _>>()?,
+            gemm_tiles: GEMM_TILES.iter().map(|t| f(t.name)).collect::<std::result::Result<_, _>>()?,
             gemm_reduce: f("gemm_reduce")?,
-            igemv: super::invariant::IGEMV_VARIANTS.iter().map(|v| f(v.name)).collect::<std::result::Result<_, _>>()?,
+            igemv: IGEMV_VARIANTS.iter().map(|v| f(v.name)).collect::<std::result::Result<_, _>>()?,
             gemv: [f("gemv_m1")?, f("gemv_m2")?, f("gemv_m3")?, f("gemv_m4")?],
             gemv_split: [f("gemv_split_m1")?, f("gemv_split_m2")?, f("gemv_split_m3")?, f("gemv_split_m4")?],
         };
@@ -244,7 +248,7 @@ impl Gpu {
         // the PTX, whose wgmma kernels are empty.
         let wgmma_enabled =
             (capability, minor) == (9, 0) && env!("BRAID_CUDA_MACHINE_CODE") == "sm_90a" && std::env::var_os("BRAID_WGMMA").is_none_or(|v| v != "0");
-        super::invariant::allow_shared_memory(&k, shared_limit, wgmma_enabled)?;
+        allow_shared_memory(&k.gemm_tiles, &k.igemv, shared_limit, wgmma_enabled)?;
         let blas = CudaBlas::new(stream.clone())?;
         // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
         let workspace = {
@@ -373,22 +377,20 @@ impl Gpu {
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y when `accumulate`)`: bf16 operands, f32 sums and
-    /// output, row-major. `split` is scratch for `GEMM_MAX_SEGMENTS * m * n` floats (or fewer:
+    /// output, row-major. `split` is scratch for `variants::GEMM_MAX_SEGMENTS * m * n` floats (or fewer:
     /// products that do not fit keep their sums in registers).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool, split: &Buf<f32>) -> Result<()> {
+    pub fn gemm(&self, x: u64, p: Product, accumulate: bool, split: &Buf<f32>) -> Result<()> {
         match self.gemm_kind {
-            GemmKind::BatchInvariant => self.gemm_invariant(x, w, y, m, n, k, accumulate, split, Spread::Auto),
-            GemmKind::Cublas if gemv_fits(m, k) => self.gemv(x, w, y, m, n, k, accumulate),
-            GemmKind::Cublas => self.gemm_cublas(x, w, y, m, n, k, if accumulate { 1.0 } else { 0.0 }),
+            GemmKind::BatchInvariant => self.gemm_invariant(x, p, accumulate, split, Spread::Auto),
+            GemmKind::Cublas if gemv_fits(p.m, p.k) => self.gemv(x, p, accumulate),
+            GemmKind::Cublas => self.gemm_cublas(x, p, if accumulate { 1.0 } else { 0.0 }),
         }
     }
 
     /// The product for 1..=4 rows (kernels/gemv.cuh, `gemv_impl`): weights streamed once at full
     /// bandwidth, where cuBLAS's kernels for such shapes are latency-bound.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
-        self.gemv_with(w, y, m, n, k, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() })
+    pub fn gemv(&self, x: u64, p: Product, accumulate: bool) -> Result<()> {
+        self.gemv_with(p, GemvArgs { x, accumulate: i32::from(accumulate), ..GemvArgs::default() })
     }
 
     /// Whether the fused few-row products (`gemv_qkv`, `gemv_swiglu`) take a step of `m` rows
@@ -409,53 +411,52 @@ impl Gpu {
 
     /// `y = rms_norm(residual) · wᵀ` for 1..=4 rows: the norm (rms_norm_bf16's arithmetic,
     /// rounded to bf16) computed inside the product instead of by its own launch.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv_norm(&self, residual: u64, norm_w: u64, eps: f32, w: u64, y: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        self.gemv_with(w, y, m, n, k, GemvArgs { residual, norm_w, eps, ..GemvArgs::default() })
+    pub fn gemv_norm(&self, residual: u64, norm_w: u64, eps: f32, p: Product) -> Result<()> {
+        self.gemv_with(p, GemvArgs { residual, norm_w, eps, ..GemvArgs::default() })
     }
 
     /// `act = silu(gate) · up` of the gate/up product of 1..=4 rows from the residual (norm
-    /// inside), gate and up rows interleaved in `w`: silu_mul_bf16's arithmetic in the
-    /// product's last step. `act` is bf16 `[m, n / 2]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemv_norm_swiglu(&self, residual: u64, norm_w: u64, eps: f32, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        if !n.is_multiple_of(2) {
-            return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
+    /// inside), gate and up rows interleaved in `p.w`: silu_mul_bf16's arithmetic in the
+    /// product's last step. `act` is `p.y`, bf16 `[m, n / 2]`.
+    pub fn gemv_norm_swiglu(&self, residual: u64, norm_w: u64, eps: f32, p: Product) -> Result<()> {
+        if !p.n.is_multiple_of(2) {
+            return Err(GpuError(format!("gate/up rows must come in pairs, got {}", p.n)));
         }
-        self.gemv_with(w, 0, m, n, k, GemvArgs { residual, norm_w, eps, act_out: act, ..GemvArgs::default() })
+        self.gemv_with(Product { y: 0, ..p }, GemvArgs { residual, norm_w, eps, act_out: p.y, ..GemvArgs::default() })
     }
 
     /// `act = silu(gate) · up` of the gate/up product of the bf16 rows `x` (gate and up rows
-    /// interleaved in `w`), as `gemv_norm_swiglu` but without the norm.
-    pub fn gemv_swiglu(&self, x: u64, w: u64, act: u64, m: usize, n: usize, k: usize) -> Result<()> {
-        if !n.is_multiple_of(2) {
-            return Err(GpuError(format!("gate/up rows must come in pairs, got {n}")));
+    /// interleaved in `p.w`, `act` in `p.y`), as `gemv_norm_swiglu` but without the norm.
+    pub fn gemv_swiglu(&self, x: u64, p: Product) -> Result<()> {
+        if !p.n.is_multiple_of(2) {
+            return Err(GpuError(format!("gate/up rows must come in pairs, got {}", p.n)));
         }
-        self.fused(w, 0, m, n, k, GemvArgs { x, act_out: act, ..GemvArgs::default() })
+        self.fused(Product { y: 0, ..p }, GemvArgs { x, act_out: p.y, ..GemvArgs::default() })
     }
 
     /// The QKV product of a few rows finished as rope_and_cache does (interleaved rope only):
     /// `rope` names the input (the residual and the norm where `norm_inside`, else x), the
-    /// outputs and the rope tables.
-    pub fn gemv_qkv(&self, w: u64, m: usize, n: usize, k: usize, rope: GemvArgs) -> Result<()> {
+    /// outputs and the rope tables (`p.y` is unused).
+    pub fn gemv_qkv(&self, p: Product, rope: GemvArgs) -> Result<()> {
         if rope.q_out == 0 || (rope.norm_w == 0) == (rope.x == 0) || rope.head_dim % 2 != 0 || rope.rope_dim % 2 != 0 {
             return Err(GpuError("gemv_qkv needs one input (x, or the residual and its norm), the outputs and even head and rope dimensions".into()));
         }
-        if !n.is_multiple_of(2) {
-            return Err(GpuError(format!("QKV rows must come in rotation pairs, got {n}")));
+        if !p.n.is_multiple_of(2) {
+            return Err(GpuError(format!("QKV rows must come in rotation pairs, got {}", p.n)));
         }
-        self.fused(w, 0, m, n, k, rope)
+        self.fused(Product { y: 0, ..p }, rope)
     }
 
     /// A fused few-row product in the products' mode (see `fuses`).
-    fn fused(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    fn fused(&self, p: Product, args: GemvArgs) -> Result<()> {
         match self.gemm_kind {
-            GemmKind::Cublas => self.gemv_with(w, y, m, n, k, args),
-            GemmKind::BatchInvariant => self.igemv_with(w, y, m, n, k, args),
+            GemmKind::Cublas => self.gemv_with(p, args),
+            GemmKind::BatchInvariant => self.igemv_with(p, args),
         }
     }
 
-    fn gemv_with(&self, w: u64, y: u64, m: usize, n: usize, k: usize, args: GemvArgs) -> Result<()> {
+    fn gemv_with(&self, p: Product, args: GemvArgs) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         if !gemv_fits(m, k) {
             return Err(GpuError(format!("a {m}x{n}x{k} product is not a GEMV (1-4 rows, k a multiple of 8)")));
         }
@@ -484,8 +485,8 @@ impl Gpu {
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ + beta · y` through cuBLAS (column-major: it sees the
     /// transposes).
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm_cublas(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, beta: f32) -> Result<()> {
+    pub fn gemm_cublas(&self, x: u64, p: Product, beta: f32) -> Result<()> {
+        let Product { w, y, m, n, k } = p;
         let alpha = 1.0f32;
         // SAFETY: the pointers address buffers of at least these shapes (callers size them).
         unsafe {

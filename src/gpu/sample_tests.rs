@@ -87,9 +87,10 @@ fn a_step_mixes_device_choices_and_host_rows() {
         eprintln!("no CUDA device: skipped");
         return;
     }
-    let placement = crate::model::Placement::cuda(false).expect("the CUDA device opens");
-    let loaded = crate::model::load_dummy("smollm2-135m", 0, &placement).unwrap();
-    let mut backend = loaded.model.backend(3, 16, 64, 64).unwrap();
+    let gpu = std::sync::Arc::new(super::Gpu::new(0, super::GemmKind::Cublas).expect("the CUDA device opens"));
+    let preset = crate::model::presets::preset("smollm2-135m").unwrap();
+    let weights = std::sync::Arc::new(super::CudaWeights::dummy(gpu, &preset, 0).unwrap());
+    let mut runner = super::CudaRunner::new(std::sync::Arc::clone(&weights), 3, 16, 64, 64).unwrap();
     let prompt = [5u32, 900, 17, 4242, 31];
     let mut batch = FlatBatch::default();
     for s in 0..3u32 {
@@ -97,12 +98,12 @@ fn a_step_mixes_device_choices_and_host_rows() {
     }
     let top_one = DrawParams { temperature: 1.0, top_k: 1, top_p: 1.0, min_p: 0.0 };
     let choices = [RowChoice::Greedy, RowChoice::Host, RowChoice::Random { params: top_one, uniform: 0.5 }];
-    let out = backend.forward(&batch, Some(&choices)).unwrap();
+    let out = runner.forward(&batch, Some(&choices)).unwrap();
     assert_eq!(out.len(), 3);
     let (RowOutput::Chosen(greedy, _), RowOutput::Logits(row), RowOutput::Chosen(drawn, _)) = (&out[0], &out[1], &out[2]) else {
         panic!("the device chooses rows 0 and 2 and returns row 1's logits");
     };
-    assert_eq!(row.len(), loaded.model.vocab_size());
+    assert_eq!(row.len(), weights.vocab_size);
     assert!(row.iter().all(|x| x.is_finite()));
     assert_eq!(argmax(row), *greedy);
     assert_eq!(drawn, greedy);
@@ -112,7 +113,7 @@ fn a_step_mixes_device_choices_and_host_rows() {
         batch.push(&[*greedy], prompt.len() + 1, vec![s], true);
     }
     let choices = [RowChoice::Random { params: top_one, uniform: 0.9 }, RowChoice::Greedy, RowChoice::Host];
-    let out = backend.forward(&batch, Some(&choices)).unwrap();
+    let out = runner.forward(&batch, Some(&choices)).unwrap();
     let (RowOutput::Chosen(drawn, _), RowOutput::Chosen(greedy, _), RowOutput::Logits(row)) = (&out[0], &out[1], &out[2]) else {
         panic!("the device chooses rows 0 and 1 and returns row 2's logits");
     };

@@ -5,8 +5,8 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::runner::rms_norm;
-use super::runtime::{available, Buf, GemmKind, Gpu, Spread};
+use super::runner::{rms_norm, RmsNorm};
+use super::runtime::{available, Buf, GemmKind, Gpu, Product, Spread};
 use crate::launch;
 
 pub(super) fn gpu() -> Option<Gpu> {
@@ -99,7 +99,7 @@ fn gemv_matches_the_reference_product() {
                 gpu.gemv_split = split;
                 for accumulate in [false, true] {
                     let yd = gpu.upload(&if accumulate { y0.clone() } else { vec![f32::NAN; m * n] }).unwrap();
-                    gpu.gemv(xd.ptr, wd.ptr, yd.ptr, m, n, k, accumulate).unwrap();
+                    gpu.gemv(xd.ptr, Product { w: wd.ptr, y: yd.ptr, m, n, k }, accumulate).unwrap();
                     assert_product(if split { "gemv split" } else { "gemv" }, &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
                 }
             }
@@ -119,11 +119,11 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
             let w = random_bf16(&mut r, n * k, 1.0);
             let (xd, nd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
             let yd = gpu.upload(&vec![f32::NAN; m * n]).unwrap();
-            gpu.gemv_norm(xd.ptr, nd.ptr, 1e-5, wd.ptr, yd.ptr, m, n, k).unwrap();
+            gpu.gemv_norm(xd.ptr, nd.ptr, 1e-5, Product { w: wd.ptr, y: yd.ptr, m, n, k }).unwrap();
             let y = read(&gpu, &yd, m * n);
             for row in 0..m {
                 let mut h = x[row * k..(row + 1) * k].to_vec();
-                crate::model::norm::rms_norm_row(&mut h, &nw, 1e-5);
+                crate::cpu::norm::rms_norm_row(&mut h, &nw, 1e-5);
                 for col in 0..n {
                     let want: f64 = (0..k).map(|i| bf16::from_f32(h[i]).to_f64() * w[col * k + i].to_f64()).sum();
                     let got = y[row * n + col] as f64;
@@ -160,10 +160,10 @@ fn dependent_launches_see_their_predecessors_results() {
             for step in 0..41 {
                 let (from, to) = (&bufs[step % 2], &bufs[1 - step % 2]);
                 match kind {
-                    GemmKind::Cublas => gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, wd.ptr, to.ptr, m, k, k).unwrap(),
+                    GemmKind::Cublas => gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, Product { w: wd.ptr, y: to.ptr, m, n: k, k }).unwrap(),
                     GemmKind::BatchInvariant => {
-                        rms_norm(&gpu, from.ptr, 0, nd.ptr, h.ptr, m, k, 1e-5).unwrap();
-                        gpu.gemm_invariant(h.ptr, wd.ptr, to.ptr, m, k, k, false, &split, Spread::Auto).unwrap();
+                        rms_norm(&gpu, RmsNorm { x: from.ptr, rows: 0, w: nd.ptr, out: h.ptr, count: m, hidden: k, eps: 1e-5 }).unwrap();
+                        gpu.gemm_invariant(h.ptr, Product { w: wd.ptr, y: to.ptr, m, n: k, k }, false, &split, Spread::Auto).unwrap();
                     }
                 }
             }
@@ -190,21 +190,20 @@ fn fused_rows(kind: GemmKind) -> Vec<usize> {
 /// rms_norm_bf16 of `m` rows of width `k` (what the products take as input).
 fn normed_rows(gpu: &Gpu, x: u64, norm_w: u64, m: usize, k: usize) -> Buf<bf16> {
     let h = gpu.alloc::<bf16>(m * k).unwrap();
-    rms_norm(gpu, x, 0, norm_w, h.ptr, m, k, 1e-5).unwrap();
+    rms_norm(gpu, RmsNorm { x, rows: 0, w: norm_w, out: h.ptr, count: m, hidden: k, eps: 1e-5 }).unwrap();
     h
 }
 
 /// The unfused way to `y = rms_norm(x) · wᵀ`: rms_norm_bf16, then the mode's plain product
 /// (the few-row one in the default mode; in the batch-invariant one the tiled product that
 /// large batches take, so that fused decode steps are checked against it bit for bit).
-#[allow(clippy::too_many_arguments)]
-fn normed_product_apart(gpu: &Gpu, x: u64, norm_w: u64, w: u64, y: u64, m: usize, n: usize, k: usize) {
-    let h = normed_rows(gpu, x, norm_w, m, k);
+fn normed_product_apart(gpu: &Gpu, x: u64, norm_w: u64, p: Product) {
+    let h = normed_rows(gpu, x, norm_w, p.m, p.k);
     match gpu.gemm_kind {
-        GemmKind::Cublas => gpu.gemv(h.ptr, w, y, m, n, k, false).unwrap(),
+        GemmKind::Cublas => gpu.gemv(h.ptr, p, false).unwrap(),
         GemmKind::BatchInvariant => {
-            let split = gpu.alloc::<f32>(8 * m * n).unwrap();
-            gpu.gemm_invariant(h.ptr, w, y, m, n, k, false, &split, Spread::Registers).unwrap();
+            let split = gpu.alloc::<f32>(8 * p.m * p.n).unwrap();
+            gpu.gemm_invariant(h.ptr, p, false, &split, Spread::Registers).unwrap();
         }
     }
 }
@@ -226,14 +225,14 @@ fn gemv_swiglu_equals_the_product_then_silu() {
             let (xd, nd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
             let fused = gpu.alloc::<bf16>(m * ffn).unwrap();
             match kind {
-                GemmKind::Cublas => gpu.gemv_norm_swiglu(xd.ptr, nd.ptr, 1e-5, wd.ptr, fused.ptr, m, 2 * ffn, hidden).unwrap(),
+                GemmKind::Cublas => gpu.gemv_norm_swiglu(xd.ptr, nd.ptr, 1e-5, Product { w: wd.ptr, y: fused.ptr, m, n: 2 * ffn, k: hidden }).unwrap(),
                 GemmKind::BatchInvariant => {
                     let h = normed_rows(&gpu, xd.ptr, nd.ptr, m, hidden);
-                    gpu.gemv_swiglu(h.ptr, wd.ptr, fused.ptr, m, 2 * ffn, hidden).unwrap();
+                    gpu.gemv_swiglu(h.ptr, Product { w: wd.ptr, y: fused.ptr, m, n: 2 * ffn, k: hidden }).unwrap();
                 }
             }
             let gate_up = gpu.alloc::<f32>(m * 2 * ffn).unwrap();
-            normed_product_apart(&gpu, xd.ptr, nd.ptr, wd.ptr, gate_up.ptr, m, 2 * ffn, hidden);
+            normed_product_apart(&gpu, xd.ptr, nd.ptr, Product { w: wd.ptr, y: gate_up.ptr, m, n: 2 * ffn, k: hidden });
             let separate = gpu.alloc::<bf16>(m * ffn).unwrap();
             launch!(&gpu, &gpu.k.silu_mul_bf16, (8, 1, 1), 256; gate_up.ptr, separate.ptr, ffn as i32, (m * ffn) as u64).unwrap();
             let (a, b) = (read(&gpu, &fused, m * ffn), read(&gpu, &separate, m * ffn));
@@ -288,10 +287,10 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                             n_head: n_head as i32, n_kv_head: n_kv_head as i32, head_dim: head_dim as i32, rope_dim: rope_dim as i32,
                             ..input
                         };
-                        gpu.gemv_qkv(wd.ptr, m, n, hidden, args).unwrap();
+                        gpu.gemv_qkv(Product { w: wd.ptr, y: 0, m, n, k: hidden }, args).unwrap();
                     } else {
                         let qkv = gpu.alloc::<f32>(m * n).unwrap();
-                        normed_product_apart(&gpu, xd.ptr, nd.ptr, wd.ptr, qkv.ptr, m, n, hidden);
+                        normed_product_apart(&gpu, xd.ptr, nd.ptr, Product { w: wd.ptr, y: qkv.ptr, m, n, k: hidden });
                         launch!(&gpu, &gpu.k.rope_and_cache, (m as u32, 1, 1), 256;
                             qkv.ptr, b, pd.ptr, sld.ptr, cd.ptr, sd.ptr, qd.ptr, kd.ptr, vd.ptr,
                             n_head as i32, n_kv_head as i32, head_dim as i32, rope_dim as i32, 0i32).unwrap();
@@ -370,7 +369,7 @@ fn rope_and_cache_matches_the_cpu() {
                 context_length: 64,
                 qkv_bias: true,
             };
-            let rope = crate::model::rope::Rope::new(&config, None);
+            let rope = config.rope(None);
             let (q, kv) = (7 * 128, 128);
             let tokens = 3;
             let qkv: Vec<f32> = (0..tokens * (q + 2 * kv)).map(|_| r.random_range(-2.0f32..2.0)).collect();
@@ -419,11 +418,11 @@ fn norm_and_swiglu_match_the_cpu() {
     let pick: Vec<u32> = vec![6, 0, 3];
     let (xd, wd, pd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&pick).unwrap());
     let out = gpu.alloc::<bf16>(pick.len() * hidden).unwrap();
-    rms_norm(&gpu, xd.ptr, pd.ptr, wd.ptr, out.ptr, pick.len(), hidden, 1e-5).unwrap();
+    rms_norm(&gpu, RmsNorm { x: xd.ptr, rows: pd.ptr, w: wd.ptr, out: out.ptr, count: pick.len(), hidden, eps: 1e-5 }).unwrap();
     let got = read(&gpu, &out, pick.len() * hidden);
     for (i, &p) in pick.iter().enumerate() {
         let mut want = x[p as usize * hidden..(p as usize + 1) * hidden].to_vec();
-        crate::model::norm::rms_norm_row(&mut want, &w, 1e-5);
+        crate::cpu::norm::rms_norm_row(&mut want, &w, 1e-5);
         for (g, w) in got[i * hidden..(i + 1) * hidden].iter().zip(&want) {
             // Within one bf16 step: the sums of squares are added in another order.
             assert!((g.to_f32() - w).abs() <= w.abs() / 128.0, "norm row {p}: {g} vs {w}");
@@ -445,7 +444,7 @@ fn norm_and_swiglu_match_the_cpu() {
     for t in 0..rows {
         let (g, u) = gate_up[t * 2 * ffn..(t + 1) * 2 * ffn].split_at(ffn);
         let mut want = vec![0f32; ffn];
-        crate::model::vmath::silu_mul(g, u, &mut want);
+        crate::cpu::vmath::silu_mul(g, u, &mut want);
         for (i, (a, b)) in got[t * ffn..(t + 1) * ffn].iter().zip(&want).enumerate() {
             // The CPU's SwiGLU to the bit (ggml's exp), then the GPU's rounding to bf16 (libm's
             // exp in a row's tail past its last 16 may differ from CUDA's in the last bit).

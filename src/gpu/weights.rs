@@ -8,10 +8,10 @@ use half::bf16;
 
 use super::runtime::{Buf, Gpu, Result};
 use crate::launch;
+use crate::gguf::{GgufFile, ModelError};
 use crate::model::config::ModelConfig;
-use crate::model::gguf::{GgufFile, ModelError};
+use crate::model::llama::tensors;
 use crate::model::presets::{Draw, DummyTensor, Preset};
-use crate::model::rope::Rope;
 
 pub struct LayerWeights {
     pub attn_norm: Buf<f32>,
@@ -35,7 +35,7 @@ pub struct CudaWeights {
     pub output: Option<Buf<bf16>>,
     pub output_norm: Buf<f32>,
     pub layers: Vec<LayerWeights>,
-    /// `[positions, rope_dim / 2]` cos and sin, the CPU's own tables (rope.rs).
+    /// `[positions, rope_dim / 2]` cos and sin, the CPU's own tables (cpu/rope.rs).
     pub cos: Buf<f32>,
     pub sin: Buf<f32>,
     pub positions: usize,
@@ -47,7 +47,7 @@ const MAX_TABLE_POSITIONS: usize = 131_072;
 fn rope_tables(gpu: &Gpu, config: &ModelConfig, freq_factors: Option<&[f32]>) -> Result<(Buf<f32>, Buf<f32>, usize)> {
     let positions = config.context_length.min(MAX_TABLE_POSITIONS);
     let all: Vec<u32> = (0..positions as u32).collect();
-    let (cos, sin) = Rope::new(config, freq_factors).tables(&all);
+    let (cos, sin) = config.rope(freq_factors).tables(&all);
     Ok((gpu.upload(&cos)?, gpu.upload(&sin)?, positions))
 }
 
@@ -108,9 +108,9 @@ impl CudaWeights {
         let (h, q, kv) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let gpu_err = |e: super::runtime::GpuError| ModelError::Invalid(e.to_string());
         let vocab = file
-            .tensor_dims("token_embd.weight")
+            .tensor_dims(tensors::TOKEN_EMBD)
             .and_then(|d| d.first().copied())
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+            .ok_or_else(|| ModelError::MissingTensor(tensors::TOKEN_EMBD.into()))?;
         let floats = |file: &mut GgufFile, name: &str, dims: &[usize]| -> std::result::Result<Vec<f32>, ModelError> {
             Ok(file.tensor(name, dims, &cpu)?.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?)
         };
@@ -130,32 +130,27 @@ impl CudaWeights {
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
-            let p = |s: &str| format!("blk.{i}.{s}");
-            let (qn, kn, vn) = (p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight"));
-            let qkv_bias = if c.qkv_bias {
-                Some(vector(file, &[(&p("attn_q.bias"), q), (&p("attn_k.bias"), kv), (&p("attn_v.bias"), kv)])?)
-            } else {
-                None
-            };
+            let t = tensors::Layer::new(i);
+            let qkv_bias = if c.qkv_bias { Some(vector(file, &[(&t.q_bias, q), (&t.k_bias, kv), (&t.v_bias, kv)])?) } else { None };
             layers.push(LayerWeights {
-                attn_norm: vector(file, &[(&p("attn_norm.weight"), h)])?,
-                qkv: matrix(file, &[(&qn, q, h), (&kn, kv, h), (&vn, kv, h)])?,
+                attn_norm: vector(file, &[(&t.attn_norm, h)])?,
+                qkv: matrix(file, &[(&t.q, q, h), (&t.k, kv, h), (&t.v, kv, h)])?,
                 qkv_bias,
-                o: matrix(file, &[(&p("attn_output.weight"), h, q)])?,
-                ffn_norm: vector(file, &[(&p("ffn_norm.weight"), h)])?,
+                o: matrix(file, &[(&t.o, h, q)])?,
+                ffn_norm: vector(file, &[(&t.ffn_norm, h)])?,
                 gate_up: {
-                    let gate = floats(file, &p("ffn_gate.weight"), &[c.ffn_size, h])?;
-                    let up = floats(file, &p("ffn_up.weight"), &[c.ffn_size, h])?;
+                    let gate = floats(file, &t.gate, &[c.ffn_size, h])?;
+                    let up = floats(file, &t.up, &[c.ffn_size, h])?;
                     let rows: Vec<bf16> = gate.chunks_exact(h).zip(up.chunks_exact(h)).flat_map(|(g, u)| g.iter().chain(u)).map(|&v| bf16::from_f32(v)).collect();
                     gpu.upload(&rows).map_err(gpu_err)?
                 },
-                down: matrix(file, &[(&p("ffn_down.weight"), h, c.ffn_size)])?,
+                down: matrix(file, &[(&t.down, h, c.ffn_size)])?,
             });
         }
-        let embeddings = matrix(file, &[("token_embd.weight", vocab, h)])?;
-        let output = if file.has_tensor("output.weight") { Some(matrix(file, &[("output.weight", vocab, h)])?) } else { None };
-        let output_norm = vector(file, &[("output_norm.weight", h)])?;
-        let freq_factors = if file.has_tensor("rope_freqs.weight") { Some(floats(file, "rope_freqs.weight", &[c.rope_dim / 2])?) } else { None };
+        let embeddings = matrix(file, &[(tensors::TOKEN_EMBD, vocab, h)])?;
+        let output = if file.has_tensor(tensors::OUTPUT) { Some(matrix(file, &[(tensors::OUTPUT, vocab, h)])?) } else { None };
+        let output_norm = vector(file, &[(tensors::OUTPUT_NORM, h)])?;
+        let freq_factors = if file.has_tensor(tensors::ROPE_FREQS) { Some(floats(file, tensors::ROPE_FREQS, &[c.rope_dim / 2])?) } else { None };
         let (cos, sin, positions) = rope_tables(&gpu, &c, freq_factors.as_deref()).map_err(gpu_err)?;
         gpu.synchronize().map_err(gpu_err)?;
         Ok(Self { gpu, config: c, vocab_size: vocab, embeddings, output, output_norm, layers, cos, sin, positions })

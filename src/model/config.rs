@@ -1,24 +1,9 @@
 //! Model hyper-parameters read from GGUF metadata.
 
-use super::gguf::{GgufFile, ModelError};
+use crate::cpu::rope::Rope;
+pub use crate::cpu::rope::{RopeScaling, RopeStyle};
+use crate::gguf::{GgufFile, ModelError};
 
-/// How rotary embeddings pair up the dimensions of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Adjacent pairs (x[2i], x[2i+1]): llama.cpp's "norm" rope, used by GGUF llama files whose
-    /// Q/K rows were permuted at conversion.
-    Interleaved,
-    /// Halves (x[i], x[i + d/2]): GPT-NeoX style, used by Qwen2.
-    Neox,
-}
-
-/// Rope frequency scaling declared in the metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    None,
-    /// Positions are divided by `factor`.
-    Linear { factor: f32 },
-}
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -108,6 +93,12 @@ impl ModelConfig {
             qkv_bias,
             architecture: arch,
         })
+    }
+
+    /// The rotary embedding of this shape; `freq_factors` are Llama 3.1-style per-frequency
+    /// divisors (a GGUF file's `rope_freqs`).
+    pub fn rope(&self, freq_factors: Option<&[f32]>) -> Rope {
+        Rope::new(self.rope_style, &self.rope_scaling, self.rope_theta, self.head_dim, self.rope_dim, freq_factors)
     }
 
     /// Floats of K plus V that one token occupies in one layer.

@@ -6,12 +6,8 @@ use super::config::ModelConfig;
 
 use half::f16;
 
-/// K and V of one layer: `[num_blocks, block_size, n_kv_head, head_dim]` each, stored as f16
-/// (half the memory of f32, and what llama.cpp keeps by default).
-pub struct LayerKv {
-    pub k: Vec<f16>,
-    pub v: Vec<f16>,
-}
+/// One layer's K and V, in the layout the CPU attention kernel reads (`cpu::attention`).
+pub use crate::cpu::attention::LayerKv;
 
 pub struct KvCache {
     pub block_size: usize,

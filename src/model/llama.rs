@@ -6,17 +6,65 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use super::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
 use super::batch::FlatBatch;
 use super::config::ModelConfig;
 use super::dump;
-use super::gguf::{GgufFile, ModelError};
 use super::kv_cache::KvCache;
-use super::linear::QLinear;
-use super::norm::rms_norm_row;
 use super::presets::Preset;
-use super::rope::Rope;
-use super::vmath::silu_mul;
+use crate::cpu::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
+use crate::cpu::linear::QLinear;
+use crate::cpu::norm::rms_norm_row;
+use crate::cpu::rope::Rope;
+use crate::cpu::vmath::silu_mul;
+use crate::gguf::{GgufFile, ModelError};
+
+/// The llama family's tensors in a GGUF file (llama.cpp's names): the one place they are
+/// spelled, for the CPU loader here and the CUDA one (`gpu/weights.rs`).
+pub mod tensors {
+    pub const TOKEN_EMBD: &str = "token_embd.weight";
+    /// Absent when the output projection is the embedding table (tied embeddings).
+    pub const OUTPUT: &str = "output.weight";
+    pub const OUTPUT_NORM: &str = "output_norm.weight";
+    /// Llama 3.1-style rope scaling's per-frequency divisors, where a model ships them.
+    pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+    /// The tensors of one block.
+    pub struct Layer {
+        pub attn_norm: String,
+        pub q: String,
+        pub k: String,
+        pub v: String,
+        /// The Q, K and V biases, where the config says so (Qwen2).
+        pub q_bias: String,
+        pub k_bias: String,
+        pub v_bias: String,
+        pub o: String,
+        pub ffn_norm: String,
+        pub gate: String,
+        pub up: String,
+        pub down: String,
+    }
+
+    impl Layer {
+        pub fn new(layer: usize) -> Self {
+            let name = |s: &str| format!("blk.{layer}.{s}");
+            Self {
+                attn_norm: name("attn_norm.weight"),
+                q: name("attn_q.weight"),
+                k: name("attn_k.weight"),
+                v: name("attn_v.weight"),
+                q_bias: name("attn_q.bias"),
+                k_bias: name("attn_k.bias"),
+                v_bias: name("attn_v.bias"),
+                o: name("attn_output.weight"),
+                ffn_norm: name("ffn_norm.weight"),
+                gate: name("ffn_gate.weight"),
+                up: name("ffn_up.weight"),
+                down: name("ffn_down.weight"),
+            }
+        }
+    }
+}
 
 /// A linear layer with an optional bias, over rows held in plain vectors.
 struct Linear {
@@ -83,12 +131,12 @@ impl Llama {
         let c = &config;
         let (h, q_out, kv_out) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let vocab_size = file
-            .tensor_dims("token_embd.weight")
+            .tensor_dims(tensors::TOKEN_EMBD)
             .and_then(|d| d.first().copied())
-            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
-        let table = Arc::new(file.tensor("token_embd.weight", &[vocab_size, h], device)?);
-        let (embeddings, output) = if file.has_tensor("output.weight") {
-            let output = QLinear::new(Arc::new(file.tensor("output.weight", &[vocab_size, h], device)?))?;
+            .ok_or_else(|| ModelError::MissingTensor(tensors::TOKEN_EMBD.into()))?;
+        let table = Arc::new(file.tensor(tensors::TOKEN_EMBD, &[vocab_size, h], device)?);
+        let (embeddings, output) = if file.has_tensor(tensors::OUTPUT) {
+            let output = QLinear::new(Arc::new(file.tensor(tensors::OUTPUT, &[vocab_size, h], device)?))?;
             (Embeddings::Table(table), Arc::new(output))
         } else {
             // Tied embeddings: the output projection is the embedding table.
@@ -98,32 +146,36 @@ impl Llama {
         let vector = |file: &mut GgufFile, name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
             Ok(file.tensor(name, &[n], device)?.dequantize(device)?.to_vec1::<f32>()?)
         };
-        let linear = |file: &mut GgufFile, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, ModelError> {
-            let weight = QLinear::new(Arc::new(file.tensor(&format!("{name}.weight"), &[out, inp], device)?))?;
-            let bias = if bias { Some(vector(file, &format!("{name}.bias"), out)?) } else { None };
+        let linear = |file: &mut GgufFile, name: &str, bias: Option<&str>, out: usize, inp: usize| -> Result<Linear, ModelError> {
+            let weight = QLinear::new(Arc::new(file.tensor(name, &[out, inp], device)?))?;
+            let bias = match bias {
+                Some(b) => Some(vector(file, b, out)?),
+                None => None,
+            };
             Ok(Linear { weight, bias })
         };
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
-            let p = format!("blk.{i}");
-            let q = linear(file, &format!("{p}.attn_q"), q_out, h, c.qkv_bias)?;
-            let k = linear(file, &format!("{p}.attn_k"), kv_out, h, c.qkv_bias)?;
-            let v = linear(file, &format!("{p}.attn_v"), kv_out, h, c.qkv_bias)?;
-            let gate = linear(file, &format!("{p}.ffn_gate"), c.ffn_size, h, false)?;
-            let up = linear(file, &format!("{p}.ffn_up"), c.ffn_size, h, false)?;
+            let t = tensors::Layer::new(i);
+            let bias = |name| c.qkv_bias.then_some(name);
+            let q = linear(file, &t.q, bias(t.q_bias.as_str()), q_out, h)?;
+            let k = linear(file, &t.k, bias(t.k_bias.as_str()), kv_out, h)?;
+            let v = linear(file, &t.v, bias(t.v_bias.as_str()), kv_out, h)?;
+            let gate = linear(file, &t.gate, None, c.ffn_size, h)?;
+            let up = linear(file, &t.up, None, c.ffn_size, h)?;
             layers.push(Layer {
-                attn_norm: vector(file, &format!("{p}.attn_norm.weight"), h)?,
+                attn_norm: vector(file, &t.attn_norm, h)?,
                 qkv: Linear::stack(vec![q, k, v]),
-                wo: linear(file, &format!("{p}.attn_output"), h, q_out, false)?,
-                ffn_norm: vector(file, &format!("{p}.ffn_norm.weight"), h)?,
+                wo: linear(file, &t.o, None, h, q_out)?,
+                ffn_norm: vector(file, &t.ffn_norm, h)?,
                 gate_up: Linear::stack(vec![gate, up]),
-                w_down: linear(file, &format!("{p}.ffn_down"), h, c.ffn_size, false)?,
+                w_down: linear(file, &t.down, None, h, c.ffn_size)?,
             });
         }
-        let norm = vector(file, "output_norm.weight", h)?;
+        let norm = vector(file, tensors::OUTPUT_NORM, h)?;
         // Llama 3.1-style rope scaling ships per-frequency divisors as a tensor.
-        let freq_factors = if file.has_tensor("rope_freqs.weight") { Some(vector(file, "rope_freqs.weight", c.rope_dim / 2)?) } else { None };
-        let rope = Rope::new(c, freq_factors.as_deref());
+        let freq_factors = if file.has_tensor(tensors::ROPE_FREQS) { Some(vector(file, tensors::ROPE_FREQS, c.rope_dim / 2)?) } else { None };
+        let rope = c.rope(freq_factors.as_deref());
         Ok(Self { config, device: device.clone(), embeddings, layers, norm, output, rope, vocab_size })
     }
 
@@ -156,7 +208,7 @@ impl Llama {
         } else {
             (Embeddings::Rows(matrix(T::Embeddings, vocab, h)), matrix(T::Output, vocab, h))
         };
-        let rope = Rope::new(&c, preset.rope_freq_factors.as_deref());
+        let rope = c.rope(preset.rope_freq_factors.as_deref());
         let norm = vector(T::OutputNorm, h);
         Self { config: c, device: Device::Cpu, embeddings, layers, norm, output: Arc::new(output), rope, vocab_size: vocab }
     }

@@ -168,7 +168,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let config = args.engine.config()?;
     let replica = args.replica_id.as_deref().map(HeaderValue::from_str).transpose().map_err(|_| anyhow::anyhow!("--replica-id must be visible ASCII text"))?;
-    eprintln!("braid: loading {} ...", crate::model::model_path(args.model.model.clone()).display());
+    eprintln!("braid: loading {} ...", crate::loader::model_path(args.model.model.clone()).display());
     let loaded = args.model.load()?;
     let model_name = args
         .served_model_name

@@ -17,7 +17,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use crate::model::gguf::{GgufFile, ModelError};
+use crate::gguf::{GgufFile, ModelError};
 
 /// llama.cpp's token types (`llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;

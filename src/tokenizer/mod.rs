@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use crate::model::gguf::{GgufFile, ModelError};
+use crate::gguf::{GgufFile, ModelError};
 pub use chat_template::{ChatTemplate, TemplateError};
 pub use detokenizer::IncrementalDecoder;
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use braid::model::LoadedModel;
+use braid::loader::LoadedModel;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -20,7 +20,7 @@ pub fn golden(name: &str) -> Vec<serde_json::Value> {
 
 pub fn default_model_path() -> PathBuf {
     // BRAID_MODEL: the default model elsewhere (a GPU machine running a copied test binary).
-    let path = std::env::var_os("BRAID_MODEL").map_or_else(|| root().join(braid::model::DEFAULT_MODEL), PathBuf::from);
+    let path = std::env::var_os("BRAID_MODEL").map_or_else(|| root().join(braid::loader::DEFAULT_MODEL), PathBuf::from);
     assert!(path.exists(), "{} is missing: run `make model`", path.display());
     path
 }
@@ -28,16 +28,16 @@ pub fn default_model_path() -> PathBuf {
 /// The default model, loaded once per test binary.
 pub fn model() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
-    MODEL.get_or_init(|| braid::model::load(&default_model_path(), &test_placement()).expect("default model loads"))
+    MODEL.get_or_init(|| braid::loader::load(&default_model_path(), &test_placement()).expect("default model loads"))
 }
 
 /// Where the tests put the model: the CPU, unless BRAID_TEST_DEVICE=cuda (a build with the
 /// `cuda` feature on a GPU machine runs the same tests there).
-pub fn test_placement() -> braid::model::Placement {
+pub fn test_placement() -> braid::loader::Placement {
     match std::env::var("BRAID_TEST_DEVICE").as_deref() {
         #[cfg(feature = "cuda")]
-        Ok("cuda") => braid::model::Placement::cuda(false).expect("a CUDA device"),
-        Ok("cpu") | Err(_) => braid::model::Placement::Cpu,
+        Ok("cuda") => braid::loader::Placement::cuda(false).expect("a CUDA device"),
+        Ok("cpu") | Err(_) => braid::loader::Placement::Cpu,
         Ok(other) => panic!("BRAID_TEST_DEVICE={other}: this build knows cpu{}", if cfg!(feature = "cuda") { " and cuda" } else { "" }),
     }
 }
@@ -45,7 +45,7 @@ pub fn test_placement() -> braid::model::Placement {
 /// Whether the tests run on the CPU, whose arithmetic is llama.cpp's to the bit (the GPU runs
 /// the weights dequantized to bf16: close to llama.cpp, not identical).
 pub fn on_cpu() -> bool {
-    matches!(test_placement(), braid::model::Placement::Cpu)
+    matches!(test_placement(), braid::loader::Placement::Cpu)
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {

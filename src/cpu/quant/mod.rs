@@ -7,43 +7,12 @@
 
 use half::f16;
 
-pub const QK: usize = 32;
+pub mod avx2;
+pub mod blocks;
+pub mod vnni;
 
-#[derive(Clone, Copy, Debug)]
-#[repr(C)]
-pub struct BlockQ4_0 {
-    pub d: f16,
-    pub qs: [u8; QK / 2],
-}
-
-#[derive(Clone, Copy, Debug)]
-#[repr(C)]
-pub struct BlockQ4_1 {
-    pub d: f16,
-    pub m: f16,
-    pub qs: [u8; QK / 2],
-}
-
-#[derive(Clone, Copy, Debug)]
-#[repr(C)]
-pub struct BlockQ8_0 {
-    pub d: f16,
-    pub qs: [i8; QK],
-}
-
-/// One quantized block of activations: scale, scale * sum of quants (for Q4_1's offset), quants.
-#[derive(Clone, Copy, Debug)]
-pub struct ActBlock {
-    pub d: f32,
-    pub s: f32,
-    pub qs: [i8; QK],
-}
-
-impl Default for ActBlock {
-    fn default() -> Self {
-        Self { d: 0.0, s: 0.0, qs: [0; QK] }
-    }
-}
+pub use blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
+use blocks::nibble;
 
 fn f16_at(bytes: &[u8], at: usize) -> f16 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]])
@@ -77,9 +46,9 @@ pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
 /// `quantize_row_q8_0` / `quantize_row_q8_1` do.
 pub fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
     #[cfg(target_arch = "x86_64")]
-    if super::quant_avx2::available() {
+    if avx2::available() {
         // SAFETY: the features were just detected.
-        return unsafe { super::quant_avx2::quantize_row(x, out) };
+        return unsafe { avx2::quantize_row(x, out) };
     }
     quantize_row_plain(x, out)
 }
@@ -100,17 +69,6 @@ pub(super) fn quantize_row_plain(x: &[f32], out: &mut [ActBlock]) {
     }
 }
 
-/// A weight block type with a dot product against quantized activations.
-pub trait WeightBlock: Sync + Sized {
-    fn dot(w: &[Self], a: &[ActBlock]) -> f32;
-    /// The same with AVX2, for `R` activation rows at once.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R];
-}
-
 impl WeightBlock for BlockQ4_0 {
     #[inline(always)]
     fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
@@ -119,7 +77,7 @@ impl WeightBlock for BlockQ4_0 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
-        unsafe { super::quant_avx2::dot_q4_0::<R>(w, a) }
+        unsafe { avx2::dot_q4_0::<R>(w, a) }
     }
 }
 
@@ -131,7 +89,7 @@ impl WeightBlock for BlockQ4_1 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
-        unsafe { super::quant_avx2::dot_q4_1::<R>(w, a) }
+        unsafe { avx2::dot_q4_1::<R>(w, a) }
     }
 }
 
@@ -143,7 +101,7 @@ impl WeightBlock for BlockQ8_0 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
-        unsafe { super::quant_avx2::dot_q8_0::<R>(w, a) }
+        unsafe { avx2::dot_q8_0::<R>(w, a) }
     }
 }
 
@@ -152,16 +110,6 @@ impl WeightBlock for BlockQ8_0 {
 // integers; each lane accumulates `(d_w * d_a) * lane` with a fused multiply-add, block after
 // block; the lanes are added as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)) (`hsum_float_8`);
 // Q4_1's offsets `m * s` accumulate in one fused chain and are added last.
-
-/// Element `e` of a 4-bit block: low nibbles are elements 0..16, high nibbles 16..32.
-#[inline(always)]
-pub(super) fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
-    if e < QK / 2 {
-        qs[e] & 0x0F
-    } else {
-        qs[e - QK / 2] >> 4
-    }
-}
 
 /// The 8 lanes of one block's integer products, for weight values `w(e)`.
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! Quantized products with AVX-512 VNNI (Q4_0, Q4_1, Q8_0), over weights and activations
 //! repacked for it, with llama.cpp's arithmetic to the bit.
 //!
-//! llama.cpp's x86 dot products (and `quant.rs`, their plain form) keep 8 lanes per output,
+//! llama.cpp's x86 dot products (and `mod.rs`, their plain form) keep 8 lanes per output,
 //! each lane the sum of 4 consecutive integer products of a block, accumulated block after
 //! block with one fused multiply-add by `d_w * d_a`. A 512-bit register holds 16 lanes: here
 //! the 8 lanes of two weight rows side by side. Weight rows are repacked in pairs at load time so
@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use super::quant::{nibble, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
+use super::blocks::{nibble, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -413,7 +413,7 @@ pub unsafe fn columns<B: PairFormat>(w: &PackedWeights<B>, cols: std::ops::Range
 
 #[cfg(test)]
 mod tests {
-    use super::super::quant::{self, quantize_row};
+    use super::super::{self as quant, quantize_row};
     use super::*;
     use rand::{Rng, SeedableRng};
 

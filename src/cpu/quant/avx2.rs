@@ -1,4 +1,4 @@
-//! AVX2 versions of the dot products in `quant.rs`: llama.cpp's x86 arithmetic (8 lanes of
+//! AVX2 versions of the dot products in `mod.rs`: llama.cpp's x86 arithmetic (8 lanes of
 //! 4-product integer sums, scaled per block with one FMA, Q4_1's offsets in a fused chain),
 //! giving the plain functions' bits.
 
@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::quant::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0};
+use super::blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0};
 
 /// Whether this CPU runs the functions here (and the other code compiled for AVX2, FMA and F16C).
 pub fn available() -> bool {
@@ -156,7 +156,7 @@ pub unsafe fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::quant::{self, quantize_row, QK};
+    use super::super::{self as quant, blocks::QK, quantize_row};
     use super::*;
     use rand::{Rng, SeedableRng};
 

@@ -14,10 +14,17 @@
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::batch::{FlatBatch, SeqSlice};
 use super::f16_ops;
-use super::kv_cache::LayerKv;
 use super::vmath;
+use crate::model::batch::{FlatBatch, SeqSlice};
+
+/// K and V of one layer: `[num_blocks, block_size, n_kv_head, head_dim]` each, stored as f16
+/// (half the memory of f32, and what llama.cpp keeps by default). The model's `KvCache` holds
+/// one per layer.
+pub struct LayerKv {
+    pub k: Vec<half::f16>,
+    pub v: Vec<half::f16>,
+}
 
 /// Per-token facts every layer needs, computed once per forward.
 pub struct AttentionPlan {

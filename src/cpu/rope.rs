@@ -1,6 +1,22 @@
 //! Rotary position embeddings, applied in place to rows of `n_heads * head_dim` floats.
 
-use super::config::{ModelConfig, RopeScaling, RopeStyle};
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama.cpp's "norm" rope, used by GGUF llama files whose
+    /// Q/K rows were permuted at conversion.
+    Interleaved,
+    /// Halves (x[i], x[i + d/2]): GPT-NeoX style, used by Qwen2.
+    Neox,
+}
+
+/// Rope frequency scaling declared in the metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions are divided by `factor`.
+    Linear { factor: f32 },
+}
 
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -15,13 +31,15 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(config: &ModelConfig, freq_factors: Option<&[f32]>) -> Self {
-        let theta_scale = config.rope_theta.powf(-2.0 / config.rope_dim as f32);
-        let position_scale = match config.rope_scaling {
+    /// Rope over heads of `head_dim` whose first `rope_dim` dimensions rotate, frequencies
+    /// from base `theta` (`ModelConfig::rope` passes a model's).
+    pub fn new(style: RopeStyle, scaling: &RopeScaling, theta: f32, head_dim: usize, rope_dim: usize, freq_factors: Option<&[f32]>) -> Self {
+        let theta_scale = theta.powf(-2.0 / rope_dim as f32);
+        let position_scale = match *scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => 1.0 / factor,
         };
-        Self { style: config.rope_style, head_dim: config.head_dim, rope_dim: config.rope_dim, theta_scale, freq_factors: freq_factors.map(|f| f.to_vec()), position_scale }
+        Self { style, head_dim, rope_dim, theta_scale, freq_factors: freq_factors.map(|f| f.to_vec()), position_scale }
     }
 
     /// cos/sin tables for `positions`, `[positions.len(), rope_dim / 2]` each, computed as
@@ -48,7 +66,7 @@ impl Rope {
     /// products are fused as llama.cpp's compiled `rotate_pairs` fuses them.
     pub fn apply(&self, row: &mut [f32], cos: &[f32], sin: &[f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::quant_avx2::available() {
+        if super::quant::avx2::available() {
             // SAFETY: the features were just detected.
             return unsafe { self.apply_fma(row, cos, sin) };
         }

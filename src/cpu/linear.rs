@@ -1,6 +1,6 @@
 //! Linear layers over quantized weights: braid's own kernels for Q4_0, Q4_1 and Q8_0 (the
 //! common GGUF types), candle's for the rest. Where the CPU has AVX-512 VNNI the weights are
-//! repacked at load for `quant_vnni` (and GGUF's blocks dropped); elsewhere the AVX2 or plain
+//! repacked at load for `quant::vnni` (and GGUF's blocks dropped); elsewhere the AVX2 or plain
 //! kernels read GGUF's blocks as they are.
 
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::quant::{self, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
 #[cfg(target_arch = "x86_64")]
-use super::quant_vnni::{PackedWeights, PairFormat};
+use super::quant::vnni::{PackedWeights, PairFormat};
 
 enum Weights {
     Q4_0(Vec<BlockQ4_0>),
@@ -49,7 +49,7 @@ macro_rules! native {
     ($plain:ident, $vnni:ident, $blocks:expr, $per_row:expr) => {{
         let blocks = $blocks;
         #[cfg(target_arch = "x86_64")]
-        if super::quant_vnni::available() {
+        if super::quant::vnni::available() {
             return Weights::$vnni(PackedWeights::new(&blocks, $per_row));
         }
         Weights::$plain(blocks)
@@ -207,7 +207,7 @@ impl QLinear {
 
     #[cfg(target_arch = "x86_64")]
     fn vnni_rows<B: PairFormat>(&self, xs: &[f32], m: usize, w: &PackedWeights<B>) -> Vec<f32> {
-        use super::quant_vnni::{columns, PackedActs, PANEL};
+        use super::quant::vnni::{columns, PackedActs, PANEL};
         let acts = PackedActs::new::<B>(&quantize_rows(xs, m, self.k / QK), self.k / QK);
         let full = acts.rows_in_panels();
         let panels: Vec<_> = (0..full).step_by(PANEL).map(|first| acts.panel(first, PANEL)).collect();
@@ -262,7 +262,7 @@ fn quantize_rows(xs: &[f32], m: usize, blocks: usize) -> Vec<ActBlock> {
 /// Which kernels this CPU runs for the native types: "avx512-vnni", "avx2" or "plain".
 pub fn kernel_family() -> &'static str {
     #[cfg(target_arch = "x86_64")]
-    if super::quant_vnni::available() {
+    if super::quant::vnni::available() {
         return "avx512-vnni";
     }
     match Kernel::detect() {
@@ -284,7 +284,7 @@ impl Kernel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if super::quant_avx2::available() {
+            if super::quant::avx2::available() {
                 return Kernel::Avx2;
             }
         }

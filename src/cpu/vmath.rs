@@ -61,7 +61,7 @@ unsafe fn exp_in_place_avx2(xs: &mut [f32]) {
 /// `x = exp(x)` for every element.
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::quant_avx2::available() {
+    if super::quant::avx2::available() {
         // SAFETY: the features were just detected.
         return unsafe { exp_in_place_avx2(xs) };
     }
@@ -208,7 +208,7 @@ unsafe fn ggml_exp_avx2(xs: &mut [f32]) {
 /// GPU's `ggml_expf` (kernels/pointwise.cuh), which the sampler's weights rely on.
 pub fn ggml_exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::quant_avx2::available() {
+    if super::quant::avx2::available() {
         // SAFETY: the features were just detected.
         return unsafe { ggml_exp_avx2(xs) };
     }
@@ -240,7 +240,7 @@ unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
     #[cfg(target_arch = "x86_64")]
-    if super::quant_avx2::available() {
+    if super::quant::avx2::available() {
         // SAFETY: the features were just detected.
         return unsafe { silu_mul_avx2(gate, up, out) };
     }
@@ -276,14 +276,14 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512dq,avx512vl")]
     unsafe fn expf_avx512(xs: &mut [f32]) {
-        expf_in_place::<{ crate::model::f16_ops::AVX512 }>(xs)
+        expf_in_place::<{ crate::cpu::f16_ops::AVX512 }>(xs)
     }
 
     /// The AVX-512 form gives the scalar form's bits (which `exp_matches_libm` checks).
     #[test]
     fn vector_exp_equals_the_scalar_one() {
         #[cfg(target_arch = "x86_64")]
-        if crate::model::f16_ops::detect() >= crate::model::f16_ops::AVX512 {
+        if crate::cpu::f16_ops::detect() >= crate::cpu::f16_ops::AVX512 {
             let mut xs: Vec<f32> = (0x8000_0000u32..=0xffff_ffff).step_by(997).chain((0u32..0x4300_0000).step_by(997)).map(f32::from_bits).filter(|x| !x.is_nan()).collect();
             xs.extend([f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, -103.9, -104.0, 88.7, 88.8]);
             let mut fast = xs.clone();

@@ -19,7 +19,7 @@ pub const AVX512: u8 = 2;
 pub fn detect() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
-        if super::quant_avx2::available() {
+        if super::quant::avx2::available() {
             let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512vl");
             return if avx512 { AVX512 } else { AVX2 };
         }

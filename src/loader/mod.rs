@@ -1,0 +1,52 @@
+//! From a model path (or a dummy preset) to what serving needs: the weights placed on their
+//! device as the engine's backend (`engine::ModelHandle`), the tokenizer and the chat template.
+//! GGUF files (`gguf.rs`) and dummy weights (`dummy.rs`) today; other formats go beside them.
+//! The architectures themselves are `model/`'s, which knows nothing of engines or devices.
+
+mod dummy;
+mod gguf;
+
+use std::path::PathBuf;
+
+use crate::tokenizer::{ChatTemplate, TextTokenizer};
+
+pub use dummy::load_dummy;
+pub use gguf::load;
+
+/// Where braid finds its default model, relative to the working directory, unless
+/// `BRAID_MODEL` says otherwise. `scripts/install-model` puts it there.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where a model's weights go.
+#[derive(Clone)]
+pub enum Placement {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::gpu::Gpu>),
+}
+
+impl Placement {
+    /// The first CUDA device; `batch_invariant` selects braid's batch-invariant matrix
+    /// products over cuBLAS (`gpu::GemmKind`).
+    #[cfg(feature = "cuda")]
+    pub fn cuda(batch_invariant: bool) -> Result<Self, crate::gguf::ModelError> {
+        let kind = if batch_invariant { crate::gpu::GemmKind::BatchInvariant } else { crate::gpu::GemmKind::Cublas };
+        crate::gpu::Gpu::new(0, kind).map(|g| Placement::Cuda(std::sync::Arc::new(g))).map_err(|e| crate::gguf::ModelError::Invalid(e.to_string()))
+    }
+}
+
+/// Everything loaded from one model path.
+pub struct LoadedModel {
+    pub model: crate::engine::ModelHandle,
+    pub tokenizer: TextTokenizer,
+    /// None when the model ships no chat template.
+    pub chat_template: Option<ChatTemplate>,
+    pub path: PathBuf,
+    /// The seed of dummy weights (`path` then names their preset).
+    pub dummy_seed: Option<u64>,
+}
+
+/// The model path to use: the flag, else `BRAID_MODEL`, else the default model.
+pub fn model_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("BRAID_MODEL").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL))
+}
