@@ -7,6 +7,7 @@ mod engine_thread;
 mod error;
 mod metrics;
 mod openai;
+mod prompt;
 mod routes;
 mod session;
 
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -66,6 +67,14 @@ pub struct ServeArgs {
     /// Log prompts (never logged otherwise).
     #[arg(long)]
     log_prompts: bool,
+    /// Parse special-token text in chat message contents and names (e.g. `<|im_start|>`) as
+    /// control tokens, as llama.cpp and vLLM do. Off: contents are plain text, so a user cannot
+    /// forge turns.
+    #[arg(long)]
+    allow_special_tokens_in_content: bool,
+    /// Largest request body in bytes; larger ones are answered 413.
+    #[arg(long, default_value_t = prompt::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
     /// Seconds running requests may take to finish after SIGTERM/SIGINT before exit.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -81,6 +90,9 @@ pub struct AppState {
     pub admission: Admission,
     pub created: u64,
     pub log_prompts: bool,
+    /// `--allow-special-tokens-in-content`.
+    pub allow_special_in_content: bool,
+    pub max_request_bytes: usize,
     api_key: Option<String>,
     /// Set once the listening address is known.
     replica: std::sync::OnceLock<HeaderValue>,
@@ -142,6 +154,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .fallback(routes::fallback)
+        .layer(DefaultBodyLimit::max(state.max_request_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), add_replica_header))
         .with_state(state)
 }
@@ -165,6 +178,9 @@ fn served_name(path: &std::path::Path) -> String {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !(args.queue_timeout > 0.0 && args.queue_timeout.is_finite()) {
         anyhow::bail!("--queue-timeout must be a positive number of seconds");
+    }
+    if args.max_request_bytes == 0 {
+        anyhow::bail!("--max-request-bytes must be at least 1");
     }
     let config = args.engine.config()?;
     let replica = args.replica_id.as_deref().map(HeaderValue::from_str).transpose().map_err(|_| anyhow::anyhow!("--replica-id must be visible ASCII text"))?;
@@ -195,6 +211,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         admission: Admission::new(config.max_num_seqs, args.queue_size, Duration::from_secs_f64(args.queue_timeout)),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         log_prompts: args.log_prompts,
+        allow_special_in_content: args.allow_special_tokens_in_content,
+        max_request_bytes: args.max_request_bytes,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         replica: std::sync::OnceLock::new(),
     });

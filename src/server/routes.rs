@@ -8,6 +8,7 @@ use std::task::Poll;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -22,6 +23,7 @@ use super::engine_thread::SeqEvent;
 use super::error::ApiError;
 use super::metrics as m;
 use super::openai::{self, GenerationOptions, PromptField};
+use super::prompt;
 use super::session;
 use super::AppState;
 use crate::engine::{Retention, RetentionPlan, SampledToken};
@@ -40,41 +42,65 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let request = openai::parse_chat(&body)?;
-    state.check_model(&request.model)?;
-    let options = request.options()?;
-    let session = session::session_id(&headers, options.user.as_deref())?;
-    let messages = request.template_messages()?;
-    let template = state.template.as_ref().ok_or_else(|| ApiError::bad_request("This model has no chat template; use /v1/completions"))?;
-    let prompt = template.render(&messages, true).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
-    if state.log_prompts {
-        tracing::info!("chat prompt: {prompt:?}");
-    }
-    let ids = state.tokenizer.encode_prompt(&prompt).map_err(ApiError::internal)?;
-    let plan = match &session {
-        Some(_) => session::chat_plan(template, &state.tokenizer, &messages, ids.len()),
-        None => RetentionPlan::default(),
-    };
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = prompt::body(body, state.max_request_bytes)?;
+    let shared = state.clone();
+    let (ids, plan, options) = prompt::off_worker(move || prepare_chat(&shared, &headers, &body)).await?;
     generate(state, vec![ids], vec![plan], options, Endpoint::Chat).await
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let request = openai::parse_completion(&body)?;
+/// Everything a chat request needs before it is queued (parsing included: it grows with the
+/// body), run off the async workers.
+fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(Vec<u32>, RetentionPlan, GenerationOptions), ApiError> {
+    let request = openai::parse_chat(body)?;
     state.check_model(&request.model)?;
     let options = request.options()?;
-    let session = session::session_id(&headers, options.user.as_deref())?;
+    let session = session::session_id(headers, options.user.as_deref())?;
+    prompt::check_messages(&request.messages)?;
+    let messages = request.template_messages()?;
+    let chat = prompt::chat(state, &messages, true, true, session.is_some())?;
+    if state.log_prompts {
+        tracing::info!("chat prompt: {:?}", chat.text);
+    }
+    let plan = match &session {
+        Some(_) => session::chat_plan(&messages, chat.turn_ends.as_deref(), chat.ids.len()),
+        None => RetentionPlan::default(),
+    };
+    Ok((chat.ids, plan, options))
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = prompt::body(body, state.max_request_bytes)?;
+    let shared = state.clone();
+    let (prompts, plans, options) = prompt::off_worker(move || prepare_completion(&shared, &headers, &body)).await?;
+    generate(state, prompts, plans, options, Endpoint::Completion).await
+}
+
+type Prepared = (Vec<Vec<u32>>, Vec<RetentionPlan>, GenerationOptions);
+
+fn prepare_completion(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Prepared, ApiError> {
+    let request = openai::parse_completion(body)?;
+    state.check_model(&request.model)?;
+    let options = request.options()?;
+    let session = session::session_id(headers, options.user.as_deref())?;
     let encode = |text: &str| {
         if !state.tokenizer.has_vocabulary() {
             return Err(ApiError::invalid_param("prompt", "this model has no vocabulary (dummy weights): send the prompt as token ids"));
         }
+        prompt::check_text_fits(state, "prompt", text)?;
         state.tokenizer.encode_prompt(text).map_err(ApiError::internal)
     };
     let prompts = match &request.prompt {
         PromptField::Text(t) => vec![encode(t)?],
-        PromptField::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        PromptField::Texts(ts) => {
+            prompt::check_prompt_count(ts.len())?;
+            ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?
+        }
         PromptField::Ids(ids) => vec![ids.clone()],
-        PromptField::IdLists(lists) => lists.clone(),
+        PromptField::IdLists(lists) => {
+            prompt::check_prompt_count(lists.len())?;
+            lists.clone()
+        }
     };
     if prompts.is_empty() {
         return Err(ApiError::invalid_param("prompt", "'prompt' must not be an empty list"));
@@ -85,7 +111,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap,
     // A raw prompt has no roles: within a session, all of it is kept like a user turn.
     let class = if session.is_some() { Retention::User } else { Retention::Anonymous };
     let plans = prompts.iter().map(|p| RetentionPlan::uniform(p.len(), class)).collect();
-    generate(state, prompts, plans, options, Endpoint::Completion).await
+    Ok((prompts, plans, options))
 }
 
 /// Checks the prompts against the vocabulary and the context, then queues them.
@@ -421,22 +447,31 @@ struct TokenizeRequest {
     add_generation_prompt: Option<bool>,
 }
 
-pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let request: TokenizeRequest = openai::parse_body(&body, &[], &[&["model", "prompt", "messages", "add_generation_prompt"]])?;
-    if let Some(model) = &request.model {
-        state.check_model(model)?;
-    }
-    let text = match (request.prompt, request.messages) {
-        (Some(p), None) => p,
-        (None, Some(messages)) => {
-            let chat = openai::ChatRequest { model: String::new(), messages, max_completion_tokens: None, logprobs: None, top_logprobs: None, common: Default::default() };
-            let template = state.template.as_ref().ok_or_else(|| ApiError::bad_request("This model has no chat template"))?;
-            template.render(&chat.template_messages()?, request.add_generation_prompt.unwrap_or(true)).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?
+pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = prompt::body(body, state.max_request_bytes)?;
+    prompt::off_worker(move || {
+        let request: TokenizeRequest = openai::parse_body(&body, &[], &[&["model", "prompt", "messages", "add_generation_prompt"]])?;
+        if let Some(model) = &request.model {
+            state.check_model(model)?;
         }
-        _ => return Err(ApiError::bad_request("Give exactly one of 'prompt' and 'messages'")),
-    };
-    let tokens = state.tokenizer.encode(&text).map_err(ApiError::internal)?;
-    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.max_context})))
+        let tokens = match (request.prompt, request.messages) {
+            (Some(_), None) if !state.tokenizer.has_vocabulary() => {
+                return Err(ApiError::invalid_param("prompt", "this model has no vocabulary (dummy weights): there is no text to tokenize"));
+            }
+            (Some(p), None) => {
+                prompt::check_text_fits(&state, "prompt", &p)?;
+                state.tokenizer.encode(&p).map_err(ApiError::internal)?
+            }
+            (None, Some(messages)) => {
+                prompt::check_messages(&messages)?;
+                let chat = openai::ChatRequest { model: String::new(), messages, max_completion_tokens: None, logprobs: None, top_logprobs: None, common: Default::default() };
+                prompt::chat(&state, &chat.template_messages()?, request.add_generation_prompt.unwrap_or(true), false, false)?.ids
+            }
+            _ => return Err(ApiError::bad_request("Give exactly one of 'prompt' and 'messages'")),
+        };
+        Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.max_context})))
+    })
+    .await
 }
 
 #[derive(serde::Deserialize)]
@@ -446,15 +481,19 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let request: DetokenizeRequest = openai::parse_body(&body, &[], &[&["model", "tokens"]])?;
-    if let Some(model) = &request.model {
-        state.check_model(model)?;
-    }
-    if let Some(bad) = request.tokens.iter().find(|&&id| id as usize >= state.vocab_size) {
-        return Err(ApiError::invalid_param("tokens", format!("token id {bad} is outside the vocabulary (size {})", state.vocab_size)));
-    }
-    Ok(Json(json!({"prompt": state.tokenizer.decode(&request.tokens)})))
+pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+    let body = prompt::body(body, state.max_request_bytes)?;
+    prompt::off_worker(move || {
+        let request: DetokenizeRequest = openai::parse_body(&body, &[], &[&["model", "tokens"]])?;
+        if let Some(model) = &request.model {
+            state.check_model(model)?;
+        }
+        if let Some(bad) = request.tokens.iter().find(|&&id| id as usize >= state.vocab_size) {
+            return Err(ApiError::invalid_param("tokens", format!("token id {bad} is outside the vocabulary (size {})", state.vocab_size)));
+        }
+        Ok(Json(json!({"prompt": state.tokenizer.decode(&request.tokens)})))
+    })
+    .await
 }
 
 pub async fn fallback(uri: axum::http::Uri) -> ApiError {

@@ -8,7 +8,6 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use crate::engine::{Retention, RetentionPlan};
-use crate::tokenizer::{ChatTemplate, TextTokenizer};
 
 pub const SESSION_HEADER: &str = "x-session-id";
 /// Longest session id accepted (longer ones are refused, not cut: two would collide).
@@ -38,22 +37,24 @@ fn class_of_role(role: &str) -> Retention {
 }
 
 /// Retention classes for a chat prompt of `prompt_len` tokens: each message's tokens take its
-/// role's class. Message boundaries come from rendering and tokenizing each prefix of the
-/// conversation; a template that cannot render a prefix gives the whole prompt the user class.
-pub fn chat_plan(template: &ChatTemplate, tokenizer: &TextTokenizer, messages: &[Value], prompt_len: usize) -> RetentionPlan {
-    let mut spans = Vec::with_capacity(messages.len() + 1);
-    for i in 0..messages.len() {
-        let Ok(text) = template.render(&messages[..=i].to_vec(), false) else {
-            return RetentionPlan::uniform(prompt_len, Retention::User);
-        };
-        let Ok(ids) = tokenizer.encode_prompt(&text) else {
-            return RetentionPlan::uniform(prompt_len, Retention::User);
-        };
-        let role = messages[i]["role"].as_str().unwrap_or("user");
-        spans.push((ids.len().min(prompt_len), class_of_role(role)));
+/// role's class. `turn_ends` (from `tokenizer::chat_prompt`: one rendering, one tokenization)
+/// gives where each message's turn ends; without them (a template that changes contents) the
+/// whole prompt takes the user class.
+pub fn chat_plan(messages: &[Value], turn_ends: Option<&[usize]>, prompt_len: usize) -> RetentionPlan {
+    let Some(ends) = turn_ends.filter(|e| e.len() == messages.len()) else {
+        return RetentionPlan::uniform(prompt_len, Retention::User);
+    };
+    let mut spans: Vec<(usize, Retention)> = Vec::with_capacity(messages.len() + 1);
+    // Runs of one class are one span (the engine walks the spans for each block).
+    let mut push = |end: usize, class| match spans.last_mut() {
+        Some((last_end, last_class)) if *last_class == class => *last_end = end,
+        _ => spans.push((end, class)),
+    };
+    for (message, &end) in messages.iter().zip(ends) {
+        push(end.min(prompt_len), class_of_role(message["role"].as_str().unwrap_or("user")));
     }
     // The generation prompt opens the assistant's turn.
-    spans.push((prompt_len, Retention::Assistant));
+    push(prompt_len, Retention::Assistant);
     RetentionPlan { spans, generated: Retention::Assistant }
 }
 
@@ -72,5 +73,17 @@ mod tests {
         headers.insert(SESSION_HEADER, "x".repeat(257).parse().unwrap());
         assert_eq!(session_id(&headers, None).unwrap_err().body()["error"]["param"], "X-Session-ID");
         assert_eq!(session_id(&HeaderMap::new(), Some(&"u".repeat(300))).unwrap_err().body()["error"]["param"], "user");
+    }
+
+    #[test]
+    fn plans_follow_the_turns() {
+        let messages = [serde_json::json!({"role": "system"}), serde_json::json!({"role": "user"}), serde_json::json!({"role": "assistant"})];
+        let plan = chat_plan(&messages, Some(&[10, 20, 30]), 35);
+        assert_eq!(plan.spans, vec![(10, Retention::System), (20, Retention::User), (35, Retention::Assistant)]);
+        assert_eq!(chat_plan(&messages, None, 35).spans, RetentionPlan::uniform(35, Retention::User).spans);
+        assert_eq!(chat_plan(&messages, Some(&[10, 40, 50]), 35).spans[1], (35, Retention::User));
+        let users = [serde_json::json!({"role": "user"}), serde_json::json!({"role": "user"}), serde_json::json!({"role": "assistant"})];
+        assert_eq!(chat_plan(&users, Some(&[10, 20, 30]), 35).spans, vec![(20, Retention::User), (35, Retention::Assistant)]);
+        assert_eq!(chat_plan(&users[..2], Some(&[10, 20]), 35).spans, vec![(20, Retention::User), (35, Retention::Assistant)]);
     }
 }
