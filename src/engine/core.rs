@@ -119,6 +119,8 @@ pub struct Engine {
     window: Option<Window>,
     max_kv_size: Option<usize>,
     disk: Option<DiskCache>,
+    /// Loads of the disk tier in progress for waiting requests.
+    prefetch: tiering::Prefetch,
 }
 
 impl Engine {
@@ -162,6 +164,7 @@ impl Engine {
             window: config.max_kv_size.map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
             max_kv_size: config.max_kv_size,
             disk: None,
+            prefetch: tiering::Prefetch::default(),
         })
     }
 
@@ -312,8 +315,10 @@ impl Engine {
     fn step_on_pool(&mut self) -> candle_core::Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.pending_events);
         if let Some(disk) = &self.disk {
-            let slots = self.scheduler.config.max_num_seqs.saturating_sub(self.scheduler.running.len());
-            tiering::fill_from_disk(disk, &mut self.blocks, self.backend.block_store(), &self.scheduler.waiting, slots);
+            // Copies in the blocks the reader has read, starts reading the next requests'.
+            let running = self.scheduler.running.len();
+            let slots = self.scheduler.config.max_num_seqs.saturating_sub(running);
+            self.prefetch.step(disk, &mut self.blocks, self.backend.block_store(), &self.scheduler.waiting, running, slots);
         }
         let scheduled = self.scheduler.schedule(&mut self.blocks);
         if let Some(disk) = &self.disk {
@@ -321,6 +326,12 @@ impl Engine {
         }
         self.last_step = scheduled.clone();
         if scheduled.is_empty() {
+            if let Some(disk) = &self.disk
+                && events.is_empty()
+            {
+                // Only requests waiting for the disk: wait for it a little instead of spinning.
+                self.prefetch.idle(disk);
+            }
             return Ok(events);
         }
         let index: HashMap<RequestId, usize> = self.scheduler.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
