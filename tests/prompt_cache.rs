@@ -390,7 +390,7 @@ fn evicted_blocks_are_dropped_not_waited_for_when_the_writer_is_behind() {
     e.flush_disk_cache();
     let disk = e.stats().disk.unwrap();
     assert_eq!(disk.written_blocks, 1, "the one copy the queue had room for");
-    assert_eq!(run_each(&mut e, &[first.clone()], 8).remove(0), cold(&first, 8));
+    assert_eq!(run_each(&mut e, std::slice::from_ref(&first), 8).remove(0), cold(&first, 8));
 }
 
 #[test]

@@ -10,7 +10,7 @@
 //! - When a request finishes, its full blocks are written too (write-through, in the
 //!   background), so a restart, or a crash, finds recent prompts and conversations on disk.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use half::f16;
@@ -125,6 +125,8 @@ struct Group {
 #[derive(Default)]
 pub struct Prefetch {
     groups: Vec<Group>,
+    /// The request each block being read is for.
+    loading: HashMap<u64, RequestId>,
     /// Waiting requests whose prefix was looked up on disk already.
     tried: HashSet<RequestId>,
     /// Arrivals taken while waiting in an idle step, handled at the next one.
@@ -136,11 +138,6 @@ pub struct Prefetch {
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 impl Prefetch {
-    /// Blocks being read from disk.
-    pub fn pending(&self) -> usize {
-        self.groups.iter().map(|g| g.loading.len()).sum()
-    }
-
     /// Before scheduling: copies the arrived blocks in, gives up the late ones, and starts the
     /// loads of the requests the scheduler may admit next (the first `slots` waiting ones, next
     /// to `running` running requests). Returns the blocks filled. Never waits for the disk.
@@ -155,7 +152,7 @@ impl Prefetch {
         let short = blocks.num_free() < running;
         for g in &mut self.groups {
             if short || now >= g.deadline {
-                give_up(disk, blocks, g, 0);
+                give_up(disk, blocks, &mut self.loading, g, 0, false);
             }
         }
         self.release_done(blocks);
@@ -179,11 +176,10 @@ impl Prefetch {
 
     /// Copies one arrived block into its block; returns whether it was filled.
     fn fill(&mut self, disk: &DiskCache, blocks: &mut BlockManager, kv: &mut dyn BlockStore, loaded: Loaded) -> bool {
-        // Given up already (its request computes it), or asked for twice: nothing to do.
-        let Some((g, at)) = self.groups.iter().enumerate().find_map(|(g, group)| group.loading.iter().position(|&(h, _)| h == loaded.hash).map(|at| (g, at))) else {
-            return false;
-        };
-        let group = &mut self.groups[g];
+        // Given up already (its request computes it): nothing to do.
+        let Some(&seq) = self.loading.get(&loaded.hash) else { return false };
+        let Some(group) = self.groups.iter_mut().find(|g| g.seq == seq) else { return false };
+        let Some(at) = group.loading.iter().position(|&(h, _)| h == loaded.hash) else { return false };
         let id = group.loading[at].1;
         let filled = match loaded.bytes {
             Some(bytes) => match kv.fill_block(id, &bytes) {
@@ -197,10 +193,11 @@ impl Prefetch {
         };
         if filled {
             group.loading.remove(at);
+            self.loading.remove(&loaded.hash);
             blocks.mark_computed(id);
             blocks.add_loaded(id, loaded.hash);
         } else {
-            give_up(disk, blocks, group, at);
+            give_up(disk, blocks, &mut self.loading, group, at, true);
         }
         filled
     }
@@ -259,6 +256,7 @@ impl Prefetch {
                 blocks.register(id, hash, false);
                 group.held.push(id);
                 group.loading.push_back((hash, id));
+                self.loading.insert(hash, seq.id);
                 disk.prefetch(hash);
             }
             if group.loading.is_empty() {
@@ -271,14 +269,21 @@ impl Prefetch {
     }
 }
 
-/// Gives up a group's loads from position `at` on: their blocks, never filled, are released
-/// (and so unnamed: the request computes them).
-fn give_up(disk: &DiskCache, blocks: &mut BlockManager, group: &mut Group, at: usize) {
+/// Gives up a group's loads from position `at` on (the one at `at` `failed`, or none): their
+/// blocks, never filled, are released (and so unnamed: the request computes them).
+fn give_up(disk: &DiskCache, blocks: &mut BlockManager, loading: &mut HashMap<u64, RequestId>, group: &mut Group, at: usize, failed: bool) {
     if at >= group.loading.len() {
         return;
     }
-    let dropped: Vec<BlockId> = group.loading.drain(at..).map(|(_, id)| id).collect();
-    disk.count_abandoned(dropped.len());
+    let dropped: Vec<BlockId> = group
+        .loading
+        .drain(at..)
+        .map(|(hash, id)| {
+            loading.remove(&hash);
+            id
+        })
+        .collect();
+    disk.count_abandoned(dropped.len() - usize::from(failed));
     group.held.retain(|id| !dropped.contains(id));
     blocks.release(&dropped);
 }

@@ -39,6 +39,10 @@ pub fn lock(root: &Path) -> std::io::Result<FolderLock> {
             let message = format!("in use by {holder}, which holds the lock on {}; give each braid process its own prompt cache folder", path.display());
             return Err(std::io::Error::new(std::io::ErrorKind::ResourceBusy, message));
         }
+        // A file system without advisory locks: the folder stays usable, unguarded.
+        Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!("prompt cache: cannot lock {} ({e}): make sure no other process uses the folder", path.display());
+        }
         Err(fs::TryLockError::Error(e)) => return Err(e),
     }
     // Informational only (the lock is what excludes), so neither fsynced nor renamed: a

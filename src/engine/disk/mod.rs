@@ -60,16 +60,19 @@ pub struct DiskStats {
     /// Block writes (of evicted blocks and finished requests) dropped because the copies
     /// waiting for the writer were already at their byte budget.
     pub dropped_writes: u64,
-    /// Block loads given up: not read by the time their request stopped waiting for them, or
-    /// cancelled to give their memory to running requests. Those blocks were computed instead.
+    /// Block loads started and given up: not read by the time their request stopped waiting
+    /// for them, cancelled to give their memory to running requests, or behind a block whose
+    /// file was bad. Those blocks were computed instead.
     pub abandoned_loads: u64,
 }
 
+/// The cause is part of the message, and not also an error `source` (which anyhow would print
+/// a second time after it).
 #[derive(Debug, thiserror::Error)]
-#[error("prompt cache folder {path}: {source}")]
+#[error("prompt cache folder {path}: {cause}")]
 pub struct DiskError {
     pub path: PathBuf,
-    pub source: std::io::Error,
+    pub cause: std::io::Error,
 }
 
 /// How `save` behaves when the copies waiting for the writer are at their byte budget.
@@ -105,7 +108,8 @@ pub struct DiskCache {
     jobs: Option<Sender<Job>>,
     writer: Option<JoinHandle<()>>,
     loads: Option<Sender<u64>>,
-    loaded: Receiver<Loaded>,
+    /// Dropped first when the cache closes, so the reader stops after the read in progress.
+    loaded: Option<Receiver<Loaded>>,
     reader: Option<JoinHandle<()>>,
     /// Held for as long as this cache is open; dropped after the threads are done.
     _lock: folder::FolderLock,
@@ -222,7 +226,7 @@ impl DiskCache {
     /// is writable, and rebuilds the index from what is there.
     /// Refused while another `DiskCache` (of this process or another) has the folder open.
     pub fn open(root: &Path, budget: u64, identity: Identity, model_name: &str) -> Result<Self, DiskError> {
-        let err = |source| DiskError { path: root.to_path_buf(), source };
+        let err = |cause| DiskError { path: root.to_path_buf(), cause };
         let dir = root.join(identity.folder_name());
         fs::create_dir_all(&dir).map_err(err)?;
         // Before anything is removed: the scan below removes temporary files, which, were
@@ -297,7 +301,7 @@ impl DiskCache {
             jobs: Some(jobs),
             writer: Some(writer),
             loads: Some(loads),
-            loaded,
+            loaded: Some(loaded),
             reader: Some(reader),
             _lock: folder_lock,
         })
@@ -372,12 +376,12 @@ impl DiskCache {
 
     /// A block the reader has finished with, if any (never waits).
     pub fn take_loaded(&self) -> Option<Loaded> {
-        self.loaded.try_recv().ok()
+        self.loaded.as_ref()?.try_recv().ok()
     }
 
     /// Waits at most `timeout` for the reader to finish with a block.
     pub fn wait_loaded(&self, timeout: Duration) -> Option<Loaded> {
-        self.loaded.recv_timeout(timeout).ok()
+        self.loaded.as_ref()?.recv_timeout(timeout).ok()
     }
 
     /// Counts block loads given up by the engine.
@@ -452,10 +456,12 @@ impl DiskCache {
 }
 
 impl Drop for DiskCache {
-    /// Finishes the queued writes (and the read in progress), then lets go of the folder.
+    /// Finishes the queued writes and the read in progress (reads queued after it are not
+    /// wanted any more), then lets go of the folder.
     fn drop(&mut self) {
         self.jobs.take();
         self.loads.take();
+        self.loaded.take();
         for thread in [self.writer.take(), self.reader.take()].into_iter().flatten() {
             let _ = thread.join();
         }
