@@ -252,3 +252,155 @@ fn a_sessions_blocks_outlive_anonymous_requests_in_memory() {
     let anonymous = hits_after_traffic(Retention::Anonymous);
     assert!(anonymous < 100, "{anonymous} tokens survived without a session");
 }
+
+/// A barrier the test opens: the disk tier's I/O threads stop at it (through its I/O hook)
+/// until then. Should the engine wait for the disk on its own thread, the test would wait
+/// forever; after a minute the gate opens by itself and says so, and the test fails instead.
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    timed_out: std::sync::atomic::AtomicBool,
+}
+
+impl Gate {
+    /// Holds the reads (or the writes) of `disk` at a new gate.
+    fn on(disk: &DiskCache, writes: bool) -> std::sync::Arc<Gate> {
+        let gate = std::sync::Arc::new(Gate::default());
+        let g = gate.clone();
+        disk.set_io_hook(move |io| {
+            if matches!(io, braid::engine::disk::Io::Write(_)) == writes {
+                g.wait();
+            }
+        });
+        gate
+    }
+
+    fn wait(&self) {
+        let open = self.open.lock().unwrap();
+        let (mut open, timeout) = self.opened.wait_timeout_while(open, std::time::Duration::from_secs(60), |open| !*open).unwrap();
+        if timeout.timed_out() {
+            *open = true;
+            self.timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn timed_out(&self) -> bool {
+        self.timed_out.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Steps until `until` holds of the tokens so far (or nothing is left to do).
+fn step_until(e: &mut Engine, out: &mut HashMap<RequestId, Vec<u32>>, until: impl Fn(&HashMap<RequestId, Vec<u32>>) -> bool) {
+    while e.has_work() && !until(out) {
+        for ev in e.step().unwrap() {
+            if let Some(t) = ev.token {
+                out.entry(ev.id).or_default().push(t.id);
+            }
+        }
+    }
+}
+
+/// Engine on a folder that already holds `prompt`'s blocks, with the folder's reads held at a
+/// gate and requests waiting `wait` for their blocks.
+fn warm_folder_with_held_reads(dir: &Path, prompt: &[u32], wait: std::time::Duration) -> (Engine, std::sync::Arc<Gate>) {
+    run_each(&mut engine_on(dir, 1 << 30, config(256)), &[prompt.to_vec()], 2);
+    let mut e = engine(config(256));
+    let disk = DiskCache::open(dir, 1 << 30, e.disk_identity(fingerprint()), "test").unwrap().with_prefetch_wait(wait);
+    let gate = Gate::on(&disk, false);
+    e.attach_disk_cache(disk).unwrap();
+    (e, gate)
+}
+
+#[test]
+fn running_requests_decode_while_a_waiting_requests_blocks_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let on_disk = text(0, 600);
+    let (mut e, gate) = warm_folder_with_held_reads(dir.path(), &on_disk, std::time::Duration::from_secs(3600));
+    let params = |n| SamplingParams { ignore_eos: true, ..SamplingParams::greedy(n) };
+    // The request whose prefix is on disk is first in the queue; another arrives behind it.
+    let from_disk = e.add_request(on_disk.clone(), params(6)).unwrap();
+    let other = text(3000, 40);
+    let other_id = e.add_request(other.clone(), params(12)).unwrap();
+    let mut out = HashMap::new();
+    step_until(&mut e, &mut out, |out| out.get(&other_id).is_some_and(|t| t.len() == 12));
+    assert!(!gate.timed_out(), "a step waited for a file to be read");
+    assert_eq!(out.get(&other_id).map(Vec::len), Some(12), "the other request ran to the end while the disk was held");
+    assert!(!out.contains_key(&from_disk), "the request waits for its blocks (the wait is an hour)");
+    assert_eq!(e.stats().waiting, 1);
+    assert_eq!(out[&other_id], cold(&other, 12));
+    // The disk answers: the blocks are copied in and used.
+    gate.open();
+    step_until(&mut e, &mut out, |_| false);
+    let s = e.stats();
+    assert_eq!(s.prefix_hit_tokens_disk, 592, "37 full blocks of the 600 came from disk");
+    assert!(s.prefilled_tokens <= 40 + 16, "prefilled {}", s.prefilled_tokens);
+    assert_eq!(s.disk.unwrap().abandoned_loads, 0);
+    assert_eq!(out[&from_disk], cold(&on_disk, 6));
+}
+
+#[test]
+fn a_request_whose_blocks_do_not_arrive_in_time_computes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let on_disk = text(1000, 300);
+    let (mut e, gate) = warm_folder_with_held_reads(dir.path(), &on_disk, std::time::Duration::from_millis(50));
+    // The disk never answers while the request runs: it waits its 50 ms, then computes.
+    let out = run_each(&mut e, std::slice::from_ref(&on_disk), 6).remove(0);
+    let s = e.stats();
+    assert!(!gate.timed_out(), "a step waited for a file to be read");
+    assert_eq!(s.prefix_hit_tokens_disk, 0);
+    assert_eq!(s.prefilled_tokens, 300);
+    assert_eq!(s.disk.as_ref().unwrap().abandoned_loads, 18);
+    assert_eq!(out, cold(&on_disk, 6));
+    // Late blocks are dropped, and the next request finds the prefix in memory.
+    gate.open();
+    assert_eq!(run_each(&mut e, std::slice::from_ref(&on_disk), 6).remove(0), out);
+    assert_eq!(e.stats().prefix_hit_tokens, 288);
+}
+
+#[test]
+fn evicted_blocks_are_dropped_not_waited_for_when_the_writer_is_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = engine(config(30));
+    // Room for one block copy in the queue; the writer is held at the gate with the first.
+    let disk = DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test").unwrap().with_queue_bytes(1);
+    let gate = Gate::on(&disk, true);
+    e.attach_disk_cache(disk).unwrap();
+    let first = text(0, 300);
+    run_each(&mut e, std::slice::from_ref(&first), 8);
+    let dropped = e.stats().disk.unwrap().dropped_writes;
+    // The next prompt needs the first's blocks: admitting it evicts them, and their copies,
+    // which the writer cannot take, are dropped (counted) without waiting.
+    let second = text(1000, 300);
+    e.add_request(second.clone(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(8) }).unwrap();
+    let events = e.step().unwrap();
+    assert_eq!(events.len(), 1, "the second prompt's first token");
+    // (The first left 11 unnamed blocks and 19 named: the second's 19 evict 8 of those.)
+    let spilled = e.stats().disk.unwrap().dropped_writes - dropped;
+    assert!(spilled > 0, "no evicted block was dropped");
+    let mut out = HashMap::new();
+    step_until(&mut e, &mut out, |_| false);
+    assert!(!gate.timed_out(), "a step waited for the writer");
+    gate.open();
+    e.flush_disk_cache();
+    let disk = e.stats().disk.unwrap();
+    assert_eq!(disk.written_blocks, 1, "the one copy the queue had room for");
+    assert_eq!(run_each(&mut e, std::slice::from_ref(&first), 8).remove(0), cold(&first, 8));
+}
+
+#[test]
+fn a_second_engine_on_the_same_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = engine_on(dir.path(), 1 << 30, config(16));
+    let e = engine(config(16));
+    let err = DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test").err().expect("the folder is taken");
+    let message = err.to_string();
+    assert!(message.contains(&dir.path().display().to_string()) && message.contains(&format!("pid {}", std::process::id())), "{message}");
+    drop(first);
+    assert!(DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test").is_ok());
+}

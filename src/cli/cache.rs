@@ -158,6 +158,12 @@ fn prompt_ids(loaded: &LoadedModel, file: Option<&Path>, text: Option<&str>, cha
     Ok(ids)
 }
 
+/// Takes the folder's lock for a command that removes files (as `DiskCache::open` does), so
+/// that it never removes files under a running server; `ls` only reads, and takes none.
+fn lock_folder(root: &Path) -> anyhow::Result<folder::FolderLock> {
+    folder::lock(root).with_context(|| format!("prompt cache folder {}", root.display()))
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
@@ -219,6 +225,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         CacheCommand::Rm { folder: f, id, model, engine, prompt_file, prompt, chat } => {
             if let Some(id) = id {
                 anyhow::ensure!(!id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()), "'{id}' is not a folder id as `braid cache ls` prints it");
+                let _lock = lock_folder(&f.prompt_cache_dir)?;
                 let (files, bytes) = folder::remove(&f.prompt_cache_dir, &id)?;
                 println!("removed {files} files, {:.1} MiB", mib(bytes));
             } else {
@@ -233,6 +240,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
             }
         }
         CacheCommand::Clear { folder: f } => {
+            let _lock = lock_folder(&f.prompt_cache_dir)?;
             let (files, bytes) = folder::remove(&f.prompt_cache_dir, "").with_context(|| format!("cannot clear {}", f.prompt_cache_dir.display()))?;
             println!("removed {files} files, {:.1} MiB", mib(bytes));
         }

@@ -162,6 +162,8 @@ pub struct Engine {
     /// one comparison for the hook.
     fault_at: u64,
     fault: Option<StepFault>,
+    /// Loads of the disk tier in progress for waiting requests.
+    prefetch: tiering::Prefetch,
 }
 
 impl Engine {
@@ -208,6 +210,7 @@ impl Engine {
             forward_passes: 0,
             fault_at: u64::MAX,
             fault: None,
+            prefetch: tiering::Prefetch::default(),
         })
     }
 
@@ -408,8 +411,10 @@ impl Engine {
     fn step_on_pool(&mut self) -> candle_core::Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.pending_events);
         if let Some(disk) = &self.disk {
-            let slots = self.scheduler.config.max_num_seqs.saturating_sub(self.scheduler.running.len());
-            tiering::fill_from_disk(disk, &mut self.blocks, self.backend.block_store(), &self.scheduler.waiting, slots);
+            // Copies in the blocks the reader has read, starts reading the next requests'.
+            let running = self.scheduler.running.len();
+            let slots = self.scheduler.config.max_num_seqs.saturating_sub(running);
+            self.prefetch.step(disk, &mut self.blocks, self.backend.block_store(), &self.scheduler.waiting, running, slots);
         }
         let scheduled = self.scheduler.schedule(&mut self.blocks);
         if let Some(disk) = &self.disk {
@@ -417,6 +422,12 @@ impl Engine {
         }
         self.last_step = scheduled.clone();
         if scheduled.is_empty() {
+            if let Some(disk) = &self.disk
+                && events.is_empty()
+            {
+                // Only requests waiting for the disk: wait for it a little instead of spinning.
+                self.prefetch.idle(disk);
+            }
             return Ok(events);
         }
         let index: HashMap<RequestId, usize> = self.scheduler.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();

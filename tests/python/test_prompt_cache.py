@@ -186,3 +186,39 @@ def test_cache_save_ls_rm_clear(tmp_path):
     assert "0 models" in cache("ls")
     with pytest.raises(AssertionError):
         cache("rm", "not-hex")
+
+
+def test_a_second_server_on_the_folder_is_refused_and_leaves_the_firsts_files(tmp_path):
+    import subprocess
+
+    from conftest import BINARY, ROOT
+
+    folder = tmp_path / "cache"
+    first = Server("--prompt-cache-dir", str(folder))
+    try:
+        sub = next(p for p in folder.iterdir() if p.is_dir())
+        # A write of the first server in progress (between create and rename).
+        in_flight = sub / f".0123456789abcdef.kv.tmp{first.proc.pid}"
+        in_flight.write_bytes(b"\0" * 1000)
+        with pytest.raises(RuntimeError) as e:
+            Server("--prompt-cache-dir", str(folder))
+        message = str(e.value)
+        assert str(folder) in message and f"pid {first.proc.pid}" in message, message
+        assert "panicked" not in message
+        assert in_flight.exists(), "the refused server removed nothing"
+        # `braid cache clear` would remove the server's files: refused too; `ls` only reads.
+        run = lambda *args: subprocess.run([str(BINARY), "cache", *args, "--prompt-cache-dir", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        cleared = run("clear")
+        assert cleared.returncode != 0 and f"pid {first.proc.pid}" in cleared.stderr, cleared.stderr
+        assert in_flight.exists()
+        assert run("ls").returncode == 0
+        # The first server goes on serving.
+        _, text, _ = stream_chat(first.url, [{"role": "user", "content": "Hello"}], max_tokens=4)
+        assert text
+    finally:
+        first.stop()
+    assert first.proc.returncode == 0
+    # Once it has stopped, the folder is free again.
+    second = Server("--prompt-cache-dir", str(folder))
+    second.stop()
+    assert not in_flight.exists(), "a start removes what an earlier process left unfinished"

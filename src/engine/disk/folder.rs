@@ -1,12 +1,57 @@
-//! Walking a cache folder: the start-up scan, and what `braid cache ls` and `clear` see.
+//! Walking a cache folder: the start-up scan, and what `braid cache ls` and `clear` see; and
+//! the lock that gives a folder to one process at a time.
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::format::{check_header, read_header, FormatError, Header, HEADER_LEN};
 use super::{block_name, is_temporary};
+
+/// The lock file at the top of a cache folder. Only its advisory lock matters; it holds the pid
+/// of its holder, for the message another process gets, and is never removed (removing it
+/// while another process opens it would let two processes hold "the" lock at once).
+pub const LOCK_FILE: &str = ".lock";
+
+/// A cache folder held by this process (until dropped): `DiskCache` holds one, and so do the
+/// `braid cache` commands that remove files, so that no other process's start-up scan removes
+/// this one's temporary files, or its budget evicts files under it.
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: fs::File,
+}
+
+/// Takes the folder's lock (an OS advisory lock on `<root>/.lock`, released when the process
+/// ends however it ends), or says which process holds it. `root` must exist.
+pub fn lock(root: &Path) -> std::io::Result<FolderLock> {
+    let path = root.join(LOCK_FILE);
+    let mut file = fs::File::options().read(true).write(true).create(true).truncate(false).open(&path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) => format!("another process (pid {pid})"),
+                Err(_) => "another process".to_string(),
+            };
+            let message = format!("in use by {holder}, which holds the lock on {}; give each braid process its own prompt cache folder", path.display());
+            return Err(std::io::Error::new(std::io::ErrorKind::ResourceBusy, message));
+        }
+        // A file system without advisory locks: the folder stays usable, unguarded.
+        Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!("prompt cache: cannot lock {} ({e}): make sure no other process uses the folder", path.display());
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(e),
+    }
+    // Informational only (the lock is what excludes), so neither fsynced nor renamed: a
+    // rename would swap the file under the lock.
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(FolderLock { _file: file })
+}
 
 /// A block file whose header and length agree with each other.
 pub struct Found {
