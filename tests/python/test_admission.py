@@ -130,3 +130,29 @@ def test_sigterm_lets_running_requests_finish_and_exits_0():
     assert result["r"].status_code == 200
     assert len(result["r"].json()["choices"][0]["text"]) > 0
     assert s.proc.wait(timeout=30) == 0
+
+
+def metric(text, name, labels=""):
+    """A sample's value from Prometheus text (0 when absent): `name{labels} value`."""
+    key = name + ("{" + labels + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_tokenize_and_detokenize_need_the_api_key():
+    s = Server("--api-key", "sekrit")
+    try:
+        for path, body in [("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})]:
+            r = httpx.post(s.url + path, json=body, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            r = httpx.post(s.url + path, json=body, headers={"Authorization": "Bearer wrong"}, timeout=10)
+            assert r.status_code == 401, path
+            r = httpx.post(s.url + path, json=body, headers={"Authorization": "Bearer sekrit"}, timeout=10)
+            assert r.status_code == 200, path
+        # Probes stay open: a load balancer has no key.
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+        assert httpx.get(s.url + "/metrics", timeout=10).status_code == 200
+    finally:
+        s.stop()
