@@ -57,7 +57,8 @@ pub struct ServeArgs {
     /// Requests that may wait for a free sequence slot; beyond that: 429 with Retry-After.
     #[arg(long, default_value_t = 256)]
     queue_size: usize,
-    /// Seconds a request may wait for a slot before it is answered 503 and dropped.
+    /// Seconds a request may wait, from its arrival to its first token (for a slot, then in
+    /// the engine's queue for KV blocks, then its prefill), before it is answered 503 and dropped.
     #[arg(long, default_value_t = 60.0)]
     queue_timeout: f64,
     /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (not on /health
