@@ -325,3 +325,128 @@ fn a_repeating_fault_fails_each_step_without_escaping() {
     assert_eq!(e.stats().kv_blocks_used, 0);
     assert_eq!(e.forward_passes(), 3);
 }
+
+fn kv_blocks(n: usize) -> Option<usize> {
+    Some(braid::model::KvCache::bytes_per_block(model().model.config(), 16) * n)
+}
+
+/// Steps the engine until it has nothing left; returns every request's tokens and events.
+fn drain(e: &mut Engine, out: &mut HashMap<RequestId, Vec<u32>>) {
+    let mut steps = 0;
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            if let Some(t) = ev.token {
+                out.entry(ev.id).or_default().push(t.id);
+            }
+        }
+        steps += 1;
+        assert!(steps < 100_000, "the engine stopped making progress");
+    }
+}
+
+/// A prompt too large for the blocks left does not hold up the short requests behind it
+/// (head-of-line blocking): they are admitted at once, and it runs once blocks free up.
+#[test]
+fn a_prompt_that_does_not_fit_lets_shorter_ones_pass() {
+    let config = EngineConfig { kv_cache_bytes: kv_blocks(40), ..EngineConfig::default() };
+    let text = long_prefix();
+    let mut e = engine(config.clone());
+    let hold = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(60) };
+    // Two running requests of 150 prompt tokens hold 10 blocks each: 20 of 40 are left.
+    for range in [500..650, 650..800] {
+        e.add_request(text[range].to_vec(), hold.clone()).unwrap();
+    }
+    let mut out = HashMap::new();
+    for ev in e.step().unwrap() {
+        out.entry(ev.id).or_insert_with(Vec::new).extend(ev.token.map(|t| t.id));
+    }
+    // 400 tokens need 25 blocks: this one must wait for the two to finish.
+    let long = e.add_request(text[..400].to_vec(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(8) }).unwrap();
+    let short_params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) };
+    let short_prompts: Vec<Vec<u32>> = golden_prompts()[20..24].to_vec();
+    let shorts: Vec<RequestId> = short_prompts.iter().map(|p| e.add_request(p.clone(), short_params.clone()).unwrap()).collect();
+    for ev in e.step().unwrap() {
+        out.entry(ev.id).or_default().extend(ev.token.map(|t| t.id));
+    }
+    let step = e.last_step().to_vec();
+    assert!(!step.iter().any(|s| s.id == long), "the long prompt cannot fit yet: {step:?}");
+    for id in &shorts {
+        assert!(step.iter().any(|s| s.id == *id), "short request {id} waits behind the long prompt: {step:?}");
+    }
+    drain(&mut e, &mut out);
+    assert_eq!(out[&long].len(), 8, "the long prompt ran once there was room");
+    for (id, p) in shorts.iter().zip(&short_prompts) {
+        assert_eq!(out[id], solo(p, &short_params), "admission order changed an output");
+    }
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}
+
+/// Skipping ahead has an age bound: with short requests arriving as fast as the pool serves
+/// them, so that it never has room for a large prompt, the large prompt still gets its turn
+/// (the queue stops passing it once it has waited too long) instead of starving.
+#[test]
+fn a_skipped_prompt_is_admitted_within_the_age_bound() {
+    let config = EngineConfig { kv_cache_bytes: kv_blocks(40), ..EngineConfig::default() };
+    let text = long_prefix();
+    // 20 prompt tokens and 10 generated fit 2 blocks: the shorts never grow, so nothing is
+    // preempted; two arrive per step and each lives about 10 steps, keeping the pool full.
+    let short_params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(10) };
+    let mut e = engine(config);
+    let mut long = None;
+    let mut long_arrival = 0;
+    let mut long_started = None;
+    for step in 0..600 {
+        for k in 0..2 {
+            let at = 500 + (2 * step + k) % 400;
+            e.add_request(text[at..at + 20].to_vec(), short_params.clone()).unwrap();
+        }
+        if step == 30 {
+            assert!(e.stats().kv_blocks_free < 25, "the pool should be busy by now: {:?}", e.stats());
+            long = Some(e.add_request(text[..400].to_vec(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) }).unwrap());
+            long_arrival = step;
+        }
+        let events = e.step().unwrap();
+        if let Some(id) = long
+            && events.iter().any(|ev| ev.id == id && ev.token.is_some())
+        {
+            long_started = Some(step);
+            break;
+        }
+    }
+    assert_eq!(e.stats().preemptions, 0);
+    let started = long_started.expect("the large prompt never ran: starved by the requests passing it");
+    let bound = braid::engine::scheduler::SKIP_AHEAD_PATIENCE as usize + 30;
+    assert!(started - long_arrival <= bound, "the large prompt waited {} steps", started - long_arrival);
+}
+
+/// `cached_tokens` is what the prefix cache gave a request when it was first admitted: after
+/// preemption, the blocks it finds again are its own recomputation's, not a cache hit.
+#[test]
+fn a_preempted_request_reports_only_what_the_cache_gave_it() {
+    let config = EngineConfig { kv_cache_bytes: kv_blocks(40), max_num_batched_tokens: 256, ..EngineConfig::default() };
+    let text = long_prefix();
+    // Twelve prompts of 60 tokens with no block in common.
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| text[i * 75..i * 75 + 60].to_vec()).collect();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(40) };
+    let mut e = engine(config);
+    let ids: Vec<RequestId> = prompts.iter().map(|p| e.add_request(p.clone(), params.clone()).unwrap()).collect();
+    let mut cached: HashMap<RequestId, usize> = HashMap::new();
+    let mut steps = 0;
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            if ev.token.is_some() {
+                *cached.entry(ev.id).or_default() = cached.get(&ev.id).copied().unwrap_or(0).max(ev.cached_tokens);
+            }
+        }
+        steps += 1;
+        assert!(steps < 100_000);
+    }
+    let stats = e.stats();
+    assert!(stats.preemptions > 0, "the pool was meant to force preemption: {stats:?}");
+    for id in ids {
+        assert_eq!(cached[&id], 0, "request {id} claims cached prompt tokens it computed itself");
+    }
+    assert_eq!(stats.prefix_hit_tokens, 0, "recomputation counted as prefix-cache hits: {stats:?}");
+    assert!(stats.preempted_reuse_tokens > 0, "readmitted requests found their own blocks, counted apart: {stats:?}");
+    assert_eq!(stats.kv_blocks_used, 0);
+}

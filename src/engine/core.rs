@@ -132,6 +132,9 @@ pub struct EngineStats {
     pub prefix_hit_tokens: u64,
     /// Of those, the tokens whose blocks were loaded from the disk tier.
     pub prefix_hit_tokens_disk: u64,
+    /// Tokens preempted requests found still cached when readmitted (their own earlier work,
+    /// mostly): not in `prefix_hit_tokens`, which counts first admissions only.
+    pub preempted_reuse_tokens: u64,
     /// Tokens computed by prefill (prompts, and recomputation after preemption), since start.
     pub prefilled_tokens: u64,
     pub generated_tokens: u64,
@@ -341,6 +344,7 @@ impl Engine {
             block_size: self.blocks.block_size(),
             prefix_hit_tokens: self.scheduler.prefix_hit_tokens,
             prefix_hit_tokens_disk: self.scheduler.prefix_hit_tokens_disk,
+            preempted_reuse_tokens: self.scheduler.preempted_reuse_tokens,
             prefilled_tokens: self.prefilled_tokens,
             generated_tokens: self.generated_tokens,
             preemptions: self.scheduler.preemptions,

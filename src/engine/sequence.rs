@@ -18,8 +18,13 @@ pub struct Sequence {
     /// Hashes of the full blocks known so far: the prompt's, then generated ones as they fill.
     pub block_hashes: Vec<u64>,
     pub sampler: Sampler,
-    /// Prompt tokens taken from the prefix cache at the last admission.
+    /// Prompt tokens taken from the prefix cache at the first admission (a readmission after
+    /// preemption finds the blocks it computed itself: not a cache hit for its usage).
     pub cached_tokens: usize,
+    /// Whether it has been admitted before (it is waiting again after a preemption).
+    pub admitted: bool,
+    /// Steps it has waited at admission because its prompt did not fit the free blocks.
+    pub unfit_steps: u32,
     pub finish: Option<FinishReason>,
     /// Attention window (`--max-kv-size`): blocks it has moved past are released.
     pub window: Option<crate::model::batch::Window>,
@@ -40,6 +45,8 @@ impl Sequence {
             block_hashes,
             sampler,
             cached_tokens: 0,
+            admitted: false,
+            unfit_steps: 0,
             finish: None,
             window: None,
             retention: RetentionPlan::default(),

@@ -9,9 +9,10 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
@@ -76,8 +77,39 @@ pub enum SeqEvent {
     Rejected(String),
 }
 
+/// Why the server let go of a sequence before the engine finished it. A receiver dropped
+/// without one is a client that went away: an abort (`braid_aborted_requests_total`); the
+/// others are the server's own decisions, counted where they are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Release {
+    ClientGone = 0,
+    /// The choice finished on the server's side: its text reached a stop string.
+    Finished = 1,
+    /// The server gave up on it: its deadline passed, or another choice of its request failed.
+    Cancelled = 2,
+}
+
+/// One sequence's events as the server receives them. Dropping it stops the sequence (before
+/// the engine's next step); `release` says why first.
+pub struct SeqReceiver {
+    events: UnboundedReceiver<SeqEvent>,
+    why: Arc<AtomicU8>,
+}
+
+impl SeqReceiver {
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<SeqEvent>> {
+        self.events.poll_recv(cx)
+    }
+
+    /// Lets go of the sequence for a reason other than the client leaving.
+    pub fn release(self, why: Release) {
+        self.why.store(why as u8, Ordering::SeqCst);
+    }
+}
+
 enum Command {
-    Submit { prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan, events: UnboundedSender<SeqEvent> },
+    Submit { prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan, events: UnboundedSender<SeqEvent>, why: Arc<AtomicU8> },
     /// Stop stepping and drop the engine (which finishes its disk-cache writes).
     Shutdown,
 }
@@ -158,12 +190,14 @@ impl EngineHandle {
 
     /// Queues one sequence; its events arrive on the returned receiver. Dropping the receiver
     /// aborts the sequence.
-    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan) -> UnboundedReceiver<SeqEvent> {
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan) -> SeqReceiver {
         let (events, rx) = unbounded_channel();
-        if let Err(mpsc::SendError(Command::Submit { events, .. })) = self.commands.send(Command::Submit { prompt, params, retention, events }) {
+        let why = Arc::new(AtomicU8::new(Release::ClientGone as u8));
+        let command = Command::Submit { prompt, params, retention, events, why: why.clone() };
+        if let Err(mpsc::SendError(Command::Submit { events, .. })) = self.commands.send(command) {
             let _ = events.send(SeqEvent::Rejected("the engine has stopped".into()));
         }
-        rx
+        SeqReceiver { events: rx, why }
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -173,6 +207,15 @@ impl EngineHandle {
 
 struct Live {
     events: UnboundedSender<SeqEvent>,
+    why: Arc<AtomicU8>,
+}
+
+impl Live {
+    /// Whether the server let go of it because its client went away (an abort), rather than
+    /// for a stop string or a deadline.
+    fn client_gone(&self) -> bool {
+        self.why.load(Ordering::SeqCst) == Release::ClientGone as u8
+    }
 }
 
 /// Publishes a panic that ends the engine thread past `serve`'s own catch (while it answers
@@ -244,7 +287,9 @@ fn run(engine: &mut Engine, commands: &mpsc::Receiver<Command>, stats: &Mutex<En
         live.retain(|&id, l| {
             if l.events.is_closed() {
                 engine.abort(id);
-                m::record_abort();
+                if l.client_gone() {
+                    m::record_abort();
+                }
                 false
             } else {
                 true
@@ -292,6 +337,9 @@ fn run(engine: &mut Engine, commands: &mpsc::Receiver<Command>, stats: &Mutex<En
                 live.remove(&event.id);
             } else if gone {
                 engine.abort(event.id);
+                if l.client_gone() {
+                    m::record_abort();
+                }
                 live.remove(&event.id);
             }
         }
@@ -308,9 +356,9 @@ fn publish(engine: &Engine, stats: &Mutex<EngineStats>) {
 /// Takes one command; returns whether it asks the thread to stop.
 fn accept(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, command: Command) -> bool {
     match command {
-        Command::Submit { prompt, params, retention, events } => match engine.add_request_with_retention(prompt, params, retention) {
+        Command::Submit { prompt, params, retention, events, why } => match engine.add_request_with_retention(prompt, params, retention) {
             Ok(id) => {
-                live.insert(id, Live { events });
+                live.insert(id, Live { events, why });
             }
             Err(e) => {
                 let _ = events.send(SeqEvent::Rejected(e.to_string()));

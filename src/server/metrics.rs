@@ -41,6 +41,8 @@ pub fn record_engine(s: &EngineStats) {
     // One name, split by where the blocks came from: sum over `tier` for the old total.
     counter!("braid_prefix_hit_tokens_total", "tier" => "memory").absolute(s.prefix_hit_tokens - s.prefix_hit_tokens_disk);
     counter!("braid_prefix_hit_tokens_total", "tier" => "disk").absolute(s.prefix_hit_tokens_disk);
+    // A preempted request's readmission finds its own blocks: recomputation saved, not a hit.
+    counter!("braid_preempted_reuse_tokens_total").absolute(s.preempted_reuse_tokens);
     if let Some(d) = &s.disk {
         gauge!("braid_prompt_cache_disk_bytes").set(d.bytes as f64);
         gauge!("braid_prompt_cache_disk_budget_bytes").set(d.budget as f64);
@@ -68,17 +70,25 @@ pub fn record_rejection(reason: &'static str) {
     counter!("braid_rejections_total", "reason" => reason).increment(1);
 }
 
+/// A sequence stopped because its client went away (not a stop string, not a deadline).
 pub fn record_abort() {
     counter!("braid_aborted_requests_total").increment(1);
 }
 
-pub fn record_request(ttft: Option<f64>, tpot: Option<f64>, e2e: f64, finish: &'static str) {
+/// A request answered in full: time to its first token and end to end, and each choice's
+/// mean time per output token after its first.
+pub fn record_request(ttft: Option<f64>, tpot_per_choice: &[f64], e2e: f64) {
     if let Some(t) = ttft {
         histogram!("braid_time_to_first_token_seconds").record(t);
     }
-    if let Some(t) = tpot {
+    for &t in tpot_per_choice {
         histogram!("braid_time_per_output_token_seconds").record(t);
     }
     histogram!("braid_e2e_request_latency_seconds").record(e2e);
+}
+
+/// One choice (sequence) of a request, by how it ended: stop, length, abort (its client went
+/// away), error (the engine failed it).
+pub fn record_choice(finish: &'static str) {
     counter!("braid_requests_total", "finish_reason" => finish).increment(1);
 }

@@ -58,10 +58,12 @@ pub struct ServeArgs {
     /// Requests that may wait for a free sequence slot; beyond that: 429 with Retry-After.
     #[arg(long, default_value_t = 256)]
     queue_size: usize,
-    /// Seconds a request may wait for a slot before it is answered 503 and dropped.
+    /// Seconds a request may wait, from its arrival to its first token (for a slot, then in
+    /// the engine's queue for KV blocks, then its prefill), before it is answered 503 and dropped.
     #[arg(long, default_value_t = 60.0)]
     queue_timeout: f64,
-    /// Require `Authorization: Bearer KEY` on /v1/*.
+    /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (not on /health
+    /// or /metrics).
     #[arg(long, env = "BRAID_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// Log prompts (never logged otherwise).
@@ -142,17 +144,19 @@ async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, n
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route("/chat/completions", post(routes::chat_completions))
-        .route("/completions", post(routes::completions))
-        .route("/models", get(routes::models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
-        .nest("/v1", v1)
-        .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics))
+    // Every route that reads or spends the model is behind the key; the probes a load balancer
+    // or Prometheus polls (/health, /metrics) are not.
+    let keyed = Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::models))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .merge(keyed)
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
         .fallback(routes::fallback)
         .layer(DefaultBodyLimit::max(state.max_request_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), add_replica_header))

@@ -1,6 +1,7 @@
 //! HTTP handlers: OpenAI's chat and legacy completions (JSON and SSE), models, tokenize,
 //! health and metrics. Handlers convert wire types and stream; the engine thread does the work.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -15,11 +16,10 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::choice::{ChoiceText, Delta};
-use super::engine_thread::SeqEvent;
+use super::engine_thread::{Release, SeqEvent, SeqReceiver};
 use super::error::ApiError;
 use super::metrics as m;
 use super::openai::{self, GenerationOptions, PromptField};
@@ -143,7 +143,10 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
         per_prompt_max.push(max_tokens);
     }
 
-    let permit = state.admission.acquire(prompts.len() * options.n).await?;
+    // One deadline for the whole wait, from here to the first token: for a slot, then in the
+    // engine's queue (for KV blocks), then the prefill.
+    let deadline = start + state.admission.queue_timeout();
+    let permit = state.admission.acquire(prompts.len() * options.n, deadline).await?;
     let mut receivers = Vec::new();
     for ((ids, &max_tokens), plan) in prompts.iter().zip(&per_prompt_max).zip(&plans) {
         for i in 0..options.n {
@@ -153,7 +156,8 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
             receivers.push(Some(state.engine.submit(ids.clone(), params, plan.clone())));
         }
     }
-    let run = Run {
+    let choices = receivers.len();
+    let mut run = Run {
         state: state.clone(),
         endpoint,
         id: request_id(if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }),
@@ -163,9 +167,16 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
         logprobs: vec![Vec::new(); receivers.len()],
         options,
         receivers,
+        buffered: VecDeque::new(),
         start,
         first_token: None,
+        clocks: vec![Clock::default(); choices],
+        ending: Release::ClientGone,
+        counted: false,
     };
+    // A stream's response (and its status) starts only once every choice has begun, so a
+    // request past its deadline is answered 503 rather than with an empty stream.
+    run.wait_started(deadline).await?;
     if run.options.stream {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
         tokio::spawn(async move {
@@ -180,7 +191,24 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
     }
 }
 
-/// One request in flight: its choices' receivers and text.
+/// When one choice's tokens came, for its time per output token.
+#[derive(Clone, Default)]
+struct Clock {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: usize,
+}
+
+impl Clock {
+    /// Mean time between this choice's tokens after its first.
+    fn per_token(&self) -> Option<f64> {
+        let (first, last) = (self.first?, self.last?);
+        (self.tokens > 1).then(|| (last - first).as_secs_f64() / (self.tokens - 1) as f64)
+    }
+}
+
+/// One request in flight: its choices' receivers and text. Its metrics are recorded when it
+/// is dropped, however it ends (answered, client gone, failed), unless it was refused.
 struct Run {
     state: Arc<AppState>,
     endpoint: Endpoint,
@@ -188,17 +216,76 @@ struct Run {
     created: u64,
     prompt_tokens: usize,
     options: GenerationOptions,
-    receivers: Vec<Option<UnboundedReceiver<SeqEvent>>>,
+    receivers: Vec<Option<SeqReceiver>>,
+    /// Events taken while waiting for every choice to start, not yet applied.
+    buffered: VecDeque<(usize, SeqEvent)>,
     choices: Vec<ChoiceText>,
     logprobs: Vec<Vec<SampledToken>>,
     start: Instant,
     first_token: Option<Instant>,
+    clocks: Vec<Clock>,
+    /// Why the choices still running are let go of if the run ends now: the client went away,
+    /// unless the server gave up (deadline, error).
+    ending: Release,
+    /// Metrics already taken care of (a refused request is counted as a rejection).
+    counted: bool,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.record_metrics();
+        }
+        for rx in self.receivers.iter_mut().filter_map(Option::take) {
+            rx.release(self.ending);
+        }
+    }
 }
 
 impl Run {
-    /// The next event of any live choice; None once all have ended. Dropping a receiver
-    /// (choice ended by a stop string) makes the engine abort that sequence.
+    /// Waits, until the request's deadline, for every choice's first event (a token, or its
+    /// end); they stay buffered for `next`. Past the deadline: 503 `queue_timeout`, and the
+    /// sequences are dropped from the engine. A choice the engine refused: that error, before
+    /// any part of a response is sent.
+    async fn wait_started(&mut self, deadline: Instant) -> Result<(), ApiError> {
+        let mut started = vec![false; self.receivers.len()];
+        let all_started = poll_fn(|cx| {
+            let mut waiting = false;
+            for (i, slot) in self.receivers.iter_mut().enumerate() {
+                let Some(rx) = slot.as_mut().filter(|_| !started[i]) else { continue };
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(e)) => {
+                        started[i] = true;
+                        self.buffered.push_back((i, e));
+                    }
+                    Poll::Ready(None) => started[i] = true,
+                    Poll::Pending => waiting = true,
+                }
+            }
+            if waiting { Poll::Pending } else { Poll::Ready(()) }
+        });
+        if tokio::time::timeout_at(deadline.into(), all_started).await.is_err() {
+            self.ending = Release::Cancelled;
+            self.counted = true;
+            return Err(self.state.admission.timed_out());
+        }
+        let refused = self.buffered.iter().find_map(|(_, e)| match e {
+            SeqEvent::Rejected(message) => Some(message.clone()),
+            _ => None,
+        });
+        if let Some(message) = refused {
+            self.ending = Release::Cancelled;
+            return Err(ApiError::internal(message));
+        }
+        Ok(())
+    }
+
+    /// The next event of any live choice; None once all have ended. A choice ended by a stop
+    /// string lets go of its receiver, which makes the engine stop that sequence.
     async fn next(&mut self) -> Option<(usize, SeqEvent)> {
+        if let Some(event) = self.buffered.pop_front() {
+            return Some(event);
+        }
         poll_fn(|cx| {
             let mut live = false;
             for (i, slot) in self.receivers.iter_mut().enumerate() {
@@ -220,7 +307,12 @@ impl Run {
         let tokenizer = &self.state.tokenizer;
         let delta = match event {
             SeqEvent::Token { token, cached_tokens, ends } => {
-                self.first_token.get_or_insert_with(Instant::now);
+                let now = Instant::now();
+                self.first_token.get_or_insert(now);
+                let clock = &mut self.clocks[i];
+                clock.first.get_or_insert(now);
+                clock.last = Some(now);
+                clock.tokens += 1;
                 self.choices[i].cached_tokens = cached_tokens;
                 if ends {
                     self.choices[i].push_stop_token();
@@ -232,10 +324,15 @@ impl Run {
                 self.choices[i].push(tokenizer, token)
             }
             SeqEvent::Finished(reason) => self.choices[i].finish(tokenizer, reason),
-            SeqEvent::Rejected(message) => return Err(ApiError::internal(message)),
+            SeqEvent::Rejected(message) => {
+                self.ending = Release::Cancelled;
+                return Err(ApiError::internal(message));
+            }
         };
-        if delta.finish.is_some() {
-            self.receivers[i] = None;
+        if delta.finish.is_some()
+            && let Some(rx) = self.receivers[i].take()
+        {
+            rx.release(Release::Finished);
         }
         Ok(delta)
     }
@@ -252,16 +349,20 @@ impl Run {
         })
     }
 
+    /// Counts each choice by its own finish reason ("abort": its client went away; "error":
+    /// the engine failed it), and, for a request answered in full, its latencies: time to the
+    /// first token and end to end once per request, time per output token once per choice
+    /// (choices decode side by side, so dividing by all their tokens would understate it).
     fn record_metrics(&self) {
-        let e2e = self.start.elapsed().as_secs_f64();
-        let ttft = self.first_token.map(|t| (t - self.start).as_secs_f64());
-        let tokens: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
-        let tpot = match (ttft, tokens) {
-            (Some(t), n) if n > 1 => Some((e2e - t) / (n - 1) as f64),
-            _ => None,
-        };
-        let finish = self.choices.first().and_then(|c| c.finish).unwrap_or("abort");
-        m::record_request(ttft, tpot, e2e, finish);
+        let unfinished = if self.ending == Release::ClientGone { "abort" } else { "error" };
+        for c in &self.choices {
+            m::record_choice(c.finish.unwrap_or(unfinished));
+        }
+        if self.choices.iter().all(|c| c.finish.is_some()) {
+            let ttft = self.first_token.map(|t| (t - self.start).as_secs_f64());
+            let tpot: Vec<f64> = self.clocks.iter().filter_map(Clock::per_token).collect();
+            m::record_request(ttft, &tpot, self.start.elapsed().as_secs_f64());
+        }
     }
 
     fn logprobs_json(&self, tokens: &[SampledToken], text_offset: usize) -> Value {
@@ -320,7 +421,6 @@ impl Run {
         while let Some((i, event)) = self.next().await {
             self.apply(i, event)?;
         }
-        self.record_metrics();
         let choices = (0..self.choices.len())
             .map(|i| {
                 let c = &self.choices[i];
@@ -397,7 +497,6 @@ impl Run {
                 return;
             }
         }
-        self.record_metrics();
         if self.options.include_usage {
             let mut last = self.envelope(true, Vec::new());
             last["usage"] = self.usage();

@@ -17,7 +17,9 @@ MODEL_NAME = "smollm2"
 
 class Server:
     def __init__(self, *extra_args, env=None):
-        args = [str(BINARY), "serve", "--port", "0", "--served-model-name", MODEL_NAME, "--kv-cache-bytes", "400000000", *extra_args]
+        # A test may size the KV cache itself (to make requests wait for blocks).
+        kv = [] if "--kv-cache-bytes" in extra_args else ["--kv-cache-bytes", "400000000"]
+        args = [str(BINARY), "serve", "--port", "0", "--served-model-name", MODEL_NAME, *kv, *extra_args]
         self.proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.log = []
         deadline = time.time() + 120

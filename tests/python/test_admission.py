@@ -130,3 +130,133 @@ def test_sigterm_lets_running_requests_finish_and_exits_0():
     assert result["r"].status_code == 200
     assert len(result["r"].json()["choices"][0]["text"]) > 0
     assert s.proc.wait(timeout=30) == 0
+
+
+def metric(text, name, labels=""):
+    """A sample's value from Prometheus text (0 when absent): `name{labels} value`."""
+    key = name + ("{" + labels + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_tokenize_and_detokenize_need_the_api_key():
+    s = Server("--api-key", "sekrit")
+    try:
+        for path, body in [("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})]:
+            r = httpx.post(s.url + path, json=body, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+            r = httpx.post(s.url + path, json=body, headers={"Authorization": "Bearer wrong"}, timeout=10)
+            assert r.status_code == 401, path
+            r = httpx.post(s.url + path, json=body, headers={"Authorization": "Bearer sekrit"}, timeout=10)
+            assert r.status_code == 200, path
+        # Probes stay open: a load balancer has no key.
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+        assert httpx.get(s.url + "/metrics", timeout=10).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_the_deadline_covers_the_wait_in_the_engine_queue():
+    """--queue-timeout runs from arrival to the first token: a request that got a slot but waits
+    in the engine's queue for KV blocks is answered 503 at its deadline (a stream before any
+    chunk), not whenever the blocks come free."""
+    # 100 blocks of 16 tokens. A running request (100 prompt tokens, 1,450 to generate) holds
+    # 7 of them, so a 1,500-token prompt (94 blocks) cannot start before it ends, seconds later.
+    block = 368640
+    s = Server("--kv-cache-bytes", str(100 * block), "--queue-timeout", "3")
+    try:
+        text = httpx.post(s.url + "/tokenize", json={"prompt": "The history of the world is long. " * 20}, timeout=10).json()["tokens"][:100]
+        big = httpx.post(s.url + "/tokenize", json={"prompt": "Numbers, letters and colors: " * 400}, timeout=10).json()["tokens"][:1500]
+        assert len(text) == 100 and len(big) == 1500
+        results = {}
+        done = threading.Event()
+
+        def holder():
+            body = {"model": MODEL_NAME, "prompt": text, "max_tokens": 1450, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=300) as r:
+                results["holder"] = r.status_code
+                for _ in r.iter_lines():
+                    if done.is_set():
+                        break
+
+        def waiter(stream):
+            start = time.time()
+            body = {"model": MODEL_NAME, "prompt": big, "max_tokens": 4, "stream": stream}
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=300) as r:
+                r.read()
+                results[stream] = (r.status_code, r.text, time.time() - start)
+
+        h = threading.Thread(target=holder)
+        h.start()
+        assert wait_for(lambda: s.health()["running"] == 1, 10)
+        waiters = [threading.Thread(target=waiter, args=(stream,)) for stream in (False, True)]
+        for w in waiters:
+            w.start()
+        for w in waiters:
+            w.join(timeout=120)
+        for stream in (False, True):
+            status, text, waited = results[stream]
+            assert status == 503, f"stream={stream}: {status} after {waited:.1f} s"
+            assert "queue_timeout" in text and "data:" not in text
+            assert waited < 8, f"answered after {waited:.1f} s"
+        assert wait_for(lambda: s.health()["waiting"] == 0, 10), "the timed-out requests left the engine's queue"
+        metrics = httpx.get(s.url + "/metrics", timeout=10).text
+        assert metric(metrics, "braid_rejections_total", 'reason="queue_timeout"') == 2
+        assert metric(metrics, "braid_aborted_requests_total") == 0, "a deadline is not a client abort"
+        assert results["holder"] == 200 and s.health()["running"] == 1, "the running request was not disturbed"
+        done.set()
+        h.join(timeout=30)
+    finally:
+        s.stop()
+
+
+def test_finishes_are_counted_by_their_real_reasons():
+    """A stop string ends a choice with finish_reason "stop": not an abort; each of `n`
+    choices counts once, by its own reason; a client that leaves is an abort."""
+    s = Server()
+    try:
+        before = httpx.get(s.url + "/metrics", timeout=10).text
+        body = {"model": MODEL_NAME, "prompt": "Count: 1, 2, 3,", "max_tokens": 40, "ignore_eos": True, "temperature": 0, "n": 2, "stop": [","]}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and [c["finish_reason"] for c in r.json()["choices"]] == ["stop", "stop"]
+        assert wait_for(lambda: s.health()["running"] == 0, 10)
+        time.sleep(0.3)
+        after = httpx.get(s.url + "/metrics", timeout=10).text
+        stops = metric(after, "braid_requests_total", 'finish_reason="stop"') - metric(before, "braid_requests_total", 'finish_reason="stop"')
+        aborts = metric(after, "braid_aborted_requests_total") - metric(before, "braid_aborted_requests_total")
+        assert (stops, aborts) == (2, 0), f"stop-string finishes counted as {stops} stops and {aborts} aborts"
+
+        # A client that goes away mid-stream is an abort, once per sequence it leaves behind.
+        with httpx.stream("POST", s.url + "/v1/completions", json={**LONG, "stream": True, "max_tokens": 500}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break
+        assert wait_for(lambda: s.health()["running"] == 0, 10)
+        time.sleep(0.3)
+        last = httpx.get(s.url + "/metrics", timeout=10).text
+        assert metric(last, "braid_aborted_requests_total") - metric(after, "braid_aborted_requests_total") == 1
+        assert metric(last, "braid_requests_total", 'finish_reason="abort"') - metric(after, "braid_requests_total", 'finish_reason="abort"') == 1
+    finally:
+        s.stop()
+
+
+def test_time_per_output_token_is_per_choice():
+    """TPOT is measured per sequence: n=4 choices decoding side by side take a step per token
+    each, not a quarter of one (the old histogram divided by all choices' tokens)."""
+    s = Server()
+    try:
+        names = ["braid_time_per_output_token_seconds_count", "braid_time_per_output_token_seconds_sum", "braid_time_to_first_token_seconds_sum", "braid_e2e_request_latency_seconds_sum"]
+        before = httpx.get(s.url + "/metrics", timeout=10).text
+        body = {"model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True, "temperature": 0.8, "seed": 7, "n": 4}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 128
+        after = httpx.get(s.url + "/metrics", timeout=10).text
+        count, tpot_sum, ttft, e2e = (metric(after, n) - metric(before, n) for n in names)
+        assert count == 4, f"{count} TPOT samples for 4 choices"
+        # Every choice decodes its 31 later tokens over about (e2e - ttft).
+        ratio = (tpot_sum / count) * 31 / (e2e - ttft)
+        assert 0.5 < ratio < 1.5, f"TPOT x 31 is {ratio:.2f} of the decoding time"
+    finally:
+        s.stop()
