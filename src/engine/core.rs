@@ -2,7 +2,7 @@
 //! library (no async runtime, no HTTP), like mlx-lm's `BatchGenerator`: `add_request` inserts,
 //! `step` advances every running request by one forward pass, `abort` removes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -368,6 +368,13 @@ impl Engine {
     /// failure (an error or a panic anywhere in the step) fails only the requests of this step:
     /// see `StepError`.
     pub fn step(&mut self) -> Result<Vec<Event>, StepError> {
+        self.step_with(&mut |_| {})
+    }
+
+    /// `step`, calling `on_start` with each request the step schedules for the first time,
+    /// before its forward pass (a server's deadline for waiting ends there, not at the end of
+    /// a long prefill chunk).
+    pub fn step_with(&mut self, on_start: &mut (dyn FnMut(RequestId) + Send)) -> Result<Vec<Event>, StepError> {
         // Events queued before the step (aborts) survive its failure.
         let mut events = std::mem::take(&mut self.pending_events);
         self.last_step.clear();
@@ -378,7 +385,7 @@ impl Engine {
         // thread comes back out of `install` on this one, where it is caught: the requests of
         // the step are given up below, so no half-updated sequence is stepped again.
         let pool = Arc::clone(&self.compute);
-        let outcome = catch_unwind(AssertUnwindSafe(|| pool.install(|| self.step_on_pool())));
+        let outcome = catch_unwind(AssertUnwindSafe(|| pool.install(|| self.step_on_pool(on_start))));
         let (cause, panicked) = match outcome {
             Ok(Ok(new)) => {
                 events.extend(new);
@@ -412,7 +419,7 @@ impl Engine {
         Err(candle_core::Error::Msg(message))
     }
 
-    fn step_on_pool(&mut self) -> candle_core::Result<Vec<Event>> {
+    fn step_on_pool(&mut self, on_start: &mut (dyn FnMut(RequestId) + Send)) -> candle_core::Result<Vec<Event>> {
         let mut events = std::mem::take(&mut self.pending_events);
         if let Some(disk) = &self.disk {
             // Copies in the blocks the reader has read, starts reading the next requests'.
@@ -420,7 +427,9 @@ impl Engine {
             let slots = self.scheduler.config.max_num_seqs.saturating_sub(running);
             self.prefetch.step(disk, &mut self.blocks, self.backend.block_store(), &self.scheduler.waiting, running, slots);
         }
+        let never_started: HashSet<RequestId> = self.scheduler.waiting.iter().filter(|s| !s.admitted).map(|s| s.id).collect();
         let scheduled = self.scheduler.schedule(&mut self.blocks);
+        scheduled.iter().filter(|s| never_started.contains(&s.id)).for_each(|s| on_start(s.id));
         if let Some(disk) = &self.disk {
             tiering::spill_evicted(disk, &mut self.blocks, self.backend.block_store());
         }

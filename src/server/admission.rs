@@ -1,8 +1,8 @@
 //! Admission control: at most `max_running` sequences hold a slot in the engine; up to
 //! `queue_size` requests wait for one; a full queue answers 429 at once. Each request has a
-//! deadline, `queue_timeout` after its arrival, for its first token: the wait here for a slot
-//! is the first part of it, the wait in the engine's queue (for KV blocks) and the prefill the
-//! rest (the handler enforces that part). Past it, 503 and dropped. Nothing waits forever.
+//! deadline, `queue_timeout` after its arrival, for the engine to start it: the wait here for
+//! a slot is the first part of it, the wait in the engine's queue (for KV blocks) the rest (the
+//! handler enforces that part; a prefill under way is never cut off). Past it, 503 and dropped. Nothing waits forever.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -71,6 +71,9 @@ impl TestFault {
 /// What a request hears from the engine.
 #[derive(Debug, Clone)]
 pub enum SeqEvent {
+    /// The engine has scheduled the sequence for the first time: its prefill has begun, so
+    /// its wait in the queues is over (the request's deadline stops here).
+    Started,
     /// `ends` marks the stop token that ended the sequence: counted, but not part of the text.
     Token { token: SampledToken, cached_tokens: usize, ends: bool },
     Finished(FinishReason),
@@ -295,7 +298,13 @@ fn run(engine: &mut Engine, commands: &mpsc::Receiver<Command>, stats: &Mutex<En
                 true
             }
         });
-        let events = match engine.step() {
+        // Tells each request the engine starts that its wait is over, before the forward pass.
+        let mut on_start = |id| {
+            if let Some(l) = live.get(&id) {
+                let _ = l.events.send(SeqEvent::Started);
+            }
+        };
+        let events = match engine.step_with(&mut on_start) {
             Ok(events) => {
                 // Only a forward pass that went through shows the engine works (a step that
                 // just hands out queued abort events shows nothing).

@@ -52,6 +52,7 @@ pub fn record_engine(s: &EngineStats) {
         counter!("braid_prompt_cache_disk_rejected_files_total").absolute(d.rejected_files);
         counter!("braid_prompt_cache_disk_evicted_files_total").absolute(d.evicted_files);
         counter!("braid_prompt_cache_disk_dropped_writes_total").absolute(d.dropped_writes);
+        counter!("braid_prompt_cache_disk_abandoned_loads_total").absolute(d.abandoned_loads);
     }
     counter!("braid_prefilled_tokens_total").absolute(s.prefilled_tokens);
     counter!("braid_generated_tokens_total").absolute(s.generated_tokens);

@@ -58,8 +58,9 @@ pub struct ServeArgs {
     /// Requests that may wait for a free sequence slot; beyond that: 429 with Retry-After.
     #[arg(long, default_value_t = 256)]
     queue_size: usize,
-    /// Seconds a request may wait, from its arrival to its first token (for a slot, then in
-    /// the engine's queue for KV blocks, then its prefill), before it is answered 503 and dropped.
+    /// Seconds a request may wait, from its arrival until the engine starts it (for a slot,
+    /// then in the engine's queue for KV blocks), before it is answered 503 and dropped. A
+    /// prefill under way is never cut off.
     #[arg(long, default_value_t = 60.0)]
     queue_timeout: f64,
     /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (not on /health

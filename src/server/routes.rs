@@ -143,8 +143,9 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
         per_prompt_max.push(max_tokens);
     }
 
-    // One deadline for the whole wait, from here to the first token: for a slot, then in the
-    // engine's queue (for KV blocks), then the prefill.
+    // One deadline for the whole wait, from here until the engine starts the request: for a
+    // slot, then in the engine's queue (for KV blocks). The prefill is work, not waiting: a
+    // long prompt that has begun is never cut off by it.
     let deadline = start + state.admission.queue_timeout();
     let permit = state.admission.acquire(prompts.len() * options.n, deadline).await?;
     let mut receivers = Vec::new();
@@ -243,8 +244,8 @@ impl Drop for Run {
 }
 
 impl Run {
-    /// Waits, until the request's deadline, for every choice's first event (a token, or its
-    /// end); they stay buffered for `next`. Past the deadline: 503 `queue_timeout`, and the
+    /// Waits, until the request's deadline, for every choice to start (the engine scheduled
+    /// it, or it ended at once); events that came with it stay buffered for `next`. Past the deadline: 503 `queue_timeout`, and the
     /// sequences are dropped from the engine. A choice the engine refused: that error, before
     /// any part of a response is sent.
     async fn wait_started(&mut self, deadline: Instant) -> Result<(), ApiError> {
@@ -254,6 +255,7 @@ impl Run {
             for (i, slot) in self.receivers.iter_mut().enumerate() {
                 let Some(rx) = slot.as_mut().filter(|_| !started[i]) else { continue };
                 match rx.poll_recv(cx) {
+                    Poll::Ready(Some(SeqEvent::Started)) => started[i] = true,
                     Poll::Ready(Some(e)) => {
                         started[i] = true;
                         self.buffered.push_back((i, e));
@@ -323,6 +325,7 @@ impl Run {
                 }
                 self.choices[i].push(tokenizer, token)
             }
+            SeqEvent::Started => Delta::default(),
             SeqEvent::Finished(reason) => self.choices[i].finish(tokenizer, reason),
             SeqEvent::Rejected(message) => {
                 self.ending = Release::Cancelled;

@@ -159,9 +159,9 @@ def test_tokenize_and_detokenize_need_the_api_key():
 
 
 def test_the_deadline_covers_the_wait_in_the_engine_queue():
-    """--queue-timeout runs from arrival to the first token: a request that got a slot but waits
-    in the engine's queue for KV blocks is answered 503 at its deadline (a stream before any
-    chunk), not whenever the blocks come free."""
+    """--queue-timeout runs from arrival until the engine starts the request: one that got a
+    slot but waits in the engine's queue for KV blocks is answered 503 at its deadline (a stream
+    before any chunk), not whenever the blocks come free."""
     # 100 blocks of 16 tokens. A running request (100 prompt tokens, 1,450 to generate) holds
     # 7 of them, so a 1,500-token prompt (94 blocks) cannot start before it ends, seconds later.
     block = 368640
@@ -258,5 +258,28 @@ def test_time_per_output_token_is_per_choice():
         # Every choice decodes its 31 later tokens over about (e2e - ttft).
         ratio = (tpot_sum / count) * 31 / (e2e - ttft)
         assert 0.5 < ratio < 1.5, f"TPOT x 31 is {ratio:.2f} of the decoding time"
+    finally:
+        s.stop()
+
+
+def test_the_deadline_never_cuts_off_a_prefill_under_way():
+    """A prompt whose prefill alone takes longer than --queue-timeout is answered: the deadline
+    covers waiting, not the work of a request the engine has started."""
+    s = Server("--queue-timeout", "1")
+    try:
+        tokens = httpx.post(s.url + "/tokenize", json={"prompt": "Numbers, letters and colors: " * 600}, timeout=10).json()["tokens"]
+        for shift, stream in ((0, False), (1, True)):
+            # Shifted by a token, so the second prompt shares no cached block with the first.
+            ids = tokens[shift : shift + 3000]
+            assert len(ids) == 3000
+            start = time.time()
+            body = {"model": MODEL_NAME, "prompt": ids, "max_tokens": 2, "stream": stream}
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=300) as r:
+                text = r.read().decode()
+                assert r.status_code == 200, text
+            took = time.time() - start
+            assert "queue_timeout" not in text
+            # Only meaningful if the prefill really outlasted the deadline.
+            assert took > 1.0, f"the 3,000-token prefill took only {took:.2f} s"
     finally:
         s.stop()
