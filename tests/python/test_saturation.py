@@ -38,15 +38,7 @@ def probe(client, path):
     return times
 
 
-FLOOD_MARK = pytest.mark.xfail(
-    strict=True,
-    reason="prompts are tokenized on the two async workers, so two clients sending large prompts back to back "
-    "delay /health (p99 430 ms measured); moving tokenizing to spawn_blocking (issue 20, another slice) fixes it: "
-    "remove this mark then",
-)
-
-
-@pytest.mark.parametrize("flood", [False, pytest.param(True, marks=FLOOD_MARK)], ids=["quiet", "flooded"])
+@pytest.mark.parametrize("flood", [False, True], ids=["quiet", "flooded"])
 def test_probes_answer_fast_while_saturated(flood):
     s = Server("--max-num-seqs", str(RUNNING), "--queue-size", str(QUEUED), "--queue-timeout", "600", "--shutdown-grace", "1")
     try:
