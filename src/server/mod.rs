@@ -7,6 +7,7 @@ mod engine_thread;
 mod error;
 mod metrics;
 mod openai;
+mod openapi;
 mod routes;
 mod session;
 
@@ -137,6 +138,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(routes::fallback)
         .layer(middleware::from_fn_with_state(state.clone(), add_replica_header))
         .with_state(state)

@@ -43,7 +43,7 @@ fn request_id(prefix: &str) -> String {
 pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let request = openai::parse_chat(&body)?;
     state.check_model(&request.model)?;
-    let options = request.options()?;
+    let options = request.options(state.vocab_size)?;
     let session = session::session_id(&headers, options.user.as_deref())?;
     let messages = request.template_messages()?;
     let template = state.template.as_ref().ok_or_else(|| ApiError::bad_request("This model has no chat template; use /v1/completions"))?;
@@ -62,7 +62,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
 pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let request = openai::parse_completion(&body)?;
     state.check_model(&request.model)?;
-    let options = request.options()?;
+    let options = request.options(state.vocab_size)?;
     let session = session::session_id(&headers, options.user.as_deref())?;
     let encode = |text: &str| {
         if !state.tokenizer.has_vocabulary() {
@@ -406,9 +406,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render()).into_response()
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenizeRequest {
+pub(super) struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<openai::Message>>,
@@ -433,9 +433,9 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.max_context})))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DetokenizeRequest {
+pub(super) struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<u32>,
 }
