@@ -16,7 +16,7 @@ test: model .venv/ok
 
 .venv/ok:
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet --disable-pip-version-check openai pytest httpx
+	.venv/bin/pip install --quiet --disable-pip-version-check openai pytest httpx schemathesis hypothesis
 	touch $@
 
 model:

@@ -12,11 +12,29 @@
 //! - min-p: tokens whose weight relative to the best is at least `min_p`;
 //! - top-p: of those, the tokens at or above the highest logit `t` such that their weights sum
 //!   to at least `top_p` of the top-k tokens' weight (ties at `t` all stay).
+//!
+//! Every input gives a token: a temperature below `MIN_TEMPERATURE` (or not a number) takes the
+//! first maximum, as does a row where no kept token has any weight (all logits -inf or NaN, or
+//! parameters outside their ranges). On the GPU the first of these never arrives (the sampler
+//! sends such rows as greedy, `RowChoice::Greedy`), and the kernel's argmax runs first and
+//! stays where nothing has weight, so it agrees.
+
+use super::sampler::argmax;
+
+/// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`). Below it `1 / T` grows without
+/// bound: at 1e-40 it overflows f32, `0 * inf` makes the best token's weight NaN, and nothing
+/// could be drawn; at the floor the next token is already 1e5 x its logit gap less likely.
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
+/// Whether this temperature takes the first maximum: below the floor, or not a number.
+pub fn is_greedy(temperature: f32) -> bool {
+    temperature.is_nan() || temperature < MIN_TEMPERATURE
+}
 
 /// What a random draw needs of a request's sampling parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DrawParams {
-    /// > 0 (0 is greedy, which does not draw).
+    /// At least `MIN_TEMPERATURE` (below it, greedy: the draw takes the first maximum).
     pub temperature: f32,
     /// 0 disables.
     pub top_k: usize,
@@ -55,7 +73,8 @@ const TOP_P_SPAN: f32 = 23.0;
 /// The highest logit `t` among the candidates whose weights at or above `t` sum to at least
 /// `target`; `None` when all of them together fall short. One pass adds the weights up in
 /// buckets of logit (each bucket's logits above the next's); only the bucket where the sum
-/// reaches the target is sorted.
+/// reaches the target is sorted. Total: each group of equal logits advances the walk (NaN
+/// included, though no candidate is NaN), and a sum that never reaches the target is `None`.
 fn top_p_floor(logits: &[f32], w: &[u64], candidates: &[u32], target: u64, max: f32, temperature: f32) -> Option<f32> {
     let per_logit = TOP_P_BUCKETS as f32 / (TOP_P_SPAN * temperature);
     // Monotone in the logit: equal logits share a bucket, higher ones never come later.
@@ -77,6 +96,8 @@ fn top_p_floor(logits: &[f32], w: &[u64], candidates: &[u32], target: u64, max: 
     let mut i = 0;
     while i < inside.len() {
         let t = logits[inside[i] as usize];
+        sum += w[inside[i] as usize];
+        i += 1;
         while i < inside.len() && logits[inside[i] as usize] == t {
             sum += w[inside[i] as usize];
             i += 1;
@@ -85,11 +106,15 @@ fn top_p_floor(logits: &[f32], w: &[u64], candidates: &[u32], target: u64, max: 
             return Some(t);
         }
     }
-    unreachable!("the crossing bucket's weights reach the target")
+    // (The crossing bucket's weights reach the target, so this is not reached.)
+    None
 }
 
 /// The token that `uniform` (in [0, 1)) picks from `logits` under `params`.
 pub fn draw(logits: &[f32], params: &DrawParams, uniform: f32) -> u32 {
+    if is_greedy(params.temperature) {
+        return argmax(logits);
+    }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let (p, w) = weights(logits, max, params.temperature);
     let k_floor = if params.top_k > 0 && params.top_k < logits.len() { kth_largest(logits, params.top_k) } else { f32::NEG_INFINITY };
@@ -113,7 +138,9 @@ pub fn draw(logits: &[f32], params: &DrawParams, uniform: f32) -> u32 {
         }
         r -= w[i];
     }
-    unreachable!("r < total, the sum of the kept weights")
+    // No kept token has weight (r < total otherwise): the row's logits are all -inf or NaN, or
+    // the limits are out of range (min-p above 1). The first maximum, as the kernel leaves it.
+    argmax(logits)
 }
 
 #[cfg(test)]
@@ -196,6 +223,31 @@ mod tests {
     }
 
     #[test]
+    fn a_temperature_below_the_floor_is_greedy() {
+        // 1e-40 is subnormal: `1 / T` overflows to inf, and the best token's weight was
+        // `exp(0 * inf)`, NaN, so the walk found nothing (a panic, before the floor).
+        let logits = [1.0, 3.0, 2.0, 3.0, -1.0];
+        for t in [1e-40, f32::from_bits(1), 1e-6, 0.0, -0.0] {
+            for (top_k, top_p, min_p) in [(0, 1.0, 0.0), (0, 0.5, 0.0), (2, 0.01, 0.5)] {
+                assert_eq!(draw(&logits, &params(t, top_k, top_p, min_p), 0.7), 1, "temperature {t:e}");
+            }
+        }
+        // At the floor a draw still happens (the tie at 3.0 splits).
+        let ids: std::collections::BTreeSet<u32> = (0..100).map(|j| draw(&logits, &params(MIN_TEMPERATURE, 0, 1.0, 0.0), j as f32 / 100.0)).collect();
+        assert_eq!(ids, [1, 3].into());
+    }
+
+    #[test]
+    fn rows_without_weight_take_the_first_maximum() {
+        // All -inf (no weight anywhere), +inf (inf - inf is NaN), min-p above 1 (nothing kept).
+        assert_eq!(draw(&[f32::NEG_INFINITY; 4], &params(1.0, 0, 0.9, 0.0), 0.5), 0);
+        assert_eq!(draw(&[0.0, f32::INFINITY, 1.0], &params(1.0, 0, 0.5, 0.0), 0.5), 1);
+        assert_eq!(draw(&[0.0, 2.0, 1.0], &params(1.0, 0, 1.0, 1.5), 0.5), 1);
+        // The largest uniform below 1 stays inside the kept weight.
+        assert_eq!(draw(&[0.0, 0.0], &params(1.0, 0, 1.0, 0.0), 1.0 - f32::EPSILON / 2.0), 1);
+    }
+
+    #[test]
     fn limits_cut_the_tail() {
         let logits = [1.0, 3.0, 2.0, -1.0, 2.5, 0.5];
         let kept = |d: DrawParams| -> Vec<u32> {
@@ -209,5 +261,84 @@ mod tests {
         // exp(-0.5) = 0.61 and exp(-1) = 0.37 of the best: min-p 0.5 keeps two.
         assert_eq!(kept(params(1.0, 0, 1.0, 0.5)), vec![1, 4]);
         assert_eq!(kept(params(1.0, 0, 1.0, 0.0)), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Logits as rows meet them, and at the extremes: ties, huge, infinite, subnormal, NaN.
+        fn logit() -> impl Strategy<Value = f32> {
+            let special = [f32::MAX, f32::MIN, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, f32::from_bits(1), -f32::from_bits(1), f32::NAN];
+            prop_oneof![
+                4 => -40.0f32..40.0,
+                2 => (-8i32..8).prop_map(|x| x as f32),
+                1 => proptest::sample::select(special.to_vec()),
+                1 => proptest::num::f32::ANY,
+            ]
+        }
+
+        fn row() -> impl Strategy<Value = Vec<f32>> {
+            prop_oneof![
+                6 => proptest::collection::vec(logit(), 1..200),
+                // One value throughout (all -inf, all equal, ...).
+                1 => (1usize..100, logit()).prop_map(|(n, x)| vec![x; n]),
+                // One token not -inf.
+                1 => (1usize..100, 0usize..100, logit()).prop_map(|(n, i, x)| {
+                    let mut row = vec![f32::NEG_INFINITY; n];
+                    row[i % n] = x;
+                    row
+                }),
+            ]
+        }
+
+        /// From 0 to 2, subnormals and the floor's neighbourhood included.
+        fn temperature() -> impl Strategy<Value = f32> {
+            prop_oneof![
+                Just(0.0f32),
+                Just(MIN_TEMPERATURE),
+                Just(f32::from_bits(MIN_TEMPERATURE.to_bits() - 1)),
+                Just(2.0),
+                (1u32..0x0080_0000).prop_map(f32::from_bits),
+                1e-40f32..MIN_TEMPERATURE,
+                MIN_TEMPERATURE..=2.0f32,
+            ]
+        }
+
+        fn draw_params() -> impl Strategy<Value = DrawParams> {
+            let top_k = prop_oneof![Just(0usize), Just(1), 1usize..300, Just(usize::MAX)];
+            let top_p = prop_oneof![Just(1.0f32), Just(f32::MIN_POSITIVE), Just(f32::from_bits(1)), 1e-30f32..=1.0];
+            let min_p = prop_oneof![Just(0.0f32), Just(1.0), Just(f32::from_bits(1)), 0.0f32..=1.0];
+            (temperature(), top_k, top_p, min_p).prop_map(|(temperature, top_k, top_p, min_p)| DrawParams { temperature, top_k, top_p, min_p })
+        }
+
+        fn uniform() -> impl Strategy<Value = f32> {
+            prop_oneof![Just(0.0f32), Just(1.0 - f32::EPSILON / 2.0), 0.0f32..1.0]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Any row and limits give a token of the row: the first maximum below the
+            /// temperature floor or where no kept token has weight, else a kept token of
+            /// positive weight (the definition's).
+            #[test]
+            fn every_row_gives_a_token_the_definition_keeps(logits in row(), d in draw_params(), u in uniform()) {
+                let id = draw(&logits, &d, u) as usize;
+                prop_assert!(id < logits.len());
+                if d.temperature < MIN_TEMPERATURE {
+                    prop_assert_eq!(id, argmax(&logits) as usize);
+                } else {
+                    let kept = kept_reference(&logits, &d);
+                    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let (_, w) = weights(&logits, max, d.temperature);
+                    if (0..logits.len()).any(|i| kept[i] && w[i] > 0) {
+                        prop_assert!(kept[id] && w[id] > 0, "token {} (weight {}) under {:?}", id, w[id], d);
+                    } else {
+                        prop_assert_eq!(id, argmax(&logits) as usize);
+                    }
+                }
+            }
+        }
     }
 }

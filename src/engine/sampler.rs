@@ -5,11 +5,11 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::draw::{draw, DrawParams};
+use super::draw::{draw, is_greedy, DrawParams};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// 0 means greedy, as does anything below `draw::MIN_TEMPERATURE`.
     pub temperature: f32,
     /// 0 disables.
     pub top_k: usize,
@@ -161,8 +161,13 @@ impl Sampler {
         } else {
             Vec::new()
         };
-        let id = if self.params.temperature == 0.0 { argmax(logits) } else { self.sample_random(logits) };
+        let id = if self.greedy() { argmax(logits) } else { self.sample_random(logits) };
         SampledToken { id, logprob: logprob(id), top }
+    }
+
+    /// Whether the temperature is below the floor where sampling means anything (0 included).
+    fn greedy(&self) -> bool {
+        is_greedy(self.params.temperature)
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
@@ -189,7 +194,7 @@ impl Sampler {
         if !self.samples_anywhere() {
             return RowChoice::Host;
         }
-        if self.params.temperature == 0.0 {
+        if self.greedy() {
             return RowChoice::Greedy;
         }
         let uniform = self.rng.random::<f32>();
@@ -267,6 +272,7 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::draw::MIN_TEMPERATURE;
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, -1.0, 3.0, 0.5]
@@ -352,6 +358,117 @@ mod tests {
         let params = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy(1) };
         let mut s = Sampler::new(params, &[1, 4]);
         assert_eq!(s.sample(&mut logits()).id, 2);
+    }
+
+    #[test]
+    fn temperatures_below_the_floor_are_greedy_on_host_and_device() {
+        // 1e-40 made `1 / T` overflow and the draw panic (the engine thread with it); the
+        // device's draw got the same parameters.
+        for temperature in [1e-40, f32::from_bits(1), 9.99e-6] {
+            let params = SamplingParams { temperature, top_p: 0.5, seed: Some(3), ..SamplingParams::default() };
+            let mut s = Sampler::new(params.clone(), &[]);
+            assert_eq!(s.sample(&mut logits()).id, 1);
+            assert_eq!(Sampler::new(params.clone(), &[]).row_choice(), RowChoice::Greedy);
+            let with_logprobs = SamplingParams { top_logprobs: 20, ..params };
+            let t = Sampler::new(with_logprobs, &[]).sample(&mut logits());
+            assert_eq!((t.id, t.top.len()), (1, 6));
+            assert!(t.logprob.is_finite());
+        }
+        let at_floor = SamplingParams { temperature: MIN_TEMPERATURE, seed: Some(3), ..SamplingParams::default() };
+        assert!(matches!(Sampler::new(at_floor, &[]).row_choice(), RowChoice::Random { .. }));
+    }
+
+    #[test]
+    fn a_bias_of_minus_100_on_every_token_but_one_leaves_that_one() {
+        let row: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.3 - 15.0).collect();
+        let logit_bias: Vec<(u32, f32)> = (0..1000).filter(|&i| i != 417).map(|i| (i, -100.0)).collect();
+        for temperature in [0.0, 1e-40, 0.7, 2.0] {
+            let params = SamplingParams { temperature, top_p: 0.5, logit_bias: logit_bias.clone(), top_logprobs: 5, seed: Some(i64::MIN as u64), ..SamplingParams::default() };
+            let mut s = Sampler::new(params, &[]);
+            for _ in 0..5 {
+                let t = s.sample(&mut row.clone());
+                assert_eq!(t.id, 417, "temperature {temperature}");
+                assert!(t.logprob.is_finite() && t.logprob <= 0.0);
+            }
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Rows of a model's scale: ordinary, tied, one apart from the rest.
+        fn row() -> impl Strategy<Value = Vec<f32>> {
+            prop_oneof![
+                proptest::collection::vec(-30.0f32..30.0, 1..300),
+                proptest::collection::vec((-4i32..4).prop_map(|x| x as f32), 1..300),
+                (1usize..300, -30.0f32..30.0).prop_map(|(n, x)| vec![x; n]),
+            ]
+        }
+
+        /// From 0 to 2, subnormals and the floor's neighbourhood included.
+        fn temperature() -> impl Strategy<Value = f32> {
+            prop_oneof![
+                Just(0.0f32),
+                Just(MIN_TEMPERATURE),
+                Just(f32::from_bits(MIN_TEMPERATURE.to_bits() - 1)),
+                (1u32..0x0080_0000).prop_map(f32::from_bits),
+                1e-40f32..MIN_TEMPERATURE,
+                ends(MIN_TEMPERATURE, 2.0),
+            ]
+        }
+
+        fn ends(lo: f32, hi: f32) -> impl Strategy<Value = f32> {
+            prop_oneof![Just(lo), Just(hi), lo..=hi]
+        }
+
+        /// Every parameter within what validation lets through, ends included.
+        fn params() -> impl Strategy<Value = SamplingParams> {
+            let bias = proptest::collection::vec((0u32..400, prop_oneof![Just(-100.0f32), Just(100.0), -100.0f32..=100.0]), 0..300);
+            let top_p = prop_oneof![Just(f32::MIN_POSITIVE), Just(1e-30f32), ends(0.0, 1.0).prop_filter("top_p > 0", |&p| p > 0.0)];
+            let top_k = prop_oneof![Just(0usize), Just(1), 1usize..400, Just(usize::MAX)];
+            let seed = prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(-1), any::<i64>()].prop_map(|s| Some(s as u64));
+            (
+                (temperature(), top_k, top_p, ends(0.0, 1.0)),
+                (ends(0.01, 10.0), ends(-2.0, 2.0), ends(-2.0, 2.0), bias),
+                (seed, 0usize..=20),
+            )
+                .prop_map(|((temperature, top_k, top_p, min_p), (repetition_penalty, presence_penalty, frequency_penalty, mut logit_bias), (seed, top_logprobs))| {
+                    logit_bias.sort_by_key(|b| b.0);
+                    logit_bias.dedup_by_key(|b| b.0);
+                    SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, top_logprobs, ..SamplingParams::default() }
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1500))]
+
+            /// Whatever validation accepts samples a token of the row for every step, with
+            /// finite log-probabilities, on the host and in the device's choice alike.
+            #[test]
+            fn every_valid_request_samples_a_token(row in row(), params in params(), prompt in proptest::collection::vec(0u32..400, 0..50), steps in 1usize..6) {
+                prop_assert!(params.validate().is_ok());
+                let greedy = params.temperature < MIN_TEMPERATURE;
+                let mut s = Sampler::new(params.clone(), &prompt);
+                for _ in 0..steps {
+                    let mut logits = row.clone();
+                    let t = s.sample(&mut logits);
+                    prop_assert!((t.id as usize) < row.len());
+                    if greedy {
+                        prop_assert_eq!(t.id, argmax(&logits));
+                    }
+                    prop_assert!(t.logprob.is_finite() && t.logprob <= 1e-4, "logprob {}", t.logprob);
+                    prop_assert_eq!(t.top.len(), params.top_logprobs.min(row.len()));
+                    prop_assert!(t.top.iter().all(|&(id, lp)| (id as usize) < row.len() && lp.is_finite()));
+                    match s.row_choice() {
+                        RowChoice::Greedy => prop_assert!(greedy),
+                        RowChoice::Random { params: d, uniform } => prop_assert!(!greedy && d.temperature >= MIN_TEMPERATURE && (0.0..1.0).contains(&uniform)),
+                        RowChoice::Host => prop_assert!(!s.samples_anywhere()),
+                    }
+                    s.observe(t.id);
+                }
+            }
+        }
     }
 
     #[test]

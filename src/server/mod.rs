@@ -7,6 +7,7 @@ mod engine_thread;
 mod error;
 mod metrics;
 mod openai;
+mod openapi;
 mod prompt;
 mod routes;
 mod session;
@@ -158,6 +159,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(keyed)
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(openapi::serve))
         .fallback(routes::fallback)
         .layer(DefaultBodyLimit::max(state.max_request_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), add_replica_header))

@@ -1,9 +1,14 @@
 //! OpenAI wire format: request bodies parsed strictly (an unknown or unsupported field is a
-//! 400 naming it, never silently ignored) into braid's own `GenerationRequest`.
+//! 400 naming it, never silently ignored) into braid's own `GenerationRequest`. The types'
+//! `ToSchema` derives (with the ranges `options` checks) make the OpenAPI document's request
+//! bodies (openapi.rs).
 
 use std::collections::HashMap;
 
 use serde::Deserialize;
+use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use crate::engine::SamplingParams;
@@ -17,20 +22,26 @@ const UNSUPPORTED_COMPLETION: &[&str] = &["echo", "suffix", "best_of", "response
 
 /// Fields of `CommonFields` (serde cannot refuse unknown fields through `flatten`, so the
 /// known ones are listed and checked by hand).
-const COMMON: &[&str] = &[
+pub(super) const COMMON: &[&str] = &[
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "seed", "stop", "n", "ignore_eos", "user", "stream", "stream_options",
 ];
-const CHAT: &[&str] = &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs"];
-const COMPLETION: &[&str] = &["model", "prompt", "logprobs"];
+pub(super) const CHAT: &[&str] = &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs"];
+pub(super) const COMPLETION: &[&str] = &["model", "prompt", "logprobs"];
 
-/// Most choices per request, and most alternatives per token.
+/// Most choices per request, and most alternatives per token (the schemas' `maximum`s are
+/// these numbers as literals: `openapi::tests` checks they agree).
 pub const MAX_N: usize = 16;
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Most stop strings, and the longest one in bytes (each is looked for in the text after every
+/// token: a long one costs every token of the request).
+pub const MAX_STOPS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
+    /// Send one last chunk with the usage (its `choices` empty) before `[DONE]`.
     pub include_usage: Option<bool>,
 }
 
@@ -42,55 +53,115 @@ pub enum StopField {
 }
 
 /// Sampling fields common to both endpoints.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CommonFields {
+    /// Most tokens to generate (the prompt and these must fit the context). Default: up to the
+    /// end of the context (chat), 16 (completions).
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
+    /// Below 1e-5 (0 included) the most likely token is taken (greedy). Default 1.
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f64>,
+    /// Keep the most likely tokens whose probabilities reach this much. Default 1 (off).
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f64>,
+    /// Keep the k most likely tokens; -1 or 0 is off.
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
+    /// Keep tokens at least this likely relative to the most likely one. Default 0 (off).
+    #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f64>,
+    #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f64>,
+    #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f64>,
+    /// Above 1 discourages tokens of the prompt and output (vLLM's). Default 1 (off).
+    #[schema(minimum = 0.01, maximum = 10)]
     pub repetition_penalty: Option<f64>,
+    #[schema(schema_with = logit_bias_schema)]
     pub logit_bias: Option<HashMap<String, f64>>,
+    /// Makes sampling reproducible (choice i of `n` uses seed + i).
     pub seed: Option<i64>,
+    #[schema(schema_with = stop_schema)]
     pub stop: Option<StopField>,
+    /// Choices to generate.
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<i64>,
+    /// Keep generating past the model's end-of-sequence tokens.
     pub ignore_eos: Option<bool>,
+    /// A session id: the conversation's KV blocks are kept for its next turn.
     pub user: Option<String>,
+    /// Answer with server-sent events, one chunk per piece of text, then `data: [DONE]`.
     pub stream: Option<bool>,
+    /// Only with `stream: true`.
     pub stream_options: Option<StreamOptions>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `logit_bias`: token id (decimal, inside the vocabulary) to a bias added to its logit.
+fn logit_bias_schema() -> impl Into<RefOr<Schema>> {
+    let bias = ObjectBuilder::new().schema_type(Type::Number).minimum(Some(-100)).maximum(Some(100));
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Array(vec![Type::Object, Type::Null]))
+        .property_names(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[0-9]{1,10}$"))))
+        .additional_properties(Some(AdditionalProperties::RefOr(RefOr::T(bias.into()))))
+        .description(Some("Token id (a decimal string, below the vocabulary size) to a bias from -100 to 100 added to its logit"))
+}
+
+/// `stop`: one string or a list of them, each non-empty and at most `MAX_STOP_BYTES` bytes.
+fn stop_schema() -> impl Into<RefOr<Schema>> {
+    let one = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(MAX_STOP_BYTES));
+    OneOfBuilder::new()
+        .item(one())
+        .item(ArrayBuilder::new().items(one()).max_items(Some(MAX_STOPS)))
+        .item(ObjectBuilder::new().schema_type(Type::Null))
+        .description(Some(format!(
+            "Text that ends a choice (not included in it): one string or up to {MAX_STOPS}, each at most {MAX_STOP_BYTES} bytes of UTF-8"
+        )))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContentPart {
+    /// Only `text` parts are supported.
     #[serde(rename = "type")]
+    #[schema(pattern = "^text$")]
     pub kind: String,
+    #[schema(value_type = String, required = true)]
     pub text: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
+    /// `system`, `user`, `assistant`, or `developer` (a system message).
+    #[schema(pattern = "^(system|user|assistant|developer)$")]
     pub role: String,
+    #[schema(value_type = Content, required = true)]
     pub content: Option<Content>,
     pub name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// POST /v1/chat/completions.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
+    /// The served model's name (GET /v1/models).
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<Message>,
+    /// The same as `max_tokens` (give only one).
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<i64>,
+    /// Report each token's log-probability.
     pub logprobs: Option<bool>,
+    /// Alternatives to report with each token (needs `logprobs: true`).
+    #[schema(minimum = 0, maximum = 20)]
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
@@ -105,10 +176,34 @@ pub enum PromptField {
     IdLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
+/// Marks a token id's schema: the served document bounds it by the model's vocabulary.
+pub const TOKEN_ID: &str = "A token id (below the vocabulary size)";
+
+fn token_id_schema() -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)).maximum(Some(u32::MAX)).description(Some(TOKEN_ID))
+}
+
+/// `prompt`: text, texts, token ids, or lists of token ids (one choice group per prompt).
+fn prompt_schema() -> impl Into<RefOr<Schema>> {
+    let text = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1));
+    let ids = || ArrayBuilder::new().items(token_id_schema()).min_items(Some(1));
+    OneOfBuilder::new()
+        .item(text())
+        .item(ArrayBuilder::new().items(text()).min_items(Some(1)))
+        .item(ids())
+        .item(ArrayBuilder::new().items(ids()).min_items(Some(1)))
+        .description(Some("A text, a list of texts, a list of token ids, or a list of such lists"))
+}
+
+/// POST /v1/completions.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
+    /// The served model's name (GET /v1/models).
     pub model: String,
+    #[schema(schema_with = prompt_schema, required = true)]
     pub prompt: PromptField,
+    /// Report each token's log-probability with this many alternatives.
+    #[schema(minimum = 0, maximum = 20)]
     pub logprobs: Option<i64>,
     #[serde(flatten)]
     pub common: CommonFields,
@@ -132,8 +227,9 @@ pub struct GenerationOptions {
 /// Parses a JSON body: malformed JSON, a non-object, an unsupported or unknown field all give
 /// a 400 that names the problem.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], unsupported: &[&str], known: &[&[&str]]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
+    let mut value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}")))?;
+    integral_floats_as_integers(&mut value);
     let Some(object) = value.as_object() else {
         return Err(ApiError::bad_request("The request body must be a JSON object"));
     };
@@ -143,11 +239,38 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], unsupported: &[&s
     if let Some(field) = object.keys().find(|k| !known.iter().any(|list| list.contains(&k.as_str())) && !unsupported.contains(&k.as_str())) {
         return Err(ApiError::invalid_param(field, format!("Unknown field '{field}'")));
     }
-    serde_json::from_value(value).map_err(|e| {
-        let message = e.to_string();
-        let param = message.split('`').nth(1).filter(|_| message.starts_with("unknown field")).map(str::to_string);
-        ApiError { param, ..ApiError::bad_request(format!("Invalid request: {message}")) }
+    serde_path_to_error::deserialize(&value).map_err(|e| {
+        let message = e.inner().to_string();
+        let path = e.path().to_string();
+        // (An unknown field's path ends with its name.)
+        let param = if path != "." {
+            Some(path)
+        } else {
+            // Fields read through `#[serde(flatten)]` lose their path: read the common ones alone.
+            let common: serde_json::Map<String, serde_json::Value> = object.iter().filter(|(k, _)| COMMON.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+            serde_path_to_error::deserialize::<_, CommonFields>(&serde_json::Value::Object(common)).err().map(|e| e.path().to_string()).filter(|p| p != ".")
+        };
+        let at = param.as_ref().map_or(String::new(), |p| format!("'{p}': "));
+        ApiError { param, ..ApiError::bad_request(format!("Invalid request: {at}{message}")) }
     })
+}
+
+/// Numbers such as `16.0` as the integers they are: JSON (and JSON Schema's `integer`) does not
+/// tell `16.0` from `16`, and serde refuses a float where an integer is due. (Float fields take
+/// integers as they are.)
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // (i64's range, ends excluded: `as` saturates; beyond it the float stays, a 400.)
+            if f.fract() == 0.0 && f > -9.2e18 && f < 9.2e18 {
+                *value = serde_json::Value::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
 }
 
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
@@ -168,23 +291,27 @@ fn float(param: &str, value: Option<f64>, default: f32, range: std::ops::RangeIn
 
 impl CommonFields {
     /// Checks every field; `max_tokens` is the endpoint's own (chat also accepts
-    /// `max_completion_tokens`), `logprobs` its reading of the logprobs fields.
-    pub fn options(&self, max_tokens: Option<i64>, logprobs: Option<usize>) -> Result<GenerationOptions, ApiError> {
+    /// `max_completion_tokens`) with the field's name, `logprobs` its reading of the logprobs
+    /// fields; `vocab_size` bounds `logit_bias`'s token ids.
+    pub fn options(&self, max_tokens: Option<(&str, i64)>, logprobs: Option<usize>, vocab_size: usize) -> Result<GenerationOptions, ApiError> {
         let max_tokens = match max_tokens {
             None => None,
-            Some(v) if v >= 1 => Some(v as usize),
-            Some(v) => return Err(ApiError::invalid_param("max_tokens", format!("'max_tokens' must be at least 1, got {v}"))),
+            // (Past the context, which the prompt's length decides: a 400 there.)
+            Some((_, v)) if v >= 1 => Some(usize::try_from(v).unwrap_or(usize::MAX)),
+            Some((param, v)) => return Err(ApiError::invalid_param(param, format!("'{param}' must be at least 1, got {v}"))),
         };
         let n = match self.n {
             None => 1,
             Some(v) if (1..=MAX_N as i64).contains(&v) => v as usize,
             Some(v) => return Err(ApiError::invalid_param("n", format!("'n' must be between 1 and {MAX_N}, got {v}"))),
         };
+        // (Below the sampler's floor, 1e-5, a temperature is greedy.)
         let temperature = float("temperature", self.temperature, 1.0, 0.0..=2.0)?;
-        let top_p = float("top_p", self.top_p, 1.0, 0.0..=1.0)?;
-        if top_p == 0.0 {
+        if self.top_p.is_some_and(|v| v <= 0.0) {
             return Err(ApiError::invalid_param("top_p", "'top_p' must be greater than 0"));
         }
+        // A positive top-p below f32's range keeps only the best tokens, as the smallest one does.
+        let top_p = float("top_p", self.top_p, 1.0, 0.0..=1.0)?.max(f32::MIN_POSITIVE);
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(v) if v > 0 => v as usize,
@@ -197,19 +324,29 @@ impl CommonFields {
         let mut logit_bias = Vec::new();
         for (token, bias) in self.logit_bias.iter().flatten() {
             let id: u32 = token.parse().map_err(|_| ApiError::invalid_param("logit_bias", format!("logit_bias key '{token}' is not a token id")))?;
+            if id as usize >= vocab_size {
+                return Err(ApiError::invalid_param("logit_bias", format!("logit_bias key '{token}' is outside the vocabulary (size {vocab_size})")));
+            }
             if !(-100.0..=100.0).contains(bias) {
                 return Err(ApiError::invalid_param("logit_bias", format!("logit_bias values must be between -100 and 100, got {bias}")));
             }
             logit_bias.push((id, *bias as f32));
         }
         logit_bias.sort_by_key(|b| b.0);
+        // Keys such as "7" and "07" name one token: its bias would count twice.
+        if let Some(pair) = logit_bias.windows(2).find(|p| p[0].0 == p[1].0) {
+            return Err(ApiError::invalid_param("logit_bias", format!("logit_bias names token {} more than once", pair[0].0)));
+        }
         let stop = match &self.stop {
             None => Vec::new(),
             Some(StopField::One(s)) => vec![s.clone()],
             Some(StopField::Many(v)) => v.clone(),
         };
-        if stop.len() > 16 || stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid_param("stop", "'stop' takes at most 16 non-empty strings"));
+        if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid_param("stop", format!("'stop' takes at most {MAX_STOPS} non-empty strings")));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid_param("stop", format!("each 'stop' string may be at most {MAX_STOP_BYTES} bytes, got one of {}", long.len())));
         }
         let seed = self.seed.map(|s| s as u64);
         let stream = self.stream.unwrap_or(false);
@@ -245,7 +382,7 @@ impl CommonFields {
 }
 
 impl ChatRequest {
-    pub fn options(&self) -> Result<GenerationOptions, ApiError> {
+    pub fn options(&self, vocab_size: usize) -> Result<GenerationOptions, ApiError> {
         if self.common.max_tokens.is_some() && self.max_completion_tokens.is_some() {
             return Err(ApiError::invalid_param("max_completion_tokens", "give only one of 'max_tokens' and 'max_completion_tokens'"));
         }
@@ -257,7 +394,11 @@ impl ChatRequest {
             (_, Some(_)) => return Err(ApiError::invalid_param("top_logprobs", "'top_logprobs' requires 'logprobs': true")),
             _ => None,
         };
-        self.common.options(self.max_completion_tokens.or(self.common.max_tokens), top)
+        let max_tokens = match (self.max_completion_tokens, self.common.max_tokens) {
+            (Some(v), _) => Some(("max_completion_tokens", v)),
+            (None, v) => v.map(|v| ("max_tokens", v)),
+        };
+        self.common.options(max_tokens, top, vocab_size)
     }
 
     /// The messages as the chat template sees them: roles checked, text parts joined.
@@ -303,14 +444,14 @@ impl ChatRequest {
 }
 
 impl CompletionRequest {
-    pub fn options(&self) -> Result<GenerationOptions, ApiError> {
+    pub fn options(&self, vocab_size: usize) -> Result<GenerationOptions, ApiError> {
         let top = match self.logprobs {
             None => None,
             Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
             Some(k) => return Err(ApiError::invalid_param("logprobs", format!("'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"))),
         };
         // Legacy completions default to 16 tokens, as OpenAI's do.
-        let mut options = self.common.options(self.common.max_tokens.or(Some(16)), top)?;
+        let mut options = self.common.options(Some(("max_tokens", self.common.max_tokens.unwrap_or(16))), top, vocab_size)?;
         if self.common.max_tokens.is_none() {
             options.max_tokens = Some(16);
         }
@@ -321,6 +462,9 @@ impl CompletionRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default model's vocabulary (SmolLM2).
+    const VOCAB: usize = 49152;
 
     fn chat(body: &str) -> Result<ChatRequest, ApiError> {
         parse_chat(body.as_bytes())
@@ -347,7 +491,7 @@ mod tests {
 
     #[test]
     fn ranges_are_checked() {
-        let opts = |extra: &str| chat(&format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}] {extra}}}"#)).unwrap().options();
+        let opts = |extra: &str| chat(&format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}] {extra}}}"#)).unwrap().options(VOCAB);
         assert_eq!(opts(r#", "max_tokens": -1"#).unwrap_err().param.as_deref(), Some("max_tokens"));
         assert_eq!(opts(r#", "temperature": -0.5"#).unwrap_err().param.as_deref(), Some("temperature"));
         assert_eq!(opts(r#", "n": 0"#).unwrap_err().param.as_deref(), Some("n"));
@@ -356,6 +500,131 @@ mod tests {
         let ok = opts(r#", "max_tokens": 5, "temperature": 0, "stop": "\n", "n": 2, "logprobs": true, "top_logprobs": 3, "seed": 7"#).unwrap();
         assert_eq!((ok.max_tokens, ok.n, ok.logprobs, ok.params.seed), (Some(5), 2, Some(3), Some(7)));
         assert_eq!(ok.stop, vec!["\n".to_string()]);
+    }
+
+    #[test]
+    fn stop_strings_logit_bias_and_tiny_values() {
+        let opts = |extra: &str| chat(&format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}] {extra}}}"#)).unwrap().options(VOCAB);
+        let long = "é".repeat(129); // 258 bytes in 129 characters
+        assert_eq!(opts(&format!(r#", "stop": "{long}""#)).unwrap_err().param.as_deref(), Some("stop"));
+        assert_eq!(opts(&format!(r#", "stop": ["a", "{}"]"#, "x".repeat(257))).unwrap_err().param.as_deref(), Some("stop"));
+        assert!(opts(&format!(r#", "stop": ["a", "{}"]"#, "x".repeat(256))).is_ok());
+        // Outside the vocabulary, or one token named twice.
+        let e = opts(r#", "logit_bias": {"49152": 5}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logit_bias"));
+        assert!(e.message.contains("vocabulary"), "{}", e.message);
+        assert_eq!(opts(r#", "logit_bias": {"7": 1, "007": 1}"#).unwrap_err().param.as_deref(), Some("logit_bias"));
+        assert_eq!(opts(r#", "logit_bias": {"49151": -100, "0": 100}"#).unwrap().params.logit_bias, vec![(0, 100.0), (49151, -100.0)]);
+        // A top-p below f32's range still keeps the best token; a temperature below it is greedy.
+        let tiny = opts(r#", "top_p": 1e-300, "temperature": 1e-300"#).unwrap();
+        assert_eq!((tiny.params.top_p, tiny.params.temperature), (f32::MIN_POSITIVE, 0.0));
+        assert!(tiny.params.validate().is_ok());
+        assert_eq!(opts(r#", "max_tokens": 9223372036854775807"#).unwrap().max_tokens, Some(i64::MAX as usize));
+        assert_eq!(opts(r#", "max_completion_tokens": 0"#).unwrap_err().param.as_deref(), Some("max_completion_tokens"));
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        for (body, param) in [
+            (r#""temperature": "hot""#, "temperature"),
+            (r#""stop": 5"#, "stop"),
+            (r#""stream_options": {"include_usage": true, "x": 1}"#, "stream_options.x"),
+            (r#""messages": [{"role": "user", "content": 5}]"#, "messages[0].content"),
+            (r#""messages": [{"role": "user", "content": "x", "mood": 1}]"#, "messages[0].mood"),
+            (r#""logprobs": 3"#, "logprobs"),
+        ] {
+            let body = format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}], {body}}}"#);
+            let e = chat(&body).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (400, Some(param)), "{body}: {}", e.message);
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        /// JSON values, extremes favoured: integers at i64's and u64's ends, floats tiny,
+        /// subnormal and huge, digit strings (token ids), long strings, nested lists and maps.
+        fn value() -> impl Strategy<Value = Value> {
+            let float = prop_oneof![
+                proptest::sample::select(vec![0.0, -0.0, 1e-40, 5e-324, 1e-5, 0.5, 1.0, 2.0, 2.0000001, 10.0, 100.0, 100.5, 1e30, 1e308, -1e308, -2.0, -100.0]),
+                any::<f64>(),
+            ];
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                prop_oneof![proptest::sample::select(vec![i64::MIN, i64::MAX, -1, 0, 1, 16, 17, 20, 21, 49151, 49152]), any::<i64>()].prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                float.prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+                "[0-9]{1,12}".prop_map(Value::from),
+                ".{0,300}".prop_map(Value::from),
+                Just(Value::from("text")),
+                Just(Value::from("user")),
+            ];
+            leaf.prop_recursive(3, 48, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    proptest::collection::vec(("[0-9]{1,6}|type|text|role|content|include_usage|[a-z]{1,8}", inner), 0..8).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Whether `param` names `field` or something inside it.
+        fn names(param: &str, field: &str) -> bool {
+            param == field || param.starts_with(&format!("{field}[")) || param.starts_with(&format!("{field}."))
+        }
+
+        /// Parses and validates a body with `fields` set as given: Ok, or a 400 naming one of
+        /// them; what is accepted passes the engine's check and samples a token.
+        fn check(base: Value, fields: Vec<(&str, Value)>, endpoint: &str) -> Result<(), TestCaseError> {
+            let mut body = base;
+            for (field, v) in &fields {
+                body[*field] = v.clone();
+            }
+            let bytes = body.to_string().into_bytes();
+            let result = if endpoint == "chat" {
+                parse_chat(&bytes).and_then(|r| {
+                    let options = r.options(VOCAB)?;
+                    r.template_messages()?;
+                    Ok(options)
+                })
+            } else {
+                parse_completion(&bytes).and_then(|r| r.options(VOCAB))
+            };
+            match result {
+                Ok(options) => {
+                    prop_assert!(options.params.validate().is_ok(), "{:?}", options.params);
+                    let mut row: Vec<f32> = (0..512).map(|i| ((i * 7919) % 97) as f32 * 0.25).collect();
+                    let t = crate::engine::Sampler::new(options.params, &[1, 2, 3]).sample(&mut row);
+                    prop_assert!((t.id as usize) < row.len());
+                }
+                Err(e) => {
+                    let param = e.param.clone().unwrap_or_default();
+                    prop_assert_eq!(e.status.as_u16(), 400);
+                    prop_assert!(fields.iter().any(|(f, _)| names(&param, f)), "{} -> {:?}: {}", body, e.param, e.message);
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn any_chat_field_value_is_accepted_or_a_400_naming_a_field(
+                fields in proptest::collection::vec((proptest::sample::select([CHAT, COMMON].concat()), value()), 1..5)
+            ) {
+                check(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}), fields, "chat")?;
+            }
+
+            #[test]
+            fn any_completion_field_value_is_accepted_or_a_400_naming_a_field(
+                fields in proptest::collection::vec((proptest::sample::select([COMPLETION, COMMON].concat()), value()), 1..5)
+            ) {
+                check(json!({"model": "m", "prompt": "x"}), fields, "completion")?;
+            }
+        }
     }
 
     #[test]
@@ -374,7 +643,7 @@ mod tests {
     fn completion_prompts_take_every_form() {
         for body in [r#""hi""#, r#"["a", "b"]"#, "[1, 2, 3]", "[[1], [2, 3]]"] {
             let r = parse_completion(format!(r#"{{"model": "m", "prompt": {body}}}"#).as_bytes()).unwrap();
-            assert_eq!(r.options().unwrap().max_tokens, Some(16));
+            assert_eq!(r.options(VOCAB).unwrap().max_tokens, Some(16));
         }
         assert_eq!(parse_completion(br#"{"model": "m", "prompt": "x", "echo": true}"#).unwrap_err().param.as_deref(), Some("echo"));
     }

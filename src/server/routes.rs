@@ -54,7 +54,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
 fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(Vec<u32>, RetentionPlan, GenerationOptions), ApiError> {
     let request = openai::parse_chat(body)?;
     state.check_model(&request.model)?;
-    let options = request.options()?;
+    let options = request.options(state.vocab_size)?;
     let session = session::session_id(headers, options.user.as_deref())?;
     prompt::check_messages(&request.messages)?;
     let messages = request.template_messages()?;
@@ -81,7 +81,7 @@ type Prepared = (Vec<Vec<u32>>, Vec<RetentionPlan>, GenerationOptions);
 fn prepare_completion(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Prepared, ApiError> {
     let request = openai::parse_completion(body)?;
     state.check_model(&request.model)?;
-    let options = request.options()?;
+    let options = request.options(state.vocab_size)?;
     let session = session::session_id(headers, options.user.as_deref())?;
     let encode = |text: &str| {
         if !state.tokenizer.has_vocabulary() {
@@ -540,9 +540,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render()).into_response()
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenizeRequest {
+pub(super) struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<openai::Message>>,
@@ -576,9 +576,9 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, By
     .await
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DetokenizeRequest {
+pub(super) struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<u32>,
 }

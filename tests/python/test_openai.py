@@ -218,3 +218,54 @@ def test_braid_bench_measures_a_running_server(server, tmp_path):
         assert len(r["requests"]) == 4 and all(q["status"] == 200 for q in r["requests"])
     assert plot.stat().st_size > 10_000
     assert "out tok/s" in run.stdout
+
+
+def test_a_temperature_below_the_floor_is_greedy_and_the_server_lives_on(client, server):
+    # `"temperature": 1e-40` once overflowed 1/T, panicked the draw and stopped the engine for
+    # good (every later request a 500). Below 1e-5 it is greedy now, as in vLLM.
+    greedy = chat(client, max_tokens=12, temperature=0)
+    text = greedy.choices[0].message.content
+    assert chat(client, max_tokens=12, temperature=1e-40).choices[0].message.content == text
+    assert chat(client, max_tokens=12, temperature=1e-40, top_p=0.5).choices[0].message.content == text
+    r = chat(client, max_tokens=12, temperature=1e-40, logprobs=True, top_logprobs=3)
+    assert r.choices[0].message.content == text
+    for item in r.choices[0].logprobs.content:
+        assert item.token == item.top_logprobs[0].token and item.logprob <= 0
+    stream = chat(client, max_tokens=12, temperature=1e-40, top_p=0.5, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    legacy = client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=8, temperature=1e-40, seed=-(2**63))
+    assert legacy.choices[0].text == client.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=8, temperature=0).choices[0].text
+    # The server goes on answering, and reports itself healthy.
+    assert chat(client, max_tokens=4, temperature=0).choices[0].message.content
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"logit_bias": {"49152": 5}}, "logit_bias"),  # the vocabulary is 49,152 tokens
+        ({"logit_bias": {"7": 1, "007": 1}}, "logit_bias"),  # one token twice
+        ({"stop": "x" * 257}, "stop"),
+        ({"stop": ["ok", "é" * 129]}, "stop"),  # 258 bytes in 129 characters
+    ],
+)
+def test_out_of_vocabulary_biases_and_long_stop_strings_are_400(server, extra, param):
+    body = {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 4, **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    legacy = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 4, **extra}
+    assert httpx.post(server.url + "/v1/completions", json=legacy, timeout=30).json()["error"]["param"] == param
+
+
+def test_extreme_but_meaningful_values_are_answered(client, server):
+    # A 256-byte stop string, the vocabulary's last token biased, every token but one at -100,
+    # the largest max_tokens (a 400 naming the context, not an overflow).
+    assert chat(client, max_tokens=4, temperature=0, stop=["y" * 256]).choices[0].message.content
+    assert chat(client, max_tokens=4, temperature=0, logit_bias={"49151": 100}).choices[0].finish_reason
+    # (A top-p below f32's range keeps the best token, as the smallest positive one does.)
+    only = client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=3, temperature=1.0, top_p=1e-300, logit_bias={str(i): -100 for i in range(49152) if i != 1000}, logprobs=2)
+    token = httpx.post(server.url + "/detokenize", json={"tokens": [1000]}, timeout=10).json()["prompt"]
+    assert only.choices[0].logprobs.tokens == [token] * 3
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": CHAT, "max_tokens": 2**63 - 1}, timeout=30)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
