@@ -6,10 +6,11 @@ use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::model::batch::{Window, RELEASED_BLOCK};
-use crate::model::{FlatBatch, KvCache};
+use crate::backend::{FlatBatch, Window, RELEASED_BLOCK};
+use crate::model::KvCache;
 
-use super::backend::{Backend, ModelHandle, RowOutput};
+use super::device::{Backend, ModelHandle};
+use crate::backend::RowOutput;
 use super::block_manager::{block_hash, BlockManager};
 use super::disk::{DiskCache, DiskStats, Identity};
 use super::retention::RetentionPlan;

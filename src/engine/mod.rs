@@ -1,8 +1,8 @@
 //! Sequences, scheduling, KV-block ownership and sampling: the batching engine.
 
-pub mod backend;
 pub mod block_manager;
 pub mod core;
+pub mod device;
 pub mod disk;
 pub mod draw;
 pub mod retention;
@@ -12,8 +12,9 @@ pub mod sequence;
 pub mod solo;
 pub mod tiering;
 
-pub use backend::{Backend, ModelHandle, RowOutput};
 pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineStats, Event, StepError, StepFault};
+pub use self::device::{Backend, ModelHandle};
+pub use crate::backend::{BlockStore, FlatBatch, RowOutput};
 pub use disk::{DiskCache, DiskStats};
 pub use retention::{Retention, RetentionPlan};
 pub use sampler::{SampledToken, Sampler, SamplingParams};

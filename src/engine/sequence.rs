@@ -1,9 +1,9 @@
 //! One request's state inside the engine.
 
-use super::block_manager::BlockId;
 use super::retention::RetentionPlan;
 use super::sampler::{Sampler, SamplingParams};
 use super::FinishReason;
+use crate::backend::{BlockId, Window};
 
 pub type RequestId = u64;
 
@@ -27,7 +27,7 @@ pub struct Sequence {
     pub unfit_steps: u32,
     pub finish: Option<FinishReason>,
     /// Attention window (`--max-kv-size`): blocks it has moved past are released.
-    pub window: Option<crate::model::batch::Window>,
+    pub window: Option<Window>,
     /// How long its blocks are worth keeping once it lets go of them.
     pub retention: RetentionPlan,
 }

@@ -1,9 +1,10 @@
 //! One sequence at a time, straight through the model: the simplest correct generator. The
 //! batching engine must agree with it token for token.
 
-use crate::model::FlatBatch;
+use crate::backend::FlatBatch;
 
-use super::backend::{Backend, ModelHandle, RowOutput};
+use super::device::{Backend, ModelHandle};
+use crate::backend::RowOutput;
 
 use super::sampler::{SampledToken, Sampler, SamplingParams};
 
