@@ -9,14 +9,12 @@ pub mod retention;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
-pub mod solo;
 pub mod tiering;
 
-pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineStats, Event, StepError, StepFault};
+pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineStats, StepError, StepFault};
 pub use self::device::{Backend, ModelHandle};
 pub use crate::backend::{BlockStore, FlatBatch, RowOutput};
 pub use disk::{DiskCache, DiskStats};
 pub use retention::{Retention, RetentionPlan};
 pub use sampler::{SampledToken, Sampler, SamplingParams};
-pub use sequence::RequestId;
-pub use solo::{generate_solo, FinishReason};
+pub use sequence::{Event, FinishReason, RequestId};
