@@ -1,6 +1,7 @@
 //! The engine: requests in, one batched forward pass per step, tokens out. A plain synchronous
-//! library (no async runtime, no HTTP), like mlx-lm's `BatchGenerator`: `add_request` inserts,
-//! `step` advances every running request by one forward pass, `abort` removes.
+//! library (no async runtime, no HTTP), like mlx-lm's `BatchGenerator`: `add` queues a checked
+//! `Request`, `step` advances every running request by one forward pass, `abort` removes. What
+//! runs when, and what a step's tokens do to each request, is the scheduler's.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -13,7 +14,7 @@ use super::device::{Backend, ModelHandle};
 use crate::backend::RowOutput;
 use super::block_manager::BlockManager;
 use super::disk::{DiskCache, DiskStats, Identity};
-use super::retention::RetentionPlan;
+use super::request::{Limits, Request, RequestError};
 use super::sampler::{RowChoice, SampledToken, SamplingParams};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig};
 use super::sequence::{Event, FinishReason, RequestId, Sequence};
@@ -57,16 +58,6 @@ impl Default for EngineConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EngineError {
-    #[error("the prompt is empty")]
-    EmptyPrompt,
-    #[error("token id {id} is outside the vocabulary (size {vocab})")]
-    BadToken { id: u32, vocab: usize },
-    #[error("max_tokens must be at least 1")]
-    NoTokens,
-    #[error("the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context of {limit} tokens")]
-    TooLong { prompt: usize, max_tokens: usize, limit: usize },
-    #[error("{0}")]
-    BadParams(String),
     #[error("the prompt cache folder holds blocks of another layout ({0:?}) than this engine's")]
     DiskLayout(Box<Identity>),
     #[error("cannot set up the engine on {device}: {message}")]
@@ -252,42 +243,28 @@ impl Engine {
         self.model.config().context_length.min(self.blocks.num_blocks() * self.blocks.block_size())
     }
 
-    /// Checks a request without queueing it.
-    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let vocab = self.model.vocab_size();
-        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(EngineError::BadToken { id, vocab });
-        }
-        if params.max_tokens == 0 {
-            return Err(EngineError::NoTokens);
-        }
-        params.validate().map_err(EngineError::BadParams)?;
-        let limit = self.max_context();
-        if prompt.len() + params.max_tokens > limit {
-            return Err(EngineError::TooLong { prompt: prompt.len(), max_tokens: params.max_tokens, limit });
-        }
-        Ok(())
+    /// What a request may hold on this engine: `Request::new` checks against it.
+    pub fn limits(&self) -> Limits {
+        Limits { vocab_size: self.model.vocab_size(), max_context: self.max_context() }
     }
 
     /// Queues a request; it joins the running batch at a coming step.
-    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestId, EngineError> {
-        self.add_request_with_retention(prompt, params, RetentionPlan::default())
-    }
-
-    /// Queues a request whose cached blocks are kept by the given retention classes (a
-    /// session's conversation outlives anonymous requests in memory).
-    pub fn add_request_with_retention(&mut self, prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan) -> Result<RequestId, EngineError> {
-        self.validate(&prompt, &params)?;
+    pub fn add(&mut self, request: Request) -> RequestId {
+        debug_assert!(request.fits(&self.limits()), "a request checked against other limits than this engine's");
+        let (prompt, params, retention) = request.into_parts();
         let id = self.next_id;
         self.next_id += 1;
         let mut seq = Sequence::new(id, prompt, params, self.blocks.block_size());
         seq.window = self.window;
         seq.retention = retention;
         self.scheduler.add(seq);
-        Ok(id)
+        id
+    }
+
+    /// Checks and queues an anonymous request: `add(Request::new(prompt, params, &limits)?)`.
+    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestId, RequestError> {
+        let request = Request::new(prompt, params, &self.limits())?;
+        Ok(self.add(request))
     }
 
     /// Removes a request, running or waiting, and frees its blocks. Its `Abort` event comes

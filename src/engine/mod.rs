@@ -5,6 +5,7 @@ pub mod core;
 pub mod device;
 pub mod disk;
 pub mod draw;
+pub mod request;
 pub mod retention;
 pub mod sampler;
 pub mod scheduler;
@@ -15,6 +16,7 @@ pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineSta
 pub use self::device::{Backend, ModelHandle};
 pub use crate::backend::{BlockStore, FlatBatch, RowOutput};
 pub use disk::{DiskCache, DiskStats};
+pub use request::{Limits, Request, RequestError};
 pub use retention::{Retention, RetentionPlan};
 pub use sampler::{SampledToken, Sampler, SamplingParams};
 pub use sequence::{Event, FinishReason, RequestId};
