@@ -398,6 +398,33 @@ mod tests {
         assert_eq!(ids(&s.schedule(&mut blocks)), vec![2, 1, 3]);
     }
 
+    /// The after-step work, without a model: tokens appended, a length and a stop token
+    /// finish their sequences, whose blocks go back to the pool; the counters follow.
+    #[test]
+    fn the_after_step_work_finishes_sequences_and_frees_their_blocks() {
+        use crate::engine::sequence::FinishReason;
+        let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 256, eos_ids: vec![7], context_length: 8192 });
+        let mut blocks = BlockManager::new(10, 4);
+        let token = |id| Some(SampledToken { id, logprob: 0.0, top: Vec::new() });
+        s.add(Sequence::new(0, (1..=8).collect(), SamplingParams::greedy(3), 4));
+        s.add(Sequence::new(1, (11..=14).collect(), SamplingParams::greedy(1), 4));
+        let step = s.schedule(&mut blocks);
+        assert_eq!(step, vec![Scheduled { id: 0, num_tokens: 8 }, Scheduled { id: 1, num_tokens: 4 }]);
+        let mut finished = Vec::new();
+        let events = s.update_from_output(&mut blocks, &step, vec![token(5), token(9)], |seq| finished.push(seq.id));
+        let ends = |events: &[Event]| events.iter().map(|e| (e.id, e.token.as_ref().map(|t| t.id), e.finish)).collect::<Vec<_>>();
+        assert_eq!(ends(&events), vec![(0, Some(5), None), (1, Some(9), Some(FinishReason::Length))]);
+        assert_eq!((finished.as_slice(), s.running().len()), (&[1][..], 1));
+        let step = s.schedule(&mut blocks);
+        assert_eq!(step, vec![Scheduled { id: 0, num_tokens: 1 }], "a decode");
+        let events = s.update_from_output(&mut blocks, &step, vec![token(7)], |seq| finished.push(seq.id));
+        assert_eq!(ends(&events), vec![(0, Some(7), Some(FinishReason::Stop))], "an end-of-sequence token");
+        assert!(!s.has_work());
+        assert_eq!(blocks.num_used(), 0, "every block is back in the pool");
+        let c = s.counters();
+        assert_eq!((c.prefilled_tokens, c.generated_tokens), (12, 2 + 1));
+    }
+
     #[test]
     fn a_preempted_request_is_never_passed() {
         let (mut s, mut blocks) = setup();
