@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use braid::cpu::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape, LayerKv};
 use braid::cpu::linear::QLinear;
-use braid::model::FlatBatch;
+use braid::backend::FlatBatch;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

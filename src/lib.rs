@@ -1,5 +1,6 @@
 //! braid: an LLM inference server that serves one model to many people at once.
 
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod cpu;

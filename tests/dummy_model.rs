@@ -1,8 +1,11 @@
 //! Dummy weights (`--load-format dummy`) on the CPU: a model of a preset's shape with no weight
 //! file and no vocabulary, batched through the engine like a real one.
 
-use braid::engine::{generate_solo, Engine, EngineConfig, SamplingParams};
+mod common;
+
+use braid::engine::{Engine, EngineConfig, SamplingParams};
 use braid::loader::{load_dummy, Placement};
+use common::solo::generate_solo;
 
 #[test]
 fn a_dummy_model_generates_and_batched_equals_solo() {

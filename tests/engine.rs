@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use braid::engine::{Engine, EngineConfig, FinishReason, RequestId, SamplingParams, StepFault};
+use braid::engine::{Engine, EngineConfig, FinishReason, Request, RequestId, SamplingParams, StepFault};
 use common::{golden, ids, model};
 
 fn engine(config: EngineConfig) -> Engine {
@@ -216,12 +216,14 @@ fn a_long_prompt_never_stalls_running_decodes() {
 #[test]
 fn bad_requests_are_refused() {
     let e = engine(small_config());
+    let limits = e.limits();
+    let validate = |prompt: &[u32], params: &SamplingParams| Request::new(prompt.to_vec(), params.clone(), &limits);
     let p = SamplingParams::greedy(4);
-    assert!(e.validate(&[], &p).is_err());
-    assert!(e.validate(&[1_000_000], &p).unwrap_err().to_string().contains("vocabulary"));
+    assert!(validate(&[], &p).is_err());
+    assert!(validate(&[1_000_000], &p).unwrap_err().to_string().contains("vocabulary"));
     let long = vec![1u32; 8190];
-    assert!(e.validate(&long, &SamplingParams::greedy(10)).unwrap_err().to_string().contains("context"));
-    assert!(e.validate(&[1], &SamplingParams { temperature: -1.0, ..p }).unwrap_err().to_string().contains("temperature"));
+    assert!(validate(&long, &SamplingParams::greedy(10)).unwrap_err().to_string().contains("context"));
+    assert!(validate(&[1], &SamplingParams { temperature: -1.0, ..p }).unwrap_err().to_string().contains("temperature"));
 }
 
 /// `--max-kv-size`: a sequence keeps its first tokens and a window of recent ones; blocks

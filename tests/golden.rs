@@ -2,8 +2,8 @@
 
 mod common;
 
-use braid::engine::solo::logprobs_all_positions;
-use braid::engine::{generate_solo, SamplingParams};
+use braid::engine::SamplingParams;
+use common::solo::{generate_solo, logprobs_all_positions};
 use common::{golden, ids, model, on_cpu};
 
 #[test]

@@ -232,13 +232,14 @@ fn turns_of_conversations_larger_than_memory_prefill_only_their_new_tokens() {
 /// A session's blocks are kept in memory ahead of anonymous requests' (no disk tier here).
 #[test]
 fn a_sessions_blocks_outlive_anonymous_requests_in_memory() {
-    use braid::engine::{Retention, RetentionPlan};
+    use braid::engine::{Request, Retention, RetentionPlan};
     let conversation = text(0, 300);
     let hits_after_traffic = |class: Retention| {
         // 40 blocks: the conversation (20) and one anonymous request (20) fit, not a second.
         let mut e = engine(config(40));
         let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) };
-        e.add_request_with_retention(conversation.clone(), params, RetentionPlan::uniform(300, class)).unwrap();
+        let request = Request::new(conversation.clone(), params, &e.limits()).unwrap();
+        e.add(request.with_retention(RetentionPlan::uniform(300, class)));
         while e.has_work() {
             e.step().unwrap();
         }

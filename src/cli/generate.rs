@@ -4,7 +4,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::{EngineArgs, ModelArgs};
-use crate::engine::{Engine, SamplingParams};
+use crate::engine::{Engine, Request, SamplingParams};
 use crate::loader::LoadedModel;
 use crate::util::read_jsonl;
 
@@ -98,13 +98,6 @@ fn prompt_ids(loaded: &LoadedModel, prompt: &Prompt, chat: bool) -> anyhow::Resu
         }
         Prompt::Text(text) => loaded.tokenizer.encode_prompt(text).map_err(anyhow::Error::msg)?,
     };
-    let vocab = loaded.model.vocab_size() as u32;
-    if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-        anyhow::bail!("prompt token id {bad} is outside the vocabulary (size {vocab})");
-    }
-    if ids.is_empty() {
-        anyhow::bail!("empty prompt: there is nothing to continue");
-    }
     Ok(ids)
 }
 
@@ -121,15 +114,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         top_logprobs: args.top_logprobs,
         ..SamplingParams::default()
     };
+    // Before the model loads, so a bad flag fails at once (`Request::new` checks it again).
     params.validate().map_err(anyhow::Error::msg)?;
     let config = args.engine.config()?;
     let loaded = args.model.load()?;
     let all_ids = prompts.iter().map(|p| prompt_ids(&loaded, p, args.chat)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config)?;
     args.cache.attach(&mut engine, &loaded)?;
-    for ids in &all_ids {
-        engine.validate(ids, &params)?;
-    }
+    let limits = engine.limits();
+    let requests = all_ids.iter().enumerate().map(|(i, ids)| Request::new(ids.clone(), params.clone(), &limits).with_context(|| format!("prompt {}", i + 1)));
+    let mut requests = requests.collect::<anyhow::Result<Vec<_>>>()?.into_iter();
     let start = Instant::now();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); all_ids.len()];
     let mut logprobs: Vec<Vec<serde_json::Value>> = vec![Vec::new(); all_ids.len()];
@@ -143,7 +137,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     while done < all_ids.len() {
         // Admit every prompt whose arrival time has come; sleep if idle until the next one.
         while next < all_ids.len() && start.elapsed().as_millis() as u64 >= next as u64 * args.arrival_ms {
-            let id = engine.add_request(all_ids[next].clone(), params.clone())?;
+            let id = engine.add(requests.next().expect("a request per prompt"));
             request_index.insert(id, next);
             next += 1;
         }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::f16_ops;
 use super::vmath;
-use crate::model::batch::{FlatBatch, SeqSlice};
+use crate::backend::{FlatBatch, SeqSlice};
 
 /// K and V of one layer: `[num_blocks, block_size, n_kv_head, head_dim]` each, stored as f16
 /// (half the memory of f32, and what llama.cpp keeps by default). The model's `KvCache` holds
@@ -462,7 +462,7 @@ mod tests {
     /// the window left behind are never read (their table entries are marked released).
     #[test]
     fn windowed_attention_matches_reference_and_skips_released_blocks() {
-        use crate::model::batch::{Window, RELEASED_BLOCK};
+        use crate::backend::{Window, RELEASED_BLOCK};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (n_head, n_kv, hd, bs) = (4usize, 2usize, 8usize, 4usize);
         let width = n_kv * hd;

@@ -17,8 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 pub use super::retention::Retention;
-
-pub type BlockId = u32;
+pub use crate::backend::BlockId;
 
 #[derive(Debug, Clone, Default)]
 struct Block {
@@ -240,7 +239,7 @@ impl BlockManager {
     /// block that nobody will finish loses its name so no one waits for it.
     pub fn release(&mut self, ids: &[BlockId]) {
         // Later blocks first, so a sequence's tail is evicted before its shared head.
-        for &id in ids.iter().rev().filter(|&&id| id != crate::model::batch::RELEASED_BLOCK) {
+        for &id in ids.iter().rev().filter(|&&id| id != crate::backend::RELEASED_BLOCK) {
             let block = &mut self.blocks[id as usize];
             debug_assert!(block.refs > 0, "block {id} released more often than taken");
             block.refs -= 1;

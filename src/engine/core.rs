@@ -1,22 +1,24 @@
 //! The engine: requests in, one batched forward pass per step, tokens out. A plain synchronous
-//! library (no async runtime, no HTTP), like mlx-lm's `BatchGenerator`: `add_request` inserts,
-//! `step` advances every running request by one forward pass, `abort` removes.
+//! library (no async runtime, no HTTP), like mlx-lm's `BatchGenerator`: `add` queues a checked
+//! `Request`, `step` advances every running request by one forward pass, `abort` removes. What
+//! runs when, and what a step's tokens do to each request, is the scheduler's.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::model::batch::{Window, RELEASED_BLOCK};
-use crate::model::{FlatBatch, KvCache};
+use crate::backend::{FlatBatch, Window};
+use crate::model::KvCache;
 
-use super::backend::{Backend, ModelHandle, RowOutput};
-use super::block_manager::{block_hash, BlockManager};
+use super::device::{Backend, ModelHandle};
+use crate::backend::RowOutput;
+use super::block_manager::BlockManager;
 use super::disk::{DiskCache, DiskStats, Identity};
-use super::retention::RetentionPlan;
+use super::request::{Limits, Request, RequestError};
 use super::sampler::{RowChoice, SampledToken, SamplingParams};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig};
-use super::sequence::{RequestId, Sequence};
-use super::{tiering, FinishReason};
+use super::sequence::{Event, FinishReason, RequestId, Sequence};
+use super::tiering;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -56,16 +58,6 @@ impl Default for EngineConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EngineError {
-    #[error("the prompt is empty")]
-    EmptyPrompt,
-    #[error("token id {id} is outside the vocabulary (size {vocab})")]
-    BadToken { id: u32, vocab: usize },
-    #[error("max_tokens must be at least 1")]
-    NoTokens,
-    #[error("the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context of {limit} tokens")]
-    TooLong { prompt: usize, max_tokens: usize, limit: usize },
-    #[error("{0}")]
-    BadParams(String),
     #[error("the prompt cache folder holds blocks of another layout ({0:?}) than this engine's")]
     DiskLayout(Box<Identity>),
     #[error("cannot set up the engine on {device}: {message}")]
@@ -108,16 +100,6 @@ pub struct StepFault {
     pub panic: bool,
 }
 
-/// What a step produced for one request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub id: RequestId,
-    pub token: Option<SampledToken>,
-    pub finish: Option<FinishReason>,
-    /// Prompt tokens this request took from the prefix cache.
-    pub cached_tokens: usize,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EngineStats {
     pub running: usize,
@@ -147,15 +129,13 @@ pub struct Engine {
     model: ModelHandle,
     /// The threads that run the forward pass (as many as the CPU has, or RAYON_NUM_THREADS).
     compute: Arc<rayon::ThreadPool>,
-    eos_ids: Vec<u32>,
     backend: Backend,
+    /// The KV blocks: the scheduler gives them to sequences, the disk tier fills and saves them.
     blocks: BlockManager,
     scheduler: Scheduler,
     next_id: RequestId,
     pending_events: Vec<Event>,
     last_step: Vec<Scheduled>,
-    prefilled_tokens: u64,
-    generated_tokens: u64,
     window: Option<Window>,
     max_kv_size: Option<usize>,
     disk: Option<DiskCache>,
@@ -194,19 +174,18 @@ impl Engine {
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
             max_num_batched_tokens: config.max_num_batched_tokens,
+            eos_ids,
+            context_length: model.config().context_length,
         });
         Ok(Self {
             model,
             compute: compute_pool(),
-            eos_ids,
             backend,
             blocks: BlockManager::new(num_blocks, config.block_size),
             scheduler,
             next_id: 0,
             pending_events: Vec::new(),
             last_step: Vec::new(),
-            prefilled_tokens: 0,
-            generated_tokens: 0,
             window: config.max_kv_size.map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
             max_kv_size: config.max_kv_size,
             disk: None,
@@ -264,55 +243,34 @@ impl Engine {
         self.model.config().context_length.min(self.blocks.num_blocks() * self.blocks.block_size())
     }
 
-    /// Checks a request without queueing it.
-    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let vocab = self.model.vocab_size();
-        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(EngineError::BadToken { id, vocab });
-        }
-        if params.max_tokens == 0 {
-            return Err(EngineError::NoTokens);
-        }
-        params.validate().map_err(EngineError::BadParams)?;
-        let limit = self.max_context();
-        if prompt.len() + params.max_tokens > limit {
-            return Err(EngineError::TooLong { prompt: prompt.len(), max_tokens: params.max_tokens, limit });
-        }
-        Ok(())
+    /// What a request may hold on this engine: `Request::new` checks against it.
+    pub fn limits(&self) -> Limits {
+        Limits { vocab_size: self.model.vocab_size(), max_context: self.max_context() }
     }
 
     /// Queues a request; it joins the running batch at a coming step.
-    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestId, EngineError> {
-        self.add_request_with_retention(prompt, params, RetentionPlan::default())
-    }
-
-    /// Queues a request whose cached blocks are kept by the given retention classes (a
-    /// session's conversation outlives anonymous requests in memory).
-    pub fn add_request_with_retention(&mut self, prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan) -> Result<RequestId, EngineError> {
-        self.validate(&prompt, &params)?;
+    pub fn add(&mut self, request: Request) -> RequestId {
+        debug_assert!(request.fits(&self.limits()), "a request checked against other limits than this engine's");
+        let (prompt, params, retention) = request.into_parts();
         let id = self.next_id;
         self.next_id += 1;
         let mut seq = Sequence::new(id, prompt, params, self.blocks.block_size());
         seq.window = self.window;
         seq.retention = retention;
-        self.scheduler.waiting.push_back(seq);
-        Ok(id)
+        self.scheduler.add(seq);
+        id
+    }
+
+    /// Checks and queues an anonymous request: `add(Request::new(prompt, params, &limits)?)`.
+    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestId, RequestError> {
+        let request = Request::new(prompt, params, &self.limits())?;
+        Ok(self.add(request))
     }
 
     /// Removes a request, running or waiting, and frees its blocks. Its `Abort` event comes
     /// with the next step. Returns whether it was found.
     pub fn abort(&mut self, id: RequestId) -> bool {
-        if let Some(pos) = self.scheduler.waiting.iter().position(|s| s.id == id) {
-            let seq = self.scheduler.waiting.remove(pos).expect("position is valid");
-            self.blocks.release(&seq.block_table);
-        } else if let Some(pos) = self.scheduler.running.iter().position(|s| s.id == id) {
-            let seq = self.scheduler.running.remove(pos);
-            apply_retention(&mut self.blocks, &seq);
-            self.blocks.release(&seq.block_table);
-        } else {
+        if !self.scheduler.abort(&mut self.blocks, id) {
             return false;
         }
         self.pending_events.push(Event { id, token: None, finish: Some(FinishReason::Abort), cached_tokens: 0 });
@@ -320,7 +278,7 @@ impl Engine {
     }
 
     pub fn has_work(&self) -> bool {
-        !self.scheduler.running.is_empty() || !self.scheduler.waiting.is_empty() || !self.pending_events.is_empty()
+        self.scheduler.has_work() || !self.pending_events.is_empty()
     }
 
     /// The composition of the last step: which requests ran and how many tokens each.
@@ -330,24 +288,25 @@ impl Engine {
 
     /// Prompt tokens of a running request that came from the prefix cache.
     pub fn cached_tokens(&self, id: RequestId) -> Option<usize> {
-        self.scheduler.running.iter().find(|s| s.id == id).map(|s| s.cached_tokens)
+        self.scheduler.cached_tokens(id)
     }
 
     pub fn stats(&self) -> EngineStats {
+        let counters = self.scheduler.counters();
         EngineStats {
-            running: self.scheduler.running.len(),
-            waiting: self.scheduler.waiting.len(),
+            running: self.scheduler.running().len(),
+            waiting: self.scheduler.waiting().len(),
             kv_blocks_total: self.blocks.num_blocks(),
             kv_blocks_used: self.blocks.num_used(),
             kv_blocks_cached: self.blocks.num_cached_free(),
             kv_blocks_free: self.blocks.num_free(),
             block_size: self.blocks.block_size(),
-            prefix_hit_tokens: self.scheduler.prefix_hit_tokens,
-            prefix_hit_tokens_disk: self.scheduler.prefix_hit_tokens_disk,
-            preempted_reuse_tokens: self.scheduler.preempted_reuse_tokens,
-            prefilled_tokens: self.prefilled_tokens,
-            generated_tokens: self.generated_tokens,
-            preemptions: self.scheduler.preemptions,
+            prefix_hit_tokens: counters.prefix_hit_tokens,
+            prefix_hit_tokens_disk: counters.prefix_hit_tokens_disk,
+            preempted_reuse_tokens: counters.preempted_reuse_tokens,
+            prefilled_tokens: counters.prefilled_tokens,
+            generated_tokens: counters.generated_tokens,
+            preemptions: counters.preemptions,
             disk: self.disk.as_ref().map(DiskCache::stats),
         }
     }
@@ -423,11 +382,10 @@ impl Engine {
         let mut events = std::mem::take(&mut self.pending_events);
         if let Some(disk) = &self.disk {
             // Copies in the blocks the reader has read, starts reading the next requests'.
-            let running = self.scheduler.running.len();
-            let slots = self.scheduler.config.max_num_seqs.saturating_sub(running);
-            self.prefetch.step(disk, &mut self.blocks, self.backend.block_store(), &self.scheduler.waiting, running, slots);
+            let (running, slots) = (self.scheduler.running().len(), self.scheduler.free_slots());
+            self.prefetch.step(disk, &mut self.blocks, self.backend.block_store(), self.scheduler.waiting(), running, slots);
         }
-        let never_started: HashSet<RequestId> = self.scheduler.waiting.iter().filter(|s| !s.admitted).map(|s| s.id).collect();
+        let never_started: HashSet<RequestId> = self.scheduler.waiting().iter().filter(|s| !s.admitted).map(|s| s.id).collect();
         let scheduled = self.scheduler.schedule(&mut self.blocks);
         scheduled.iter().filter(|s| never_started.contains(&s.id)).for_each(|s| on_start(s.id));
         if let Some(disk) = &self.disk {
@@ -443,11 +401,12 @@ impl Engine {
             }
             return Ok(events);
         }
-        let index: HashMap<RequestId, usize> = self.scheduler.running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        let running = self.scheduler.running();
+        let index: HashMap<RequestId, usize> = running.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         let mut batch = FlatBatch::default();
         let mut samples = Vec::new();
         for s in &scheduled {
-            let seq = &self.scheduler.running[index[&s.id]];
+            let seq = &running[index[&s.id]];
             let end = seq.num_computed + s.num_tokens;
             let sample = end == seq.tokens.len();
             batch.push(&seq.tokens[seq.num_computed..end], end, seq.block_table.clone(), sample);
@@ -458,69 +417,45 @@ impl Engine {
         // backend (on a GPU: token ids come back instead of logits); the others' logits rows
         // come back to the host's sampler.
         let choices: Option<Vec<RowChoice>> = self.backend.draws_on_device().then(|| {
+            let running = self.scheduler.running_mut();
             let sampled = scheduled.iter().zip(&samples).filter(|&(_, &sample)| sample);
-            sampled.map(|(s, _)| self.scheduler.running[index[&s.id]].sampler.row_choice()).collect()
+            sampled.map(|(s, _)| running[index[&s.id]].sampler.row_choice()).collect()
         });
         self.forward_passes += 1;
         if self.forward_passes >= self.fault_at {
             self.injected_fault()?;
         }
         let outputs = self.backend.forward(&batch, choices.as_deref())?;
-        let mut tokens = sample_rows(&mut self.scheduler.running, &index, &scheduled, &samples, outputs);
-        let block_size = self.blocks.block_size();
-        let mut finished = Vec::new();
-        for (s, sample) in scheduled.iter().zip(samples) {
-            let seq = &mut self.scheduler.running[index[&s.id]];
-            let is_decode = sample && s.num_tokens == 1 && seq.tokens.len() > seq.prompt_len;
-            self.prefilled_tokens += (s.num_tokens - usize::from(is_decode)) as u64;
-            seq.num_computed += s.num_tokens;
-            record_full_blocks(&mut self.blocks, seq, block_size);
-            release_behind_window(&mut self.blocks, seq, block_size);
-            if !sample {
-                continue;
+        let tokens = sample_rows(self.scheduler.running_mut(), &index, &scheduled, &samples, outputs);
+        // A finishing request's full blocks go to the disk tier before they are released.
+        let (disk, backend, block_size) = (&self.disk, &mut self.backend, self.blocks.block_size());
+        events.extend(self.scheduler.update_from_output(&mut self.blocks, &scheduled, tokens, |seq| {
+            if let Some(disk) = disk {
+                tiering::save_sequence(disk, backend.block_store(), seq, block_size);
             }
-            let token = tokens[index[&s.id]].take().expect("a token per sampled sequence");
-            seq.sampler.observe(token.id);
-            seq.tokens.push(token.id);
-            self.generated_tokens += 1;
-            let params = seq.sampler.params();
-            let stop = params.stop_token_ids.contains(&token.id) || (!params.ignore_eos && self.eos_ids.contains(&token.id));
-            let finish = if stop {
-                Some(FinishReason::Stop)
-            } else if seq.output().len() >= params.max_tokens || seq.tokens.len() >= self.model.config().context_length {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if finish.is_some() {
-                finished.push(s.id);
-            }
-            events.push(Event { id: s.id, token: Some(token), finish, cached_tokens: seq.cached_tokens });
-        }
-        for id in finished {
-            let pos = self.scheduler.running.iter().position(|s| s.id == id).expect("finished sequence is running");
-            let seq = self.scheduler.running.remove(pos);
-            if let Some(disk) = &self.disk {
-                tiering::save_sequence(disk, self.backend.block_store(), &seq, block_size);
-            }
-            apply_retention(&mut self.blocks, &seq);
-            self.blocks.release(&seq.block_table);
-        }
+        }));
         Ok(events)
     }
 }
 
-/// The sampled rows' tokens, indexed like `running`: those the backend chose, and the host
-/// sampler's from the other rows' logits, drawn in parallel (each request's sampler has its own
-/// generator, so the order makes no difference).
-fn sample_rows(running: &mut [Sequence], index: &HashMap<RequestId, usize>, scheduled: &[Scheduled], samples: &[bool], outputs: Vec<RowOutput>) -> Vec<Option<SampledToken>> {
+/// The sampled rows' tokens, aligned with `scheduled` (None for a row not sampled): those the
+/// backend chose, and the host sampler's from the other rows' logits, drawn in parallel (each
+/// request's sampler has its own generator, so the order makes no difference). `index` gives
+/// each request's place in `running`.
+fn sample_rows(
+    running: &mut [Sequence],
+    index: &HashMap<RequestId, usize>,
+    scheduled: &[Scheduled],
+    samples: &[bool],
+    outputs: Vec<RowOutput>,
+) -> Vec<Option<SampledToken>> {
     use rayon::prelude::*;
     let mut rows: Vec<Option<RowOutput>> = (0..running.len()).map(|_| None).collect();
     let mut outputs = outputs.into_iter();
     for (s, _) in scheduled.iter().zip(samples).filter(|&(_, &sample)| sample) {
         rows[index[&s.id]] = Some(outputs.next().expect("one output per sampled sequence"));
     }
-    running
+    let mut tokens: Vec<Option<SampledToken>> = running
         .par_iter_mut()
         .zip(rows.into_par_iter())
         .map(|(seq, row)| {
@@ -529,52 +464,6 @@ fn sample_rows(running: &mut [Sequence], index: &HashMap<RequestId, usize>, sche
                 RowOutput::Chosen(id, logprob) => SampledToken { id, logprob, top: Vec::new() },
             })
         })
-        .collect()
-}
-
-/// Gives a leaving sequence's blocks the retention classes of their tokens.
-fn apply_retention(blocks: &mut BlockManager, seq: &Sequence) {
-    let block_size = blocks.block_size();
-    for (index, &id) in seq.block_table.iter().enumerate() {
-        if id != RELEASED_BLOCK {
-            let class = seq.retention.class_of(index * block_size, (index + 1) * block_size, seq.prompt_len);
-            blocks.raise_retention(id, class);
-        }
-    }
-}
-
-/// Marks blocks whose tokens are all computed, and names newly full blocks of generated
-/// tokens so a later turn of the same conversation finds them.
-fn record_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence, block_size: usize) {
-    let full = seq.num_computed / block_size;
-    for index in 0..full {
-        let id = seq.block_table[index];
-        if id == RELEASED_BLOCK {
-            continue;
-        }
-        if !blocks.is_computed(id) {
-            blocks.mark_computed(id);
-        }
-        if index >= seq.block_hashes.len() {
-            let parent = seq.block_hashes.last().copied();
-            let h = block_hash(parent, &seq.tokens[index * block_size..(index + 1) * block_size]);
-            seq.block_hashes.push(h);
-            blocks.register(id, h, true);
-        }
-    }
-}
-
-/// Under a window, gives back the blocks that no later token of the sequence can see: those
-/// wholly after the kept tokens and before the window's start for the next token.
-fn release_behind_window(blocks: &mut BlockManager, seq: &mut Sequence, block_size: usize) {
-    let Some(window) = seq.window else { return };
-    let first_visible = window.first_visible(seq.num_computed);
-    let first_block = window.keep.div_ceil(block_size);
-    for index in first_block..first_visible / block_size {
-        let id = seq.block_table[index];
-        if id != RELEASED_BLOCK {
-            blocks.release(&[id]);
-            seq.block_table[index] = RELEASED_BLOCK;
-        }
-    }
+        .collect();
+    scheduled.iter().map(|s| tokens[index[&s.id]].take()).collect()
 }

@@ -1,21 +1,34 @@
-//! Sequences, scheduling, KV-block ownership and sampling: the batching engine.
+//! The batching engine: checked requests in, one batched forward pass per step, tokens out.
+//!
+//! - `core.rs`: `Engine`: builds each step's flat batch from the schedule, runs the forward
+//!   pass, samples, calls the disk tier, and contains a failed step.
+//! - `request.rs`: `Request`, checked once against the engine's `Limits`.
+//! - `scheduler.rs`: owns the waiting and running sequences: `schedule` and the after-step
+//!   `update_from_output`. `sequence.rs`: one request's state, how it finishes, its events.
+//! - `block_manager.rs` (the KV block pool and prefix index), `retention.rs` (what to keep).
+//! - `sampler.rs`, `draw.rs`: logits to tokens. `device.rs`: where the forward pass runs.
+//! - `disk/`, `tiering.rs`: the prompt cache's disk tier and moving blocks to and from it.
+//!
+//! What a backend is given and gives back (`FlatBatch`, `RowOutput`, `BlockStore`) is the
+//! bottom module `crate::backend`'s, so backends import nothing from here.
 
-pub mod backend;
 pub mod block_manager;
 pub mod core;
+pub mod device;
 pub mod disk;
 pub mod draw;
+pub mod request;
 pub mod retention;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
-pub mod solo;
 pub mod tiering;
 
-pub use backend::{Backend, ModelHandle, RowOutput};
-pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineStats, Event, StepError, StepFault};
+pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineStats, StepError, StepFault};
+pub use self::device::{Backend, ModelHandle};
+pub use crate::backend::{BlockStore, FlatBatch, RowOutput};
 pub use disk::{DiskCache, DiskStats};
+pub use request::{Limits, Request, RequestError};
 pub use retention::{Retention, RetentionPlan};
 pub use sampler::{SampledToken, Sampler, SamplingParams};
-pub use sequence::RequestId;
-pub use solo::{generate_solo, FinishReason};
+pub use sequence::{Event, FinishReason, RequestId};

@@ -1,11 +1,35 @@
-//! One request's state inside the engine.
+//! One request's state inside the engine, how it ends, and what a step tells of it.
 
-use super::block_manager::BlockId;
 use super::retention::RetentionPlan;
-use super::sampler::{Sampler, SamplingParams};
-use super::FinishReason;
+use super::sampler::{SampledToken, Sampler, SamplingParams};
+use crate::backend::{BlockId, Window};
 
 pub type RequestId = u64;
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+}
+
+/// What a step produced for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: RequestId,
+    pub token: Option<SampledToken>,
+    pub finish: Option<FinishReason>,
+    /// Prompt tokens this request took from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// Whether `token` ends a request sampled with `params`: one of its stop tokens, or one of the
+/// model's end-of-sequence tokens (`eos_ids`) unless it ignores them.
+pub fn is_stop(params: &SamplingParams, eos_ids: &[u32], token: u32) -> bool {
+    params.stop_token_ids.contains(&token) || (!params.ignore_eos && eos_ids.contains(&token))
+}
 
 pub struct Sequence {
     pub id: RequestId,
@@ -25,9 +49,8 @@ pub struct Sequence {
     pub admitted: bool,
     /// Steps it has waited at admission because its prompt did not fit the free blocks.
     pub unfit_steps: u32,
-    pub finish: Option<FinishReason>,
     /// Attention window (`--max-kv-size`): blocks it has moved past are released.
-    pub window: Option<crate::model::batch::Window>,
+    pub window: Option<Window>,
     /// How long its blocks are worth keeping once it lets go of them.
     pub retention: RetentionPlan,
 }
@@ -47,7 +70,6 @@ impl Sequence {
             cached_tokens: 0,
             admitted: false,
             unfit_steps: 0,
-            finish: None,
             window: None,
             retention: RetentionPlan::default(),
         }
@@ -69,5 +91,19 @@ impl Sequence {
     /// Still working through its prompt (or, after preemption, its prompt and output).
     pub fn is_prefilling(&self) -> bool {
         self.remaining() > 1
+    }
+
+    /// Why the sequence ends with the token it just generated, if it does: a stop token, or
+    /// its length (its `max_tokens`, or the model's context of `context_length` tokens).
+    pub fn finish_reason(&self, eos_ids: &[u32], context_length: usize) -> Option<FinishReason> {
+        let params = self.params();
+        let &token = self.tokens.last().expect("a sequence holds its prompt");
+        if is_stop(params, eos_ids, token) {
+            Some(FinishReason::Stop)
+        } else if self.output().len() >= params.max_tokens || self.tokens.len() >= context_length {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
     }
 }

@@ -13,61 +13,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use half::f16;
-
-use super::block_manager::{BlockId, BlockManager};
+use super::block_manager::BlockManager;
 use super::disk::{DiskCache, Loaded};
 use super::sequence::{RequestId, Sequence};
-use crate::model::batch::RELEASED_BLOCK;
-use crate::model::KvCache;
-
-/// Where a backend keeps its KV blocks, as the disk tier reads and fills them. A block's bytes
-/// are its K and V, layer by layer, K then V, f16 little-endian, whatever holds them.
-pub trait BlockStore {
-    fn block_bytes(&self, id: BlockId) -> Result<Vec<u8>, String>;
-    /// Fills a block from bytes laid out as `block_bytes` makes them.
-    fn fill_block(&mut self, id: BlockId, bytes: &[u8]) -> Result<(), String>;
-}
-
-/// Appends `values` to `out` as a block's bytes hold them: f16 little-endian.
-pub fn push_f16_bytes(values: &[f16], out: &mut Vec<u8>) {
-    out.extend(values.iter().flat_map(|x| x.to_bits().to_le_bytes()));
-}
-
-/// Fills `values` from bytes as `push_f16_bytes` writes them (twice as many).
-pub fn read_f16_bytes(bytes: &[u8], values: &mut [f16]) {
-    assert_eq!(bytes.len(), 2 * values.len());
-    for (dst, b) in values.iter_mut().zip(bytes.chunks_exact(2)) {
-        *dst = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
-    }
-}
-
-impl BlockStore for KvCache {
-    fn block_bytes(&self, id: BlockId) -> Result<Vec<u8>, String> {
-        let n = self.block_size * self.token_width;
-        let start = id as usize * n;
-        let mut out = Vec::with_capacity(self.layers.len() * 4 * n);
-        for layer in &self.layers {
-            for half in [&layer.k, &layer.v] {
-                push_f16_bytes(&half[start..start + n], &mut out);
-            }
-        }
-        Ok(out)
-    }
-
-    fn fill_block(&mut self, id: BlockId, bytes: &[u8]) -> Result<(), String> {
-        let n = self.block_size * self.token_width;
-        assert_eq!(bytes.len(), self.layers.len() * 4 * n, "block payload of the wrong size");
-        let start = id as usize * n;
-        let mut chunks = bytes.chunks_exact(2 * n);
-        for layer in &mut self.layers {
-            for half in [&mut layer.k, &mut layer.v] {
-                read_f16_bytes(chunks.next().expect("sized above"), &mut half[start..start + n]);
-            }
-        }
-        Ok(())
-    }
-}
+use crate::backend::{BlockId, BlockStore, RELEASED_BLOCK};
 
 /// Queues a copy of a block for the disk (a block that cannot be read is left out, and said
 /// so). The copy is made here, in memory; the writer thread writes it. With the server's

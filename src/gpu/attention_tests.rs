@@ -10,7 +10,7 @@ use super::runtime::{Buf, Gpu, ATTENTION_MAX_SPLITS};
 use super::tests::{gpu, mean_micros, read, same_bits};
 use crate::launch;
 use crate::cpu::attention::{paged_attention, AttentionPlan, AttentionShape, LayerKv};
-use crate::model::batch::{FlatBatch, Window};
+use crate::backend::{FlatBatch, Window};
 
 /// A step's attention inputs on the device: random f16 cache, f32 queries, the plan.
 struct Case {

@@ -3,7 +3,7 @@
 //! addresses that depend on the padded batch size alone.
 
 use super::runtime::{GpuError, Result};
-use crate::model::batch::FlatBatch;
+use crate::backend::FlatBatch;
 
 /// Where a step's plan parts start in the uploaded array.
 #[derive(Clone, Copy)]

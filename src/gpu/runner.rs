@@ -12,12 +12,9 @@ use half::{bf16, f16};
 use super::plan::{graph_layout, write_plan};
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Product, Result};
 use super::weights::CudaWeights;
-use crate::engine::block_manager::BlockId;
-use crate::engine::backend::RowOutput;
+use crate::backend::{push_f16_bytes, read_f16_bytes, BlockId, BlockStore, FlatBatch, RowOutput};
 use crate::engine::sampler::RowChoice;
-use crate::engine::tiering::{push_f16_bytes, read_f16_bytes, BlockStore};
 use crate::launch;
-use crate::model::batch::FlatBatch;
 use crate::model::config::RopeStyle;
 
 /// Activation buffers for up to `tokens` tokens and `rows` logits rows per step.

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use super::runtime::available;
 use super::tests::{gpu, read};
 use crate::launch;
-use crate::model::batch::FlatBatch;
+use crate::backend::FlatBatch;
 
 /// Random draws on the device pick draw.rs's token for the same logits, parameters and
 /// uniform number (the same integers on both sides), and greedy rows keep the argmax: rows of
@@ -80,7 +80,7 @@ fn sample_rows_match_the_cpu_draw() {
 /// (a draw keeping only the top token), and the host row's logits are whole.
 #[test]
 fn a_step_mixes_device_choices_and_host_rows() {
-    use crate::engine::backend::RowOutput;
+    use crate::backend::RowOutput;
     use crate::engine::draw::DrawParams;
     use crate::engine::sampler::{argmax, RowChoice};
     if !available() {

@@ -3,6 +3,7 @@
 //! through block tables.
 
 use super::config::ModelConfig;
+use crate::backend::{push_f16_bytes, read_f16_bytes, BlockId, BlockStore};
 
 use half::f16;
 
@@ -32,6 +33,33 @@ impl KvCache {
             .map(|_| LayerKv { k: zeroed(floats), v: zeroed(floats) })
             .collect();
         Self { block_size, num_blocks, token_width, layers }
+    }
+}
+
+impl BlockStore for KvCache {
+    fn block_bytes(&self, id: BlockId) -> Result<Vec<u8>, String> {
+        let n = self.block_size * self.token_width;
+        let start = id as usize * n;
+        let mut out = Vec::with_capacity(self.layers.len() * 4 * n);
+        for layer in &self.layers {
+            for half in [&layer.k, &layer.v] {
+                push_f16_bytes(&half[start..start + n], &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    fn fill_block(&mut self, id: BlockId, bytes: &[u8]) -> Result<(), String> {
+        let n = self.block_size * self.token_width;
+        assert_eq!(bytes.len(), self.layers.len() * 4 * n, "block payload of the wrong size");
+        let start = id as usize * n;
+        let mut chunks = bytes.chunks_exact(2 * n);
+        for layer in &mut self.layers {
+            for half in [&mut layer.k, &mut layer.v] {
+                read_f16_bytes(chunks.next().expect("sized above"), &mut half[start..start + n]);
+            }
+        }
+        Ok(())
     }
 }
 

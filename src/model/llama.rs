@@ -6,11 +6,11 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use super::batch::FlatBatch;
 use super::config::ModelConfig;
 use super::dump;
 use super::kv_cache::KvCache;
 use super::presets::Preset;
+use crate::backend::FlatBatch;
 use crate::cpu::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
 use crate::cpu::linear::QLinear;
 use crate::cpu::norm::rms_norm_row;

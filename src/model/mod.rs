@@ -1,15 +1,13 @@
 //! Model architectures (one file each: `llama.rs`), their hyper-parameters and dummy shapes, and
-//! the flat batch and paged KV cache they compute against. The kernels they compute with are
-//! `cpu/`'s; reading a model path into a backend is `loader/`'s.
+//! the paged KV cache they compute against (the flat batch they are given is `backend/`'s). The
+//! kernels they compute with are `cpu/`'s; reading a model path into a backend is `loader/`'s.
 
-pub mod batch;
 pub mod config;
 pub mod dump;
 pub mod kv_cache;
 pub mod llama;
 pub mod presets;
 
-pub use batch::{FlatBatch, SeqSlice};
 pub use config::ModelConfig;
 pub use kv_cache::KvCache;
 pub use llama::Llama;

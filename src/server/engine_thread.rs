@@ -18,7 +18,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::watch;
 
 use super::metrics as m;
-use crate::engine::{panic_message, Engine, EngineStats, FinishReason, RequestId, RetentionPlan, SampledToken, SamplingParams, StepFault};
+use crate::engine::{panic_message, Engine, EngineStats, FinishReason, Request, RequestId, SampledToken, StepFault};
 
 /// Failed steps in a row after which the engine is declared stopped. A failed step's requests
 /// are aborted, so a request that breaks a step (input reaching a bug) is gone by the next one,
@@ -112,7 +112,7 @@ impl SeqReceiver {
 }
 
 enum Command {
-    Submit { prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan, events: UnboundedSender<SeqEvent>, why: Arc<AtomicU8> },
+    Submit { request: Request, events: UnboundedSender<SeqEvent>, why: Arc<AtomicU8> },
     /// Stop stepping and drop the engine (which finishes its disk-cache writes).
     Shutdown,
 }
@@ -191,12 +191,12 @@ impl EngineHandle {
         }
     }
 
-    /// Queues one sequence; its events arrive on the returned receiver. Dropping the receiver
-    /// aborts the sequence.
-    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams, retention: RetentionPlan) -> SeqReceiver {
+    /// Queues one sequence (checked against the engine's `limits` when it was made); its events
+    /// arrive on the returned receiver. Dropping the receiver aborts the sequence.
+    pub fn submit(&self, request: Request) -> SeqReceiver {
         let (events, rx) = unbounded_channel();
         let why = Arc::new(AtomicU8::new(Release::ClientGone as u8));
-        let command = Command::Submit { prompt, params, retention, events, why: why.clone() };
+        let command = Command::Submit { request, events, why: why.clone() };
         if let Err(mpsc::SendError(Command::Submit { events, .. })) = self.commands.send(command) {
             let _ = events.send(SeqEvent::Rejected("the engine has stopped".into()));
         }
@@ -365,14 +365,10 @@ fn publish(engine: &Engine, stats: &Mutex<EngineStats>) {
 /// Takes one command; returns whether it asks the thread to stop.
 fn accept(engine: &mut Engine, live: &mut HashMap<RequestId, Live>, command: Command) -> bool {
     match command {
-        Command::Submit { prompt, params, retention, events, why } => match engine.add_request_with_retention(prompt, params, retention) {
-            Ok(id) => {
-                live.insert(id, Live { events, why });
-            }
-            Err(e) => {
-                let _ = events.send(SeqEvent::Rejected(e.to_string()));
-            }
-        },
+        Command::Submit { request, events, why } => {
+            let id = engine.add(request);
+            live.insert(id, Live { events, why });
+        }
         Command::Shutdown => return true,
     }
     false

@@ -4,6 +4,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::engine::RequestError;
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -27,6 +29,16 @@ impl ApiError {
     /// A 400 that names the offending request field.
     pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
         Self { param: Some(param.to_string()), ..Self::bad_request(message) }
+    }
+
+    /// A 400 for a request the engine's limits refuse; a fault of the prompt names `param`
+    /// (the endpoint's prompt field).
+    pub fn request(param: &str, e: RequestError) -> Self {
+        match e {
+            RequestError::NoTokens => Self::invalid_param("max_tokens", e.to_string()),
+            RequestError::BadParams(message) => Self::bad_request(message),
+            _ => Self::invalid_param(param, e.to_string()),
+        }
     }
 
     pub fn model_not_found(model: &str) -> Self {

@@ -30,7 +30,7 @@ pub use error::ApiError;
 
 use crate::cli::cache::PromptCacheArgs;
 use crate::cli::{EngineArgs, ModelArgs};
-use crate::engine::Engine;
+use crate::engine::{Engine, Limits};
 use crate::tokenizer::{ChatTemplate, TextTokenizer};
 
 pub const SYSTEM_FINGERPRINT: &str = concat!("braid-", env!("CARGO_PKG_VERSION"));
@@ -105,6 +105,11 @@ pub struct AppState {
 impl AppState {
     pub fn replica(&self) -> &str {
         self.replica.get().and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    /// What one request may hold: what the engine's `Request`s are checked against.
+    pub fn limits(&self) -> Limits {
+        Limits { vocab_size: self.vocab_size, max_context: self.max_context }
     }
 
     pub fn check_model(&self, model: &str) -> Result<(), ApiError> {

@@ -26,7 +26,7 @@ use super::openai::{self, GenerationOptions, PromptField};
 use super::prompt;
 use super::session;
 use super::AppState;
-use crate::engine::{Retention, RetentionPlan, SampledToken};
+use crate::engine::{Request, Retention, RetentionPlan, SampledToken};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
@@ -114,33 +114,24 @@ fn prepare_completion(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
     Ok((prompts, plans, options))
 }
 
-/// Checks the prompts against the vocabulary and the context, then queues them.
+/// Makes the engine's requests, one per prompt and choice (each checked against the engine's
+/// limits: vocabulary, context), then queues them.
 async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<RetentionPlan>, options: GenerationOptions, endpoint: Endpoint) -> Result<Response, ApiError> {
     let start = Instant::now();
     let param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
-    let vocab = state.vocab_size;
-    let mut per_prompt_max = Vec::new();
-    for ids in &prompts {
-        if ids.is_empty() {
-            return Err(ApiError::invalid_param(param, "the prompt is empty"));
+    let limits = state.limits();
+    let mut requests = Vec::new();
+    for (ids, plan) in prompts.iter().zip(&plans) {
+        // Without max_tokens, up to the end of the context (at least one token, so a prompt
+        // that fills it is refused as too long).
+        let max_tokens = options.max_tokens.unwrap_or_else(|| limits.max_context.saturating_sub(ids.len()).max(1));
+        for i in 0..options.n {
+            let mut params = options.params.clone();
+            params.max_tokens = max_tokens;
+            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+            let request = Request::new(ids.clone(), params, &limits).map_err(|e| ApiError::request(param, e))?;
+            requests.push(request.with_retention(plan.clone()));
         }
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(ApiError::invalid_param(param, format!("token id {bad} is outside the vocabulary (size {vocab})")));
-        }
-        let room = state.max_context.saturating_sub(ids.len());
-        let max_tokens = options.max_tokens.unwrap_or(room);
-        if ids.len() + max_tokens > state.max_context || room == 0 {
-            return Err(ApiError::invalid_param(
-                param,
-                format!(
-                    "This model's maximum context length is {} tokens, but the prompt has {} tokens and {} more were requested",
-                    state.max_context,
-                    ids.len(),
-                    max_tokens.max(1)
-                ),
-            ));
-        }
-        per_prompt_max.push(max_tokens);
     }
 
     // One deadline for the whole wait, from here until the engine starts the request: for a
@@ -148,15 +139,7 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
     // long prompt that has begun is never cut off by it.
     let deadline = start + state.admission.queue_timeout();
     let permit = state.admission.acquire(prompts.len() * options.n, deadline).await?;
-    let mut receivers = Vec::new();
-    for ((ids, &max_tokens), plan) in prompts.iter().zip(&per_prompt_max).zip(&plans) {
-        for i in 0..options.n {
-            let mut params = options.params.clone();
-            params.max_tokens = max_tokens;
-            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            receivers.push(Some(state.engine.submit(ids.clone(), params, plan.clone())));
-        }
-    }
+    let receivers: Vec<_> = requests.into_iter().map(|r| Some(state.engine.submit(r))).collect();
     let choices = receivers.len();
     let mut run = Run {
         state: state.clone(),
@@ -590,9 +573,7 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, 
         if let Some(model) = &request.model {
             state.check_model(model)?;
         }
-        if let Some(bad) = request.tokens.iter().find(|&&id| id as usize >= state.vocab_size) {
-            return Err(ApiError::invalid_param("tokens", format!("token id {bad} is outside the vocabulary (size {})", state.vocab_size)));
-        }
+        state.limits().check_tokens(&request.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
         Ok(Json(json!({"prompt": state.tokenizer.decode(&request.tokens)})))
     })
     .await

@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 
 use braid::loader::LoadedModel;
 
+pub mod solo;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -1,20 +1,10 @@
-//! One sequence at a time, straight through the model: the simplest correct generator. The
-//! batching engine must agree with it token for token.
+//! The test oracle: one sequence at a time, straight through the model, the simplest correct
+//! generator. The batching engine must agree with it token for token. It uses only the
+//! engine's public pieces: a backend from the model handle, the sampler, the stop-token rule.
 
-use crate::model::FlatBatch;
-
-use super::backend::{Backend, ModelHandle, RowOutput};
-
-use super::sampler::{SampledToken, Sampler, SamplingParams};
-
-/// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    Stop,
-    Length,
-    Abort,
-}
+use braid::backend::{FlatBatch, RowOutput};
+use braid::engine::sequence::is_stop;
+use braid::engine::{Backend, FinishReason, ModelHandle, SampledToken, Sampler, SamplingParams};
 
 /// A backend whose KV cache just fits one sequence of `tokens` tokens (blocks in order), for
 /// steps of up to `step_tokens` tokens, every one of which may ask for logits.
@@ -57,8 +47,7 @@ pub fn generate_solo(
         sampler.observe(token.id);
         let id = token.id;
         out.push(token);
-        let is_stop = params.stop_token_ids.contains(&id) || (!params.ignore_eos && eos_ids.contains(&id));
-        if is_stop {
+        if is_stop(&params, eos_ids, id) {
             return Ok((out, FinishReason::Stop));
         }
         pending = vec![id];

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use super::sampler::RowChoice;
-use super::tiering::BlockStore;
-use crate::model::{FlatBatch, KvCache, Llama, ModelConfig};
+use crate::backend::{BlockStore, FlatBatch, RowOutput};
+use crate::model::{KvCache, Llama, ModelConfig};
 
 /// A loaded model, shareable between engines (weights are read-only).
 #[derive(Clone)]
@@ -109,14 +109,6 @@ pub enum Backend {
     Cpu { model: Arc<Llama>, kv: KvCache },
     #[cfg(feature = "cuda")]
     Cuda(Box<crate::gpu::CudaRunner>),
-}
-
-/// A step's output for one row whose logits were asked for.
-pub enum RowOutput {
-    /// The logits, for the host's sampler.
-    Logits(Vec<f32>),
-    /// The token and its log-probability, chosen where the logits are.
-    Chosen(u32, f32),
 }
 
 impl Backend {
