@@ -67,8 +67,9 @@ fn attention(c: &mut Criterion) {
 }
 
 fn sampling(c: &mut Criterion) {
-    use braid::engine::draw::{draw, DrawParams};
-    use braid::engine::sampler::{log_sum_exp, top_k_indices};
+    use braid::backend::DrawParams;
+    use braid::cpu::draw::draw;
+    use braid::cpu::row::{log_sum_exp, top_k_indices};
     let mut group = c.benchmark_group("sampling");
     // SmolLM2's vocabulary and Llama 3's, logits spread like a trained model's.
     for vocab in [49_152usize, 128_256] {

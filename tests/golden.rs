@@ -75,7 +75,7 @@ fn teacher_forced_steps() -> Vec<Step> {
                 prompt: n,
                 prompt_len: prompt.len(),
                 k,
-                ours: braid::engine::sampler::argmax(row) as usize,
+                ours: braid::cpu::row::argmax(row) as usize,
                 ours_lp: row[id],
                 reference: id,
                 reference_lp: lp,

@@ -6,9 +6,11 @@
 
 pub mod batch;
 pub mod blocks;
+pub mod choice;
 
 pub use batch::{FlatBatch, SeqSlice, Window, RELEASED_BLOCK};
 pub use blocks::{push_f16_bytes, read_f16_bytes, BlockId, BlockStore};
+pub use choice::{is_greedy, DrawParams, RowChoice, MIN_TEMPERATURE};
 
 /// A step's output for one row whose logits were asked for.
 pub enum RowOutput {

@@ -5,9 +5,11 @@
 
 pub mod attention;
 pub mod bf16;
+pub mod draw;
 pub mod f16_ops;
 pub mod linear;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+pub mod row;
 pub mod vmath;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::sampler::RowChoice;
+use crate::backend::RowChoice;
 use crate::backend::{BlockStore, FlatBatch, RowOutput};
 use crate::model::{KvCache, Llama, ModelConfig};
 

@@ -6,7 +6,8 @@
 //! - `scheduler.rs`: owns the waiting and running sequences: `schedule` and the after-step
 //!   `update_from_output`. `sequence.rs`: one request's state, how it finishes, its events.
 //! - `block_manager.rs` (the KV block pool and prefix index), `retention.rs` (what to keep).
-//! - `sampler.rs`, `draw.rs`: logits to tokens. `device.rs`: where the forward pass runs.
+//! - `sampler.rs`: logits to tokens (the draw itself is `cpu::draw`). `device.rs`: where the
+//!   forward pass runs.
 //! - `disk/`, `tiering.rs`: the prompt cache's disk tier and moving blocks to and from it.
 //!
 //! What a backend is given and gives back (`FlatBatch`, `RowOutput`, `BlockStore`) is the
@@ -16,7 +17,6 @@ pub mod block_manager;
 pub mod core;
 pub mod device;
 pub mod disk;
-pub mod draw;
 pub mod request;
 pub mod retention;
 pub mod sampler;

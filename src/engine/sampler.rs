@@ -5,11 +5,14 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::draw::{draw, is_greedy, DrawParams};
+pub use crate::backend::RowChoice;
+use crate::backend::{is_greedy, DrawParams};
+use crate::cpu::draw::draw;
+pub use crate::cpu::row::{argmax, log_sum_exp, top_k_indices};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy, as does anything below `draw::MIN_TEMPERATURE`.
+    /// 0 means greedy, as does anything below `backend::MIN_TEMPERATURE`.
     pub temperature: f32,
     /// 0 disables.
     pub top_k: usize,
@@ -202,77 +205,10 @@ impl Sampler {
     }
 }
 
-/// Who chooses one row's token when the backend can choose on its device.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RowChoice {
-    /// The device: the first maximum.
-    Greedy,
-    /// The device: `draw::draw(row, params, uniform)`.
-    Random { params: DrawParams, uniform: f32 },
-    /// The host's sampler (penalties, bias or alternatives): the row's logits come back.
-    Host,
-}
-
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// `ln(sum(exp(x)))`, with the exponentials vectorised (one per vocabulary entry per token)
-/// and summed in f64 lanes.
-pub fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut shifted: Vec<f32> = logits.iter().map(|&x| x - max).collect();
-    crate::cpu::vmath::exp_in_place(&mut shifted);
-    let mut lanes = [0f64; 8];
-    let mut chunks = shifted.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane += x as f64;
-        }
-    }
-    let sum = chunks.remainder().iter().fold(lanes.iter().sum::<f64>(), |s, &x| s + x as f64);
-    max + sum.ln() as f32
-}
-
-/// Most alternatives `top_k_indices` finds in one pass (OpenAI's `top_logprobs` allows 20).
-const SMALL_K: usize = 32;
-
-/// Indices of the `k` largest values, largest first, lower index first among equals.
-pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
-    let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
-    if k > 0 && k <= SMALL_K && k < values.len() {
-        // A few alternatives (logprobs): one pass keeping the best k in order.
-        let mut best: Vec<u32> = (0..k as u32).collect();
-        best.sort_by(by_value);
-        for i in k as u32..values.len() as u32 {
-            // Later indices lose ties, so only a strictly larger value gets in.
-            if values[i as usize].total_cmp(&values[best[k - 1] as usize]).is_gt() {
-                let at = best.partition_point(|b| by_value(b, &i).is_lt());
-                best.insert(at, i);
-                best.pop();
-            }
-        }
-        return best;
-    }
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    if k < idx.len() {
-        idx.select_nth_unstable_by(k, by_value);
-        idx.truncate(k);
-    }
-    idx.sort_by(by_value);
-    idx
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::draw::MIN_TEMPERATURE;
+    use crate::backend::MIN_TEMPERATURE;
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, -1.0, 3.0, 0.5]
@@ -284,22 +220,6 @@ mod tests {
         let t = s.sample(&mut logits());
         assert_eq!(t.id, 1);
         assert!((t.logprob - (3.0 - log_sum_exp(&logits()))).abs() < 1e-6);
-    }
-
-    #[test]
-    fn top_k_indices_one_pass_equals_the_full_sort() {
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for case in 0..200 {
-            let n = r.random_range(1..300usize);
-            // Coarse values: many ties, which the lower index wins.
-            let values: Vec<f32> = (0..n).map(|_| (r.random_range(-8.0f32..8.0) * if case % 2 == 0 { 1.0 } else { 100.0 }).round()).collect();
-            let mut sorted: Vec<u32> = (0..n as u32).collect();
-            sorted.sort_by(|a, b| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b)));
-            for k in [1, 2, 5, 20, 32] {
-                let want: Vec<u32> = sorted.iter().copied().take(k).collect();
-                assert_eq!(top_k_indices(&values, k), want, "case {case} k {k}");
-            }
-        }
     }
 
     #[test]

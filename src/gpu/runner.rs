@@ -13,7 +13,7 @@ use super::plan::{graph_layout, write_plan};
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Product, Result};
 use super::weights::CudaWeights;
 use crate::backend::{push_f16_bytes, read_f16_bytes, BlockId, BlockStore, FlatBatch, RowOutput};
-use crate::engine::sampler::RowChoice;
+use crate::backend::RowChoice;
 use crate::launch;
 use crate::model::config::RopeStyle;
 

@@ -15,8 +15,10 @@ use crate::backend::FlatBatch;
 /// odd vocabularies, coarse logits (many ties) and fine ones, every limit alone and together.
 #[test]
 fn sample_rows_match_the_cpu_draw() {
-    use crate::engine::draw::{draw, DrawParams};
-    use crate::engine::sampler::{argmax, log_sum_exp, RowChoice};
+    use crate::backend::DrawParams;
+    use crate::cpu::draw::draw;
+    use crate::backend::RowChoice;
+    use crate::cpu::row::{argmax, log_sum_exp};
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(29);
     let mut drawn = 0;
@@ -81,8 +83,9 @@ fn sample_rows_match_the_cpu_draw() {
 #[test]
 fn a_step_mixes_device_choices_and_host_rows() {
     use crate::backend::RowOutput;
-    use crate::engine::draw::DrawParams;
-    use crate::engine::sampler::{argmax, RowChoice};
+    use crate::backend::DrawParams;
+    use crate::backend::RowChoice;
+    use crate::cpu::row::argmax;
     if !available() {
         eprintln!("no CUDA device: skipped");
         return;

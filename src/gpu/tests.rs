@@ -333,8 +333,8 @@ fn argmax_matches_the_sampler() {
             let got = read(&gpu, &chosen, 2 * rows);
             for t in 0..rows {
                 let row = &logits[t * vocab..(t + 1) * vocab];
-                let id = crate::engine::sampler::argmax(row);
-                let lp = row[id as usize] - crate::engine::sampler::log_sum_exp(row);
+                let id = crate::cpu::row::argmax(row);
+                let lp = row[id as usize] - crate::cpu::row::log_sum_exp(row);
                 assert_eq!(got[t], id, "vocab {vocab} row {t}");
                 let glp = f32::from_bits(got[rows + t]);
                 assert!((glp - lp).abs() <= 1e-4 * lp.abs().max(1.0), "vocab {vocab} row {t}: logprob {glp} vs {lp}");

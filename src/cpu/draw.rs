@@ -19,30 +19,8 @@
 //! sends such rows as greedy, `RowChoice::Greedy`), and the kernel's argmax runs first and
 //! stays where nothing has weight, so it agrees.
 
-use super::sampler::argmax;
-
-/// Temperatures below this are greedy (vLLM's `_SAMPLING_EPS`). Below it `1 / T` grows without
-/// bound: at 1e-40 it overflows f32, `0 * inf` makes the best token's weight NaN, and nothing
-/// could be drawn; at the floor the next token is already 1e5 x its logit gap less likely.
-pub const MIN_TEMPERATURE: f32 = 1e-5;
-
-/// Whether this temperature takes the first maximum: below the floor, or not a number.
-pub fn is_greedy(temperature: f32) -> bool {
-    temperature.is_nan() || temperature < MIN_TEMPERATURE
-}
-
-/// What a random draw needs of a request's sampling parameters.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DrawParams {
-    /// At least `MIN_TEMPERATURE` (below it, greedy: the draw takes the first maximum).
-    pub temperature: f32,
-    /// 0 disables.
-    pub top_k: usize,
-    /// 1 disables.
-    pub top_p: f32,
-    /// 0 disables.
-    pub min_p: f32,
-}
+use super::row::argmax;
+pub use crate::backend::{is_greedy, DrawParams, MIN_TEMPERATURE};
 
 /// Fixed-point scale of the weights: 1.0 (the best token's) is 2^32.
 const ONE: f32 = 4_294_967_296.0;
