@@ -55,6 +55,25 @@ class Server:
                 self.proc.kill()
 
 
+def wait_for(predicate, seconds):
+    """Polls `predicate` until it holds (True) or `seconds` pass (False)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def metric(text, name, labels=""):
+    """A sample's value from Prometheus text (0 when absent): `name{labels} value`."""
+    key = name + ("{" + labels + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 @pytest.fixture(scope="session")
 def server():
     s = Server()

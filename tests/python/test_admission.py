@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from conftest import MODEL_NAME, Server
+from conftest import MODEL_NAME, Server, metric, wait_for
 
 LONG = {"model": MODEL_NAME, "prompt": "Count:", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
 
@@ -17,15 +17,6 @@ def tiny():
     s = Server("--max-num-seqs", "1", "--queue-size", "1", "--queue-timeout", "2")
     yield s
     s.stop()
-
-
-def wait_for(predicate, seconds):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_full_queue_429_and_queue_timeout_503(tiny):
@@ -130,15 +121,6 @@ def test_sigterm_lets_running_requests_finish_and_exits_0():
     assert result["r"].status_code == 200
     assert len(result["r"].json()["choices"][0]["text"]) > 0
     assert s.proc.wait(timeout=30) == 0
-
-
-def metric(text, name, labels=""):
-    """A sample's value from Prometheus text (0 when absent): `name{labels} value`."""
-    key = name + ("{" + labels + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_tokenize_and_detokenize_need_the_api_key():

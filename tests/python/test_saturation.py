@@ -10,20 +10,11 @@ import time
 import httpx
 import pytest
 
-from conftest import MODEL_NAME, Server
+from conftest import MODEL_NAME, Server, wait_for
 
 RUNNING = 64
 QUEUED = 200
 PROBES = 100
-
-
-def wait_for(predicate, seconds):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def probe(client, path):

@@ -15,7 +15,7 @@ import time
 
 import httpx
 
-from conftest import MODEL_NAME, Server
+from conftest import MODEL_NAME, Server, metric
 
 TOTAL = int(os.environ.get("BRAID_SOAK_REQUESTS", "2000"))
 CONCURRENCY = 32
@@ -25,14 +25,6 @@ SYSTEM = "You are a terse assistant. Answer in one short sentence."
 QUESTIONS = ["Name a color.", "What is 2 + 2?", "Say hello.", "Name a fruit.", "Where is Paris?", "Count to three.", "Name an animal.", "What day follows Monday?"]
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3,", "The quick brown fox", "def add(a, b):", "Water boils at"]
 STOPS = [["."], ["\n"], [" the", ","], ["!"]]
-
-
-def metric(text, name, labels=""):
-    key = name + ("{" + labels + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def reasons(text):
