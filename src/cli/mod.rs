@@ -2,6 +2,7 @@
 
 pub mod cache;
 mod generate;
+mod serve;
 mod tokenize;
 
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ enum Command {
     /// Print the token ids of texts (no BOS added; special-token text is parsed).
     Tokenize(tokenize::TokenizeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
-    Serve(crate::server::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Inspect and fill the prompt cache folder: save, ls, rm, clear.
     Cache(cache::CacheArgs),
     /// Measure an OpenAI-compatible server (braid or any other): TTFT, TPOT, ITL, throughput.
@@ -153,7 +154,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
-        Command::Serve(args) => crate::server::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => crate::bench::run(args),
         Command::Cache(args) => cache::run(args),
     };

@@ -28,60 +28,60 @@ pub use admission::Admission;
 pub use engine_thread::EngineHandle;
 pub use error::ApiError;
 
-use crate::cli::cache::PromptCacheArgs;
-use crate::cli::{EngineArgs, ModelArgs};
 use crate::engine::{Engine, Limits};
 use crate::tokenizer::{ChatTemplate, TextTokenizer};
 
+pub use prompt::DEFAULT_MAX_REQUEST_BYTES;
+
 pub const SYSTEM_FINGERPRINT: &str = concat!("braid-", env!("CARGO_PKG_VERSION"));
 
-#[derive(clap::Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    engine: EngineArgs,
-    #[command(flatten)]
-    cache: PromptCacheArgs,
-    /// Name of this replica, sent back as the `X-Braid-Replica` response header and in /health
-    /// (to see which replica behind a load balancer answered). Default: the listening address.
-    #[arg(long)]
-    replica_id: Option<String>,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// Port to listen on (0 picks a free one; the summary line says which).
-    #[arg(long, default_value_t = 8000)]
-    port: u16,
-    /// Model name clients send in "model" and see in /v1/models. Default: the file's stem.
-    #[arg(long)]
-    served_model_name: Option<String>,
-    /// Requests that may wait for a free sequence slot; beyond that: 429 with Retry-After.
-    #[arg(long, default_value_t = 256)]
-    queue_size: usize,
-    /// Seconds a request may wait, from its arrival until the engine starts it (for a slot,
-    /// then in the engine's queue for KV blocks), before it is answered 503 and dropped. A
-    /// prefill under way is never cut off.
-    #[arg(long, default_value_t = 60.0)]
-    queue_timeout: f64,
-    /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize (not on /health
-    /// or /metrics).
-    #[arg(long, env = "BRAID_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// Log prompts (never logged otherwise).
-    #[arg(long)]
-    log_prompts: bool,
-    /// Parse special-token text in chat message contents and names (e.g. `<|im_start|>`) as
-    /// control tokens, as llama.cpp and vLLM do. Off: contents are plain text, so a user cannot
-    /// forge turns.
-    #[arg(long)]
-    allow_special_tokens_in_content: bool,
-    /// Largest request body in bytes; larger ones are answered 413.
-    #[arg(long, default_value_t = prompt::DEFAULT_MAX_REQUEST_BYTES)]
-    max_request_bytes: usize,
-    /// Seconds running requests may take to finish after SIGTERM/SIGINT before exit.
-    #[arg(long, default_value_t = 30.0)]
-    shutdown_grace: f64,
+/// How to serve: the HTTP side of `braid serve`'s flags (cli/serve.rs), with the model's name
+/// in the API decided.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    /// 0 picks a free port (the summary line says which).
+    pub port: u16,
+    /// The name clients send in "model" and see in /v1/models.
+    pub served_model_name: String,
+    /// Sent as `X-Braid-Replica` and in /health; None: the listening address.
+    pub replica_id: Option<String>,
+    /// Requests running at once: the engine's `max_num_seqs` (the admission's slots).
+    pub max_num_seqs: usize,
+    /// Requests that may wait for a slot; beyond that: 429.
+    pub queue_size: usize,
+    /// Seconds a request may wait, from its arrival until the engine starts it.
+    pub queue_timeout: f64,
+    /// Required as `Authorization: Bearer KEY` on the routes that use the model (None or
+    /// empty: none).
+    pub api_key: Option<String>,
+    pub log_prompts: bool,
+    /// Special-token text in chat contents becomes control tokens (`--allow-special-tokens-in-content`).
+    pub allow_special_in_content: bool,
+    /// Largest request body; larger ones are answered 413.
+    pub max_request_bytes: usize,
+    /// Seconds running requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: f64,
+    /// The prompt cache's folder, for the start-up summary (the engine holds the cache).
+    pub prompt_cache_dir: Option<std::path::PathBuf>,
+}
+
+impl ServerConfig {
+    /// Refuses values the server cannot run with (each message names its `braid serve` flag).
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !(self.queue_timeout > 0.0 && self.queue_timeout.is_finite()) {
+            anyhow::bail!("--queue-timeout must be a positive number of seconds");
+        }
+        if self.max_request_bytes == 0 {
+            anyhow::bail!("--max-request-bytes must be at least 1");
+        }
+        self.replica_header()?;
+        Ok(())
+    }
+
+    fn replica_header(&self) -> anyhow::Result<Option<HeaderValue>> {
+        self.replica_id.as_deref().map(HeaderValue::from_str).transpose().map_err(|_| anyhow::anyhow!("--replica-id must be visible ASCII text"))
+    }
 }
 
 pub struct AppState {
@@ -180,78 +180,62 @@ async fn shutdown_signal() {
     }
 }
 
-/// The model's name in the API when none is given: the GGUF file's name without `.gguf`, or
-/// the dummy preset's name (`llama-3.2-1b`, whose dots are not an extension).
-fn served_name(path: &std::path::Path) -> String {
-    let name = path.file_name().map_or_else(|| "default".into(), |n| n.to_string_lossy().into_owned());
-    name.strip_suffix(".gguf").map_or_else(|| name.clone(), str::to_string)
-}
-
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if !(args.queue_timeout > 0.0 && args.queue_timeout.is_finite()) {
-        anyhow::bail!("--queue-timeout must be a positive number of seconds");
-    }
-    if args.max_request_bytes == 0 {
-        anyhow::bail!("--max-request-bytes must be at least 1");
-    }
-    let config = args.engine.config()?;
-    let replica = args.replica_id.as_deref().map(HeaderValue::from_str).transpose().map_err(|_| anyhow::anyhow!("--replica-id must be visible ASCII text"))?;
-    eprintln!("braid: loading {} ...", crate::loader::model_path(args.model.model.clone()).display());
-    let loaded = args.model.load()?;
-    let model_name = args
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| served_name(&loaded.path));
+/// Serves `engine` (its model loaded, its prompt cache attached) with the model's tokenizer
+/// and chat template until SIGTERM/SIGINT, or until the engine stops (then an error: the exit
+/// code says so).
+pub fn run(config: ServerConfig, engine: Engine, tokenizer: TextTokenizer, template: Option<ChatTemplate>) -> anyhow::Result<()> {
+    config.check()?;
+    let replica = config.replica_header()?;
     // Read once: a fault to cause on purpose, for the tests of what a failing engine does.
     let fault = engine_thread::TestFault::from_env().map_err(anyhow::Error::msg)?;
     if let Some(fault) = fault {
         tracing::warn!("BRAID_TEST_FAULT: the engine will fail on purpose ({fault:?}); for tests only");
     }
-    let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config.clone())?;
-    args.cache.attach(&mut engine, &loaded)?;
     let max_context = engine.max_context();
+    let vocab_size = engine.model().vocab_size();
     let kv = engine.stats();
-    let kv_bytes = kv.kv_blocks_total * crate::model::KvCache::bytes_per_block(loaded.model.config(), kv.block_size);
+    let kv_bytes = kv.kv_blocks_total * crate::model::KvCache::bytes_per_block(engine.model().config(), kv.block_size);
     metrics::install();
     let state = Arc::new(AppState {
         engine: EngineHandle::spawn_with_fault(engine, fault),
-        vocab_size: loaded.model.vocab_size(),
-        tokenizer: Arc::new(loaded.tokenizer),
-        template: loaded.chat_template.map(Arc::new),
-        model_name: model_name.clone(),
+        vocab_size,
+        tokenizer: Arc::new(tokenizer),
+        template: template.map(Arc::new),
+        model_name: config.served_model_name.clone(),
         max_context,
-        admission: Admission::new(config.max_num_seqs, args.queue_size, Duration::from_secs_f64(args.queue_timeout)),
+        admission: Admission::new(config.max_num_seqs, config.queue_size, Duration::from_secs_f64(config.queue_timeout)),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        log_prompts: args.log_prompts,
-        allow_special_in_content: args.allow_special_tokens_in_content,
-        max_request_bytes: args.max_request_bytes,
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        log_prompts: config.log_prompts,
+        allow_special_in_content: config.allow_special_in_content,
+        max_request_bytes: config.max_request_bytes,
+        api_key: config.api_key.clone().filter(|k| !k.is_empty()),
         replica: std::sync::OnceLock::new(),
     });
     let engine_handle = state.engine.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
-        let addr: SocketAddr = format!("{}:{}", args.host, args.port).parse()?;
+        let addr: SocketAddr = format!("{}:{}", config.host, config.port).parse()?;
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
         let _ = state.replica.set(replica.unwrap_or_else(|| HeaderValue::from_str(&bound.to_string()).expect("an address is a header value")));
         eprintln!(
-            "braid: serving '{model_name}' on http://{bound}/v1 | KV cache {} tokens ({:.0} MiB){} | context {max_context} | max {} running, {} queued, queue timeout {} s{}",
+            "braid: serving '{}' on http://{bound}/v1 | KV cache {} tokens ({:.0} MiB){} | context {max_context} | max {} running, {} queued, queue timeout {} s{}",
+            config.served_model_name,
             kv.kv_blocks_total * kv.block_size,
             kv_bytes as f64 / (1 << 20) as f64,
             kv.disk.as_ref().map_or(String::new(), |d| format!(
                 " | prompt cache {} ({} files, {:.0} of {:.0} MiB)",
-                args.cache.prompt_cache_dir.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                config.prompt_cache_dir.as_deref().unwrap_or(std::path::Path::new("")).display(),
                 d.files,
                 d.bytes as f64 / (1 << 20) as f64,
                 d.budget as f64 / (1 << 20) as f64
             )),
             config.max_num_seqs,
-            args.queue_size,
-            args.queue_timeout,
+            config.queue_size,
+            config.queue_timeout,
             if state.api_key.is_some() { " | API key required" } else { "" },
         );
-        let grace = Duration::from_secs_f64(args.shutdown_grace.max(0.0));
+        let grace = Duration::from_secs_f64(config.shutdown_grace.max(0.0));
         let closing = state.clone();
         // A signal, or the engine stopping for good: either way stop admitting, let what runs
         // finish (a stopped engine has already answered its requests), and exit.
@@ -289,15 +273,4 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     eprintln!("braid: stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod served_name_tests {
-    use super::served_name;
-
-    #[test]
-    fn names_drop_only_the_gguf_extension() {
-        assert_eq!(served_name(std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf")), "SmolLM2-135M-Instruct.Q4_1");
-        assert_eq!(served_name(std::path::Path::new("llama-3.2-1b")), "llama-3.2-1b");
-    }
 }
