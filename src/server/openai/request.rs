@@ -10,7 +10,7 @@ use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder,
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
-use super::error::ApiError;
+use crate::server::ApiError;
 use crate::engine::SamplingParams;
 
 /// Fields of OpenAI's API that braid does not implement yet.
@@ -22,12 +22,12 @@ const UNSUPPORTED_COMPLETION: &[&str] = &["echo", "suffix", "best_of", "response
 
 /// Fields of `CommonFields` (serde cannot refuse unknown fields through `flatten`, so the
 /// known ones are listed and checked by hand).
-pub(super) const COMMON: &[&str] = &[
+pub(in crate::server) const COMMON: &[&str] = &[
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "seed", "stop", "n", "ignore_eos", "user", "stream", "stream_options",
 ];
-pub(super) const CHAT: &[&str] = &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs"];
-pub(super) const COMPLETION: &[&str] = &["model", "prompt", "logprobs"];
+pub(in crate::server) const CHAT: &[&str] = &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs"];
+pub(in crate::server) const COMPLETION: &[&str] = &["model", "prompt", "logprobs"];
 
 /// Most choices per request, and most alternatives per token (the schemas' `maximum`s are
 /// these numbers as literals: `openapi::tests` checks they agree).
