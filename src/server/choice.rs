@@ -2,7 +2,8 @@
 //! may span tokens and are never emitted (text that could begin a stop string is held back
 //! until it cannot).
 
-use crate::engine::{FinishReason, SampledToken};
+use super::openai::FinishReason;
+use crate::engine::SampledToken;
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 #[derive(Debug, Default)]
@@ -10,7 +11,7 @@ pub struct Delta {
     pub text: String,
     /// Tokens received with this delta (for logprobs).
     pub tokens: Vec<SampledToken>,
-    pub finish: Option<&'static str>,
+    pub finish: Option<FinishReason>,
 }
 
 #[derive(Default)]
@@ -19,19 +20,11 @@ pub struct ChoiceText {
     stop: Vec<String>,
     text: String,
     emitted: usize,
-    pub finish: Option<&'static str>,
+    pub finish: Option<FinishReason>,
     pub completion_tokens: usize,
     pub cached_tokens: usize,
     /// Bytes of text already reported in streamed logprobs (their `text_offset` base).
     pub logprob_offset: usize,
-}
-
-pub fn finish_name(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Abort => "abort",
-    }
 }
 
 impl ChoiceText {
@@ -53,7 +46,7 @@ impl ChoiceText {
             delta.text = self.text[self.emitted..end].to_string();
             self.text.truncate(end);
             self.emitted = end;
-            self.finish = Some("stop");
+            self.finish = Some(FinishReason::Stop);
             delta.finish = self.finish;
             return delta;
         }
@@ -66,7 +59,7 @@ impl ChoiceText {
     }
 
     /// The sequence ended for `reason`: everything held back is released.
-    pub fn finish(&mut self, tokenizer: &TextTokenizer, reason: FinishReason) -> Delta {
+    pub fn finish(&mut self, tokenizer: &TextTokenizer, reason: crate::engine::FinishReason) -> Delta {
         if self.finish.is_some() {
             return Delta::default();
         }
@@ -77,7 +70,7 @@ impl ChoiceText {
         }
         delta.text = self.text[self.emitted.min(self.text.len())..].to_string();
         self.emitted = self.text.len();
-        self.finish = Some(finish_name(reason));
+        self.finish = Some(reason.into());
         delta.finish = self.finish;
         delta
     }

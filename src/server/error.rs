@@ -1,9 +1,11 @@
-//! OpenAI-style error bodies: `{"error": {"message", "type", "param", "code"}}`.
+//! OpenAI-style errors, answered with `{"error": {"message", "type", "param", "code"}}`
+//! (`openai::ErrorBody`).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::openai::{ErrorBody, ErrorDetail};
 use crate::engine::RequestError;
 
 #[derive(Debug, Clone)]
@@ -84,10 +86,9 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("No route for {path}"))
     }
 
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({
-            "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code }
-        })
+    pub fn body(&self) -> ErrorBody {
+        let error = ErrorDetail { message: self.message.clone(), kind: self.kind.into(), param: self.param.clone(), code: self.code.map(str::to_string) };
+        ErrorBody { error }
     }
 }
 

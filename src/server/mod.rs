@@ -10,6 +10,7 @@ mod openai;
 mod openapi;
 mod prompt;
 mod routes;
+mod run;
 mod session;
 
 use std::net::SocketAddr;

@@ -1,7 +1,6 @@
-//! The OpenAPI 3.1 document of the HTTP API, served at GET /openapi.json. Request bodies come
-//! from the wire types' `ToSchema` derives (openai.rs, and the tokenize bodies in routes.rs),
-//! so the document accepts what the parsers accept; responses are described loosely (their
-//! JSON is built by hand in routes.rs).
+//! The OpenAPI 3.1 document of the HTTP API, served at GET /openapi.json. Request and response
+//! bodies come from the wire types' `ToSchema` derives (openai/request.rs, openai/response.rs),
+//! so the document accepts what the parsers accept and describes what the handlers send.
 
 use std::sync::Arc;
 
@@ -9,38 +8,21 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-use super::openai::{ChatRequest, CompletionRequest, TOKEN_ID};
-use super::routes::{DetokenizeRequest, TokenizeRequest};
+use super::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorBody, Health, HealthFailure, ModelList,
+    TextCompletion, TextCompletionChunk, TokenizeRequest, TokenizeResponse, TOKEN_ID,
+};
 use super::AppState;
-
-/// The error body of every 4xx and 5xx (error.rs, `ApiError::body`).
-#[derive(ToSchema, serde::Serialize)]
-#[allow(dead_code)] // (a description only)
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(ToSchema, serde::Serialize)]
-#[allow(dead_code)]
-struct ErrorDetail {
-    message: String,
-    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
-    #[serde(rename = "type")]
-    kind: String,
-    /// The request field at fault, if one is.
-    param: Option<String>,
-    code: Option<String>,
-}
 
 // The operations: bodiless functions carrying each route's description (the handlers are in
 // routes.rs, registered in mod.rs).
 
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatRequest,
     responses(
-        (status = 200, description = "A `chat.completion` object; with `stream: true`, server-sent `chat.completion.chunk` events ending with `data: [DONE]`",
-            content((Object = "application/json"), (String = "text/event-stream"))),
+        (status = 200, description = "A `chat.completion` object; with `stream: true`, server-sent events each holding a `chat.completion.chunk`, ending with `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
         (status = 400, description = "A field is invalid (`param` names it), or the prompt and `max_tokens` exceed the context", body = ErrorBody),
         (status = 401, description = "The API key is missing or wrong (when the server has one)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
@@ -54,8 +36,8 @@ fn chat_completions() {}
 
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest,
     responses(
-        (status = 200, description = "A `text_completion` object; with `stream: true`, server-sent `text_completion` chunks ending with `data: [DONE]`",
-            content((Object = "application/json"), (String = "text/event-stream"))),
+        (status = 200, description = "A `text_completion` object; with `stream: true`, server-sent events each holding a `text_completion` chunk, ending with `data: [DONE]`",
+            content((TextCompletion = "application/json"), (TextCompletionChunk = "text/event-stream"))),
         (status = 400, description = "A field is invalid (`param` names it), or the prompt and `max_tokens` exceed the context", body = ErrorBody),
         (status = 401, description = "The API key is missing or wrong (when the server has one)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
@@ -69,7 +51,7 @@ fn completions() {}
 
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
     responses(
-        (status = 200, description = "The served model: `{object: list, data: [{id, object, created, owned_by, max_model_len}]}`", body = Object),
+        (status = 200, description = "The served model", body = ModelList),
         (status = 401, description = "The API key is missing or wrong (when the server has one)", body = ErrorBody),
     ),
     security((), ("api_key" = []))
@@ -78,7 +60,10 @@ fn completions() {}
 fn models() {}
 
 #[utoipa::path(get, path = "/health", tag = "Operations",
-    responses((status = 200, description = "`{status, running, waiting, replica}`", body = Object))
+    responses(
+        (status = 200, description = "The engine serves", body = Health),
+        (status = 503, description = "The engine has stopped (why, in `reason`); the server is shutting down", body = HealthFailure),
+    )
 )]
 #[allow(dead_code)]
 fn health() {}
@@ -91,7 +76,7 @@ fn metrics() {}
 
 #[utoipa::path(post, path = "/tokenize", tag = "Tokenizer", request_body(content = TokenizeRequest, description = "Exactly one of `prompt` and `messages`"),
     responses(
-        (status = 200, description = "`{tokens, count, max_model_len}`", body = Object),
+        (status = 200, description = "The prompt's token ids", body = TokenizeResponse),
         (status = 400, description = "A field is invalid", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
     )
@@ -101,7 +86,7 @@ fn tokenize() {}
 
 #[utoipa::path(post, path = "/detokenize", tag = "Tokenizer", request_body = DetokenizeRequest,
     responses(
-        (status = 200, description = "`{prompt}`: the tokens' text", body = Object),
+        (status = 200, description = "The tokens' text", body = DetokenizeResponse),
         (status = 400, description = "A field is invalid (a token outside the vocabulary)", body = ErrorBody),
         (status = 404, description = "No such model", body = ErrorBody),
     )
@@ -127,7 +112,7 @@ impl Modify for ApiKey {
 #[openapi(
     info(title = "braid", description = "braid's OpenAI-compatible HTTP API"),
     paths(chat_completions, completions, models, health, metrics, tokenize, detokenize, openapi_json),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody)),
     modifiers(&ApiKey)
 )]
 struct ApiDoc;

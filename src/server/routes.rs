@@ -1,11 +1,10 @@
 //! HTTP handlers: OpenAI's chat and legacy completions (JSON and SSE), models, tokenize,
-//! health and metrics. Handlers convert wire types and stream; the engine thread does the work.
+//! health and metrics. Handlers parse the wire types and queue; a `Run` (run.rs) answers or
+//! streams; the engine thread does the work.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::future::poll_fn;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -15,24 +14,18 @@ use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::choice::{ChoiceText, Delta};
-use super::engine_thread::{Release, SeqEvent, SeqReceiver};
+use super::choice::ChoiceText;
+use super::engine_thread::Release;
 use super::error::ApiError;
 use super::metrics as m;
-use super::openai::{self, GenerationOptions, PromptField};
+use super::openai::{self, DetokenizeResponse, GenerationOptions, Health, HealthError, HealthFailure, HealthOk, ListObject, ModelCard, ModelList, ModelObject, PromptField, TokenizeResponse};
 use super::prompt;
+use super::run::{Clock, Endpoint, Run};
 use super::session;
 use super::AppState;
-use crate::engine::{Request, Retention, RetentionPlan, SampledToken};
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
-    Chat,
-    Completion,
-}
+use crate::engine::{Request, Retention, RetentionPlan};
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -175,347 +168,22 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
     }
 }
 
-/// When one choice's tokens came, for its time per output token.
-#[derive(Clone, Default)]
-struct Clock {
-    first: Option<Instant>,
-    last: Option<Instant>,
-    tokens: usize,
-}
-
-impl Clock {
-    /// Mean time between this choice's tokens after its first.
-    fn per_token(&self) -> Option<f64> {
-        let (first, last) = (self.first?, self.last?);
-        (self.tokens > 1).then(|| (last - first).as_secs_f64() / (self.tokens - 1) as f64)
-    }
-}
-
-/// One request in flight: its choices' receivers and text. Its metrics are recorded when it
-/// is dropped, however it ends (answered, client gone, failed), unless it was refused.
-struct Run {
-    state: Arc<AppState>,
-    endpoint: Endpoint,
-    id: String,
-    created: u64,
-    prompt_tokens: usize,
-    options: GenerationOptions,
-    receivers: Vec<Option<SeqReceiver>>,
-    /// Events taken while waiting for every choice to start, not yet applied.
-    buffered: VecDeque<(usize, SeqEvent)>,
-    choices: Vec<ChoiceText>,
-    logprobs: Vec<Vec<SampledToken>>,
-    start: Instant,
-    first_token: Option<Instant>,
-    clocks: Vec<Clock>,
-    /// Why the choices still running are let go of if the run ends now: the client went away,
-    /// unless the server gave up (deadline, error).
-    ending: Release,
-    /// Metrics already taken care of (a refused request is counted as a rejection).
-    counted: bool,
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if !self.counted {
-            self.record_metrics();
-        }
-        for rx in self.receivers.iter_mut().filter_map(Option::take) {
-            rx.release(self.ending);
-        }
-    }
-}
-
-impl Run {
-    /// Waits, until the request's deadline, for every choice to start (the engine scheduled
-    /// it, or it ended at once); events that came with it stay buffered for `next`. Past the deadline: 503 `queue_timeout`, and the
-    /// sequences are dropped from the engine. A choice the engine refused: that error, before
-    /// any part of a response is sent.
-    async fn wait_started(&mut self, deadline: Instant) -> Result<(), ApiError> {
-        let mut started = vec![false; self.receivers.len()];
-        let all_started = poll_fn(|cx| {
-            let mut waiting = false;
-            for (i, slot) in self.receivers.iter_mut().enumerate() {
-                let Some(rx) = slot.as_mut().filter(|_| !started[i]) else { continue };
-                match rx.poll_recv(cx) {
-                    Poll::Ready(Some(SeqEvent::Started)) => started[i] = true,
-                    Poll::Ready(Some(e)) => {
-                        started[i] = true;
-                        self.buffered.push_back((i, e));
-                    }
-                    Poll::Ready(None) => started[i] = true,
-                    Poll::Pending => waiting = true,
-                }
-            }
-            if waiting { Poll::Pending } else { Poll::Ready(()) }
-        });
-        if tokio::time::timeout_at(deadline.into(), all_started).await.is_err() {
-            self.ending = Release::Cancelled;
-            self.counted = true;
-            return Err(self.state.admission.timed_out());
-        }
-        let refused = self.buffered.iter().find_map(|(_, e)| match e {
-            SeqEvent::Rejected(message) => Some(message.clone()),
-            _ => None,
-        });
-        if let Some(message) = refused {
-            self.ending = Release::Cancelled;
-            return Err(ApiError::internal(message));
-        }
-        Ok(())
-    }
-
-    /// The next event of any live choice; None once all have ended. A choice ended by a stop
-    /// string lets go of its receiver, which makes the engine stop that sequence.
-    async fn next(&mut self) -> Option<(usize, SeqEvent)> {
-        if let Some(event) = self.buffered.pop_front() {
-            return Some(event);
-        }
-        poll_fn(|cx| {
-            let mut live = false;
-            for (i, slot) in self.receivers.iter_mut().enumerate() {
-                let Some(rx) = slot else { continue };
-                live = true;
-                match rx.poll_recv(cx) {
-                    Poll::Ready(Some(e)) => return Poll::Ready(Some((i, e))),
-                    Poll::Ready(None) => *slot = None,
-                    Poll::Pending => {}
-                }
-            }
-            if live { Poll::Pending } else { Poll::Ready(None) }
-        })
-        .await
-    }
-
-    /// Applies one engine event to its choice; returns the text delta, or an error.
-    fn apply(&mut self, i: usize, event: SeqEvent) -> Result<Delta, ApiError> {
-        let tokenizer = &self.state.tokenizer;
-        let delta = match event {
-            SeqEvent::Token { token, cached_tokens, ends } => {
-                let now = Instant::now();
-                self.first_token.get_or_insert(now);
-                let clock = &mut self.clocks[i];
-                clock.first.get_or_insert(now);
-                clock.last = Some(now);
-                clock.tokens += 1;
-                self.choices[i].cached_tokens = cached_tokens;
-                if ends {
-                    self.choices[i].push_stop_token();
-                    return Ok(Delta::default());
-                }
-                if self.options.logprobs.is_some() {
-                    self.logprobs[i].push(token.clone());
-                }
-                self.choices[i].push(tokenizer, token)
-            }
-            SeqEvent::Started => Delta::default(),
-            SeqEvent::Finished(reason) => self.choices[i].finish(tokenizer, reason),
-            SeqEvent::Rejected(message) => {
-                self.ending = Release::Cancelled;
-                return Err(ApiError::internal(message));
-            }
-        };
-        if delta.finish.is_some()
-            && let Some(rx) = self.receivers[i].take()
-        {
-            rx.release(Release::Finished);
-        }
-        Ok(delta)
-    }
-
-    fn usage(&self) -> Value {
-        let completion: usize = self.choices.iter().map(|c| c.completion_tokens).sum();
-        // Choices come n per prompt; count each prompt's cached tokens once.
-        let cached: usize = self.choices.iter().step_by(self.options.n).map(|c| c.cached_tokens).sum();
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-            "prompt_tokens_details": { "cached_tokens": cached },
-        })
-    }
-
-    /// Counts each choice by its own finish reason ("abort": its client went away; "error":
-    /// the engine failed it), and, for a request answered in full, its latencies: time to the
-    /// first token and end to end once per request, time per output token once per choice
-    /// (choices decode side by side, so dividing by all their tokens would understate it).
-    fn record_metrics(&self) {
-        let unfinished = if self.ending == Release::ClientGone { "abort" } else { "error" };
-        for c in &self.choices {
-            m::record_choice(c.finish.unwrap_or(unfinished));
-        }
-        if self.choices.iter().all(|c| c.finish.is_some()) {
-            let ttft = self.first_token.map(|t| (t - self.start).as_secs_f64());
-            let tpot: Vec<f64> = self.clocks.iter().filter_map(Clock::per_token).collect();
-            m::record_request(ttft, &tpot, self.start.elapsed().as_secs_f64());
-        }
-    }
-
-    fn logprobs_json(&self, tokens: &[SampledToken], text_offset: usize) -> Value {
-        let tokenizer = &self.state.tokenizer;
-        let text = |id: u32| tokenizer.decode(&[id]);
-        match self.endpoint {
-            Endpoint::Chat => json!({
-                "content": tokens.iter().map(|t| {
-                    let s = text(t.id);
-                    json!({
-                        "token": s, "logprob": t.logprob, "bytes": s.as_bytes(),
-                        "top_logprobs": t.top.iter().map(|&(id, lp)| {
-                            let a = text(id);
-                            json!({"token": a, "logprob": lp, "bytes": a.as_bytes()})
-                        }).collect::<Vec<_>>(),
-                    })
-                }).collect::<Vec<_>>()
-            }),
-            Endpoint::Completion => {
-                let mut offset = text_offset;
-                let mut offsets = Vec::new();
-                for t in tokens {
-                    offsets.push(offset);
-                    offset += text(t.id).len();
-                }
-                json!({
-                    "tokens": tokens.iter().map(|t| text(t.id)).collect::<Vec<_>>(),
-                    "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|&(id, lp)| (text(id), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
-                    "text_offset": offsets,
-                })
-            }
-        }
-    }
-
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.endpoint, chunk) {
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
-            (Endpoint::Completion, _) => "text_completion",
-        }
-    }
-
-    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.object(chunk),
-            "created": self.created,
-            "model": self.state.model_name,
-            "system_fingerprint": super::SYSTEM_FINGERPRINT,
-            "choices": choices,
-        })
-    }
-
-    async fn complete(mut self) -> Result<Value, ApiError> {
-        while let Some((i, event)) = self.next().await {
-            self.apply(i, event)?;
-        }
-        let choices = (0..self.choices.len())
-            .map(|i| {
-                let c = &self.choices[i];
-                let logprobs = if self.options.logprobs.is_some() { self.logprobs_json(&self.logprobs[i], 0) } else { Value::Null };
-                let finish = c.finish.unwrap_or("abort");
-                match self.endpoint {
-                    Endpoint::Chat => json!({"index": i, "message": {"role": "assistant", "content": c.text()}, "logprobs": logprobs, "finish_reason": finish}),
-                    Endpoint::Completion => json!({"index": i, "text": c.text(), "logprobs": logprobs, "finish_reason": finish}),
-                }
-            })
-            .collect();
-        let mut body = self.envelope(false, choices);
-        body["usage"] = self.usage();
-        Ok(body)
-    }
-
-    fn chunk(&mut self, i: usize, delta: &Delta) -> Value {
-        let logprobs = if self.options.logprobs.is_some() && !delta.tokens.is_empty() {
-            let offset = self.choices[i].logprob_offset;
-            self.choices[i].logprob_offset += delta.tokens.iter().map(|t| self.state.tokenizer.decode(&[t.id]).len()).sum::<usize>();
-            self.logprobs_json(&delta.tokens, offset)
-        } else {
-            Value::Null
-        };
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({"index": i, "delta": {"content": delta.text}, "logprobs": logprobs, "finish_reason": delta.finish}),
-            Endpoint::Completion => json!({"index": i, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish}),
-        };
-        let mut body = self.envelope(true, vec![choice]);
-        if self.options.include_usage {
-            body["usage"] = Value::Null;
-        }
-        body
-    }
-
-    async fn stream(mut self, tx: tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>) {
-        let send = |v: Value| {
-            let tx = tx.clone();
-            async move { tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok() }
-        };
-        if self.endpoint == Endpoint::Chat {
-            for i in 0..self.choices.len() {
-                let mut first = self.envelope(true, vec![json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})]);
-                if self.options.include_usage {
-                    first["usage"] = Value::Null;
-                }
-                if !send(first).await {
-                    return;
-                }
-            }
-        }
-        loop {
-            let next = tokio::select! {
-                // The client went away: dropping `self` drops the receivers, which aborts.
-                _ = tx.closed() => return,
-                next = self.next() => next,
-            };
-            let Some((i, event)) = next else { break };
-            let delta = match self.apply(i, event) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = send(e.body()).await;
-                    return;
-                }
-            };
-            // Tokens held back (an unfinished character or a possible stop string) send nothing,
-            // unless their logprobs were asked for.
-            let quiet = delta.text.is_empty() && delta.finish.is_none();
-            if quiet && (self.options.logprobs.is_none() || delta.tokens.is_empty()) {
-                continue;
-            }
-            let chunk = self.chunk(i, &delta);
-            if !send(chunk).await {
-                return;
-            }
-        }
-        if self.options.include_usage {
-            let mut last = self.envelope(true, Vec::new());
-            last["usage"] = self.usage();
-            if !send(last).await {
-                return;
-            }
-        }
-        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-    }
-}
-
-pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "braid",
-            "max_model_len": state.max_context,
-        }]
-    }))
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: ListObject::Tag,
+        data: vec![ModelCard { id: state.model_name.clone(), object: ModelObject::Tag, created: state.created, owned_by: "braid".into(), max_model_len: state.max_context }],
+    })
 }
 
 /// 200 while the engine thread serves; 503 with the reason once it has stopped (the process is
 /// then shutting down), so a load balancer or supervisor acts on it.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     if let Some(reason) = state.engine.failure() {
-        let body = json!({"status": "error", "reason": reason, "replica": state.replica()});
+        let body = HealthFailure { status: HealthError::Tag, reason, replica: state.replica().to_string() };
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     let s = state.engine.stats();
-    Json(json!({"status": "ok", "running": s.running, "waiting": s.waiting + state.admission.queued(), "replica": state.replica()})).into_response()
+    Json(Health { status: HealthOk::Tag, running: s.running, waiting: s.waiting + state.admission.queued(), replica: state.replica().to_string() }).into_response()
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -523,19 +191,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render()).into_response()
 }
 
-#[derive(serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(super) struct TokenizeRequest {
-    model: Option<String>,
-    prompt: Option<String>,
-    messages: Option<Vec<openai::Message>>,
-    add_generation_prompt: Option<bool>,
-}
-
-pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<TokenizeResponse>, ApiError> {
     let body = prompt::body(body, state.max_request_bytes)?;
     prompt::off_worker(move || {
-        let request: TokenizeRequest = openai::parse_body(&body, &[], &[&["model", "prompt", "messages", "add_generation_prompt"]])?;
+        let request: openai::TokenizeRequest = openai::parse_body(&body, &[], &[&["model", "prompt", "messages", "add_generation_prompt"]])?;
         if let Some(model) = &request.model {
             state.check_model(model)?;
         }
@@ -554,27 +213,20 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, By
             }
             _ => return Err(ApiError::bad_request("Give exactly one of 'prompt' and 'messages'")),
         };
-        Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.max_context})))
+        Ok(Json(TokenizeResponse { count: tokens.len(), tokens, max_model_len: state.max_context }))
     })
     .await
 }
 
-#[derive(serde::Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(super) struct DetokenizeRequest {
-    model: Option<String>,
-    tokens: Vec<u32>,
-}
-
-pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
+pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<DetokenizeResponse>, ApiError> {
     let body = prompt::body(body, state.max_request_bytes)?;
     prompt::off_worker(move || {
-        let request: DetokenizeRequest = openai::parse_body(&body, &[], &[&["model", "tokens"]])?;
+        let request: openai::DetokenizeRequest = openai::parse_body(&body, &[], &[&["model", "tokens"]])?;
         if let Some(model) = &request.model {
             state.check_model(model)?;
         }
         state.limits().check_tokens(&request.tokens).map_err(|e| ApiError::invalid_param("tokens", e.to_string()))?;
-        Ok(Json(json!({"prompt": state.tokenizer.decode(&request.tokens)})))
+        Ok(Json(DetokenizeResponse { prompt: state.tokenizer.decode(&request.tokens) }))
     })
     .await
 }

@@ -71,8 +71,8 @@ mod tests {
         headers.insert(SESSION_HEADER, "conv-1".parse().unwrap());
         assert_eq!(session_id(&headers, Some("alice")).unwrap().as_deref(), Some("conv-1"));
         headers.insert(SESSION_HEADER, "x".repeat(257).parse().unwrap());
-        assert_eq!(session_id(&headers, None).unwrap_err().body()["error"]["param"], "X-Session-ID");
-        assert_eq!(session_id(&HeaderMap::new(), Some(&"u".repeat(300))).unwrap_err().body()["error"]["param"], "user");
+        assert_eq!(session_id(&headers, None).unwrap_err().body().error.param.as_deref(), Some("X-Session-ID"));
+        assert_eq!(session_id(&HeaderMap::new(), Some(&"u".repeat(300))).unwrap_err().body().error.param.as_deref(), Some("user"));
     }
 
     #[test]
