@@ -196,3 +196,52 @@ def test_every_numeric_field_at_its_extremes_gets_a_2xx_or_4xx(fuzz_server):
     assert sent > 200
     assert not failures, f"{len(failures)} of {sent} requests failed:\n" + "\n".join(failures[:20])
     assert_idle_and_answering(fuzz_server)
+
+
+def test_responses_are_the_ones_the_document_describes(fuzz_server):
+    """Every kind of body the server sends (completions and their stream chunks, with logprobs and
+    usage; models, tokenize, detokenize, health, errors) validates against the named schema the
+    document gives for its route and status, and holds no field the schema leaves out."""
+    import jsonschema
+
+    doc = httpx.get(fuzz_server.url + "/openapi.json", timeout=10).json()
+    # The response schemas as strict as the request ones: a field sent must be described.
+    components = json.loads(json.dumps(doc["components"]))
+    for schema in components["schemas"].values():
+        if "properties" in schema:
+            schema.setdefault("additionalProperties", False)
+
+    def check(method, path, response, content="application/json"):
+        described = doc["paths"][path][method]["responses"][str(response.status_code)]["content"][content]["schema"]
+        assert "$ref" in described, f"{method} {path} {response.status_code}: described loosely as {described}"
+        validator = jsonschema.Draft202012Validator({**described, "components": components})
+        if content == "text/event-stream":
+            events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            bodies = [json.loads(e) for e in events[:-1]]
+        else:
+            bodies = [response.json()]
+        for body in bodies:
+            validator.validate(body)
+        return bodies
+
+    url = fuzz_server.url
+    messages = [{"role": "user", "content": "Name three colours."}]
+    chat = {"model": MODEL_NAME, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.7, "seed": 1, "n": 2, "logprobs": True, "top_logprobs": 2}
+    completion = {"model": MODEL_NAME, "prompt": ["Red, green,", "One, two,"], "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 2}
+    usage = {"stream": True, "stream_options": {"include_usage": True}}
+    check("post", "/v1/chat/completions", httpx.post(url + "/v1/chat/completions", json=chat, timeout=REQUEST_TIMEOUT))
+    chunks = check("post", "/v1/chat/completions", httpx.post(url + "/v1/chat/completions", json={**chat, **usage}, timeout=REQUEST_TIMEOUT), "text/event-stream")
+    assert chunks[-1]["usage"]["total_tokens"] > 0 and all("usage" in c for c in chunks)
+    check("post", "/v1/chat/completions", httpx.post(url + "/v1/chat/completions", json={**chat, "stream": True}, timeout=REQUEST_TIMEOUT), "text/event-stream")
+    check("post", "/v1/completions", httpx.post(url + "/v1/completions", json=completion, timeout=REQUEST_TIMEOUT))
+    check("post", "/v1/completions", httpx.post(url + "/v1/completions", json={**completion, **usage}, timeout=REQUEST_TIMEOUT), "text/event-stream")
+    check("get", "/v1/models", httpx.get(url + "/v1/models", timeout=10))
+    check("post", "/tokenize", httpx.post(url + "/tokenize", json={"messages": messages}, timeout=10))
+    check("post", "/detokenize", httpx.post(url + "/detokenize", json={"tokens": [1, 2, 3]}, timeout=10))
+    check("get", "/health", httpx.get(url + "/health", timeout=10))
+    # Errors: a field out of range, and a model that is not served.
+    bad = httpx.post(url + "/v1/completions", json={**completion, "temperature": 5}, timeout=10)
+    assert bad.status_code == 400 and check("post", "/v1/completions", bad)[0]["error"]["param"] == "temperature"
+    missing = httpx.post(url + "/v1/chat/completions", json={**chat, "model": "nope"}, timeout=10)
+    assert missing.status_code == 404 and check("post", "/v1/chat/completions", missing)[0]["error"]["code"] == "model_not_found"
