@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use braid::cpu::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape, LayerKv};
-use braid::cpu::linear::QLinear;
 use braid::backend::FlatBatch;
+use braid::cpu::attention::{AttentionPlan, AttentionShape, LayerKv, paged_attention, write_kv};
+use braid::cpu::linear::QLinear;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -35,7 +35,9 @@ fn matmul(c: &mut Criterion) {
         for m in [1usize, 32, 512] {
             let x = random(m * k, 2);
             group.throughput(Throughput::Elements((m * n * k) as u64));
-            group.bench_with_input(BenchmarkId::new(format!("{dtype:?}"), m), &m, |b, &m| b.iter(|| linear.forward_rows(&x, m).unwrap()));
+            group.bench_with_input(BenchmarkId::new(format!("{dtype:?}"), m), &m, |b, &m| {
+                b.iter(|| linear.forward_rows(&x, m).unwrap())
+            });
         }
     }
     group.finish();
@@ -50,7 +52,10 @@ fn attention(c: &mut Criterion) {
     // (sequences, cached tokens each, new tokens each): decode of 32, and a 512-token prefill chunk.
     for (seqs, past, new) in [(32usize, 256usize, 1usize), (1, 512, 512)] {
         let blocks_per_seq = (past + new).div_ceil(block);
-        let mut layer = LayerKv { k: vec![f16::ZERO; seqs * blocks_per_seq * block * width], v: vec![f16::ZERO; seqs * blocks_per_seq * block * width] };
+        let mut layer = LayerKv {
+            k: vec![f16::ZERO; seqs * blocks_per_seq * block * width],
+            v: vec![f16::ZERO; seqs * blocks_per_seq * block * width],
+        };
         let mut batch = FlatBatch::default();
         for s in 0..seqs {
             let table = (0..blocks_per_seq as u32).map(|b| (s * blocks_per_seq) as u32 + b).collect();
@@ -61,7 +66,9 @@ fn attention(c: &mut Criterion) {
         let kv = random(t * width, 3);
         write_kv(&plan, &mut layer, &kv, &kv, width);
         let q = random(t * shape.n_head * shape.head_dim, 4);
-        group.bench_function(format!("{seqs}x(past {past}, new {new})"), |b| b.iter(|| paged_attention(&batch, &plan, &layer, &q, &shape)));
+        group.bench_function(format!("{seqs}x(past {past}, new {new})"), |b| {
+            b.iter(|| paged_attention(&batch, &plan, &layer, &q, &shape))
+        });
     }
     group.finish();
 }
@@ -81,8 +88,12 @@ fn sampling(c: &mut Criterion) {
         // The logprob every sampled token reports, and the full sort the sampler used to make
         // of every row before the draw walked it in order (kept for comparison).
         group.bench_function(format!("log_sum_exp/{vocab}"), |b| b.iter(|| log_sum_exp(&logits)));
-        group.bench_function(format!("top 20 alternatives (logprobs)/{vocab}"), |b| b.iter(|| top_k_indices(&logits, 20)));
-        group.bench_function(format!("sort of the row (former draw)/{vocab}"), |b| b.iter(|| top_k_indices(&logits, vocab)));
+        group.bench_function(format!("top 20 alternatives (logprobs)/{vocab}"), |b| {
+            b.iter(|| top_k_indices(&logits, 20))
+        });
+        group.bench_function(format!("sort of the row (former draw)/{vocab}"), |b| {
+            b.iter(|| top_k_indices(&logits, vocab))
+        });
     }
     group.finish();
 }

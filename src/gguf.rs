@@ -7,9 +7,9 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::Device;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -17,7 +17,9 @@ pub enum ModelError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid GGUF file: {reason}")]
     BadFile { path: PathBuf, reason: String },
-    #[error("model file is truncated: tensor '{tensor}' needs bytes up to offset {needed}, but the file has only {size} bytes")]
+    #[error(
+        "model file is truncated: tensor '{tensor}' needs bytes up to offset {needed}, but the file has only {size} bytes"
+    )]
     Truncated { tensor: String, needed: u64, size: u64 },
     #[error("unsupported model architecture '{0}' (supported: llama, qwen2)")]
     UnsupportedArchitecture(String),
@@ -68,10 +70,8 @@ impl GgufFile {
         let file = File::open(path).map_err(io_err)?;
         let size = file.metadata().map_err(io_err)?.len();
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| ModelError::BadFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let content = Content::read(&mut reader)
+            .map_err(|e| ModelError::BadFile { path: path.to_path_buf(), reason: e.to_string() })?;
         let gguf = Self { path: path.to_path_buf(), content, reader };
         gguf.check_tensor_extents(size)?;
         Ok(gguf)
@@ -80,10 +80,7 @@ impl GgufFile {
     fn check_tensor_extents(&self, size: u64) -> Result<(), ModelError> {
         for (name, info) in &self.content.tensor_infos {
             if !SUPPORTED_TENSOR_TYPES.contains(&info.ggml_dtype) {
-                return Err(ModelError::UnsupportedTensorType {
-                    tensor: name.clone(),
-                    dtype: info.ggml_dtype,
-                });
+                return Err(ModelError::UnsupportedTensorType { tensor: name.clone(), dtype: info.ggml_dtype });
             }
             let elems = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
@@ -163,11 +160,7 @@ impl GgufFile {
     }
 
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
-        self.content
-            .metadata
-            .get(key)
-            .map(|v| v.to_bool().map_err(|e| Self::wrong(key, e)))
-            .transpose()
+        self.content.metadata.get(key).map(|v| v.to_bool().map_err(|e| Self::wrong(key, e))).transpose()
     }
 
     pub fn get_array(&self, key: &str) -> Result<&Vec<Value>, ModelError> {
@@ -189,11 +182,7 @@ impl GgufFile {
 
     /// Reads a tensor and checks its shape (given in candle's row-major order).
     pub fn tensor(&mut self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor, ModelError> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if info.shape.dims() != expected {
             return Err(ModelError::WrongShape {
                 tensor: name.to_string(),

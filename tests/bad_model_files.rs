@@ -4,7 +4,6 @@ mod common;
 
 use std::path::Path;
 
-
 fn load_err(path: &Path) -> String {
     match braid::loader::load(path, &braid::loader::Placement::Cpu) {
         Ok(_) => panic!("{} loaded, but it is broken", path.display()),

@@ -4,7 +4,7 @@
 mod common;
 
 use braid::engine::{Engine, EngineConfig, SamplingParams};
-use braid::loader::{load_dummy, Placement};
+use braid::loader::{Placement, load_dummy};
 use common::solo::generate_solo;
 
 #[test]
@@ -14,7 +14,8 @@ fn a_dummy_model_generates_and_batched_equals_solo() {
     assert!(m.tokenizer.eos_ids.is_empty(), "dummy models have no end-of-sequence token");
     assert!(m.tokenizer.encode("hello").is_err(), "dummy models have no vocabulary");
     assert_eq!(m.tokenizer.decode(&[5, 7]), "<5><7>");
-    let prompts: Vec<Vec<u32>> = (0..5u32).map(|i| (0..7 + 3 * i).map(|j| (j * 977 + i * 131) % 49_152).collect()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..5u32).map(|i| (0..7 + 3 * i).map(|j| (j * 977 + i * 131) % 49_152).collect()).collect();
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(6) };
     let config = EngineConfig { kv_cache_bytes: Some(64 << 20), ..EngineConfig::default() };
     let mut engine = Engine::new(m.model.clone(), Vec::new(), config).unwrap();

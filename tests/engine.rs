@@ -55,7 +55,9 @@ fn golden_prompts() -> Vec<Vec<u32>> {
 
 fn check_batched_equals_solo(params: SamplingParams, config: EngineConfig) {
     let prompts = golden_prompts();
-    let params: Vec<SamplingParams> = (0..prompts.len()).map(|i| SamplingParams { seed: params.seed.map(|s| s + i as u64), ..params.clone() }).collect();
+    let params: Vec<SamplingParams> = (0..prompts.len())
+        .map(|i| SamplingParams { seed: params.seed.map(|s| s + i as u64), ..params.clone() })
+        .collect();
     // Staggered: a new prompt every other step, so prefills land among running decodes.
     let arrivals: Vec<usize> = (0..prompts.len()).map(|i| i * 2).collect();
     let mut e = engine(config);
@@ -83,7 +85,8 @@ fn batched_seeded_sampling_equals_solo() {
 #[test]
 fn preemption_under_a_tiny_budget_keeps_outputs() {
     let block_bytes = braid::model::KvCache::bytes_per_block(model().model.config(), 16);
-    let config = EngineConfig { kv_cache_bytes: Some(block_bytes * 40), max_num_batched_tokens: 256, ..EngineConfig::default() };
+    let config =
+        EngineConfig { kv_cache_bytes: Some(block_bytes * 40), max_num_batched_tokens: 256, ..EngineConfig::default() };
     let prompts = golden_prompts();
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(20) };
     let mut e = engine(config);
@@ -201,7 +204,10 @@ fn a_long_prompt_never_stalls_running_decodes() {
         let events = e.step().unwrap();
         let step = e.last_step().to_vec();
         for d in &decoders {
-            assert!(step.iter().any(|s| s.id == *d && s.num_tokens == 1), "decode of {d} missing from a step: {step:?}");
+            assert!(
+                step.iter().any(|s| s.id == *d && s.num_tokens == 1),
+                "decode of {d} missing from a step: {step:?}"
+            );
         }
         let chunk = step.iter().find(|s| s.id == big).map_or(0, |s| s.num_tokens);
         assert!(chunk <= 512 - 8, "chunk of {chunk} tokens");
@@ -223,7 +229,9 @@ fn bad_requests_are_refused() {
     assert!(validate(&[1_000_000], &p).unwrap_err().to_string().contains("vocabulary"));
     let long = vec![1u32; 8190];
     assert!(validate(&long, &SamplingParams::greedy(10)).unwrap_err().to_string().contains("context"));
-    assert!(validate(&[1], &SamplingParams { temperature: -1.0, ..p }).unwrap_err().to_string().contains("temperature"));
+    assert!(
+        validate(&[1], &SamplingParams { temperature: -1.0, ..p }).unwrap_err().to_string().contains("temperature")
+    );
 }
 
 /// `--max-kv-size`: a sequence keeps its first tokens and a window of recent ones; blocks
@@ -285,7 +293,10 @@ fn a_failed_step_fails_only_its_requests() {
         let err = e.step().unwrap_err();
         assert_eq!(err.failed, vec![a], "only the step's own request fails");
         assert_eq!(err.panicked, panic);
-        assert!(err.to_string().contains("the engine step failed") && err.cause.contains("injected test fault"), "{err}");
+        assert!(
+            err.to_string().contains("the engine step failed") && err.cause.contains("injected test fault"),
+            "{err}"
+        );
         assert!(e.last_step().is_empty());
         let s = e.stats();
         assert_eq!((s.running, s.waiting), (0, 1), "b still waits: {s:?}");
@@ -307,7 +318,10 @@ fn a_failed_step_fails_only_its_requests() {
             steps += 1;
             assert!(steps < 100);
         }
-        assert_eq!(finishes, HashMap::from([(a, FinishReason::Abort), (b, FinishReason::Length), (c, FinishReason::Abort)]));
+        assert_eq!(
+            finishes,
+            HashMap::from([(a, FinishReason::Abort), (b, FinishReason::Length), (c, FinishReason::Abort)])
+        );
         assert_eq!(tokens, solo(&prompts[1], &params));
         assert_eq!(e.stats().kv_blocks_used, baseline.kv_blocks_used, "the failed request's blocks were freed");
     }
@@ -320,7 +334,8 @@ fn a_repeating_fault_fails_each_step_without_escaping() {
     let prompts = golden_prompts();
     let mut e = engine(EngineConfig { max_num_seqs: 1, ..small_config() });
     e.inject_fault(StepFault { at: 1, always: true, panic: true });
-    let ids: Vec<RequestId> = prompts[..3].iter().map(|p| e.add_request(p.clone(), SamplingParams::greedy(4)).unwrap()).collect();
+    let ids: Vec<RequestId> =
+        prompts[..3].iter().map(|p| e.add_request(p.clone(), SamplingParams::greedy(4)).unwrap()).collect();
     for &id in &ids {
         assert_eq!(e.step().unwrap_err().failed, vec![id]);
     }
@@ -363,10 +378,12 @@ fn a_prompt_that_does_not_fit_lets_shorter_ones_pass() {
         out.entry(ev.id).or_insert_with(Vec::new).extend(ev.token.map(|t| t.id));
     }
     // 400 tokens need 25 blocks: this one must wait for the two to finish.
-    let long = e.add_request(text[..400].to_vec(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(8) }).unwrap();
+    let long =
+        e.add_request(text[..400].to_vec(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(8) }).unwrap();
     let short_params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) };
     let short_prompts: Vec<Vec<u32>> = golden_prompts()[20..24].to_vec();
-    let shorts: Vec<RequestId> = short_prompts.iter().map(|p| e.add_request(p.clone(), short_params.clone()).unwrap()).collect();
+    let shorts: Vec<RequestId> =
+        short_prompts.iter().map(|p| e.add_request(p.clone(), short_params.clone()).unwrap()).collect();
     for ev in e.step().unwrap() {
         out.entry(ev.id).or_default().extend(ev.token.map(|t| t.id));
     }
@@ -404,7 +421,10 @@ fn a_skipped_prompt_is_admitted_within_the_age_bound() {
         }
         if step == 30 {
             assert!(e.stats().kv_blocks_free < 25, "the pool should be busy by now: {:?}", e.stats());
-            long = Some(e.add_request(text[..400].to_vec(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) }).unwrap());
+            long = Some(
+                e.add_request(text[..400].to_vec(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(4) })
+                    .unwrap(),
+            );
             long_arrival = step;
         }
         let events = e.step().unwrap();

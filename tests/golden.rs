@@ -111,18 +111,26 @@ fn teacher_forced_predictions_agree_with_llama_cpp() {
         "{} confident steps: top token agrees on {top_agree}, logprob within 0.1 on {within}, mean |diff| {mean:.4}; prompts under {LLAMA_CPP_TILED_FROM} tokens: largest logprob difference {max_short:.5}",
         confident.len()
     );
-    let describe = |s: &Step| format!("prompt {} ({} tokens) step {}: top token {} (llama.cpp {}), logprob {:.5} (llama.cpp {:.5}, gap {:.3})", s.prompt, s.prompt_len, s.k, s.ours, s.reference, s.ours_lp, s.reference_lp, s.gap);
+    let describe = |s: &Step| {
+        format!(
+            "prompt {} ({} tokens) step {}: top token {} (llama.cpp {}), logprob {:.5} (llama.cpp {:.5}, gap {:.3})",
+            s.prompt, s.prompt_len, s.k, s.ours, s.reference, s.ours_lp, s.reference_lp, s.gap
+        )
+    };
     for s in confident.iter().filter(|s| diff(s) > 0.1) {
         eprintln!("{}", describe(s));
     }
     if !on_cpu() {
-        let decided = confident.iter().filter(|s| s.gap > 1.0 && s.ours != s.reference).map(|s| describe(s)).collect::<Vec<_>>();
+        let decided =
+            confident.iter().filter(|s| s.gap > 1.0 && s.ours != s.reference).map(|s| describe(s)).collect::<Vec<_>>();
         assert!(decided.is_empty(), "clearly decided steps disagree:\n{}", decided.join("\n"));
         assert!(top_agree * 100 >= confident.len() * 97 && within * 100 >= confident.len() * 85 && mean <= 0.05);
         return;
     }
     let mut failures: Vec<String> = confident.iter().filter(|s| s.ours != s.reference).map(|s| describe(s)).collect();
-    failures.extend(steps.iter().filter(|s| short(s) && (diff(s) > 1e-3 || (s.gap > 1e-3 && s.ours != s.reference))).map(describe));
+    failures.extend(
+        steps.iter().filter(|s| short(s) && (diff(s) > 1e-3 || (s.gap > 1e-3 && s.ours != s.reference))).map(describe),
+    );
     assert!(failures.is_empty(), "steps disagree:\n{}", failures.join("\n"));
 }
 
@@ -148,11 +156,18 @@ fn free_running_greedy_matches_llama_cpp() {
             short_exact += usize::from(got == reference);
         }
     }
-    eprintln!("{matched16} of {} prompts match llama.cpp's first 16 greedy tokens; {short_exact} of {short} short prompts all 32", cases.len());
+    eprintln!(
+        "{matched16} of {} prompts match llama.cpp's first 16 greedy tokens; {short_exact} of {short} short prompts all 32",
+        cases.len()
+    );
     if !on_cpu() {
         assert!(matched16 >= 12, "only {matched16} of {} prompts match their first 16 tokens", cases.len());
         return;
     }
     assert_eq!(short_exact, short, "prompts under {LLAMA_CPP_TILED_FROM} tokens give llama.cpp's 32 tokens");
-    assert!(matched16 * 100 >= cases.len() * 80, "only {matched16} of {} prompts match their first 16 tokens", cases.len());
+    assert!(
+        matched16 * 100 >= cases.len() * 80,
+        "only {matched16} of {} prompts match their first 16 tokens",
+        cases.len()
+    );
 }

@@ -86,7 +86,11 @@ fn blocks_evicted_from_memory_come_back_from_disk_unchanged() {
     let again = run_each(&mut e, std::slice::from_ref(&a), 8).remove(0);
     let after = e.stats();
     assert_eq!(before.prefix_hit_tokens, 0, "three distinct prompts");
-    assert_eq!(after.prefix_hit_tokens_disk - before.prefix_hit_tokens_disk, 288, "18 full blocks of the 300 came from disk");
+    assert_eq!(
+        after.prefix_hit_tokens_disk - before.prefix_hit_tokens_disk,
+        288,
+        "18 full blocks of the 300 came from disk"
+    );
     assert!(after.prefilled_tokens - before.prefilled_tokens <= 16);
     assert_eq!(again, first[0]);
     assert_eq!(again, cold(&a, 8));
@@ -225,7 +229,10 @@ fn turns_of_conversations_larger_than_memory_prefill_only_their_new_tokens() {
         }
     }
     let (without, prefills_without) = conversations(&mut engine(config(36)));
-    assert!(prefills_without.iter().any(|&(t, p)| t > 0 && p > 150), "without the disk tier, memory alone cannot hold them");
+    assert!(
+        prefills_without.iter().any(|&(t, p)| t > 0 && p > 150),
+        "without the disk tier, memory alone cannot hold them"
+    );
     assert_eq!(with_disk, without);
 }
 
@@ -279,7 +286,8 @@ impl Gate {
 
     fn wait(&self) {
         let open = self.open.lock().unwrap();
-        let (mut open, timeout) = self.opened.wait_timeout_while(open, std::time::Duration::from_secs(60), |open| !*open).unwrap();
+        let (mut open, timeout) =
+            self.opened.wait_timeout_while(open, std::time::Duration::from_secs(60), |open| !*open).unwrap();
         if timeout.timed_out() {
             *open = true;
             self.timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -297,7 +305,11 @@ impl Gate {
 }
 
 /// Steps until `until` holds of the tokens so far (or nothing is left to do).
-fn step_until(e: &mut Engine, out: &mut HashMap<RequestId, Vec<u32>>, until: impl Fn(&HashMap<RequestId, Vec<u32>>) -> bool) {
+fn step_until(
+    e: &mut Engine,
+    out: &mut HashMap<RequestId, Vec<u32>>,
+    until: impl Fn(&HashMap<RequestId, Vec<u32>>) -> bool,
+) {
     while e.has_work() && !until(out) {
         for ev in e.step().unwrap() {
             if let Some(t) = ev.token {
@@ -309,7 +321,11 @@ fn step_until(e: &mut Engine, out: &mut HashMap<RequestId, Vec<u32>>, until: imp
 
 /// Engine on a folder that already holds `prompt`'s blocks, with the folder's reads held at a
 /// gate and requests waiting `wait` for their blocks.
-fn warm_folder_with_held_reads(dir: &Path, prompt: &[u32], wait: std::time::Duration) -> (Engine, std::sync::Arc<Gate>) {
+fn warm_folder_with_held_reads(
+    dir: &Path,
+    prompt: &[u32],
+    wait: std::time::Duration,
+) -> (Engine, std::sync::Arc<Gate>) {
     run_each(&mut engine_on(dir, 1 << 30, config(256)), &[prompt.to_vec()], 2);
     let mut e = engine(config(256));
     let disk = DiskCache::open(dir, 1 << 30, e.disk_identity(fingerprint()), "test").unwrap().with_prefetch_wait(wait);
@@ -369,7 +385,8 @@ fn evicted_blocks_are_dropped_not_waited_for_when_the_writer_is_behind() {
     let dir = tempfile::tempdir().unwrap();
     let mut e = engine(config(30));
     // Room for one block copy in the queue; the writer is held at the gate with the first.
-    let disk = DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test").unwrap().with_queue_bytes(1);
+    let disk =
+        DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test").unwrap().with_queue_bytes(1);
     let gate = Gate::on(&disk, true);
     e.attach_disk_cache(disk).unwrap();
     let first = text(0, 300);
@@ -399,9 +416,14 @@ fn a_second_engine_on_the_same_folder_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let first = engine_on(dir.path(), 1 << 30, config(16));
     let e = engine(config(16));
-    let err = DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test").err().expect("the folder is taken");
+    let err = DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test")
+        .err()
+        .expect("the folder is taken");
     let message = err.to_string();
-    assert!(message.contains(&dir.path().display().to_string()) && message.contains(&format!("pid {}", std::process::id())), "{message}");
+    assert!(
+        message.contains(&dir.path().display().to_string()) && message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
     drop(first);
     assert!(DiskCache::open(dir.path(), 1 << 30, e.disk_identity(fingerprint()), "test").is_ok());
 }

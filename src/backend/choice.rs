@@ -35,4 +35,3 @@ pub enum RowChoice {
     /// The host's sampler (penalties, bias or alternatives): the row's logits come back.
     Host,
 }
-

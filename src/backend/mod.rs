@@ -8,9 +8,9 @@ pub mod batch;
 pub mod blocks;
 pub mod choice;
 
-pub use batch::{FlatBatch, SeqSlice, Window, RELEASED_BLOCK};
-pub use blocks::{push_f16_bytes, read_f16_bytes, BlockId, BlockStore};
-pub use choice::{is_greedy, DrawParams, RowChoice, MIN_TEMPERATURE};
+pub use batch::{FlatBatch, RELEASED_BLOCK, SeqSlice, Window};
+pub use blocks::{BlockId, BlockStore, push_f16_bytes, read_f16_bytes};
+pub use choice::{DrawParams, MIN_TEMPERATURE, RowChoice, is_greedy};
 
 /// A step's output for one row whose logits were asked for.
 pub enum RowOutput {

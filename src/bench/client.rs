@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::stats::RequestRecord;
 use super::workload::Body;
@@ -37,7 +37,8 @@ impl Target {
             value["ignore_eos"] = json!(true);
         }
         if !self.logit_bias.is_empty() {
-            let bias: serde_json::Map<String, Value> = self.logit_bias.iter().map(|(id, b)| (id.to_string(), json!(b))).collect();
+            let bias: serde_json::Map<String, Value> =
+                self.logit_bias.iter().map(|(id, b)| (id.to_string(), json!(b))).collect();
             value["logit_bias"] = Value::Object(bias);
         }
         let path = match body {
@@ -105,7 +106,10 @@ impl Target {
                         record.prompt_tokens = p as usize;
                     }
                 }
-                let piece = event["choices"][0]["text"].as_str().or_else(|| event["choices"][0]["delta"]["content"].as_str()).unwrap_or("");
+                let piece = event["choices"][0]["text"]
+                    .as_str()
+                    .or_else(|| event["choices"][0]["delta"]["content"].as_str())
+                    .unwrap_or("");
                 if !piece.is_empty() {
                     chunk_times.push(sent.elapsed().as_secs_f64());
                     text.push_str(piece);

@@ -140,7 +140,10 @@ enum Plan {
 
 fn parse_bias(text: &str) -> Result<(u32, f64), String> {
     let (id, bias) = text.split_once('=').ok_or("expected TOKEN_ID=BIAS")?;
-    Ok((id.parse().map_err(|_| format!("'{id}' is not a token id"))?, bias.parse().map_err(|_| format!("'{bias}' is not a number"))?))
+    Ok((
+        id.parse().map_err(|_| format!("'{id}' is not a token id"))?,
+        bias.parse().map_err(|_| format!("'{bias}' is not a number"))?,
+    ))
 }
 
 fn sweep_points(args: &BenchArgs) -> anyhow::Result<Vec<(usize, Option<f64>)>> {
@@ -160,8 +163,17 @@ fn plan(args: &BenchArgs, tokenizer: &crate::tokenizer::TextTokenizer, n: usize,
     let mut src = TextSource::new(tokenizer, seed);
     Ok(match args.workload {
         WorkloadKind::Random => Plan::Items(workload::random(&mut src, n, args.input_len, args.output_len)),
-        WorkloadKind::SharedPrefix => Plan::Items(workload::shared_prefix(&mut src, n, args.prefix_len, args.question_len, args.output_len)),
-        WorkloadKind::MultiTurn => Plan::Sessions(workload::multi_turn(&mut src, args.sessions, args.turns, args.prefix_len, args.question_len, args.output_len)),
+        WorkloadKind::SharedPrefix => {
+            Plan::Items(workload::shared_prefix(&mut src, n, args.prefix_len, args.question_len, args.output_len))
+        }
+        WorkloadKind::MultiTurn => Plan::Sessions(workload::multi_turn(
+            &mut src,
+            args.sessions,
+            args.turns,
+            args.prefix_len,
+            args.question_len,
+            args.output_len,
+        )),
         WorkloadKind::File => {
             let path = args.prompts_file.as_ref().context("--workload file needs --prompts-file")?;
             Plan::Items(workload::from_file(path, args.output_len, seed)?)
@@ -169,7 +181,14 @@ fn plan(args: &BenchArgs, tokenizer: &crate::tokenizer::TextTokenizer, n: usize,
     })
 }
 
-async fn run_items(target: Arc<Target>, items: Vec<Item>, concurrency: usize, rate: Option<(f64, f64)>, seed: u64, bar: ProgressBar) -> Vec<RequestRecord> {
+async fn run_items(
+    target: Arc<Target>,
+    items: Vec<Item>,
+    concurrency: usize,
+    rate: Option<(f64, f64)>,
+    seed: u64,
+    bar: ProgressBar,
+) -> Vec<RequestRecord> {
     let start = Instant::now();
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut gaps = rate.map(|(r, shape)| {
@@ -202,7 +221,12 @@ async fn run_items(target: Arc<Target>, items: Vec<Item>, concurrency: usize, ra
     records
 }
 
-async fn run_sessions(target: Arc<Target>, sessions: Vec<Session>, concurrency: usize, bar: ProgressBar) -> Vec<RequestRecord> {
+async fn run_sessions(
+    target: Arc<Target>,
+    sessions: Vec<Session>,
+    concurrency: usize,
+    bar: ProgressBar,
+) -> Vec<RequestRecord> {
     let start = Instant::now();
     let queue = Arc::new(Mutex::new(sessions.into_iter()));
     let records = Arc::new(Mutex::new(Vec::new()));
@@ -250,7 +274,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let reports = args
             .compare
             .iter()
-            .map(|p| Ok(serde_json::from_slice::<Report>(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)?))
+            .map(|p| {
+                Ok(serde_json::from_slice::<Report>(
+                    &std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+                )?)
+            })
             .collect::<anyhow::Result<Vec<Report>>>()?;
         let reports = merge_by_label(reports);
         for r in &reports {
@@ -275,12 +303,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let url = args.url.trim_end_matches('/').to_string();
     // A fresh connection per request: a pooled one the server already closed would fail the request.
-    let client = reqwest::Client::builder().timeout(Duration::from_secs_f64(args.request_timeout)).pool_max_idle_per_host(0).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs_f64(args.request_timeout))
+        .pool_max_idle_per_host(0)
+        .build()?;
     let model = match &args.model {
         Some(m) => m.clone(),
         None => runtime.block_on(first_model(&client, &url, args.api_key.as_deref()))?,
     };
-    let target = Arc::new(Target { client, base_url: url.clone(), model: model.clone(), api_key: args.api_key.clone(), ignore_eos: args.ignore_eos, temperature: args.temperature, logit_bias: args.logit_bias.clone() });
+    let target = Arc::new(Target {
+        client,
+        base_url: url.clone(),
+        model: model.clone(),
+        api_key: args.api_key.clone(),
+        ignore_eos: args.ignore_eos,
+        temperature: args.temperature,
+        logit_bias: args.logit_bias.clone(),
+    });
     let mut report = Report {
         label: args.label.clone().unwrap_or_else(|| url.clone()),
         url,
@@ -301,12 +340,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Plan::Sessions(s) => s.iter().map(|s| s.questions.len()).sum(),
         };
         let bar = ProgressBar::new(total as u64);
-        bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").expect("template").progress_chars("=> "));
-        bar.set_message(match rate { Some(r) => format!("rate {r}/s"), None => format!("c={concurrency}") });
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(match rate {
+            Some(r) => format!("rate {r}/s"),
+            None => format!("c={concurrency}"),
+        });
         let start = Instant::now();
         let records = runtime.block_on(async {
             match plan {
-                Plan::Items(items) => run_items(target.clone(), items, concurrency, rate.map(|r| (r, args.burstiness)), seed, bar.clone()).await,
+                Plan::Items(items) => {
+                    run_items(target.clone(), items, concurrency, rate.map(|r| (r, args.burstiness)), seed, bar.clone())
+                        .await
+                }
                 Plan::Sessions(sessions) => run_sessions(target.clone(), sessions, concurrency, bar.clone()).await,
             }
         });
@@ -337,16 +386,40 @@ fn merge_by_label(reports: Vec<Report>) -> Vec<Report> {
         }
     }
     for m in &mut merged {
-        m.runs.sort_by(|a, b| a.concurrency.cmp(&b.concurrency).then(a.rate.unwrap_or(0.0).total_cmp(&b.rate.unwrap_or(0.0))));
+        m.runs.sort_by(|a, b| {
+            a.concurrency.cmp(&b.concurrency).then(a.rate.unwrap_or(0.0).total_cmp(&b.rate.unwrap_or(0.0)))
+        });
     }
     merged
 }
 
 fn print_table(report: &Report) {
-    println!("{} ({}, model {}, workload {:?}, in {} out {} tokens{})", report.label, report.url, report.model, report.workload, report.input_len, report.output_len, if report.ignore_eos { ", ignore_eos" } else { "" });
+    println!(
+        "{} ({}, model {}, workload {:?}, in {} out {} tokens{})",
+        report.label,
+        report.url,
+        report.model,
+        report.workload,
+        report.input_len,
+        report.output_len,
+        if report.ignore_eos { ", ignore_eos" } else { "" }
+    );
     println!(
         "{:>6} {:>6} {:>5} {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8} | {:>9}",
-        "c", "rate", "fail", "req/s", "out tok/s", "tot tok/s", "ttft p50", "ttft p90", "ttft p99", "tpot p50", "tpot p90", "itl p50", "e2e p50", "goodput"
+        "c",
+        "rate",
+        "fail",
+        "req/s",
+        "out tok/s",
+        "tot tok/s",
+        "ttft p50",
+        "ttft p90",
+        "ttft p99",
+        "tpot p50",
+        "tpot p90",
+        "itl p50",
+        "e2e p50",
+        "goodput"
     );
     for run in &report.runs {
         let m = &run.metrics;
@@ -371,7 +444,12 @@ fn print_table(report: &Report) {
             println!("       errors by status: {:?}", m.errors);
         }
         if !m.ttft_by_turn_ms.is_empty() {
-            let turns: Vec<String> = m.ttft_by_turn_ms.iter().enumerate().map(|(t, d)| format!("turn {}: p50 {:.0} p90 {:.0} ms", t + 1, d.p50, d.p90)).collect();
+            let turns: Vec<String> = m
+                .ttft_by_turn_ms
+                .iter()
+                .enumerate()
+                .map(|(t, d)| format!("turn {}: p50 {:.0} p90 {:.0} ms", t + 1, d.p50, d.p90))
+                .collect();
             println!("       TTFT by turn: {}", turns.join(" | "));
         }
     }

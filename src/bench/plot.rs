@@ -23,7 +23,8 @@ fn register_font() -> anyhow::Result<()> {
         for path in candidates {
             if let Ok(bytes) = std::fs::read(&path) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                return plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| format!("{path} is not a usable font"));
+                return plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                    .map_err(|_| format!("{path} is not a usable font"));
             }
         }
         Err("no TTF font found for the plot's text; set BRAID_PLOT_FONT to a .ttf file".into())
@@ -67,17 +68,37 @@ pub fn draw(reports: &[Report], path: &Path) -> anyhow::Result<()> {
         chart.configure_mesh().x_desc("concurrent requests").y_desc(y_label).draw()?;
         for (i, (report, points)) in reports.iter().zip(&data).enumerate() {
             let c = color(i);
-            chart.draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?.label(report.label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            chart
+                .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
+                .label(report.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
             chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     }
 
     // Distributions at each report's most loaded run.
-    let loaded: Vec<&super::RunReport> = reports.iter().filter_map(|r| r.runs.iter().max_by_key(|x| x.concurrency)).collect();
+    let loaded: Vec<&super::RunReport> =
+        reports.iter().filter_map(|r| r.runs.iter().max_by_key(|x| x.concurrency)).collect();
     let dists: [Panel; 2] = [
-        ("TTFT distribution (most loaded run)", "TTFT (ms)", loaded.iter().map(|x| cdf(x.requests.iter().filter(|r| r.ok()).filter_map(|r| r.ttft.map(|t| t * 1000.0)).collect())).collect()),
-        ("TPOT distribution (most loaded run)", "TPOT (ms)", loaded.iter().map(|x| cdf(x.requests.iter().filter(|r| r.ok()).filter_map(|r| r.tpot().map(|t| t * 1000.0)).collect())).collect()),
+        (
+            "TTFT distribution (most loaded run)",
+            "TTFT (ms)",
+            loaded
+                .iter()
+                .map(|x| cdf(x.requests.iter().filter(|r| r.ok()).filter_map(|r| r.ttft.map(|t| t * 1000.0)).collect()))
+                .collect(),
+        ),
+        (
+            "TPOT distribution (most loaded run)",
+            "TPOT (ms)",
+            loaded
+                .iter()
+                .map(|x| {
+                    cdf(x.requests.iter().filter(|r| r.ok()).filter_map(|r| r.tpot().map(|t| t * 1000.0)).collect())
+                })
+                .collect(),
+        ),
     ];
     for (area, (title, x_label, data)) in areas[2..].iter().zip(dists) {
         let x_max = data.iter().flatten().map(|p| p.0).fold(1.0, f64::max) * 1.05;
@@ -91,9 +112,17 @@ pub fn draw(reports: &[Report], path: &Path) -> anyhow::Result<()> {
         for (i, (run, points)) in loaded.iter().zip(&data).enumerate() {
             let c = color(i);
             let label = format!("{} (c={})", reports[i].label, run.concurrency);
-            chart.draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            chart
+                .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
     }
     root.present().with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())

@@ -166,7 +166,9 @@ impl RunMetrics {
             tpot_ms: Distribution::of(ok.iter().filter_map(|r| r.tpot())),
             itl_ms: Distribution::of(ok.iter().flat_map(|r| r.itl.iter().copied())),
             e2e_ms: Distribution::of(ok.iter().map(|r| r.e2e)),
-            ttft_by_turn_ms: (0..turns).map(|t| Distribution::of(ok.iter().filter(|r| r.turn == Some(t)).filter_map(|r| r.ttft))).collect(),
+            ttft_by_turn_ms: (0..turns)
+                .map(|t| Distribution::of(ok.iter().filter(|r| r.turn == Some(t)).filter_map(|r| r.ttft)))
+                .collect(),
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::tokenizer::TextTokenizer;
 
@@ -64,7 +64,9 @@ impl<'a> TextSource<'a> {
     pub fn new(tokenizer: &'a TextTokenizer, seed: u64) -> Self {
         // Ordinary tokens only: special tokens would change how the prompt is read.
         let ordinary = (0..tokenizer.vocab_size() as u32)
-            .filter(|&id| tokenizer.token_text(id).is_some_and(|t| !t.starts_with("<|") && !t.starts_with('<') && !t.is_empty()))
+            .filter(|&id| {
+                tokenizer.token_text(id).is_some_and(|t| !t.starts_with("<|") && !t.starts_with('<') && !t.is_empty())
+            })
             .collect();
         Self { tokenizer, ordinary, rng: ChaCha8Rng::seed_from_u64(seed) }
     }
@@ -92,7 +94,8 @@ pub fn shared_prefix(src: &mut TextSource, n: usize, prefix: usize, question: Le
         .map(|_| {
             let q = question.draw(&mut src.rng);
             let max_tokens = output.draw(&mut src.rng);
-            let messages = vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": src.text(q)})];
+            let messages =
+                vec![json!({"role": "system", "content": system}), json!({"role": "user", "content": src.text(q)})];
             Item { body: Body::Chat(messages), max_tokens, prompt_tokens: prefix + q }
         })
         .collect()
@@ -106,11 +109,23 @@ pub struct Session {
     pub max_tokens: Vec<usize>,
 }
 
-pub fn multi_turn(src: &mut TextSource, sessions: usize, turns: usize, system: usize, question: Lengths, output: Lengths) -> Vec<Session> {
+pub fn multi_turn(
+    src: &mut TextSource,
+    sessions: usize,
+    turns: usize,
+    system: usize,
+    question: Lengths,
+    output: Lengths,
+) -> Vec<Session> {
     (0..sessions)
         .map(|_| {
             let system = src.text(system);
-            let questions = (0..turns).map(|_| { let q = question.draw(&mut src.rng); src.text(q) }).collect();
+            let questions = (0..turns)
+                .map(|_| {
+                    let q = question.draw(&mut src.rng);
+                    src.text(q)
+                })
+                .collect();
             let max_tokens = (0..turns).map(|_| output.draw(&mut src.rng)).collect();
             Session { system, questions, max_tokens }
         })
@@ -135,7 +150,9 @@ pub fn from_file(path: &std::path::Path, output: Lengths, seed: u64) -> anyhow::
             let body = match (line.prompt, line.messages) {
                 (Some(p), None) => Body::Completion(p),
                 (None, Some(m)) => Body::Chat(m),
-                _ => anyhow::bail!("{} line {}: give exactly one of \"prompt\" and \"messages\"", path.display(), i + 1),
+                _ => {
+                    anyhow::bail!("{} line {}: give exactly one of \"prompt\" and \"messages\"", path.display(), i + 1)
+                }
             };
             let max_tokens = line.max_tokens.unwrap_or_else(|| output.draw(&mut rng));
             Ok(Item { body, max_tokens, prompt_tokens: 0 })
@@ -151,6 +168,8 @@ mod tests {
     fn lengths_parse_fixed_and_ranges() {
         assert_eq!("128".parse::<Lengths>().unwrap(), Lengths { min: 128, max: 128 });
         assert_eq!("64:256".parse::<Lengths>().unwrap(), Lengths { min: 64, max: 256 });
-        assert!("0".parse::<Lengths>().is_err() && "9:3".parse::<Lengths>().is_err() && "x".parse::<Lengths>().is_err());
+        assert!(
+            "0".parse::<Lengths>().is_err() && "9:3".parse::<Lengths>().is_err() && "x".parse::<Lengths>().is_err()
+        );
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::{EngineArgs, ModelArgs};
-use crate::engine::disk::{dummy_fingerprint, folder, gguf_fingerprint, SaveMode};
+use crate::engine::disk::{SaveMode, dummy_fingerprint, folder, gguf_fingerprint};
 use crate::engine::{DiskCache, Engine, SamplingParams};
 use crate::loader::LoadedModel;
 
@@ -53,11 +53,16 @@ impl PromptCacheArgs {
         let Some(dir) = &self.prompt_cache_dir else { return Ok(None) };
         let fingerprint = match loaded.dummy_seed {
             Some(seed) => dummy_fingerprint(&loaded.path.to_string_lossy(), seed),
-            None => gguf_fingerprint(&loaded.path).with_context(|| format!("cannot fingerprint {}", loaded.path.display()))?,
+            None => gguf_fingerprint(&loaded.path)
+                .with_context(|| format!("cannot fingerprint {}", loaded.path.display()))?,
         };
         let identity = engine.disk_identity(fingerprint);
-        let name = loaded.path.file_name().map_or_else(|| loaded.model.config().name.clone(), |n| n.to_string_lossy().into_owned());
-        let disk = DiskCache::open(dir, self.prompt_cache_bytes, identity, &name).context("--prompt-cache-dir is not usable")?;
+        let name = loaded
+            .path
+            .file_name()
+            .map_or_else(|| loaded.model.config().name.clone(), |n| n.to_string_lossy().into_owned());
+        let disk = DiskCache::open(dir, self.prompt_cache_bytes, identity, &name)
+            .context("--prompt-cache-dir is not usable")?;
         Ok(Some(disk))
     }
 }
@@ -200,7 +205,8 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
             );
         }
         CacheCommand::Ls { folder: f, json } => {
-            let summaries = folder::summarize(&f.prompt_cache_dir).with_context(|| format!("cannot read {}", f.prompt_cache_dir.display()))?;
+            let summaries = folder::summarize(&f.prompt_cache_dir)
+                .with_context(|| format!("cannot read {}", f.prompt_cache_dir.display()))?;
             for s in &summaries {
                 if json {
                     println!("{}", serde_json::to_string(s)?);
@@ -224,7 +230,10 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         }
         CacheCommand::Rm { folder: f, id, model, engine, prompt_file, prompt, chat } => {
             if let Some(id) = id {
-                anyhow::ensure!(!id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()), "'{id}' is not a folder id as `braid cache ls` prints it");
+                anyhow::ensure!(
+                    !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()),
+                    "'{id}' is not a folder id as `braid cache ls` prints it"
+                );
                 let _lock = lock_folder(&f.prompt_cache_dir)?;
                 let (files, bytes) = folder::remove(&f.prompt_cache_dir, &id)?;
                 println!("removed {files} files, {:.1} MiB", mib(bytes));
@@ -232,7 +241,10 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
                 let loaded = model.load()?;
                 let ids = prompt_ids(&loaded, prompt_file.as_deref(), prompt.as_deref(), chat)?;
                 let engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), engine.config()?)?;
-                let cache = PromptCacheArgs { prompt_cache_dir: Some(f.prompt_cache_dir.clone()), prompt_cache_bytes: u64::MAX };
+                let cache = PromptCacheArgs {
+                    prompt_cache_dir: Some(f.prompt_cache_dir.clone()),
+                    prompt_cache_bytes: u64::MAX,
+                };
                 let disk = cache.open(&engine, &loaded)?.expect("the folder was given");
                 let hashes = crate::engine::block_manager::prefix_hashes(&ids, engine.stats().block_size);
                 let removed = hashes.iter().filter(|&&h| disk.remove(h)).count();
@@ -241,7 +253,8 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
         }
         CacheCommand::Clear { folder: f } => {
             let _lock = lock_folder(&f.prompt_cache_dir)?;
-            let (files, bytes) = folder::remove(&f.prompt_cache_dir, "").with_context(|| format!("cannot clear {}", f.prompt_cache_dir.display()))?;
+            let (files, bytes) = folder::remove(&f.prompt_cache_dir, "")
+                .with_context(|| format!("cannot clear {}", f.prompt_cache_dir.display()))?;
             println!("removed {files} files, {:.1} MiB", mib(bytes));
         }
     }

@@ -122,7 +122,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut engine = Engine::new(loaded.model.clone(), loaded.tokenizer.eos_ids.clone(), config)?;
     args.cache.attach(&mut engine, &loaded)?;
     let limits = engine.limits();
-    let requests = all_ids.iter().enumerate().map(|(i, ids)| Request::new(ids.clone(), params.clone(), &limits).with_context(|| format!("prompt {}", i + 1)));
+    let requests = all_ids.iter().enumerate().map(|(i, ids)| {
+        Request::new(ids.clone(), params.clone(), &limits).with_context(|| format!("prompt {}", i + 1))
+    });
     let mut requests = requests.collect::<anyhow::Result<Vec<_>>>()?.into_iter();
     let start = Instant::now();
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); all_ids.len()];

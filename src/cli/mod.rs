@@ -133,7 +133,10 @@ impl EngineArgs {
             anyhow::bail!("--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1");
         }
         if self.max_kv_size.is_some_and(|w| w <= crate::engine::core::WINDOW_KEEP) {
-            anyhow::bail!("--max-kv-size must be more than the {} tokens always kept", crate::engine::core::WINDOW_KEEP);
+            anyhow::bail!(
+                "--max-kv-size must be more than the {} tokens always kept",
+                crate::engine::core::WINDOW_KEEP
+            );
         }
         Ok(crate::engine::EngineConfig {
             block_size: self.block_size,
@@ -180,7 +183,8 @@ mod tests {
                 #[command(flatten)]
                 engine: EngineArgs,
             }
-            Probe::try_parse_from(["probe", "--kv-cache-bytes", value]).map(|p| p.engine.config().unwrap().kv_cache_bytes)
+            Probe::try_parse_from(["probe", "--kv-cache-bytes", value])
+                .map(|p| p.engine.config().unwrap().kv_cache_bytes)
         };
         assert_eq!(engine("2G").unwrap(), Some(2 << 30));
         assert_eq!(engine("1500000000").unwrap(), Some(1_500_000_000));
@@ -201,7 +205,10 @@ mod tests {
     fn dummy_weights_flags_are_checked() {
         assert!(model_args(&["--load-format", "dummy"]).is_err(), "--model-config is required");
         let err = |args: &[&str]| model_args(args).unwrap().load().err().expect("refused").to_string();
-        assert!(err(&["--load-format", "dummy", "--model-config", "smollm2-135m", "--model", "x.gguf", "--device", "cpu"]).contains("--model-config instead of --model"));
+        assert!(
+            err(&["--load-format", "dummy", "--model-config", "smollm2-135m", "--model", "x.gguf", "--device", "cpu"])
+                .contains("--model-config instead of --model")
+        );
         assert!(err(&["--model-config", "llama-3.2-1b", "--device", "cpu"]).contains("--load-format dummy"));
         assert!(err(&["--load-format", "dummy", "--model-config", "gpt-9", "--device", "cpu"]).contains("gpt-9"));
     }

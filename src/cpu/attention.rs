@@ -100,7 +100,8 @@ pub fn paged_attention(
 ) -> Vec<f32> {
     let AttentionShape { n_head, n_kv_head, head_dim } = *shape;
     let group = n_head / n_kv_head;
-    let tasks: Vec<(Tile, usize)> = plan.tiles.iter().flat_map(|&tile| (0..n_kv_head).map(move |g| (tile, g))).collect();
+    let tasks: Vec<(Tile, usize)> =
+        plan.tiles.iter().flat_map(|&tile| (0..n_kv_head).map(move |g| (tile, g))).collect();
     let level = f16_ops::detect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
@@ -190,7 +191,9 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
     // Each is the offset of its row (KV head `g`) in the layer's cache.
     let needed = |i: usize| seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos));
     slots.clear();
-    slots.extend((0..n_ctx).map(|i| if needed(i) { slot_of(&seq.block_table, plan.block_size, i) * width + g * head_dim } else { usize::MAX }));
+    slots.extend((0..n_ctx).map(|i| {
+        if needed(i) { slot_of(&seq.block_table, plan.block_size, i) * width + g * head_dim } else { usize::MAX }
+    }));
     let rows = tile.len * group;
     queries.clear();
     queries.resize(rows * head_dim, 0.0);
@@ -258,7 +261,13 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
     }
     if windowed {
         for (token, token_out) in out.chunks_exact_mut(group * head_dim).enumerate() {
-            f16_ops::weighted_sums::<S>(&steps[token * group..(token + 1) * group], &token_keys[token], &layer.v, head_dim, token_out);
+            f16_ops::weighted_sums::<S>(
+                &steps[token * group..(token + 1) * group],
+                &token_keys[token],
+                &layer.v,
+                head_dim,
+                token_out,
+            );
         }
     } else {
         f16_ops::weighted_sums::<S>(&steps[..rows], &slots[..n_ctx], &layer.v, head_dim, out);
@@ -371,7 +380,10 @@ mod tests {
                 let (bs, total) = (4usize, 23usize);
                 let width = n_kv * hd;
                 let table: Vec<u32> = (0..total.div_ceil(bs) as u32).collect();
-                let mut layer = LayerKv { k: vec![f16::ZERO; total.div_ceil(bs) * bs * width], v: vec![f16::ZERO; total.div_ceil(bs) * bs * width] };
+                let mut layer = LayerKv {
+                    k: vec![f16::ZERO; total.div_ceil(bs) * bs * width],
+                    v: vec![f16::ZERO; total.div_ceil(bs) * bs * width],
+                };
                 let kv: Vec<f32> = (0..total * width).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                 let q: Vec<f32> = (0..total * n_head * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
                 let mut batch = FlatBatch::default();
@@ -383,7 +395,8 @@ mod tests {
                 for (tile, g) in plan.tiles.iter().flat_map(|&t| (0..n_kv).map(move |g| (t, g))) {
                     let run = |level: u8| {
                         let mut out = vec![0f32; tile.len * group * hd];
-                        let job = TileJob { plan: &plan, seq: &batch.seqs[0], layer: &layer, q: &q, shape: &shape, tile, g };
+                        let job =
+                            TileJob { plan: &plan, seq: &batch.seqs[0], layer: &layer, q: &q, shape: &shape, tile, g };
                         let scratch = &mut Scratch::default();
                         match level {
                             f16_ops::AVX512 => unsafe { attend_tile_avx512(&job, scratch, &mut out) },
@@ -407,7 +420,8 @@ mod tests {
         for &(n_head, n_kv, hd, bs) in &[(6usize, 2usize, 13usize, 3usize), (3, 3, 8, 5), (4, 1, 17, 16)] {
             let width = n_kv * hd;
             let num_blocks = 40;
-            let mut layer = LayerKv { k: vec![f16::ZERO; num_blocks * bs * width], v: vec![f16::ZERO; num_blocks * bs * width] };
+            let mut layer =
+                LayerKv { k: vec![f16::ZERO; num_blocks * bs * width], v: vec![f16::ZERO; num_blocks * bs * width] };
             // Three sequences: (cached, new) token counts; blocks handed out shuffled.
             let shapes = [(0usize, 7usize), (11, 1), (4, 9)];
             let mut free: Vec<u32> = (0..num_blocks as u32).rev().collect();
@@ -441,7 +455,8 @@ mod tests {
             }
             let plan = AttentionPlan::new(&batch, bs);
             write_kv(&plan, &mut layer, &kn, &vn, width);
-            let got = paged_attention(&batch, &plan, &layer, &q, &AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd });
+            let got =
+                paged_attention(&batch, &plan, &layer, &q, &AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd });
             let mut t = 0;
             for (s, &(past, new)) in shapes.iter().enumerate() {
                 for j in past..past + new {
@@ -462,7 +477,7 @@ mod tests {
     /// the window left behind are never read (their table entries are marked released).
     #[test]
     fn windowed_attention_matches_reference_and_skips_released_blocks() {
-        use crate::backend::{Window, RELEASED_BLOCK};
+        use crate::backend::{RELEASED_BLOCK, Window};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let (n_head, n_kv, hd, bs) = (4usize, 2usize, 8usize, 4usize);
         let width = n_kv * hd;

@@ -32,7 +32,14 @@ pub fn dot(w: &[f32], x: &[f32]) -> f32 {
 
 /// Output columns `cols` of `[m, k] x [n, k]^T` for rounded activations `xs`; `set(row, col, v)`
 /// stores a result. Each weight row is widened once and used for every activation row.
-pub fn columns(w: &[bf16], k: usize, xs: &[f32], m: usize, cols: std::ops::Range<usize>, mut set: impl FnMut(usize, usize, f32)) {
+pub fn columns(
+    w: &[bf16],
+    k: usize,
+    xs: &[f32],
+    m: usize,
+    cols: std::ops::Range<usize>,
+    mut set: impl FnMut(usize, usize, f32),
+) {
     let mut wide = vec![0f32; k];
     for col in cols {
         for (o, &v) in wide.iter_mut().zip(&w[col * k..(col + 1) * k]) {
@@ -61,7 +68,8 @@ mod tests {
             columns(&w, k, &xr, m, 0..n, |row, col, v| y[row * n + col] = v);
             for row in 0..m {
                 for col in 0..n {
-                    let want: f64 = (0..k).map(|i| w[col * k + i].to_f64() * bf16::from_f32(x[row * k + i]).to_f64()).sum();
+                    let want: f64 =
+                        (0..k).map(|i| w[col * k + i].to_f64() * bf16::from_f32(x[row * k + i]).to_f64()).sum();
                     let got = y[row * n + col] as f64;
                     assert!((got - want).abs() <= 1e-5 * (k as f64), "{n}x{k} ({row},{col}): {got} vs {want}");
                 }

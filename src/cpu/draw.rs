@@ -20,7 +20,7 @@
 //! stays where nothing has weight, so it agrees.
 
 use super::row::argmax;
-pub use crate::backend::{is_greedy, DrawParams, MIN_TEMPERATURE};
+pub use crate::backend::{DrawParams, MIN_TEMPERATURE, is_greedy};
 
 /// Fixed-point scale of the weights: 1.0 (the best token's) is 2^32.
 const ONE: f32 = 4_294_967_296.0;
@@ -68,7 +68,8 @@ fn top_p_floor(logits: &[f32], w: &[u64], candidates: &[u32], target: u64, max: 
         above >= target
     })?;
     above -= mass[crossing];
-    let mut inside: Vec<u32> = candidates.iter().zip(&buckets).filter(|&(_, &b)| b as usize == crossing).map(|(&c, _)| c).collect();
+    let mut inside: Vec<u32> =
+        candidates.iter().zip(&buckets).filter(|&(_, &b)| b as usize == crossing).map(|(&c, _)| c).collect();
     inside.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
     let mut sum = above;
     let mut i = 0;
@@ -95,7 +96,11 @@ pub fn draw(logits: &[f32], params: &DrawParams, uniform: f32) -> u32 {
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let (p, w) = weights(logits, max, params.temperature);
-    let k_floor = if params.top_k > 0 && params.top_k < logits.len() { kth_largest(logits, params.top_k) } else { f32::NEG_INFINITY };
+    let k_floor = if params.top_k > 0 && params.top_k < logits.len() {
+        kth_largest(logits, params.top_k)
+    } else {
+        f32::NEG_INFINITY
+    };
     let in_k = |i: usize| logits[i] >= k_floor;
     let base = |i: usize| in_k(i) && p[i] >= params.min_p;
     let mut floor = k_floor;
@@ -146,7 +151,9 @@ mod tests {
             // Every candidate logit as a threshold, highest first.
             let mut ts: Vec<f32> = (0..logits.len()).filter(|&i| base[i]).map(|i| logits[i]).collect();
             ts.sort_by(|a, b| b.total_cmp(a));
-            if let Some(&t) = ts.iter().find(|&&t| (0..logits.len()).filter(|&i| base[i] && logits[i] >= t).map(|i| w[i]).sum::<u64>() >= target) {
+            if let Some(&t) = ts.iter().find(|&&t| {
+                (0..logits.len()).filter(|&i| base[i] && logits[i] >= t).map(|i| w[i]).sum::<u64>() >= target
+            }) {
                 floor = floor.max(t);
             }
         }
@@ -161,7 +168,12 @@ mod tests {
             // Coarse logits make ties common; fine ones make them rare.
             let step = if case % 2 == 0 { 0.25 } else { 1e-3 };
             let logits: Vec<f32> = (0..v).map(|_| (r.random_range(-40.0f32..40.0) / step).round() * step).collect();
-            let d = params(r.random_range(0.05f32..3.0), [0, 1, 5, 50, 1000][case % 5], [1.0, 0.95, 0.5, 0.01][case % 4], [0.0, 0.0, 0.05, 0.5][(case / 4) % 4]);
+            let d = params(
+                r.random_range(0.05f32..3.0),
+                [0, 1, 5, 50, 1000][case % 5],
+                [1.0, 0.95, 0.5, 0.01][case % 4],
+                [0.0, 0.0, 0.05, 0.5][(case / 4) % 4],
+            );
             let kept = kept_reference(&logits, &d);
             for _ in 0..20 {
                 let id = draw(&logits, &d, r.random::<f32>()) as usize;
@@ -211,7 +223,8 @@ mod tests {
             }
         }
         // At the floor a draw still happens (the tie at 3.0 splits).
-        let ids: std::collections::BTreeSet<u32> = (0..100).map(|j| draw(&logits, &params(MIN_TEMPERATURE, 0, 1.0, 0.0), j as f32 / 100.0)).collect();
+        let ids: std::collections::BTreeSet<u32> =
+            (0..100).map(|j| draw(&logits, &params(MIN_TEMPERATURE, 0, 1.0, 0.0), j as f32 / 100.0)).collect();
         assert_eq!(ids, [1, 3].into());
     }
 
@@ -247,7 +260,19 @@ mod tests {
 
         /// Logits as rows meet them, and at the extremes: ties, huge, infinite, subnormal, NaN.
         fn logit() -> impl Strategy<Value = f32> {
-            let special = [f32::MAX, f32::MIN, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, f32::from_bits(1), -f32::from_bits(1), f32::NAN];
+            let special = [
+                f32::MAX,
+                f32::MIN,
+                1e30,
+                -1e30,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                0.0,
+                -0.0,
+                f32::from_bits(1),
+                -f32::from_bits(1),
+                f32::NAN,
+            ];
             prop_oneof![
                 4 => -40.0f32..40.0,
                 2 => (-8i32..8).prop_map(|x| x as f32),
@@ -287,7 +312,12 @@ mod tests {
             let top_k = prop_oneof![Just(0usize), Just(1), 1usize..300, Just(usize::MAX)];
             let top_p = prop_oneof![Just(1.0f32), Just(f32::MIN_POSITIVE), Just(f32::from_bits(1)), 1e-30f32..=1.0];
             let min_p = prop_oneof![Just(0.0f32), Just(1.0), Just(f32::from_bits(1)), 0.0f32..=1.0];
-            (temperature(), top_k, top_p, min_p).prop_map(|(temperature, top_k, top_p, min_p)| DrawParams { temperature, top_k, top_p, min_p })
+            (temperature(), top_k, top_p, min_p).prop_map(|(temperature, top_k, top_p, min_p)| DrawParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+            })
         }
 
         fn uniform() -> impl Strategy<Value = f32> {

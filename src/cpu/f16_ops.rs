@@ -20,7 +20,9 @@ pub fn detect() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         if super::quant::avx2::available() {
-            let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq") && is_x86_feature_detected!("avx512vl");
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl");
             return if avx512 { AVX512 } else { AVX2 };
         }
     }
@@ -168,7 +170,13 @@ pub struct Step {
 /// not 1, then `acc = f16(v * vs + acc)`; `out` gets the rows' sums side by side (not yet
 /// divided by their total weights).
 #[inline(always)]
-pub fn weighted_sums<const S: u8>(rows: &[Vec<Step>], keys: &[usize], values: &[f16], head_dim: usize, out: &mut [f32]) {
+pub fn weighted_sums<const S: u8>(
+    rows: &[Vec<Step>],
+    keys: &[usize],
+    values: &[f16],
+    head_dim: usize,
+    out: &mut [f32],
+) {
     assert_eq!(out.len(), rows.len() * head_dim);
     assert!(rows.iter().all(|r| r.len() <= keys.len()) && keys.iter().all(|&k| k + head_dim <= values.len()));
     out.fill(0.0);
@@ -351,7 +359,13 @@ mod x86 {
     /// AVX-512 F with F16C; rows are no longer than `keys`, whose value rows are within
     /// `values`; `out` is `rows.len() * head_dim` zeros.
     #[inline(always)]
-    pub unsafe fn weighted_sums_avx512(rows: &[Vec<super::Step>], keys: &[usize], values: &[f16], head_dim: usize, out: &mut [f32]) -> usize {
+    pub unsafe fn weighted_sums_avx512(
+        rows: &[Vec<super::Step>],
+        keys: &[usize],
+        values: &[f16],
+        head_dim: usize,
+        out: &mut [f32],
+    ) -> usize {
         let blocks = head_dim / BLOCK;
         for (chunk, rows) in rows.chunks(ROWS).enumerate() {
             let out = &mut out[chunk * ROWS * head_dim..];
@@ -375,13 +389,21 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn block<const R: usize>(rows: &[Vec<super::Step>], keys: &[usize], values: &[f16], d0: usize, head_dim: usize, out: &mut [f32]) {
+    unsafe fn block<const R: usize>(
+        rows: &[Vec<super::Step>],
+        keys: &[usize],
+        values: &[f16],
+        d0: usize,
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
         let n = rows[..R].iter().map(|r| r.len()).max().unwrap_or(0);
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for (k, &key) in keys[..n].iter().enumerate() {
                 let p = values.as_ptr().add(key + d0);
-                let v: [__m512; 2] = std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * j) as *const __m256i)));
+                let v: [__m512; 2] =
+                    std::array::from_fn(|j| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * j) as *const __m256i)));
                 for r in 0..R {
                     let Some(&step) = rows[r].get(k) else { continue };
                     if step.ms != 1.0 {
@@ -458,9 +480,15 @@ mod tests {
                     continue;
                 }
                 let mut acc = start.clone();
-                let got = unsafe { if level == AVX2 { run_avx2(&k, &q, &mut acc, w) } else { run_avx512(&k, &q, &mut acc, w) } };
+                let got = unsafe {
+                    if level == AVX2 { run_avx2(&k, &q, &mut acc, w) } else { run_avx512(&k, &q, &mut acc, w) }
+                };
                 assert_eq!(got.to_bits(), d.to_bits(), "dot, n {n}, level {level}");
-                assert_eq!(acc.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "n {n}, level {level}");
+                assert_eq!(
+                    acc.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "n {n}, level {level}"
+                );
             }
         }
         // Keys scored 16 at a time give each key's `dot`, bit for bit.
@@ -470,7 +498,15 @@ mod tests {
             let slots: Vec<usize> = (0..KEYS - 3).map(|l| l * head_dim).collect();
             let mut kt = Vec::new();
             transpose_keys(&keys, &slots, head_dim, &mut Vec::new(), &mut kt);
-            let want: Vec<u32> = (0..KEYS).map(|l| if l < slots.len() { dot::<PLAIN>(&keys[l * head_dim..(l + 1) * head_dim], &q).to_bits() } else { 0 }).collect();
+            let want: Vec<u32> = (0..KEYS)
+                .map(|l| {
+                    if l < slots.len() {
+                        dot::<PLAIN>(&keys[l * head_dim..(l + 1) * head_dim], &q).to_bits()
+                    } else {
+                        0
+                    }
+                })
+                .collect();
             let plain: Vec<u32> = dot_keys::<PLAIN>(&kt, &q).iter().map(|x| x.to_bits()).collect();
             assert_eq!(plain, want, "head_dim {head_dim}");
             #[cfg(target_arch = "x86_64")]

@@ -10,9 +10,9 @@ use candle_core::{Device, Module, Tensor};
 
 use rayon::prelude::*;
 
-use super::quant::{self, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
 #[cfg(target_arch = "x86_64")]
 use super::quant::vnni::{PackedWeights, PairFormat};
+use super::quant::{self, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, WeightBlock};
 
 enum Weights {
     Q4_0(Vec<BlockQ4_0>),
@@ -146,9 +146,13 @@ impl QLinear {
             Weights::Q8_0(w) => Ok(self.native_rows(x, m, w)),
             Weights::Bf16(w) => {
                 let xs = super::bf16::round_rows(&x[..m * self.k]);
-                Ok(self.by_column_ranges(m, |cols, out| super::bf16::columns(w, self.k, &xs, m, cols, |r, c, v| out.set(r, c, v))))
+                Ok(self.by_column_ranges(m, |cols, out| {
+                    super::bf16::columns(w, self.k, &xs, m, cols, |r, c, v| out.set(r, c, v))
+                }))
             }
-            Weights::Candle(w) => w.forward(&Tensor::from_slice(x, (m, self.k), &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>(),
+            Weights::Candle(w) => {
+                w.forward(&Tensor::from_slice(x, (m, self.k), &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>()
+            }
             Weights::Parts(parts) => {
                 let outs = parts.iter().map(|p| p.forward_rows(x, m)).collect::<candle_core::Result<Vec<_>>>()?;
                 let mut y = Vec::with_capacity(m * self.n);
@@ -187,7 +191,9 @@ impl QLinear {
                         *o = v.to_f32();
                     }
                 }
-                Weights::Candle(_) | Weights::Parts(_) => candle_core::bail!("embedding lookup needs a natively supported type"),
+                Weights::Candle(_) | Weights::Parts(_) => {
+                    candle_core::bail!("embedding lookup needs a natively supported type")
+                }
             }
         }
         Ok(out)
@@ -207,13 +213,15 @@ impl QLinear {
 
     #[cfg(target_arch = "x86_64")]
     fn vnni_rows<B: PairFormat>(&self, xs: &[f32], m: usize, w: &PackedWeights<B>) -> Vec<f32> {
-        use super::quant::vnni::{columns, PackedActs, PANEL};
+        use super::quant::vnni::{PANEL, PackedActs, columns};
         let acts = PackedActs::new::<B>(&quantize_rows(xs, m, self.k / QK), self.k / QK);
         let full = acts.rows_in_panels();
         let panels: Vec<_> = (0..full).step_by(PANEL).map(|first| acts.panel(first, PANEL)).collect();
         let singles: Vec<_> = (full..m).map(|r| acts.panel(r, 1)).collect();
         // SAFETY: the weights were packed only where the CPU has the kernel's features.
-        self.by_column_ranges(m, |cols, out| unsafe { columns(w, cols, &panels, &singles, |row, col, v| out.set(row, col, v)) })
+        self.by_column_ranges(m, |cols, out| unsafe {
+            columns(w, cols, &panels, &singles, |row, col, v| out.set(row, col, v))
+        })
     }
 
     /// `[m, n]` outputs computed in parallel tasks that each own a range of output columns for
@@ -305,7 +313,14 @@ fn dot_rows<B: WeightBlock, const R: usize>(kernel: Kernel, w: &[B], a: [&[ActBl
 
 /// Dot products of weight rows `cols` with every activation row, four activation rows per
 /// weight-row load.
-fn columns<B: WeightBlock>(kernel: Kernel, w: &[B], acts: &[ActBlock], blocks: usize, cols: std::ops::Range<usize>, out: &ColumnsOut) {
+fn columns<B: WeightBlock>(
+    kernel: Kernel,
+    w: &[B],
+    acts: &[ActBlock],
+    blocks: usize,
+    cols: std::ops::Range<usize>,
+    out: &ColumnsOut,
+) {
     let rows: Vec<&[ActBlock]> = acts.chunks_exact(blocks).collect();
     let m = rows.len();
     for col in cols {
@@ -358,11 +373,19 @@ mod tests {
                         let alone = linear.forward_rows(xr, 1).unwrap();
                         for col in 0..n {
                             let got = y[row * n + col];
-                            assert_eq!(got.to_bits(), alone[col].to_bits(), "{dtype:?} {n}x{k}: row {row} alone differs");
-                            let want: f64 = deq[col * k..(col + 1) * k].iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                            assert_eq!(
+                                got.to_bits(),
+                                alone[col].to_bits(),
+                                "{dtype:?} {n}x{k}: row {row} alone differs"
+                            );
+                            let want: f64 =
+                                deq[col * k..(col + 1) * k].iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
                             // Activations are quantized to 8 bits: allow for that rounding.
                             let bound = 0.02 * (k as f64).sqrt() + 0.01 * want.abs();
-                            assert!((got as f64 - want).abs() <= bound, "{dtype:?} {n}x{k} row {row} col {col}: {got} vs {want}");
+                            assert!(
+                                (got as f64 - want).abs() <= bound,
+                                "{dtype:?} {n}x{k} row {row} col {col}: {got} vs {want}"
+                            );
                         }
                     }
                 }

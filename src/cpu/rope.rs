@@ -15,7 +15,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions are divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -33,7 +35,14 @@ pub struct Rope {
 impl Rope {
     /// Rope over heads of `head_dim` whose first `rope_dim` dimensions rotate, frequencies
     /// from base `theta` (`ModelConfig::rope` passes a model's).
-    pub fn new(style: RopeStyle, scaling: &RopeScaling, theta: f32, head_dim: usize, rope_dim: usize, freq_factors: Option<&[f32]>) -> Self {
+    pub fn new(
+        style: RopeStyle,
+        scaling: &RopeScaling,
+        theta: f32,
+        head_dim: usize,
+        rope_dim: usize,
+        freq_factors: Option<&[f32]>,
+    ) -> Self {
         let theta_scale = theta.powf(-2.0 / rope_dim as f32);
         let position_scale = match *scaling {
             RopeScaling::None => 1.0,

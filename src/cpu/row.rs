@@ -68,7 +68,9 @@ mod tests {
         for case in 0..200 {
             let n = r.random_range(1..300usize);
             // Coarse values: many ties, which the lower index wins.
-            let values: Vec<f32> = (0..n).map(|_| (r.random_range(-8.0f32..8.0) * if case % 2 == 0 { 1.0 } else { 100.0 }).round()).collect();
+            let values: Vec<f32> = (0..n)
+                .map(|_| (r.random_range(-8.0f32..8.0) * if case % 2 == 0 { 1.0 } else { 100.0 }).round())
+                .collect();
             let mut sorted: Vec<u32> = (0..n as u32).collect();
             sorted.sort_by(|a, b| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b)));
             for k in [1, 2, 5, 20, 32] {

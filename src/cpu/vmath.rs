@@ -32,11 +32,7 @@ fn exp_lane(x: f32) -> f32 {
     let y = y.mul_add(r * r, r) + 1.0;
     // 2^n built from its exponent bits; n is in [-126, 127] for the inputs that reach here.
     let scale = f32::from_bits(((n as i32 + 127).clamp(1, 254) as u32) << 23);
-    if x < MIN_X {
-        0.0
-    } else {
-        y * scale
-    }
+    if x < MIN_X { 0.0 } else { y * scale }
 }
 
 #[inline(always)]
@@ -70,10 +66,38 @@ pub fn exp_in_place(xs: &mut [f32]) {
 
 /// 2^(i/32) as f64 bits, less `i << 47` (glibc's `__exp2f_data.tab`).
 const EXP2F_TABLE: [u64; 32] = [
-    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51, 0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
-    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d, 0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
-    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13, 0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
-    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069, 0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
+    0x3ff0000000000000,
+    0x3fefd9b0d3158574,
+    0x3fefb5586cf9890f,
+    0x3fef9301d0125b51,
+    0x3fef72b83c7d517b,
+    0x3fef54873168b9aa,
+    0x3fef387a6e756238,
+    0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715,
+    0x3feef1a7373aa9cb,
+    0x3feedea64c123422,
+    0x3feece086061892d,
+    0x3feebfdad5362a27,
+    0x3feeb42b569d4f82,
+    0x3feeab07dd485429,
+    0x3feea47eb03a5585,
+    0x3feea09e667f3bcd,
+    0x3fee9f75e8ec5f74,
+    0x3feea11473eb0187,
+    0x3feea589994cce13,
+    0x3feeace5422aa0db,
+    0x3feeb737b0cdc5e5,
+    0x3feec49182a3f090,
+    0x3feed503b23e255d,
+    0x3feee89f995ad3ad,
+    0x3feeff76f2fb5e47,
+    0x3fef199bdd85529c,
+    0x3fef3720dcef9069,
+    0x3fef5818dcfba487,
+    0x3fef7c97337b9b5f,
+    0x3fefa4afa2a490da,
+    0x3fefd0765b6e4540,
 ];
 
 /// glibc `expf`'s constants: 32 / ln 2; 0x1.8p52 (adding it rounds to an integer); the cubic's
@@ -81,7 +105,11 @@ const EXP2F_TABLE: [u64; 32] = [
 /// log(2^128) infinity.
 const EXPF_INV_LN2_N: f64 = f64::from_bits(0x4047_1547_652b_82fe);
 const EXPF_SHIFT: f64 = f64::from_bits(0x4338_0000_0000_0000);
-const EXPF_POLY: [f64; 3] = [f64::from_bits(0x3ebc_6af8_4b91_2394), f64::from_bits(0x3f2e_bfce_50fa_c4f3), f64::from_bits(0x3f96_2e42_ff0c_52d6)];
+const EXPF_POLY: [f64; 3] = [
+    f64::from_bits(0x3ebc_6af8_4b91_2394),
+    f64::from_bits(0x3f2e_bfce_50fa_c4f3),
+    f64::from_bits(0x3f96_2e42_ff0c_52d6),
+];
 const EXPF_UNDER: f32 = f32::from_bits(0xc2cf_f1b4);
 const EXPF_OVER: f32 = f32::from_bits(0x42b1_7217);
 
@@ -261,13 +289,23 @@ mod tests {
         // positive ones.
         let negative = (0x8000_0000u32..=0xffff_ffff).step_by(step);
         let positive = (0u32..0x42b2_0000).step_by(step);
-        negative.chain(positive).filter(|&b| f32::from_bits(b).exp().to_bits() != expf(f32::from_bits(b)).to_bits() && !f32::from_bits(b).is_nan()).collect()
+        negative
+            .chain(positive)
+            .filter(|&b| {
+                f32::from_bits(b).exp().to_bits() != expf(f32::from_bits(b)).to_bits() && !f32::from_bits(b).is_nan()
+            })
+            .collect()
     }
 
     #[test]
     fn exp_matches_libm() {
         let bad = libm_mismatches(1009);
-        assert!(bad.is_empty(), "{} differ, e.g. {:?}", bad.len(), bad.iter().take(5).map(|&b| f32::from_bits(b)).collect::<Vec<_>>());
+        assert!(
+            bad.is_empty(),
+            "{} differ, e.g. {:?}",
+            bad.len(),
+            bad.iter().take(5).map(|&b| f32::from_bits(b)).collect::<Vec<_>>()
+        );
         for x in [0.0f32, -0.0, f32::NEG_INFINITY, f32::INFINITY, -87.5, -103.9, -104.0, 88.7, 88.8] {
             assert_eq!(expf(x).to_bits(), x.exp().to_bits(), "exp({x})");
         }
@@ -284,7 +322,12 @@ mod tests {
     fn vector_exp_equals_the_scalar_one() {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::f16_ops::detect() >= crate::cpu::f16_ops::AVX512 {
-            let mut xs: Vec<f32> = (0x8000_0000u32..=0xffff_ffff).step_by(997).chain((0u32..0x4300_0000).step_by(997)).map(f32::from_bits).filter(|x| !x.is_nan()).collect();
+            let mut xs: Vec<f32> = (0x8000_0000u32..=0xffff_ffff)
+                .step_by(997)
+                .chain((0u32..0x4300_0000).step_by(997))
+                .map(f32::from_bits)
+                .filter(|x| !x.is_nan())
+                .collect();
             xs.extend([f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, -103.9, -104.0, 88.7, 88.8]);
             let mut fast = xs.clone();
             unsafe { expf_avx512(&mut fast) };
@@ -299,7 +342,12 @@ mod tests {
     #[ignore]
     fn exp_matches_libm_everywhere() {
         let bad = libm_mismatches(1);
-        assert!(bad.is_empty(), "{} differ, e.g. {:?}", bad.len(), bad.iter().take(5).map(|&b| f32::from_bits(b)).collect::<Vec<_>>());
+        assert!(
+            bad.is_empty(),
+            "{} differ, e.g. {:?}",
+            bad.len(),
+            bad.iter().take(5).map(|&b| f32::from_bits(b)).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -338,7 +386,11 @@ mod tests {
         for i in 0..n {
             let (g, u) = (gate[i] as f64, up[i] as f64);
             let want = g / (1.0 + (-g).exp()) * u;
-            assert!((out[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "silu({g}) * {u} = {}, want {want}", out[i]);
+            assert!(
+                (out[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "silu({g}) * {u} = {}, want {want}",
+                out[i]
+            );
         }
     }
 }

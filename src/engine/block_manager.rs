@@ -319,7 +319,10 @@ mod tests {
     #[test]
     fn hashes_chain_through_parents() {
         // Fixed values: block names are file names on disk, so they must never change.
-        assert_eq!(block_hash(None, &[1, 2]), xxhash_rust::xxh3::xxh3_64_with_seed(&[1, 0, 0, 0, 2, 0, 0, 0], ROOT_SEED));
+        assert_eq!(
+            block_hash(None, &[1, 2]),
+            xxhash_rust::xxh3::xxh3_64_with_seed(&[1, 0, 0, 0, 2, 0, 0, 0], ROOT_SEED)
+        );
         let x = prefix_hashes(&[1, 2, 3, 4], 2);
         let y = prefix_hashes(&[9, 9, 3, 4], 2);
         assert_ne!(x[1], y[1], "same block, different prefix");

@@ -4,21 +4,21 @@
 //! runs when, and what a step's tokens do to each request, is the scheduler's.
 
 use std::collections::{HashMap, HashSet};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use crate::backend::{FlatBatch, Window};
 use crate::model::KvCache;
 
-use super::device::{Backend, ModelHandle};
-use crate::backend::RowOutput;
 use super::block_manager::BlockManager;
+use super::device::{Backend, ModelHandle};
 use super::disk::{DiskCache, DiskStats, Identity};
 use super::request::{Limits, Request, RequestError};
 use super::sampler::{RowChoice, SampledToken, SamplingParams};
 use super::scheduler::{Scheduled, Scheduler, SchedulerConfig};
 use super::sequence::{Event, FinishReason, RequestId, Sequence};
 use super::tiering;
+use crate::backend::RowOutput;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -156,7 +156,9 @@ impl Engine {
         let block_bytes = KvCache::bytes_per_block(model.config(), config.block_size);
         // Never more than every sequence at full context; by default what the device can spare.
         let most = config.max_num_seqs * model.config().context_length.div_ceil(config.block_size) * block_bytes;
-        let bytes = config.kv_cache_bytes.unwrap_or_else(|| model.default_kv_bytes(config.max_num_batched_tokens, config.max_num_seqs).min(most));
+        let bytes = config
+            .kv_cache_bytes
+            .unwrap_or_else(|| model.default_kv_bytes(config.max_num_batched_tokens, config.max_num_seqs).min(most));
         let num_blocks = (bytes / block_bytes).max(1);
         tracing::info!(
             "KV cache on {}: {} blocks of {} tokens = {} tokens, {:.1} MiB",
@@ -169,7 +171,8 @@ impl Engine {
         // A step has at most max_num_batched_tokens tokens and one logits row per sequence.
         let rows = config.max_num_seqs.min(config.max_num_batched_tokens);
         let setup = |message| EngineError::Setup { device: model.device(), message };
-        let mut backend = model.backend(num_blocks, config.block_size, config.max_num_batched_tokens, rows).map_err(setup)?;
+        let mut backend =
+            model.backend(num_blocks, config.block_size, config.max_num_batched_tokens, rows).map_err(setup)?;
         backend.warm_up(rows).map_err(setup)?;
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
@@ -186,7 +189,9 @@ impl Engine {
             next_id: 0,
             pending_events: Vec::new(),
             last_step: Vec::new(),
-            window: config.max_kv_size.map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
+            window: config
+                .max_kv_size
+                .map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
             max_kv_size: config.max_kv_size,
             disk: None,
             forward_passes: 0,
@@ -383,9 +388,17 @@ impl Engine {
         if let Some(disk) = &self.disk {
             // Copies in the blocks the reader has read, starts reading the next requests'.
             let (running, slots) = (self.scheduler.running().len(), self.scheduler.free_slots());
-            self.prefetch.step(disk, &mut self.blocks, self.backend.block_store(), self.scheduler.waiting(), running, slots);
+            self.prefetch.step(
+                disk,
+                &mut self.blocks,
+                self.backend.block_store(),
+                self.scheduler.waiting(),
+                running,
+                slots,
+            );
         }
-        let never_started: HashSet<RequestId> = self.scheduler.waiting().iter().filter(|s| !s.admitted).map(|s| s.id).collect();
+        let never_started: HashSet<RequestId> =
+            self.scheduler.waiting().iter().filter(|s| !s.admitted).map(|s| s.id).collect();
         let scheduled = self.scheduler.schedule(&mut self.blocks);
         scheduled.iter().filter(|s| never_started.contains(&s.id)).for_each(|s| on_start(s.id));
         if let Some(disk) = &self.disk {

@@ -62,7 +62,9 @@ impl ModelHandle {
             #[cfg(feature = "cuda")]
             ModelHandle::Cuda(w) => {
                 let kernels = crate::gpu::Gpu::kernels_fingerprint();
-                xxhash_rust::xxh3::xxh3_128(format!("cuda bf16 {:?} kernels {kernels:032x}", w.gpu.gemm_kind).as_bytes())
+                xxhash_rust::xxh3::xxh3_128(
+                    format!("cuda bf16 {:?} kernels {kernels:032x}", w.gpu.gemm_kind).as_bytes(),
+                )
             }
         }
     }
@@ -88,7 +90,9 @@ impl ModelHandle {
     pub fn backend(&self, num_blocks: usize, block_size: usize, tokens: usize, rows: usize) -> Result<Backend, String> {
         let _ = (tokens, rows);
         match self {
-            ModelHandle::Cpu(m) => Ok(Backend::Cpu { model: Arc::clone(m), kv: KvCache::new(&m.config, num_blocks, block_size) }),
+            ModelHandle::Cpu(m) => {
+                Ok(Backend::Cpu { model: Arc::clone(m), kv: KvCache::new(&m.config, num_blocks, block_size) })
+            }
             #[cfg(feature = "cuda")]
             ModelHandle::Cuda(w) => crate::gpu::CudaRunner::new(Arc::clone(w), num_blocks, block_size, tokens, rows)
                 .map(|r| Backend::Cuda(Box::new(r)))
@@ -106,7 +110,10 @@ fn available_memory() -> Option<usize> {
 }
 
 pub enum Backend {
-    Cpu { model: Arc<Llama>, kv: KvCache },
+    Cpu {
+        model: Arc<Llama>,
+        kv: KvCache,
+    },
     #[cfg(feature = "cuda")]
     Cuda(Box<crate::gpu::CudaRunner>),
 }
@@ -123,7 +130,9 @@ impl Backend {
     pub fn forward(&mut self, batch: &FlatBatch, choices: Option<&[RowChoice]>) -> candle_core::Result<Vec<RowOutput>> {
         let _ = choices;
         match self {
-            Backend::Cpu { model, kv } => Ok(model.forward(batch, kv)?.to_vec2::<f32>()?.into_iter().map(RowOutput::Logits).collect()),
+            Backend::Cpu { model, kv } => {
+                Ok(model.forward(batch, kv)?.to_vec2::<f32>()?.into_iter().map(RowOutput::Logits).collect())
+            }
             #[cfg(feature = "cuda")]
             Backend::Cuda(runner) => Ok(runner.forward(batch, choices)?),
         }

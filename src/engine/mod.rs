@@ -24,7 +24,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod tiering;
 
-pub use self::core::{panic_message, Engine, EngineConfig, EngineError, EngineStats, StepError, StepFault};
+pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, StepError, StepFault, panic_message};
 pub use self::device::{Backend, ModelHandle};
 pub use crate::backend::{BlockStore, FlatBatch, RowOutput};
 pub use disk::{DiskCache, DiskStats};

@@ -33,7 +33,9 @@ pub enum RequestError {
     BadToken { id: u32, vocab: usize },
     #[error("max_tokens must be at least 1")]
     NoTokens,
-    #[error("This model's maximum context length is {limit} tokens, but the prompt has {prompt} tokens and {max_tokens} more were requested")]
+    #[error(
+        "This model's maximum context length is {limit} tokens, but the prompt has {prompt} tokens and {max_tokens} more were requested"
+    )]
     TooLong { prompt: usize, max_tokens: usize, limit: usize },
     /// A sampling parameter out of its range (the message names it).
     #[error("{0}")]
@@ -92,7 +94,11 @@ fn check(prompt: &[u32], params: &SamplingParams, limits: &Limits) -> Result<(),
     }
     params.validate().map_err(RequestError::BadParams)?;
     if prompt.len() + params.max_tokens > limits.max_context {
-        return Err(RequestError::TooLong { prompt: prompt.len(), max_tokens: params.max_tokens, limit: limits.max_context });
+        return Err(RequestError::TooLong {
+            prompt: prompt.len(),
+            max_tokens: params.max_tokens,
+            limit: limits.max_context,
+        });
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use crate::backend::RowChoice;
-use crate::backend::{is_greedy, DrawParams};
+use crate::backend::{DrawParams, is_greedy};
 use crate::cpu::draw::draw;
 pub use crate::cpu::row::{argmax, log_sum_exp, top_k_indices};
 
@@ -62,7 +62,8 @@ impl SamplingParams {
 
     /// Checks ranges; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
-        let finite = |name: &str, v: f32| if v.is_finite() { Ok(()) } else { Err(format!("{name} must be a finite number")) };
+        let finite =
+            |name: &str, v: f32| if v.is_finite() { Ok(()) } else { Err(format!("{name} must be a finite number")) };
         finite("temperature", self.temperature)?;
         finite("top_p", self.top_p)?;
         finite("min_p", self.min_p)?;
@@ -187,7 +188,11 @@ impl Sampler {
     /// no penalties, bias or alternatives to report (its logits reach the draw unchanged).
     pub fn samples_anywhere(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.logit_bias.is_empty() && p.top_logprobs == 0
+        p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
+            && p.top_logprobs == 0
     }
 
     /// Who picks the next token where the backend can pick on its device: the device, given
@@ -303,7 +308,14 @@ mod tests {
         let row: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.3 - 15.0).collect();
         let logit_bias: Vec<(u32, f32)> = (0..1000).filter(|&i| i != 417).map(|i| (i, -100.0)).collect();
         for temperature in [0.0, 1e-40, 0.7, 2.0] {
-            let params = SamplingParams { temperature, top_p: 0.5, logit_bias: logit_bias.clone(), top_logprobs: 5, seed: Some(i64::MIN as u64), ..SamplingParams::default() };
+            let params = SamplingParams {
+                temperature,
+                top_p: 0.5,
+                logit_bias: logit_bias.clone(),
+                top_logprobs: 5,
+                seed: Some(i64::MIN as u64),
+                ..SamplingParams::default()
+            };
             let mut s = Sampler::new(params, &[]);
             for _ in 0..5 {
                 let t = s.sample(&mut row.clone());
@@ -344,8 +356,15 @@ mod tests {
 
         /// Every parameter within what validation lets through, ends included.
         fn params() -> impl Strategy<Value = SamplingParams> {
-            let bias = proptest::collection::vec((0u32..400, prop_oneof![Just(-100.0f32), Just(100.0), -100.0f32..=100.0]), 0..300);
-            let top_p = prop_oneof![Just(f32::MIN_POSITIVE), Just(1e-30f32), ends(0.0, 1.0).prop_filter("top_p > 0", |&p| p > 0.0)];
+            let bias = proptest::collection::vec(
+                (0u32..400, prop_oneof![Just(-100.0f32), Just(100.0), -100.0f32..=100.0]),
+                0..300,
+            );
+            let top_p = prop_oneof![
+                Just(f32::MIN_POSITIVE),
+                Just(1e-30f32),
+                ends(0.0, 1.0).prop_filter("top_p > 0", |&p| p > 0.0)
+            ];
             let top_k = prop_oneof![Just(0usize), Just(1), 1usize..400, Just(usize::MAX)];
             let seed = prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(-1), any::<i64>()].prop_map(|s| Some(s as u64));
             (
@@ -353,11 +372,29 @@ mod tests {
                 (ends(0.01, 10.0), ends(-2.0, 2.0), ends(-2.0, 2.0), bias),
                 (seed, 0usize..=20),
             )
-                .prop_map(|((temperature, top_k, top_p, min_p), (repetition_penalty, presence_penalty, frequency_penalty, mut logit_bias), (seed, top_logprobs))| {
-                    logit_bias.sort_by_key(|b| b.0);
-                    logit_bias.dedup_by_key(|b| b.0);
-                    SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, top_logprobs, ..SamplingParams::default() }
-                })
+                .prop_map(
+                    |(
+                        (temperature, top_k, top_p, min_p),
+                        (repetition_penalty, presence_penalty, frequency_penalty, mut logit_bias),
+                        (seed, top_logprobs),
+                    )| {
+                        logit_bias.sort_by_key(|b| b.0);
+                        logit_bias.dedup_by_key(|b| b.0);
+                        SamplingParams {
+                            temperature,
+                            top_k,
+                            top_p,
+                            min_p,
+                            repetition_penalty,
+                            presence_penalty,
+                            frequency_penalty,
+                            logit_bias,
+                            seed,
+                            top_logprobs,
+                            ..SamplingParams::default()
+                        }
+                    },
+                )
         }
 
         proptest! {

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::block_manager::{block_hash, BlockManager, PrefixLookup};
+use super::block_manager::{BlockManager, PrefixLookup, block_hash};
 use super::sampler::SampledToken;
 use super::sequence::{Event, RequestId, Sequence};
 use crate::backend::RELEASED_BLOCK;
@@ -279,7 +279,11 @@ impl Scheduler {
         let mut finished = Vec::new();
         for (s, token) in scheduled.iter().zip(tokens) {
             let seq = &mut self.running[index[&s.id]];
-            debug_assert_eq!(token.is_some(), seq.num_computed + s.num_tokens == seq.tokens.len(), "a token for each sequence at its end");
+            debug_assert_eq!(
+                token.is_some(),
+                seq.num_computed + s.num_tokens == seq.tokens.len(),
+                "a token for each sequence at its end"
+            );
             let is_decode = token.is_some() && s.num_tokens == 1 && seq.tokens.len() > seq.prompt_len;
             self.counters.prefilled_tokens += (s.num_tokens - usize::from(is_decode)) as u64;
             seq.num_computed += s.num_tokens;
@@ -373,7 +377,12 @@ mod tests {
 
     /// 10 blocks of 4 tokens; request 0 (20 tokens) holds 5 of them once admitted.
     fn setup() -> (Scheduler, BlockManager) {
-        let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 256, eos_ids: Vec::new(), context_length: 8192 });
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 256,
+            eos_ids: Vec::new(),
+            context_length: 8192,
+        });
         let mut blocks = BlockManager::new(10, 4);
         s.waiting.push_back(seq(0, 20));
         assert_eq!(ids(&s.schedule(&mut blocks)), vec![0]);
@@ -403,7 +412,12 @@ mod tests {
     #[test]
     fn the_after_step_work_finishes_sequences_and_frees_their_blocks() {
         use crate::engine::sequence::FinishReason;
-        let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 256, eos_ids: vec![7], context_length: 8192 });
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 256,
+            eos_ids: vec![7],
+            context_length: 8192,
+        });
         let mut blocks = BlockManager::new(10, 4);
         let token = |id| Some(SampledToken { id, logprob: 0.0, top: Vec::new() });
         s.add(Sequence::new(0, (1..=8).collect(), SamplingParams::greedy(3), 4));
@@ -412,7 +426,9 @@ mod tests {
         assert_eq!(step, vec![Scheduled { id: 0, num_tokens: 8 }, Scheduled { id: 1, num_tokens: 4 }]);
         let mut finished = Vec::new();
         let events = s.update_from_output(&mut blocks, &step, vec![token(5), token(9)], |seq| finished.push(seq.id));
-        let ends = |events: &[Event]| events.iter().map(|e| (e.id, e.token.as_ref().map(|t| t.id), e.finish)).collect::<Vec<_>>();
+        let ends = |events: &[Event]| {
+            events.iter().map(|e| (e.id, e.token.as_ref().map(|t| t.id), e.finish)).collect::<Vec<_>>()
+        };
         assert_eq!(ends(&events), vec![(0, Some(5), None), (1, Some(9), Some(FinishReason::Length))]);
         assert_eq!((finished.as_slice(), s.running().len()), (&[1][..], 1));
         let step = s.schedule(&mut blocks);

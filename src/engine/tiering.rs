@@ -90,9 +90,18 @@ impl Prefetch {
     /// Before scheduling: copies the arrived blocks in, gives up the late ones, and starts the
     /// loads of the requests the scheduler may admit next (the first `slots` waiting ones, next
     /// to `running` running requests). Returns the blocks filled. Never waits for the disk.
-    pub fn step(&mut self, disk: &DiskCache, blocks: &mut BlockManager, kv: &mut dyn BlockStore, waiting: &VecDeque<Sequence>, running: usize, slots: usize) -> usize {
+    pub fn step(
+        &mut self,
+        disk: &DiskCache,
+        blocks: &mut BlockManager,
+        kv: &mut dyn BlockStore,
+        waiting: &VecDeque<Sequence>,
+        running: usize,
+        slots: usize,
+    ) -> usize {
         let mut filled = 0;
-        let arrived: Vec<Loaded> = std::mem::take(&mut self.arrived).into_iter().chain(std::iter::from_fn(|| disk.take_loaded())).collect();
+        let arrived: Vec<Loaded> =
+            std::mem::take(&mut self.arrived).into_iter().chain(std::iter::from_fn(|| disk.take_loaded())).collect();
         for loaded in arrived {
             filled += usize::from(self.fill(disk, blocks, kv, loaded));
         }
@@ -166,7 +175,15 @@ impl Prefetch {
     /// (in memory, then on disk). A request is served only while free blocks remain for all of
     /// it and for the running requests' next blocks, so loading never evicts what the step is
     /// about to use.
-    fn start(&mut self, disk: &DiskCache, blocks: &mut BlockManager, kv: &mut dyn BlockStore, waiting: &VecDeque<Sequence>, running: usize, slots: usize) {
+    fn start(
+        &mut self,
+        disk: &DiskCache,
+        blocks: &mut BlockManager,
+        kv: &mut dyn BlockStore,
+        waiting: &VecDeque<Sequence>,
+        running: usize,
+        slots: usize,
+    ) {
         let block_size = blocks.block_size();
         let mut reserved = running;
         for seq in waiting.iter().take(slots) {
@@ -198,7 +215,12 @@ impl Prefetch {
             for &id in &resident {
                 blocks.hold(id);
             }
-            let mut group = Group { seq: seq.id, held: resident, loading: VecDeque::new(), deadline: Instant::now() + disk.prefetch_wait() };
+            let mut group = Group {
+                seq: seq.id,
+                held: resident,
+                loading: VecDeque::new(),
+                deadline: Instant::now() + disk.prefetch_wait(),
+            };
             for hash in wanted {
                 let Some(id) = blocks.allocate() else { break };
                 spill_evicted(disk, blocks, kv);
@@ -220,7 +242,14 @@ impl Prefetch {
 
 /// Gives up a group's loads from position `at` on (the one at `at` `failed`, or none): their
 /// blocks, never filled, are released (and so unnamed: the request computes them).
-fn give_up(disk: &DiskCache, blocks: &mut BlockManager, loading: &mut HashMap<u64, RequestId>, group: &mut Group, at: usize, failed: bool) {
+fn give_up(
+    disk: &DiskCache,
+    blocks: &mut BlockManager,
+    loading: &mut HashMap<u64, RequestId>,
+    group: &mut Group,
+    at: usize,
+    failed: bool,
+) {
     if at >= group.loading.len() {
         return;
     }

@@ -24,14 +24,19 @@ impl Gpu {
     /// each: the kernel, its threads and how many blocks share each pair's keys.
     pub fn attention_plan(&self, head_dim: usize, group: usize, blocks: usize) -> (&CudaFunction, u32, usize) {
         let kind = AttentionKind::for_blocks(self.gemm_kind, blocks, self.multiprocessors);
-        let splits = if kind == AttentionKind::Split { (self.multiprocessors / blocks.max(1)).clamp(1, self.attention_max_splits) } else { 1 };
+        let splits = if kind == AttentionKind::Split {
+            (self.multiprocessors / blocks.max(1)).clamp(1, self.attention_max_splits)
+        } else {
+            1
+        };
         (self.attention_kernel(head_dim, kind, group), kind.threads(), splits)
     }
 
     /// The attention kernel of that kind for heads of `head_dim` (64 or 128) and `group` query
     /// heads per KV head (up to 8).
     pub fn attention_kernel(&self, head_dim: usize, kind: AttentionKind, group: usize) -> &CudaFunction {
-        let index = (usize::from(head_dim == 128) * AttentionKind::ALL.len() + kind as usize) * 2 + usize::from(group > 4);
+        let index =
+            (usize::from(head_dim == 128) * AttentionKind::ALL.len() + kind as usize) * 2 + usize::from(group > 4);
         &self.k.paged_attention[index]
     }
 }

@@ -5,12 +5,12 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::variants::AttentionKind;
-use super::runtime::{Buf, Gpu, ATTENTION_MAX_SPLITS};
+use super::runtime::{ATTENTION_MAX_SPLITS, Buf, Gpu};
 use super::tests::{gpu, mean_micros, read, same_bits};
-use crate::launch;
-use crate::cpu::attention::{paged_attention, AttentionPlan, AttentionShape, LayerKv};
+use super::variants::AttentionKind;
 use crate::backend::{FlatBatch, Window};
+use crate::cpu::attention::{AttentionPlan, AttentionShape, LayerKv, paged_attention};
+use crate::launch;
 
 /// A step's attention inputs on the device: random f16 cache, f32 queries, the plan.
 struct Case {
@@ -30,7 +30,13 @@ struct Case {
 impl Case {
     /// `seqs`: (new tokens, context after the step, window) per sequence. Returns the case
     /// and the CPU kernel's output on the same inputs (when `cpu`).
-    fn new(gpu: &Gpu, r: &mut ChaCha8Rng, shape: AttentionShape, seqs: &[(usize, usize, Option<Window>)], cpu: bool) -> (Case, Vec<f32>) {
+    fn new(
+        gpu: &Gpu,
+        r: &mut ChaCha8Rng,
+        shape: AttentionShape,
+        seqs: &[(usize, usize, Option<Window>)],
+        cpu: bool,
+    ) -> (Case, Vec<f32>) {
         let bs = 16;
         let num_blocks: usize = seqs.iter().map(|s| s.1.div_ceil(bs)).sum();
         let width = shape.n_kv_head * shape.head_dim;
@@ -54,7 +60,8 @@ impl Case {
         };
         let q: Vec<f32> = (0..n * shape.n_head * shape.head_dim).map(|_| r.random_range(-2.0f32..2.0)).collect();
         // The random cache stands for K/V already written, the new tokens' included.
-        let want = if cpu { paged_attention(&batch, &AttentionPlan::new(&batch, bs), &kv, &q, &shape) } else { Vec::new() };
+        let want =
+            if cpu { paged_attention(&batch, &AttentionPlan::new(&batch, bs), &kv, &q, &shape) } else { Vec::new() };
         let mut meta = Vec::new();
         let offsets = super::plan::write_plan(&batch, bs, num_blocks, &mut meta).unwrap();
         let case = Case {
@@ -88,8 +95,14 @@ impl Case {
 }
 
 /// A mix of decodes and prefill chunks (odd lengths, shuffled block tables, a window).
-const MIX: &[(usize, usize, Option<Window>)] =
-    &[(1, 37, None), (23, 23, None), (5, 150, None), (1, 1, None), (1, 200, Some(Window { keep: 4, size: 40 })), (1, 300, None)];
+const MIX: &[(usize, usize, Option<Window>)] = &[
+    (1, 37, None),
+    (23, 23, None),
+    (5, 150, None),
+    (1, 1, None),
+    (1, 200, Some(Window { keep: 4, size: 40 })),
+    (1, 300, None),
+];
 
 /// Every variant the runtime launches, unsplit and split, against the CPU kernel on the same f16
 /// cache; outputs are bf16.
@@ -111,7 +124,10 @@ fn attention_matches_the_cpu() {
                     case.launch(&gpu, f, kind.threads(), splits);
                     for (i, (got, w)) in case.output(&gpu).iter().zip(&want).enumerate() {
                         let got = got.to_f32();
-                        assert!((got - w).abs() <= 1e-2 * w.abs() + 1e-3, "{kind:?} g{g}, {splits} splits, heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {got} vs {w}");
+                        assert!(
+                            (got - w).abs() <= 1e-2 * w.abs() + 1e-3,
+                            "{kind:?} g{g}, {splits} splits, heads {n_head}/{n_kv_head}x{head_dim}, element {i}: {got} vs {w}"
+                        );
                     }
                 }
             }
@@ -143,7 +159,10 @@ fn attention_forms_of_one_warp_count_agree_bit_for_bit() {
                     for g in [group, 8] {
                         case.launch(&gpu, gpu.attention_kernel(64, kind, g), kind.threads(), splits);
                         let same = same_bits(&case.output(&gpu), &want);
-                        assert!(same, "{kind:?} g{g}, heads {n_head}/{n_kv_head}, {splits} splits: not the bits of {plain}");
+                        assert!(
+                            same,
+                            "{kind:?} g{g}, heads {n_head}/{n_kv_head}, {splits} splits: not the bits of {plain}"
+                        );
                     }
                 }
             }
@@ -174,7 +193,10 @@ fn attention_speed() {
         ] {
             let us = mean_micros(&gpu, 5, 200, &|| case.launch(&gpu, f, threads, splits));
             let bytes = (n * context * 8 * 64 * 2 * 2) as f64;
-            println!("attention n={n:4} context={context:5} {name:22} splits {splits}: {us:7.2} us ({:5.0} GB/s)", bytes / us / 1e3);
+            println!(
+                "attention n={n:4} context={context:5} {name:22} splits {splits}: {us:7.2} us ({:5.0} GB/s)",
+                bytes / us / 1e3
+            );
         }
     }
 }

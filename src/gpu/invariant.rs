@@ -6,7 +6,7 @@
 use cudarc::driver::sys;
 
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Product, Result, Spread};
-use super::variants::{gemm_segments, TileKind, GEMM_TILES, IGEMV_MAX_ROWS, IGEMV_VARIANTS, WGMMA_BK, WIDE_OUTPUT};
+use super::variants::{GEMM_TILES, IGEMV_MAX_ROWS, IGEMV_VARIANTS, TileKind, WGMMA_BK, WIDE_OUTPUT, gemm_segments};
 
 /// A tensor map (cuda.h's CUtensorMap) of a row-major bf16 matrix, read in boxes of 64 columns
 /// (one 128-byte swizzled row) by `box_rows` rows: what the wgmma tiles load their stages with.
@@ -18,7 +18,10 @@ unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
 
 impl TensorMap {
     fn rows(ptr: u64, rows: usize, k: usize, box_rows: usize) -> Result<Self> {
-        use sys::{CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
+        use sys::{
+            CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
+            CUtensorMapSwizzle,
+        };
         let dims = [k as u64, rows as u64];
         let strides = [k as u64 * 2];
         let boxes = [WGMMA_BK as u32, box_rows as u32];
@@ -74,15 +77,22 @@ impl Gpu {
         if m > IGEMV_MAX_ROWS && wgmma().all(|i| self.tile_takes(i, k)) {
             let blocks = |i: usize| m.div_ceil(GEMM_TILES[i].rows) * n.div_ceil(GEMM_TILES[i].cols);
             // GEMM_TILES lists them largest first.
-            return wgmma().find(|&i| blocks(i) >= self.multiprocessors()).or_else(|| wgmma().next_back()).expect("wgmma tiles");
+            return wgmma()
+                .find(|&i| blocks(i) >= self.multiprocessors())
+                .or_else(|| wgmma().next_back())
+                .expect("wgmma tiles");
         }
-        GEMM_TILES.iter().position(|t| t.kind == TileKind::MmaSync && t.rows >= m.min(128)).expect("an mma.sync tile of 128 rows")
+        GEMM_TILES
+            .iter()
+            .position(|t| t.kind == TileKind::MmaSync && t.rows >= m.min(128))
+            .expect("an mma.sync tile of 128 rows")
     }
 
     /// Whether tile `index` can run a product of width k here.
     pub(super) fn tile_takes(&self, index: usize, k: usize) -> bool {
         let tile = &GEMM_TILES[index];
-        (tile.kind == TileKind::MmaSync || self.has_wgmma()) && (k / gemm_segments(k)).is_multiple_of(tile.k_per_stage())
+        (tile.kind == TileKind::MmaSync || self.has_wgmma())
+            && (k / gemm_segments(k)).is_multiple_of(tile.k_per_stage())
     }
 
     /// Whether this binary and GPU run the wgmma tiles: Hopper (compute capability 9.0) and
@@ -93,7 +103,15 @@ impl Gpu {
     }
 
     /// The product through tile `GEMM_TILES[index]` (which must take it: `tile_takes`).
-    pub(super) fn gemm_tiled(&self, index: usize, x: u64, p: Product, accumulate: bool, split: &Buf<f32>, spread: Spread) -> Result<()> {
+    pub(super) fn gemm_tiled(
+        &self,
+        index: usize,
+        x: u64,
+        p: Product,
+        accumulate: bool,
+        split: &Buf<f32>,
+        spread: Spread,
+    ) -> Result<()> {
         let Product { w, y, m, n, k } = p;
         let tile = &GEMM_TILES[index];
         if !self.tile_takes(index, k) {
@@ -160,7 +178,9 @@ impl Gpu {
     pub fn igemv_with(&self, p: Product, args: GemvArgs) -> Result<()> {
         let Product { m, n, k, .. } = p;
         let Some(index) = self.igemv_variant(m, n, k).filter(|_| args.norm_w == 0 && args.x != 0) else {
-            return Err(GpuError(format!("a {m}x{n}x{k} product is not a few-row invariant one (1-32 rows of x, k a multiple of 32)")));
+            return Err(GpuError(format!(
+                "a {m}x{n}x{k} product is not a few-row invariant one (1-32 rows of x, k a multiple of 32)"
+            )));
         };
         self.igemv_form(index, p, args)
     }

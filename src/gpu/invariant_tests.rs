@@ -7,9 +7,9 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::variants::{GEMM_TILES, IGEMV_VARIANTS};
 use super::runtime::{GemvArgs, Product, Spread};
 use super::tests::{assert_product, gpu, mean_micros, random_bf16, read, same_bits};
+use super::variants::{GEMM_TILES, IGEMV_VARIANTS};
 
 // (2, 8200, 2048), (9, 8192, 512) and (20, 8193, 512): the few-row forms for wide outputs;
 // (40, 136, 1024), (65, 300, 1024), (129, 130, 512) and (200, 300, 2048): the wgmma tiles on
@@ -50,12 +50,39 @@ fn gemm_matches_the_reference_product() {
             for accumulate in [false, true] {
                 let start = if accumulate { y0.clone() } else { vec![f32::NAN; m * n] };
                 let yd = gpu.upload(&start).unwrap();
-                gpu.gemm_invariant(xd.ptr, Product { w: wd.ptr, y: yd.ptr, m, n, k }, accumulate, &split, spread).unwrap();
-                assert_product(&format!("gemm {spread:?}"), &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
-                for (index, tile) in GEMM_TILES.iter().enumerate().filter(|(i, _)| gpu.tile_takes(*i, k) && spread != Spread::Auto) {
+                gpu.gemm_invariant(xd.ptr, Product { w: wd.ptr, y: yd.ptr, m, n, k }, accumulate, &split, spread)
+                    .unwrap();
+                assert_product(
+                    &format!("gemm {spread:?}"),
+                    &x,
+                    &w,
+                    &y0,
+                    &read(&gpu, &yd, m * n),
+                    (m, n, k),
+                    accumulate,
+                );
+                for (index, tile) in
+                    GEMM_TILES.iter().enumerate().filter(|(i, _)| gpu.tile_takes(*i, k) && spread != Spread::Auto)
+                {
                     let yd = gpu.upload(&start).unwrap();
-                    gpu.gemm_tiled(index, xd.ptr, Product { w: wd.ptr, y: yd.ptr, m, n, k }, accumulate, &split, spread).unwrap();
-                    assert_product(&format!("{} {spread:?}", tile.name), &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
+                    gpu.gemm_tiled(
+                        index,
+                        xd.ptr,
+                        Product { w: wd.ptr, y: yd.ptr, m, n, k },
+                        accumulate,
+                        &split,
+                        spread,
+                    )
+                    .unwrap();
+                    assert_product(
+                        &format!("{} {spread:?}", tile.name),
+                        &x,
+                        &w,
+                        &y0,
+                        &read(&gpu, &yd, m * n),
+                        (m, n, k),
+                        accumulate,
+                    );
                 }
             }
         }
@@ -75,7 +102,8 @@ fn gemm_rows_do_not_depend_on_the_batch() {
         let run = |rows: &[bf16], count: usize, spread: Spread| {
             let xd = gpu.upload(rows).unwrap();
             let yd = gpu.alloc::<f32>(count * n).unwrap();
-            gpu.gemm_invariant(xd.ptr, Product { w: wd.ptr, y: yd.ptr, m: count, n, k }, false, &split, spread).unwrap();
+            gpu.gemm_invariant(xd.ptr, Product { w: wd.ptr, y: yd.ptr, m: count, n, k }, false, &split, spread)
+                .unwrap();
             read(&gpu, &yd, count * n)
         };
         let batched = run(&x, m, Spread::Registers);
@@ -87,7 +115,8 @@ fn gemm_rows_do_not_depend_on_the_batch() {
         for (index, tile) in GEMM_TILES.iter().enumerate().filter(|(i, _)| gpu.tile_takes(*i, k)) {
             for spread in [Spread::Registers, Spread::Blocks] {
                 let yd = gpu.alloc::<f32>(m * n).unwrap();
-                gpu.gemm_tiled(index, xd.ptr, Product { w: wd.ptr, y: yd.ptr, m, n, k }, false, &split, spread).unwrap();
+                gpu.gemm_tiled(index, xd.ptr, Product { w: wd.ptr, y: yd.ptr, m, n, k }, false, &split, spread)
+                    .unwrap();
                 let same = same_bits(&read(&gpu, &yd, m * n), &batched);
                 assert!(same, "{m}x{n}x{k}: tile {} ({spread:?}) differs from the batch", tile.name);
             }
@@ -95,8 +124,17 @@ fn gemm_rows_do_not_depend_on_the_batch() {
         // And every few-row form that takes these rows.
         for (index, form) in IGEMV_VARIANTS.iter().enumerate().filter(|(i, _)| gpu.igemv_takes(*i, m, k)) {
             let yd = gpu.alloc::<f32>(m * n).unwrap();
-            gpu.igemv_form(index, Product { w: wd.ptr, y: yd.ptr, m, n, k }, GemvArgs { x: xd.ptr, ..GemvArgs::default() }).unwrap();
-            assert!(same_bits(&read(&gpu, &yd, m * n), &batched), "{m}x{n}x{k}: few-row form {} differs from the batch", form.name);
+            gpu.igemv_form(
+                index,
+                Product { w: wd.ptr, y: yd.ptr, m, n, k },
+                GemvArgs { x: xd.ptr, ..GemvArgs::default() },
+            )
+            .unwrap();
+            assert!(
+                same_bits(&read(&gpu, &yd, m * n), &batched),
+                "{m}x{n}x{k}: few-row form {} differs from the batch",
+                form.name
+            );
         }
         for row in [0, m / 2, m - 1] {
             for spread in [Spread::Auto, Spread::Registers, Spread::Blocks] {
@@ -115,7 +153,13 @@ fn gemm_rows_do_not_depend_on_the_batch() {
 fn gemm_speed() {
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(15);
-    let shapes = [(3072usize, 2048usize, "qkv"), (2048, 2048, "o"), (16384, 2048, "gate_up"), (2048, 8192, "down"), (128256, 2048, "lm_head")];
+    let shapes = [
+        (3072usize, 2048usize, "qkv"),
+        (2048, 2048, "o"),
+        (16384, 2048, "gate_up"),
+        (2048, 8192, "down"),
+        (128256, 2048, "lm_head"),
+    ];
     let max_w = shapes.iter().map(|s| s.0 * s.1).max().unwrap();
     let w = gpu.upload(&random_bf16(&mut r, max_w, 0.05)).unwrap();
     let x = gpu.upload(&random_bf16(&mut r, 8192 * 8192, 1.0)).unwrap();
@@ -132,13 +176,19 @@ fn gemm_speed() {
                 continue;
             }
             let time = |f: &dyn Fn()| mean_micros(&gpu, 3, 20, f);
-            let ours = time(&|| gpu.gemm_invariant(x.ptr, Product { w: w.ptr, y: y.ptr, m, n, k }, false, &split, Spread::Auto).unwrap());
+            let ours = time(&|| {
+                gpu.gemm_invariant(x.ptr, Product { w: w.ptr, y: y.ptr, m, n, k }, false, &split, Spread::Auto).unwrap()
+            });
             let cublas = time(&|| gpu.gemm_cublas(x.ptr, Product { w: w.ptr, y: y.ptr, m, n, k }, 0.0).unwrap());
             if m <= 32 {
                 for (index, v) in IGEMV_VARIANTS.iter().enumerate().filter(|(i, _)| gpu.igemv_takes(*i, m, k)) {
                     let args = GemvArgs { x: x.ptr, ..Default::default() };
                     let us = time(&|| gpu.igemv_form(index, Product { w: w.ptr, y: y.ptr, m, n, k }, args).unwrap());
-                    println!("igemv m={m:5} {name:8} {}: {us:8.1} us ({:6.0} GB/s)", v.name, (n * k * 2) as f64 / us / 1e3);
+                    println!(
+                        "igemv m={m:5} {name:8} {}: {us:8.1} us ({:6.0} GB/s)",
+                        v.name,
+                        (n * k * 2) as f64 / us / 1e3
+                    );
                 }
             }
             if m <= 4 {
@@ -150,13 +200,25 @@ fn gemm_speed() {
             if m >= 64 {
                 for (index, tile) in GEMM_TILES.iter().enumerate().filter(|(i, _)| gpu.tile_takes(*i, k)) {
                     for spread in [Spread::Auto, Spread::Registers] {
-                        let us = time(&|| gpu.gemm_tiled(index, x.ptr, Product { w: w.ptr, y: y.ptr, m, n, k }, false, &split, spread).unwrap());
-                        println!("tile m={m:5} {name:8} {} {spread:?}: {us:8.1} us ({:5.0} TFLOP/s)", tile.name, flops / us / 1e6);
+                        let us = time(&|| {
+                            gpu.gemm_tiled(index, x.ptr, Product { w: w.ptr, y: y.ptr, m, n, k }, false, &split, spread)
+                                .unwrap()
+                        });
+                        println!(
+                            "tile m={m:5} {name:8} {} {spread:?}: {us:8.1} us ({:5.0} TFLOP/s)",
+                            tile.name,
+                            flops / us / 1e6
+                        );
                     }
                 }
             }
-            println!("gemm m={m:5} {name:8} {n}x{k}: invariant {ours:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)  cublas {cublas:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)",
-                bytes / ours / 1e3, flops / ours / 1e6, bytes / cublas / 1e3, flops / cublas / 1e6);
+            println!(
+                "gemm m={m:5} {name:8} {n}x{k}: invariant {ours:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)  cublas {cublas:8.1} us ({:6.0} GB/s, {:5.0} TFLOP/s)",
+                bytes / ours / 1e3,
+                flops / ours / 1e6,
+                bytes / cublas / 1e3,
+                flops / cublas / 1e6
+            );
         }
     }
 }

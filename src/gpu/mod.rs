@@ -11,7 +11,7 @@ mod variants;
 pub mod weights;
 
 pub use runner::CudaRunner;
-pub use runtime::{available, GemmKind, Gpu, GpuError};
+pub use runtime::{GemmKind, Gpu, GpuError, available};
 pub use weights::CudaWeights;
 
 #[cfg(test)]

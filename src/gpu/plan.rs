@@ -62,9 +62,22 @@ pub fn write_plan(batch: &FlatBatch, bs: usize, num_blocks: usize, m: &mut Vec<u
 /// each, plans 4 words a token), then the block tables, the scratch block first. Padding
 /// tokens decode token 0 at position 0 into the scratch block. None when a table entry is
 /// released (windowed sequences; they run without graphs).
-pub(super) fn graph_layout(batch: &FlatBatch, padded: usize, bs: usize, num_blocks: usize, m: &mut Vec<u32>) -> Result<Option<PlanOffsets>> {
+pub(super) fn graph_layout(
+    batch: &FlatBatch,
+    padded: usize,
+    bs: usize,
+    num_blocks: usize,
+    m: &mut Vec<u32>,
+) -> Result<Option<PlanOffsets>> {
     let n = batch.tokens.len();
-    let o = PlanOffsets { tokens: 0, positions: padded, slots: 2 * padded, plans: 3 * padded, logit_rows: 7 * padded, tables: 8 * padded };
+    let o = PlanOffsets {
+        tokens: 0,
+        positions: padded,
+        slots: 2 * padded,
+        plans: 3 * padded,
+        logit_rows: 7 * padded,
+        tables: 8 * padded,
+    };
     m.clear();
     m.resize(o.tables, 0);
     m.push(num_blocks as u32); // the scratch block

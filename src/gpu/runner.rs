@@ -12,8 +12,8 @@ use half::{bf16, f16};
 use super::plan::{graph_layout, write_plan};
 use super::runtime::{Buf, GemvArgs, Gpu, GpuError, Product, Result};
 use super::weights::CudaWeights;
-use crate::backend::{push_f16_bytes, read_f16_bytes, BlockId, BlockStore, FlatBatch, RowOutput};
 use crate::backend::RowChoice;
+use crate::backend::{BlockId, BlockStore, FlatBatch, RowOutput, push_f16_bytes, read_f16_bytes};
 use crate::launch;
 use crate::model::config::RopeStyle;
 
@@ -98,7 +98,18 @@ impl WorkspaceSizes {
         // bf16: h, attn, act; u64: argmax_parts; 4-byte elements otherwise.
         2 * (self.h + self.attn + self.act)
             + 8 * self.argmax_parts
-            + 4 * (self.x + self.qkv + self.q + self.gate_up + self.logits + self.chosen + self.draws + self.attn_partial + self.attn_counters + self.argmax_counters + self.split + self.meta)
+            + 4 * (self.x
+                + self.qkv
+                + self.q
+                + self.gate_up
+                + self.logits
+                + self.chosen
+                + self.draws
+                + self.attn_partial
+                + self.attn_counters
+                + self.argmax_counters
+                + self.split
+                + self.meta)
     }
 }
 
@@ -142,7 +153,13 @@ pub(super) fn draw_words(draws: &[RowChoice], rows: usize) -> (Vec<u32>, bool) {
         if let RowChoice::Random { params, uniform } = draw {
             random = true;
             let top_k = u32::try_from(params.top_k).unwrap_or(u32::MAX).min(i32::MAX as u32);
-            row[..5].copy_from_slice(&[params.temperature.to_bits(), top_k, params.top_p.to_bits(), params.min_p.to_bits(), uniform.to_bits()]);
+            row[..5].copy_from_slice(&[
+                params.temperature.to_bits(),
+                top_k,
+                params.top_p.to_bits(),
+                params.min_p.to_bits(),
+                uniform.to_bits(),
+            ]);
         }
     }
     (words, random)
@@ -253,14 +270,23 @@ impl CudaRunner {
         WorkspaceSizes::new(weights, tokens, rows).bytes()
     }
 
-    pub fn new(weights: Arc<CudaWeights>, num_blocks: usize, block_size: usize, tokens: usize, rows: usize) -> Result<Self> {
+    pub fn new(
+        weights: Arc<CudaWeights>,
+        num_blocks: usize,
+        block_size: usize,
+        tokens: usize,
+        rows: usize,
+    ) -> Result<Self> {
         let gpu = Arc::clone(&weights.gpu);
         let c = &weights.config;
         if !matches!(c.head_dim, 64 | 128) {
             return Err(GpuError(format!("head dimension {} (the CUDA attention kernels take 64 or 128)", c.head_dim)));
         }
         if c.n_head / c.n_kv_head > 8 {
-            return Err(GpuError(format!("{} query heads per KV head (the CUDA attention kernels take up to 8)", c.n_head / c.n_kv_head)));
+            return Err(GpuError(format!(
+                "{} query heads per KV head (the CUDA attention kernels take up to 8)",
+                c.n_head / c.n_kv_head
+            )));
         }
         let cache = (num_blocks + 1) * block_size * c.n_kv_head * c.head_dim;
         let mut k = Vec::with_capacity(c.n_layer);
@@ -293,7 +319,18 @@ impl CudaRunner {
         let largest = GRAPH_BATCHES.iter().copied().filter(|&b| b <= tokens && b <= rows).max().unwrap_or(0);
         let graph_meta = gpu.alloc(8 * largest + 1 + largest * c.context_length.div_ceil(block_size))?;
         let use_graphs = std::env::var_os("BRAID_CUDA_GRAPHS").is_none_or(|v| v != "0");
-        Ok(Self { weights, k, v, block_size, num_blocks, ws, host_meta: Vec::new(), graphs: Default::default(), graph_meta, use_graphs })
+        Ok(Self {
+            weights,
+            k,
+            v,
+            block_size,
+            num_blocks,
+            ws,
+            host_meta: Vec::new(),
+            graphs: Default::default(),
+            graph_meta,
+            use_graphs,
+        })
     }
 
     /// One forward pass. With `draws` (one per logits row), each row's token and its
@@ -304,7 +341,10 @@ impl CudaRunner {
         let n = batch.tokens.len();
         let rows = batch.logit_rows.len();
         if n > self.ws.tokens || rows > self.ws.rows {
-            return Err(GpuError(format!("a step of {n} tokens and {rows} logits rows exceeds the workspace ({} / {})", self.ws.tokens, self.ws.rows)));
+            return Err(GpuError(format!(
+                "a step of {n} tokens and {rows} logits rows exceeds the workspace ({} / {})",
+                self.ws.tokens, self.ws.rows
+            )));
         }
         if let Some(&p) = batch.positions.iter().max()
             && p as usize >= w.positions
@@ -328,7 +368,14 @@ impl CudaRunner {
             None => false,
         };
         let at = |x: usize| self.ws.meta.at(x);
-        let ptrs = PlanPointers { tokens: at(0), positions: at(o[1]), slots: at(o[2]), plans: at(o[3]), tables: at(o[4]), logit_rows: at(o[5]) };
+        let ptrs = PlanPointers {
+            tokens: at(0),
+            positions: at(o[1]),
+            slots: at(o[2]),
+            plans: at(o[3]),
+            tables: at(o[4]),
+            logit_rows: at(o[5]),
+        };
         let choose = Choose::from(draws.is_some(), random);
         self.launch_forward(n, rows, ptrs, choose, decode_only && batch.logit_rows.iter().copied().eq(0..n))?;
         self.read_output(rows, rows, draws)
@@ -338,7 +385,9 @@ impl CudaRunner {
     /// None when the step does not fit a graph (the caller runs it directly).
     fn forward_graph(&mut self, batch: &FlatBatch, draws: &[RowChoice]) -> Result<Option<Vec<RowOutput>>> {
         let n = batch.tokens.len();
-        let Some(&padded) = GRAPH_BATCHES.iter().find(|&&b| b >= n && b <= self.ws.tokens && b <= self.ws.rows) else { return Ok(None) };
+        let Some(&padded) = GRAPH_BATCHES.iter().find(|&&b| b >= n && b <= self.ws.tokens && b <= self.ws.rows) else {
+            return Ok(None);
+        };
         self.replay(batch, padded, draws)
     }
 
@@ -358,7 +407,9 @@ impl CudaRunner {
     /// `batch`'s decode step padded to `padded` tokens through that size's graph.
     fn replay(&mut self, batch: &FlatBatch, padded: usize, draws: &[RowChoice]) -> Result<Option<Vec<RowOutput>>> {
         let n = batch.tokens.len();
-        let Some(o) = graph_layout(batch, padded, self.block_size, self.num_blocks, &mut self.host_meta)? else { return Ok(None) };
+        let Some(o) = graph_layout(batch, padded, self.block_size, self.num_blocks, &mut self.host_meta)? else {
+            return Ok(None);
+        };
         if self.host_meta.len() > self.graph_meta.len {
             return Ok(None);
         }
@@ -383,7 +434,11 @@ impl CudaRunner {
                     self.graphs.insert((padded, random), DecodeGraph(graph));
                 }
                 (launched, captured) => {
-                    tracing::warn!("CUDA graph capture failed ({:?} / {:?}): decode steps run without graphs", launched.err(), captured.err());
+                    tracing::warn!(
+                        "CUDA graph capture failed ({:?} / {:?}): decode steps run without graphs",
+                        launched.err(),
+                        captured.err()
+                    );
                     self.use_graphs = false;
                     return Ok(None);
                 }
@@ -444,7 +499,8 @@ impl CudaRunner {
         let n32 = n as u32;
         gpu.begin_step(n);
         launch!(gpu, &gpu.k.embed_rows, (n32, 1, 1), 256; w.embeddings.ptr, p.tokens, ws.x.ptr, h as i32)?;
-        let (attention, attention_threads, splits) = gpu.attention_plan(c.head_dim, c.n_head / c.n_kv_head, n * c.n_kv_head);
+        let (attention, attention_threads, splits) =
+            gpu.attention_plan(c.head_dim, c.n_head / c.n_kv_head, n * c.n_kv_head);
         let partial = if splits > 1 { ws.attn_partial.ptr } else { 0 };
         // Decode of a few sequences: rope with the K/V write and SwiGLU run inside the products
         // next to them, and in the default mode the norms too (kernels/gemv.cuh, igemv.cuh).
@@ -452,7 +508,12 @@ impl CudaRunner {
         let norm_inside = gpu.norm_inside(n, h);
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let neox = i32::from(c.rope_style == RopeStyle::Neox);
-        let norm_apart = |norm_w: u64| rms_norm(gpu, RmsNorm { x: ws.x.ptr, rows: 0, w: norm_w, out: ws.h.ptr, count: n, hidden: h, eps: c.rms_eps });
+        let norm_apart = |norm_w: u64| {
+            rms_norm(
+                gpu,
+                RmsNorm { x: ws.x.ptr, rows: 0, w: norm_w, out: ws.h.ptr, count: n, hidden: h, eps: c.rms_eps },
+            )
+        };
         // A product of this step's `n` rows.
         let product = |weights: u64, y: u64, out: usize, k: usize| Product { w: weights, y, m: n, n: out, k };
         for (l, layer) in w.layers.iter().enumerate() {
@@ -483,7 +544,12 @@ impl CudaRunner {
                 gpu.gemv_qkv(product(layer.qkv.ptr, 0, q + 2 * kv, h), rope)?;
             } else {
                 if norm_inside {
-                    gpu.gemv_norm(ws.x.ptr, layer.attn_norm.ptr, c.rms_eps, product(layer.qkv.ptr, ws.qkv.ptr, q + 2 * kv, h))?;
+                    gpu.gemv_norm(
+                        ws.x.ptr,
+                        layer.attn_norm.ptr,
+                        c.rms_eps,
+                        product(layer.qkv.ptr, ws.qkv.ptr, q + 2 * kv, h),
+                    )?;
                 } else {
                     norm_apart(layer.attn_norm.ptr)?;
                     gpu.gemm(ws.h.ptr, product(layer.qkv.ptr, ws.qkv.ptr, q + 2 * kv, h), false, &ws.split)?;
@@ -497,7 +563,12 @@ impl CudaRunner {
                 c.n_head as i32, c.n_kv_head as i32, self.block_size as i32, scale, partial, ws.attn_counters.ptr)?;
             gpu.gemm(ws.attn.ptr, product(layer.o.ptr, ws.x.ptr, h, q), true, &ws.split)?;
             if norm_inside {
-                gpu.gemv_norm_swiglu(ws.x.ptr, layer.ffn_norm.ptr, c.rms_eps, product(layer.gate_up.ptr, ws.act.ptr, 2 * ffn, h))?;
+                gpu.gemv_norm_swiglu(
+                    ws.x.ptr,
+                    layer.ffn_norm.ptr,
+                    c.rms_eps,
+                    product(layer.gate_up.ptr, ws.act.ptr, 2 * ffn, h),
+                )?;
             } else if fuse {
                 norm_apart(layer.ffn_norm.ptr)?;
                 gpu.gemv_swiglu(ws.h.ptr, product(layer.gate_up.ptr, ws.act.ptr, 2 * ffn, h))?;
@@ -518,9 +589,25 @@ impl CudaRunner {
         let vocab = w.vocab_size;
         if norm_inside && rows == n && decode {
             // Every token is a logits row, in order: the final norm goes inside the product.
-            gpu.gemv_norm(ws.x.ptr, w.output_norm.ptr, c.rms_eps, Product { w: output.ptr, y: ws.logits.ptr, m: rows, n: vocab, k: h })?;
+            gpu.gemv_norm(
+                ws.x.ptr,
+                w.output_norm.ptr,
+                c.rms_eps,
+                Product { w: output.ptr, y: ws.logits.ptr, m: rows, n: vocab, k: h },
+            )?;
         } else {
-            rms_norm(gpu, RmsNorm { x: ws.x.ptr, rows: p.logit_rows, w: w.output_norm.ptr, out: ws.h.ptr, count: rows, hidden: h, eps: c.rms_eps })?;
+            rms_norm(
+                gpu,
+                RmsNorm {
+                    x: ws.x.ptr,
+                    rows: p.logit_rows,
+                    w: w.output_norm.ptr,
+                    out: ws.h.ptr,
+                    count: rows,
+                    hidden: h,
+                    eps: c.rms_eps,
+                },
+            )?;
             gpu.gemm(ws.h.ptr, Product { w: output.ptr, y: ws.logits.ptr, m: rows, n: vocab, k: h }, false, &ws.split)?;
         }
         if choose != Choose::Logits {

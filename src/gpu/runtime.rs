@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
-use super::variants::{allow_shared_memory, AttentionKind, GEMM_TILES, IGEMV_VARIANTS};
+use super::variants::{AttentionKind, GEMM_TILES, IGEMV_VARIANTS, allow_shared_memory};
 
 static KERNELS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
@@ -199,7 +199,8 @@ pub fn available() -> bool {
     // cudarc panics when it cannot open the driver library: silence that report here.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let found = std::panic::catch_unwind(|| CudaContext::device_count().map(|n| n > 0).unwrap_or(false)).unwrap_or(false);
+    let found =
+        std::panic::catch_unwind(|| CudaContext::device_count().map(|n| n > 0).unwrap_or(false)).unwrap_or(false);
     std::panic::set_hook(hook);
     found
 }
@@ -228,7 +229,11 @@ impl Gpu {
             rope_and_cache: f("rope_and_cache")?,
             paged_attention: [64, 128]
                 .into_iter()
-                .flat_map(|d| AttentionKind::ALL.into_iter().flat_map(move |kind| [4, 8].map(|g| format!("paged_attention_d{d}_{}_g{g}", kind.name()))))
+                .flat_map(|d| {
+                    AttentionKind::ALL
+                        .into_iter()
+                        .flat_map(move |kind| [4, 8].map(|g| format!("paged_attention_d{d}_{}_g{g}", kind.name())))
+                })
                 .map(|name| f(&name))
                 .collect::<std::result::Result<_, _>>()?,
             silu_mul_bf16: f("silu_mul_bf16")?,
@@ -241,13 +246,19 @@ impl Gpu {
             gemv_split: [f("gemv_split_m1")?, f("gemv_split_m2")?, f("gemv_split_m3")?, f("gemv_split_m4")?],
         };
         // What a block may ask for beyond its static shared memory (igemv's: under 1 KiB).
-        let shared_limit = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize - 1024;
-        let capability = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        let minor = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let shared_limit = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as usize
+            - 1024;
+        let capability =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         // sm_90a machine code runs on compute capability 9.0 alone; elsewhere the driver takes
         // the PTX, whose wgmma kernels are empty.
-        let wgmma_enabled =
-            (capability, minor) == (9, 0) && env!("BRAID_CUDA_MACHINE_CODE") == "sm_90a" && std::env::var_os("BRAID_WGMMA").is_none_or(|v| v != "0");
+        let wgmma_enabled = (capability, minor) == (9, 0)
+            && env!("BRAID_CUDA_MACHINE_CODE") == "sm_90a"
+            && std::env::var_os("BRAID_WGMMA").is_none_or(|v| v != "0");
         allow_shared_memory(&k.gemm_tiles, &k.igemv, shared_limit, wgmma_enabled)?;
         let blas = CudaBlas::new(stream.clone())?;
         // A workspace of its own, so cuBLAS allocates nothing while a graph is captured.
@@ -259,10 +270,15 @@ impl Gpu {
             unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, CUBLAS_WORKSPACE) }.result()?;
             slice
         };
-        let multiprocessors = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let multiprocessors =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let attention_max_splits = match std::env::var("BRAID_ATTENTION_SPLITS") {
             Err(_) => ATTENTION_MAX_SPLITS,
-            Ok(v) => v.parse().ok().filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n)).ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
+            Ok(v) => v
+                .parse()
+                .ok()
+                .filter(|n| (1..=ATTENTION_MAX_SPLITS).contains(n))
+                .ok_or_else(|| GpuError(format!("BRAID_ATTENTION_SPLITS={v}: give 1 to {ATTENTION_MAX_SPLITS}")))?,
         };
         // Default mode: on for every step (BRAID_PDL=0 turns it off). The batch-invariant mode:
         // on for steps of up to PDL_INVARIANT_TOKENS (the few-row products' 8-row forms), where
@@ -277,7 +293,23 @@ impl Gpu {
         };
         let capability_major = capability as u32;
         let gemv_split = std::env::var_os("BRAID_GEMV_SPLIT").is_none_or(|v| v != "0");
-        Ok(Self { ctx, stream, blas, _cublas_workspace: workspace, k, gemm_kind, multiprocessors, attention_max_splits, programmatic_launch, programmatic_step_tokens, step_programmatic: true.into(), gemv_split, capability_major, wgmma_enabled, shared_limit })
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            _cublas_workspace: workspace,
+            k,
+            gemm_kind,
+            multiprocessors,
+            attention_max_splits,
+            programmatic_launch,
+            programmatic_step_tokens,
+            step_programmatic: true.into(),
+            gemv_split,
+            capability_major,
+            wgmma_enabled,
+            shared_limit,
+        })
     }
 
     /// Starts a step of `tokens` tokens: its kernels launch programmatically dependent where
@@ -462,11 +494,12 @@ impl Gpu {
         }
         let plain = args.norm_w == 0 && args.q_out == 0 && args.act_out == 0;
         // A block per 8 rows leaves a narrow output (o, down: 2048 rows) too few loads in flight.
-        let (f, rows_per_block) = if plain && self.gemv_split && n.div_ceil(GEMV_ROWS_PER_BLOCK) < 4 * self.multiprocessors {
-            (&self.k.gemv_split[m - 1], GEMV_SPLIT_ROWS_PER_BLOCK)
-        } else {
-            (&self.k.gemv[m - 1], GEMV_ROWS_PER_BLOCK)
-        };
+        let (f, rows_per_block) =
+            if plain && self.gemv_split && n.div_ceil(GEMV_ROWS_PER_BLOCK) < 4 * self.multiprocessors {
+                (&self.k.gemv_split[m - 1], GEMV_SPLIT_ROWS_PER_BLOCK)
+            } else {
+                (&self.k.gemv[m - 1], GEMV_ROWS_PER_BLOCK)
+            };
         let grid = (n.div_ceil(rows_per_block) as u32, 1, 1);
         crate::launch!(self, f, grid, 128; w, y, n as i32, k as i32, args)
     }
@@ -474,9 +507,20 @@ impl Gpu {
     /// Each row's random draw (kernels/sample.cuh) over `rows` logits rows, after the argmax
     /// has filled `ids` and `logprobs`. A row's blocks form one cluster (compute capability
     /// 9.0): as many as leave every row a share of the multiprocessors, up to 8.
-    pub fn sample_rows(&self, logits: u64, vocab: usize, draws: u64, ids: u64, logprobs: u64, rows: usize) -> Result<()> {
+    pub fn sample_rows(
+        &self,
+        logits: u64,
+        vocab: usize,
+        draws: u64,
+        ids: u64,
+        logprobs: u64,
+        rows: usize,
+    ) -> Result<()> {
         let (variant, cluster) = if self.capability_major >= 9 {
-            [(3, 8u32), (2, 4), (1, 2), (0, 1)].into_iter().find(|&(_, c)| c as usize * rows <= self.multiprocessors).unwrap_or((0, 1))
+            [(3, 8u32), (2, 4), (1, 2), (0, 1)]
+                .into_iter()
+                .find(|&(_, c)| c as usize * rows <= self.multiprocessors)
+                .unwrap_or((0, 1))
         } else {
             (0, 1)
         };
@@ -551,7 +595,14 @@ impl Gpu {
     /// # Safety
     /// `params` holds the addresses of `f`'s arguments, in its signature's order and types,
     /// and the buffers they address outlive the launch.
-    pub unsafe fn launch_raw(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, shared_bytes: u32, params: &mut [*mut std::ffi::c_void]) -> Result<()> {
+    pub unsafe fn launch_raw(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: u32,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
         use cudarc::driver::sys;
         self.ctx.bind_to_thread()?;
         let mut attrs = [sys::CUlaunchAttribute {
@@ -569,11 +620,14 @@ impl Gpu {
             sharedMemBytes: shared_bytes,
             hStream: self.stream.cu_stream(),
             attrs: attrs.as_mut_ptr(),
-            numAttrs: u32::from(self.programmatic_launch && self.step_programmatic.load(std::sync::atomic::Ordering::Relaxed)),
+            numAttrs: u32::from(
+                self.programmatic_launch && self.step_programmatic.load(std::sync::atomic::Ordering::Relaxed),
+            ),
         };
         // SAFETY: the config and attributes live across the call; the caller vouches for the
         // arguments.
-        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()?;
         Ok(())
     }
 }

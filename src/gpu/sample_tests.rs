@@ -7,8 +7,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::runtime::available;
 use super::tests::{gpu, read};
-use crate::launch;
 use crate::backend::FlatBatch;
+use crate::launch;
 
 /// Random draws on the device pick draw.rs's token for the same logits, parameters and
 /// uniform number (the same integers on both sides), and greedy rows keep the argmax: rows of
@@ -16,15 +16,17 @@ use crate::backend::FlatBatch;
 #[test]
 fn sample_rows_match_the_cpu_draw() {
     use crate::backend::DrawParams;
-    use crate::cpu::draw::draw;
     use crate::backend::RowChoice;
+    use crate::cpu::draw::draw;
     use crate::cpu::row::{argmax, log_sum_exp};
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(29);
     let mut drawn = 0;
     let mut failures = Vec::new();
     // Row counts that give the rows clusters of 8, 4, 2 and 1 blocks (on 132 multiprocessors).
-    for (vocab, rows) in [(1usize, 24usize), (7, 150), (1000, 24), (1000, 60), (4099, 1), (4099, 3), (49_157, 24), (49_157, 150)] {
+    for (vocab, rows) in
+        [(1usize, 24usize), (7, 150), (1000, 24), (1000, 60), (4099, 1), (4099, 3), (49_157, 24), (49_157, 150)]
+    {
         let mut logits = Vec::with_capacity(rows * vocab);
         for row in 0..rows {
             let step = [0.5f32, 1e-3][row % 2];
@@ -82,9 +84,9 @@ fn sample_rows_match_the_cpu_draw() {
 /// (a draw keeping only the top token), and the host row's logits are whole.
 #[test]
 fn a_step_mixes_device_choices_and_host_rows() {
-    use crate::backend::RowOutput;
     use crate::backend::DrawParams;
     use crate::backend::RowChoice;
+    use crate::backend::RowOutput;
     use crate::cpu::row::argmax;
     if !available() {
         eprintln!("no CUDA device: skipped");
@@ -103,7 +105,9 @@ fn a_step_mixes_device_choices_and_host_rows() {
     let choices = [RowChoice::Greedy, RowChoice::Host, RowChoice::Random { params: top_one, uniform: 0.5 }];
     let out = runner.forward(&batch, Some(&choices)).unwrap();
     assert_eq!(out.len(), 3);
-    let (RowOutput::Chosen(greedy, _), RowOutput::Logits(row), RowOutput::Chosen(drawn, _)) = (&out[0], &out[1], &out[2]) else {
+    let (RowOutput::Chosen(greedy, _), RowOutput::Logits(row), RowOutput::Chosen(drawn, _)) =
+        (&out[0], &out[1], &out[2])
+    else {
         panic!("the device chooses rows 0 and 2 and returns row 1's logits");
     };
     assert_eq!(row.len(), weights.vocab_size);
@@ -117,7 +121,9 @@ fn a_step_mixes_device_choices_and_host_rows() {
     }
     let choices = [RowChoice::Random { params: top_one, uniform: 0.9 }, RowChoice::Greedy, RowChoice::Host];
     let out = runner.forward(&batch, Some(&choices)).unwrap();
-    let (RowOutput::Chosen(drawn, _), RowOutput::Chosen(greedy, _), RowOutput::Logits(row)) = (&out[0], &out[1], &out[2]) else {
+    let (RowOutput::Chosen(drawn, _), RowOutput::Chosen(greedy, _), RowOutput::Logits(row)) =
+        (&out[0], &out[1], &out[2])
+    else {
         panic!("the device chooses rows 0 and 1 and returns row 2's logits");
     };
     assert_eq!(argmax(row), *greedy);

@@ -5,8 +5,8 @@ use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::runner::{rms_norm, RmsNorm};
-use super::runtime::{available, Buf, GemmKind, Gpu, Product, Spread};
+use super::runner::{RmsNorm, rms_norm};
+use super::runtime::{Buf, GemmKind, Gpu, Product, Spread, available};
 use crate::launch;
 
 pub(super) fn gpu() -> Option<Gpu> {
@@ -72,13 +72,24 @@ pub(super) fn mean_micros(gpu: &Gpu, warmup: usize, reps: usize, f: &dyn Fn()) -
 
 /// Checks `y` (`[m, n]`) against the f64 product of the same bf16 operands (+ `y0` when
 /// accumulating): f32 sums of k products stay within ~1e-5·sqrt(k).
-pub(super) fn assert_product(label: &str, x: &[bf16], w: &[bf16], y0: &[f32], y: &[f32], (m, n, k): (usize, usize, usize), accumulate: bool) {
+pub(super) fn assert_product(
+    label: &str,
+    x: &[bf16],
+    w: &[bf16],
+    y0: &[f32],
+    y: &[f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
     for row in 0..m {
         for col in 0..n {
             let dot: f64 = (0..k).map(|i| x[row * k + i].to_f64() * w[col * k + i].to_f64()).sum();
             let want = dot + if accumulate { y0[row * n + col] as f64 } else { 0.0 };
             let got = y[row * n + col] as f64;
-            assert!((got - want).abs() <= 1e-5 * (k as f64).sqrt() * 2.0 + 1e-6 * want.abs(), "{label} {m}x{n}x{k} acc {accumulate} ({row},{col}): {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-5 * (k as f64).sqrt() * 2.0 + 1e-6 * want.abs(),
+                "{label} {m}x{n}x{k} acc {accumulate} ({row},{col}): {got} vs {want}"
+            );
         }
     }
 }
@@ -100,7 +111,15 @@ fn gemv_matches_the_reference_product() {
                 for accumulate in [false, true] {
                     let yd = gpu.upload(&if accumulate { y0.clone() } else { vec![f32::NAN; m * n] }).unwrap();
                     gpu.gemv(xd.ptr, Product { w: wd.ptr, y: yd.ptr, m, n, k }, accumulate).unwrap();
-                    assert_product(if split { "gemv split" } else { "gemv" }, &x, &w, &y0, &read(&gpu, &yd, m * n), (m, n, k), accumulate);
+                    assert_product(
+                        if split { "gemv split" } else { "gemv" },
+                        &x,
+                        &w,
+                        &y0,
+                        &read(&gpu, &yd, m * n),
+                        (m, n, k),
+                        accumulate,
+                    );
                 }
             }
         }
@@ -128,7 +147,10 @@ fn gemv_with_the_norm_inside_matches_the_cpu() {
                     let want: f64 = (0..k).map(|i| bf16::from_f32(h[i]).to_f64() * w[col * k + i].to_f64()).sum();
                     let got = y[row * n + col] as f64;
                     // One bf16 step of an input can differ (the sums of squares run in another order).
-                    assert!((got - want).abs() <= 2e-2 * (k as f64).sqrt() / 16.0 + 1e-3 * want.abs(), "gemv_norm {m}x{n}x{k} ({row},{col}): {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 2e-2 * (k as f64).sqrt() / 16.0 + 1e-3 * want.abs(),
+                        "gemv_norm {m}x{n}x{k} ({row},{col}): {got} vs {want}"
+                    );
                 }
             }
         }
@@ -146,7 +168,12 @@ fn dependent_launches_see_their_predecessors_results() {
     let Some(mut gpu) = gpu() else { return };
     let supported = gpu.supports_programmatic_launch();
     let mut r = ChaCha8Rng::seed_from_u64(23);
-    for (kind, m, k) in [(GemmKind::Cublas, 1usize, 2048usize), (GemmKind::Cublas, 3, 1032), (GemmKind::BatchInvariant, 1, 2048), (GemmKind::BatchInvariant, 5, 1024)] {
+    for (kind, m, k) in [
+        (GemmKind::Cublas, 1usize, 2048usize),
+        (GemmKind::Cublas, 3, 1032),
+        (GemmKind::BatchInvariant, 1, 2048),
+        (GemmKind::BatchInvariant, 5, 1024),
+    ] {
         gpu.gemm_kind = kind;
         let x: Vec<f32> = (0..m * k).map(|_| r.random_range(-3.0f32..3.0)).collect();
         let nw: Vec<f32> = (0..k).map(|_| r.random_range(0.5f32..1.5)).collect();
@@ -160,10 +187,23 @@ fn dependent_launches_see_their_predecessors_results() {
             for step in 0..41 {
                 let (from, to) = (&bufs[step % 2], &bufs[1 - step % 2]);
                 match kind {
-                    GemmKind::Cublas => gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, Product { w: wd.ptr, y: to.ptr, m, n: k, k }).unwrap(),
+                    GemmKind::Cublas => {
+                        gpu.gemv_norm(from.ptr, nd.ptr, 1e-5, Product { w: wd.ptr, y: to.ptr, m, n: k, k }).unwrap()
+                    }
                     GemmKind::BatchInvariant => {
-                        rms_norm(&gpu, RmsNorm { x: from.ptr, rows: 0, w: nd.ptr, out: h.ptr, count: m, hidden: k, eps: 1e-5 }).unwrap();
-                        gpu.gemm_invariant(h.ptr, Product { w: wd.ptr, y: to.ptr, m, n: k, k }, false, &split, Spread::Auto).unwrap();
+                        rms_norm(
+                            &gpu,
+                            RmsNorm { x: from.ptr, rows: 0, w: nd.ptr, out: h.ptr, count: m, hidden: k, eps: 1e-5 },
+                        )
+                        .unwrap();
+                        gpu.gemm_invariant(
+                            h.ptr,
+                            Product { w: wd.ptr, y: to.ptr, m, n: k, k },
+                            false,
+                            &split,
+                            Spread::Auto,
+                        )
+                        .unwrap();
                     }
                 }
             }
@@ -216,7 +256,11 @@ fn gemv_swiglu_equals_the_product_then_silu() {
     let Some(mut gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(20);
     // The last: a gate/up product wide enough for the invariant mode's wide forms.
-    for (kind, hidden, ffn) in [(GemmKind::Cublas, 192usize, 301usize), (GemmKind::BatchInvariant, 192, 301), (GemmKind::BatchInvariant, 512, 4100)] {
+    for (kind, hidden, ffn) in [
+        (GemmKind::Cublas, 192usize, 301usize),
+        (GemmKind::BatchInvariant, 192, 301),
+        (GemmKind::BatchInvariant, 512, 4100),
+    ] {
         gpu.gemm_kind = kind;
         for m in fused_rows(kind) {
             let x: Vec<f32> = (0..m * hidden).map(|_| r.random_range(-3.0f32..3.0)).collect();
@@ -225,7 +269,14 @@ fn gemv_swiglu_equals_the_product_then_silu() {
             let (xd, nd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&nw).unwrap(), gpu.upload(&w).unwrap());
             let fused = gpu.alloc::<bf16>(m * ffn).unwrap();
             match kind {
-                GemmKind::Cublas => gpu.gemv_norm_swiglu(xd.ptr, nd.ptr, 1e-5, Product { w: wd.ptr, y: fused.ptr, m, n: 2 * ffn, k: hidden }).unwrap(),
+                GemmKind::Cublas => gpu
+                    .gemv_norm_swiglu(
+                        xd.ptr,
+                        nd.ptr,
+                        1e-5,
+                        Product { w: wd.ptr, y: fused.ptr, m, n: 2 * ffn, k: hidden },
+                    )
+                    .unwrap(),
                 GemmKind::BatchInvariant => {
                     let h = normed_rows(&gpu, xd.ptr, nd.ptr, m, hidden);
                     gpu.gemv_swiglu(h.ptr, Product { w: wd.ptr, y: fused.ptr, m, n: 2 * ffn, k: hidden }).unwrap();
@@ -252,7 +303,12 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
     let n = q + 2 * kv;
     let slots_total = 512usize;
     // The few-row product takes any k that is a multiple of 8, the invariant one of 32.
-    for (kind, hidden, rope_dim) in [(GemmKind::Cublas, 200usize, 64usize), (GemmKind::Cublas, 200, 32), (GemmKind::BatchInvariant, 224, 64), (GemmKind::BatchInvariant, 224, 32)] {
+    for (kind, hidden, rope_dim) in [
+        (GemmKind::Cublas, 200usize, 64usize),
+        (GemmKind::Cublas, 200, 32),
+        (GemmKind::BatchInvariant, 224, 64),
+        (GemmKind::BatchInvariant, 224, 32),
+    ] {
         gpu.gemm_kind = kind;
         for with_bias in [false, true] {
             for m in fused_rows(kind) {
@@ -265,7 +321,8 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                 let positions: Vec<u32> = (0..m).map(|_| r.random_range(0..positions_max as u32)).collect();
                 let slots: Vec<u32> = (0..m as u32).map(|j| 7 + 13 * j).collect();
                 let up = |v: &[f32]| gpu.upload(v).unwrap();
-                let (xd, nd, wd, bd, cd, sd) = (up(&x), up(&nw), gpu.upload(&w).unwrap(), up(&bias), up(&cos), up(&sin));
+                let (xd, nd, wd, bd, cd, sd) =
+                    (up(&x), up(&nw), gpu.upload(&w).unwrap(), up(&bias), up(&cos), up(&sin));
                 let (pd, sld) = (gpu.upload(&positions).unwrap(), gpu.upload(&slots).unwrap());
                 let run = |fused: bool| {
                     let zeros = vec![f16::ZERO; slots_total * kv];
@@ -275,16 +332,30 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                     if fused {
                         let h; // the normalised rows the invariant mode's product takes
                         let input = match kind {
-                            GemmKind::Cublas => super::runtime::GemvArgs { residual: xd.ptr, norm_w: nd.ptr, eps: 1e-5, ..Default::default() },
+                            GemmKind::Cublas => super::runtime::GemvArgs {
+                                residual: xd.ptr,
+                                norm_w: nd.ptr,
+                                eps: 1e-5,
+                                ..Default::default()
+                            },
                             GemmKind::BatchInvariant => {
                                 h = normed_rows(&gpu, xd.ptr, nd.ptr, m, hidden);
                                 super::runtime::GemvArgs { x: h.ptr, ..Default::default() }
                             }
                         };
                         let args = super::runtime::GemvArgs {
-                            positions: pd.ptr, slots: sld.ptr,
-                            cos_table: cd.ptr, sin_table: sd.ptr, bias: b, q_out: qd.ptr, k_cache: kd.ptr, v_cache: vd.ptr,
-                            n_head: n_head as i32, n_kv_head: n_kv_head as i32, head_dim: head_dim as i32, rope_dim: rope_dim as i32,
+                            positions: pd.ptr,
+                            slots: sld.ptr,
+                            cos_table: cd.ptr,
+                            sin_table: sd.ptr,
+                            bias: b,
+                            q_out: qd.ptr,
+                            k_cache: kd.ptr,
+                            v_cache: vd.ptr,
+                            n_head: n_head as i32,
+                            n_kv_head: n_kv_head as i32,
+                            head_dim: head_dim as i32,
+                            rope_dim: rope_dim as i32,
                             ..input
                         };
                         gpu.gemv_qkv(Product { w: wd.ptr, y: 0, m, n, k: hidden }, args).unwrap();
@@ -293,7 +364,8 @@ fn gemv_qkv_equals_the_product_then_rope_and_cache() {
                         normed_product_apart(&gpu, xd.ptr, nd.ptr, Product { w: wd.ptr, y: qkv.ptr, m, n, k: hidden });
                         launch!(&gpu, &gpu.k.rope_and_cache, (m as u32, 1, 1), 256;
                             qkv.ptr, b, pd.ptr, sld.ptr, cd.ptr, sd.ptr, qd.ptr, kd.ptr, vd.ptr,
-                            n_head as i32, n_kv_head as i32, head_dim as i32, rope_dim as i32, 0i32).unwrap();
+                            n_head as i32, n_kv_head as i32, head_dim as i32, rope_dim as i32, 0i32)
+                        .unwrap();
                     }
                     (read(&gpu, &qd, m * q), read(&gpu, &kd, slots_total * kv), read(&gpu, &vd, slots_total * kv))
                 };
@@ -387,11 +459,13 @@ fn rope_and_cache_matches_the_cpu() {
             let neox = i32::from(style == RopeStyle::Neox);
             launch!(&gpu, &gpu.k.rope_and_cache, (tokens as u32, 1, 1), 256;
                 qd.ptr, bd.ptr, pd.ptr, sld.ptr, cd.ptr, sd.ptr, q_out.ptr, kd.ptr, vd.ptr,
-                7i32, 1i32, 128i32, rope_dim as i32, neox).unwrap();
+                7i32, 1i32, 128i32, rope_dim as i32, neox)
+            .unwrap();
             let (gq, gk, gv) = (read(&gpu, &q_out, tokens * q), read(&gpu, &kd, 16 * kv), read(&gpu, &vd, 16 * kv));
             let half = rope_dim / 2;
             for t in 0..tokens {
-                let row: Vec<f32> = qkv[t * (q + 2 * kv)..(t + 1) * (q + 2 * kv)].iter().zip(&bias).map(|(a, b)| a + b).collect();
+                let row: Vec<f32> =
+                    qkv[t * (q + 2 * kv)..(t + 1) * (q + 2 * kv)].iter().zip(&bias).map(|(a, b)| a + b).collect();
                 let p = positions[t] as usize;
                 let (ct, st) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
                 let (mut wq, mut wk) = (row[..q].to_vec(), row[q..q + kv].to_vec());
@@ -400,8 +474,14 @@ fn rope_and_cache_matches_the_cpu() {
                 let case = format!("{style:?} rope_dim {rope_dim} token {t}");
                 assert_eq!(&gq[t * q..(t + 1) * q], &wq[..], "Q: {case}");
                 let slot = slots[t] as usize;
-                assert!(gk[slot * kv..(slot + 1) * kv].iter().zip(&wk).all(|(g, w)| *g == f16::from_f32(*w)), "K: {case}");
-                assert!(gv[slot * kv..(slot + 1) * kv].iter().zip(&row[q + kv..]).all(|(g, w)| *g == f16::from_f32(*w)), "V: {case}");
+                assert!(
+                    gk[slot * kv..(slot + 1) * kv].iter().zip(&wk).all(|(g, w)| *g == f16::from_f32(*w)),
+                    "K: {case}"
+                );
+                assert!(
+                    gv[slot * kv..(slot + 1) * kv].iter().zip(&row[q + kv..]).all(|(g, w)| *g == f16::from_f32(*w)),
+                    "V: {case}"
+                );
             }
         }
     }
@@ -418,7 +498,8 @@ fn norm_and_swiglu_match_the_cpu() {
     let pick: Vec<u32> = vec![6, 0, 3];
     let (xd, wd, pd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&pick).unwrap());
     let out = gpu.alloc::<bf16>(pick.len() * hidden).unwrap();
-    rms_norm(&gpu, RmsNorm { x: xd.ptr, rows: pd.ptr, w: wd.ptr, out: out.ptr, count: pick.len(), hidden, eps: 1e-5 }).unwrap();
+    rms_norm(&gpu, RmsNorm { x: xd.ptr, rows: pd.ptr, w: wd.ptr, out: out.ptr, count: pick.len(), hidden, eps: 1e-5 })
+        .unwrap();
     let got = read(&gpu, &out, pick.len() * hidden);
     for (i, &p) in pick.iter().enumerate() {
         let mut want = x[p as usize * hidden..(p as usize + 1) * hidden].to_vec();

@@ -4,7 +4,7 @@
 //! invariant.rs choose among them. This module imports neither, so none of them import each
 //! other in a circle.
 
-use cudarc::driver::{sys, CudaFunction, DriverError};
+use cudarc::driver::{CudaFunction, DriverError, sys};
 
 /// The forms of paged attention (kernels/attention.cuh, `ATTENTION_VARIANTS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,11 +170,20 @@ pub fn gemm_segments(k: usize) -> usize {
 
 /// Lets each product kernel (`gemm_tiles`, loaded in `GEMM_TILES`' order, and `igemv`) use up to
 /// `limit` bytes of dynamic shared memory (the wgmma tiles only where `wgmma` says they run).
-pub fn allow_shared_memory(gemm_tiles: &[CudaFunction], igemv: &[CudaFunction], limit: usize, wgmma: bool) -> Result<(), DriverError> {
+pub fn allow_shared_memory(
+    gemm_tiles: &[CudaFunction],
+    igemv: &[CudaFunction],
+    limit: usize,
+    wgmma: bool,
+) -> Result<(), DriverError> {
     let most = |f: &CudaFunction, bytes: usize| -> Result<(), DriverError> {
         // SAFETY: a loaded function and a valid attribute.
         unsafe {
-            sys::cuFuncSetAttribute(f.cu_function(), sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+            sys::cuFuncSetAttribute(
+                f.cu_function(),
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
         }
         .result()?;
         Ok(())

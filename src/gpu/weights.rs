@@ -7,8 +7,8 @@ use std::sync::Arc;
 use half::bf16;
 
 use super::runtime::{Buf, Gpu, Result};
-use crate::launch;
 use crate::gguf::{GgufFile, ModelError};
+use crate::launch;
 use crate::model::config::ModelConfig;
 use crate::model::llama::tensors;
 use crate::model::presets::{Draw, DummyTensor, Preset};
@@ -56,7 +56,8 @@ impl CudaWeights {
     /// draws on the CPU for the same seed.
     pub fn dummy(gpu: Arc<Gpu>, preset: &Preset, seed: u64) -> Result<Self> {
         let c = preset.config.clone();
-        let (h, q, kv, ffn, vocab) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size, preset.vocab_size);
+        let (h, q, kv, ffn, vocab) =
+            (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size, preset.vocab_size);
         let draw = |t: DummyTensor| t.draw(&c, seed);
         // A matrix of stacked parts, each part its own draw.
         let matrix = |parts: &[(DummyTensor, usize)]| -> Result<Buf<bf16>> {
@@ -114,13 +115,14 @@ impl CudaWeights {
         let floats = |file: &mut GgufFile, name: &str, dims: &[usize]| -> std::result::Result<Vec<f32>, ModelError> {
             Ok(file.tensor(name, dims, &cpu)?.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        let matrix = |file: &mut GgufFile, parts: &[(&str, usize, usize)]| -> std::result::Result<Buf<bf16>, ModelError> {
-            let mut all = Vec::new();
-            for &(name, n, k) in parts {
-                all.extend(floats(file, name, &[n, k])?.into_iter().map(bf16::from_f32));
-            }
-            gpu.upload(&all).map_err(gpu_err)
-        };
+        let matrix =
+            |file: &mut GgufFile, parts: &[(&str, usize, usize)]| -> std::result::Result<Buf<bf16>, ModelError> {
+                let mut all = Vec::new();
+                for &(name, n, k) in parts {
+                    all.extend(floats(file, name, &[n, k])?.into_iter().map(bf16::from_f32));
+                }
+                gpu.upload(&all).map_err(gpu_err)
+            };
         let vector = |file: &mut GgufFile, names: &[(&str, usize)]| -> std::result::Result<Buf<f32>, ModelError> {
             let mut all = Vec::new();
             for &(name, n) in names {
@@ -131,7 +133,11 @@ impl CudaWeights {
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let t = tensors::Layer::new(i);
-            let qkv_bias = if c.qkv_bias { Some(vector(file, &[(&t.q_bias, q), (&t.k_bias, kv), (&t.v_bias, kv)])?) } else { None };
+            let qkv_bias = if c.qkv_bias {
+                Some(vector(file, &[(&t.q_bias, q), (&t.k_bias, kv), (&t.v_bias, kv)])?)
+            } else {
+                None
+            };
             layers.push(LayerWeights {
                 attn_norm: vector(file, &[(&t.attn_norm, h)])?,
                 qkv: matrix(file, &[(&t.q, q, h), (&t.k, kv, h), (&t.v, kv, h)])?,
@@ -141,16 +147,26 @@ impl CudaWeights {
                 gate_up: {
                     let gate = floats(file, &t.gate, &[c.ffn_size, h])?;
                     let up = floats(file, &t.up, &[c.ffn_size, h])?;
-                    let rows: Vec<bf16> = gate.chunks_exact(h).zip(up.chunks_exact(h)).flat_map(|(g, u)| g.iter().chain(u)).map(|&v| bf16::from_f32(v)).collect();
+                    let rows: Vec<bf16> = gate
+                        .chunks_exact(h)
+                        .zip(up.chunks_exact(h))
+                        .flat_map(|(g, u)| g.iter().chain(u))
+                        .map(|&v| bf16::from_f32(v))
+                        .collect();
                     gpu.upload(&rows).map_err(gpu_err)?
                 },
                 down: matrix(file, &[(&t.down, h, c.ffn_size)])?,
             });
         }
         let embeddings = matrix(file, &[(tensors::TOKEN_EMBD, vocab, h)])?;
-        let output = if file.has_tensor(tensors::OUTPUT) { Some(matrix(file, &[(tensors::OUTPUT, vocab, h)])?) } else { None };
+        let output =
+            if file.has_tensor(tensors::OUTPUT) { Some(matrix(file, &[(tensors::OUTPUT, vocab, h)])?) } else { None };
         let output_norm = vector(file, &[(tensors::OUTPUT_NORM, h)])?;
-        let freq_factors = if file.has_tensor(tensors::ROPE_FREQS) { Some(floats(file, tensors::ROPE_FREQS, &[c.rope_dim / 2])?) } else { None };
+        let freq_factors = if file.has_tensor(tensors::ROPE_FREQS) {
+            Some(floats(file, tensors::ROPE_FREQS, &[c.rope_dim / 2])?)
+        } else {
+            None
+        };
         let (cos, sin, positions) = rope_tables(&gpu, &c, freq_factors.as_deref()).map_err(gpu_err)?;
         gpu.synchronize().map_err(gpu_err)?;
         Ok(Self { gpu, config: c, vocab_size: vocab, embeddings, output, output_norm, layers, cos, sin, positions })
@@ -163,9 +179,22 @@ impl CudaWeights {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| v(&l.attn_norm) + m(&l.qkv) + l.qkv_bias.as_ref().map_or(0, v) + m(&l.o) + v(&l.ffn_norm) + m(&l.gate_up) + m(&l.down))
+            .map(|l| {
+                v(&l.attn_norm)
+                    + m(&l.qkv)
+                    + l.qkv_bias.as_ref().map_or(0, v)
+                    + m(&l.o)
+                    + v(&l.ffn_norm)
+                    + m(&l.gate_up)
+                    + m(&l.down)
+            })
             .sum();
-        layers + m(&self.embeddings) + self.output.as_ref().map_or(0, m) + v(&self.output_norm) + v(&self.cos) + v(&self.sin)
+        layers
+            + m(&self.embeddings)
+            + self.output.as_ref().map_or(0, m)
+            + v(&self.output_norm)
+            + v(&self.cos)
+            + v(&self.sin)
     }
 }
 

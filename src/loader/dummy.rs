@@ -4,20 +4,28 @@ use std::path::PathBuf;
 
 use super::{LoadedModel, Placement};
 use crate::gguf::ModelError;
-use crate::model::{presets, Llama};
+use crate::model::{Llama, presets};
 use crate::tokenizer::TextTokenizer;
 
 /// A model of a preset's shape with dummy weights drawn from `seed` (`presets.rs`); it has no
 /// vocabulary, so prompts are token ids. `path` names the preset.
 pub fn load_dummy(name: &str, seed: u64, placement: &Placement) -> Result<LoadedModel, ModelError> {
-    let preset = presets::preset(name)
-        .ok_or_else(|| ModelError::Unsupported(format!("model config '{name}' (known: {})", presets::PRESETS.join(", "))))?;
+    let preset = presets::preset(name).ok_or_else(|| {
+        ModelError::Unsupported(format!("model config '{name}' (known: {})", presets::PRESETS.join(", ")))
+    })?;
     let model = match placement {
         Placement::Cpu => std::sync::Arc::new(Llama::dummy(&preset, seed)).into(),
         #[cfg(feature = "cuda")]
         Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(
-            crate::gpu::CudaWeights::dummy(gpu.clone(), &preset, seed).map_err(|e| ModelError::Invalid(e.to_string()))?,
+            crate::gpu::CudaWeights::dummy(gpu.clone(), &preset, seed)
+                .map_err(|e| ModelError::Invalid(e.to_string()))?,
         )),
     };
-    Ok(LoadedModel { model, tokenizer: TextTokenizer::ids_only(preset.vocab_size), chat_template: None, path: PathBuf::from(name), dummy_seed: Some(seed) })
+    Ok(LoadedModel {
+        model,
+        tokenizer: TextTokenizer::ids_only(preset.vocab_size),
+        chat_template: None,
+        path: PathBuf::from(name),
+        dummy_seed: Some(seed),
+    })
 }

@@ -39,7 +39,10 @@ pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelErro
         Some(source) => {
             let name = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
             let eos = name(tokenizer.eos_ids.first().copied());
-            Some(ChatTemplate::new(source, &name(tokenizer.bos_id), &eos).map_err(|e| ModelError::Invalid(e.to_string()))?)
+            Some(
+                ChatTemplate::new(source, &name(tokenizer.bos_id), &eos)
+                    .map_err(|e| ModelError::Invalid(e.to_string()))?,
+            )
         }
         None => None,
     };
@@ -56,7 +59,9 @@ pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelErro
     let model = match placement {
         Placement::Cpu => std::sync::Arc::new(Llama::load(&mut file, config, &candle_core::Device::Cpu)?).into(),
         #[cfg(feature = "cuda")]
-        Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(crate::gpu::CudaWeights::from_gguf(gpu.clone(), &mut file, config)?)),
+        Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(
+            crate::gpu::CudaWeights::from_gguf(gpu.clone(), &mut file, config)?,
+        )),
     };
     Ok(LoadedModel { model, tokenizer, chat_template, path: gguf_path, dummy_seed: None })
 }

@@ -31,7 +31,9 @@ impl Placement {
     #[cfg(feature = "cuda")]
     pub fn cuda(batch_invariant: bool) -> Result<Self, crate::gguf::ModelError> {
         let kind = if batch_invariant { crate::gpu::GemmKind::BatchInvariant } else { crate::gpu::GemmKind::Cublas };
-        crate::gpu::Gpu::new(0, kind).map(|g| Placement::Cuda(std::sync::Arc::new(g))).map_err(|e| crate::gguf::ModelError::Invalid(e.to_string()))
+        crate::gpu::Gpu::new(0, kind)
+            .map(|g| Placement::Cuda(std::sync::Arc::new(g)))
+            .map_err(|e| crate::gguf::ModelError::Invalid(e.to_string()))
     }
 }
 

@@ -4,7 +4,6 @@ use crate::cpu::rope::Rope;
 pub use crate::cpu::rope::{RopeScaling, RopeStyle};
 use crate::gguf::{GgufFile, ModelError};
 
-
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub architecture: String,

@@ -4,8 +4,8 @@
 //! names as llama.cpp's graph names them.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 static STEP: AtomicUsize = AtomicUsize::new(0);

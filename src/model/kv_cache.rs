@@ -3,7 +3,7 @@
 //! through block tables.
 
 use super::config::ModelConfig;
-use crate::backend::{push_f16_bytes, read_f16_bytes, BlockId, BlockStore};
+use crate::backend::{BlockId, BlockStore, push_f16_bytes, read_f16_bytes};
 
 use half::f16;
 
@@ -29,9 +29,7 @@ impl KvCache {
     pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
         let token_width = config.n_kv_head * config.head_dim;
         let floats = num_blocks * block_size * token_width;
-        let layers = (0..config.n_layer)
-            .map(|_| LayerKv { k: zeroed(floats), v: zeroed(floats) })
-            .collect();
+        let layers = (0..config.n_layer).map(|_| LayerKv { k: zeroed(floats), v: zeroed(floats) }).collect();
         Self { block_size, num_blocks, token_width, layers }
     }
 }

@@ -11,7 +11,7 @@ use super::dump;
 use super::kv_cache::KvCache;
 use super::presets::Preset;
 use crate::backend::FlatBatch;
-use crate::cpu::attention::{paged_attention, write_kv, AttentionPlan, AttentionShape};
+use crate::cpu::attention::{AttentionPlan, AttentionShape, paged_attention, write_kv};
 use crate::cpu::linear::QLinear;
 use crate::cpu::norm::rms_norm_row;
 use crate::cpu::rope::Rope;
@@ -88,7 +88,12 @@ impl Linear {
     /// Several layers that read the same input, as one (outputs side by side).
     fn stack(parts: Vec<Linear>) -> Linear {
         let bias = if parts.iter().any(|p| p.bias.is_some()) {
-            Some(parts.iter().flat_map(|p| p.bias.clone().unwrap_or_else(|| vec![0.0; p.weight.out_features()])).collect())
+            Some(
+                parts
+                    .iter()
+                    .flat_map(|p| p.bias.clone().unwrap_or_else(|| vec![0.0; p.weight.out_features()]))
+                    .collect(),
+            )
         } else {
             None
         };
@@ -141,12 +146,21 @@ impl Llama {
         } else {
             // Tied embeddings: the output projection is the embedding table.
             let output = QLinear::new(table.clone())?;
-            if output.supports_rows() { (Embeddings::SameAsOutput, Arc::new(output)) } else { (Embeddings::Table(table), Arc::new(output)) }
+            if output.supports_rows() {
+                (Embeddings::SameAsOutput, Arc::new(output))
+            } else {
+                (Embeddings::Table(table), Arc::new(output))
+            }
         };
         let vector = |file: &mut GgufFile, name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
             Ok(file.tensor(name, &[n], device)?.dequantize(device)?.to_vec1::<f32>()?)
         };
-        let linear = |file: &mut GgufFile, name: &str, bias: Option<&str>, out: usize, inp: usize| -> Result<Linear, ModelError> {
+        let linear = |file: &mut GgufFile,
+                      name: &str,
+                      bias: Option<&str>,
+                      out: usize,
+                      inp: usize|
+         -> Result<Linear, ModelError> {
             let weight = QLinear::new(Arc::new(file.tensor(name, &[out, inp], device)?))?;
             let bias = match bias {
                 Some(b) => Some(vector(file, b, out)?),
@@ -174,7 +188,11 @@ impl Llama {
         }
         let norm = vector(file, tensors::OUTPUT_NORM, h)?;
         // Llama 3.1-style rope scaling ships per-frequency divisors as a tensor.
-        let freq_factors = if file.has_tensor(tensors::ROPE_FREQS) { Some(vector(file, tensors::ROPE_FREQS, c.rope_dim / 2)?) } else { None };
+        let freq_factors = if file.has_tensor(tensors::ROPE_FREQS) {
+            Some(vector(file, tensors::ROPE_FREQS, c.rope_dim / 2)?)
+        } else {
+            None
+        };
         let rope = c.rope(freq_factors.as_deref());
         Ok(Self { config, device: device.clone(), embeddings, layers, norm, output, rope, vocab_size })
     }
@@ -182,14 +200,22 @@ impl Llama {
     /// A model of the preset's shape with dummy bf16 weights (`presets.rs`), the same ones the
     /// CUDA path draws for the same seed.
     pub fn dummy(preset: &Preset, seed: u64) -> Self {
-        use super::presets::{dummy_bf16, dummy_f32, DummyTensor as T};
+        use super::presets::{DummyTensor as T, dummy_bf16, dummy_f32};
         let c = preset.config.clone();
-        let (h, q_out, kv_out, ffn, vocab) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size, preset.vocab_size);
+        let (h, q_out, kv_out, ffn, vocab) =
+            (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size, preset.vocab_size);
         let matrix = |t: T, n: usize, k: usize| QLinear::from_bf16(n, k, dummy_bf16(t.draw(&c, seed), n * k));
         let vector = |t: T, n: usize| dummy_f32(t.draw(&c, seed), n);
         let layers = (0..c.n_layer)
             .map(|l| {
-                let mut qkv = Linear { weight: QLinear::stack(vec![matrix(T::Q(l), q_out, h), matrix(T::K(l), kv_out, h), matrix(T::V(l), kv_out, h)]), bias: None };
+                let mut qkv = Linear {
+                    weight: QLinear::stack(vec![
+                        matrix(T::Q(l), q_out, h),
+                        matrix(T::K(l), kv_out, h),
+                        matrix(T::V(l), kv_out, h),
+                    ]),
+                    bias: None,
+                };
                 if c.qkv_bias {
                     qkv.bias = Some(vector(T::QkvBias(l), q_out + 2 * kv_out));
                 }
@@ -198,7 +224,10 @@ impl Llama {
                     qkv,
                     wo: Linear { weight: matrix(T::O(l), h, q_out), bias: None },
                     ffn_norm: vector(T::FfnNorm(l), h),
-                    gate_up: Linear { weight: QLinear::stack(vec![matrix(T::Gate(l), ffn, h), matrix(T::Up(l), ffn, h)]), bias: None },
+                    gate_up: Linear {
+                        weight: QLinear::stack(vec![matrix(T::Gate(l), ffn, h), matrix(T::Up(l), ffn, h)]),
+                        bias: None,
+                    },
                     w_down: Linear { weight: matrix(T::Down(l), h, ffn), bias: None },
                 }
             })
@@ -210,13 +239,21 @@ impl Llama {
         };
         let rope = c.rope(preset.rope_freq_factors.as_deref());
         let norm = vector(T::OutputNorm, h);
-        Self { config: c, device: Device::Cpu, embeddings, layers, norm, output: Arc::new(output), rope, vocab_size: vocab }
+        Self {
+            config: c,
+            device: Device::Cpu,
+            embeddings,
+            layers,
+            norm,
+            output: Arc::new(output),
+            rope,
+            vocab_size: vocab,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
-
 
     /// One forward pass over a flat batch. Returns `[batch.logit_rows.len(), vocab]` f32 logits.
     ///
@@ -229,7 +266,10 @@ impl Llama {
         let mut x = match &self.embeddings {
             Embeddings::SameAsOutput => self.output.rows(&batch.tokens)?,
             Embeddings::Rows(t) => t.rows(&batch.tokens)?,
-            Embeddings::Table(t) => t.embedding(&Tensor::from_slice(&batch.tokens, n_tokens, &self.device)?)?.flatten_all()?.to_vec1::<f32>()?,
+            Embeddings::Table(t) => t
+                .embedding(&Tensor::from_slice(&batch.tokens, n_tokens, &self.device)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
         };
         let plan = AttentionPlan::new(batch, kv.block_size);
         let (cos, sin) = self.rope.tables(&batch.positions);

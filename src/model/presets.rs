@@ -22,7 +22,18 @@ pub struct Preset {
 pub const PRESETS: &[&str] = &["llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b", "smollm2-135m"];
 
 #[allow(clippy::too_many_arguments)]
-fn config(name: &str, arch: &str, n_layer: usize, hidden: usize, ffn: usize, n_head: usize, n_kv_head: usize, theta: f32, eps: f32, context: usize) -> ModelConfig {
+fn config(
+    name: &str,
+    arch: &str,
+    n_layer: usize,
+    hidden: usize,
+    ffn: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    theta: f32,
+    eps: f32,
+    context: usize,
+) -> ModelConfig {
     let head_dim = hidden / n_head;
     ModelConfig {
         architecture: arch.into(),

@@ -4,8 +4,8 @@
 //! a slot is the first part of it, the wait in the engine's queue (for KV blocks) the rest (the
 //! handler enforces that part; a prefill under way is never cut off). Past it, 503 and dropped. Nothing waits forever.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -71,13 +71,17 @@ impl Admission {
             return Err(ApiError::shutting_down());
         }
         if n > self.max_running {
-            return Err(ApiError::invalid_param("n", format!("'n' is {n}, but at most {} sequences run at once", self.max_running)));
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("'n' is {n}, but at most {} sequences run at once", self.max_running),
+            ));
         }
         if let Ok(permit) = self.slots.clone().try_acquire_many_owned(n as u32) {
             return Ok(permit);
         }
         // Reserve a queue place atomically, so the bound holds under concurrent arrivals.
-        let reserved = self.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < self.queue_size).then_some(q + 1));
+        let reserved =
+            self.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < self.queue_size).then_some(q + 1));
         if reserved.is_err() {
             m::record_rejection("queue_full");
             return Err(ApiError::queue_full(1));

@@ -8,17 +8,17 @@
 //! `EngineHandle::failure` says so (the server answers /health 503 and shuts down).
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
 
 use super::metrics as m;
-use crate::engine::{panic_message, Engine, EngineStats, FinishReason, Request, RequestId, SampledToken, StepFault};
+use crate::engine::{Engine, EngineStats, FinishReason, Request, RequestId, SampledToken, StepFault, panic_message};
 
 /// Failed steps in a row after which the engine is declared stopped. A failed step's requests
 /// are aborted, so a request that breaks a step (input reaching a bug) is gone by the next one,
@@ -43,7 +43,11 @@ impl std::str::FromStr for TestFault {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("BRAID_TEST_FAULT={s:?}: expected panic-once@N, panic-always@N, error-once@N, error-always@N or panic-thread@N");
+        let bad = || {
+            format!(
+                "BRAID_TEST_FAULT={s:?}: expected panic-once@N, panic-always@N, error-once@N, error-always@N or panic-thread@N"
+            )
+        };
         let (kind, at) = s.split_once('@').ok_or_else(bad)?;
         let at: u64 = at.parse().map_err(|_| bad())?;
         let step = |panic, always| Ok(Self::Step(StepFault { at, always, panic }));
@@ -75,7 +79,11 @@ pub enum SeqEvent {
     /// its wait in the queues is over (the request's deadline stops here).
     Started,
     /// `ends` marks the stop token that ended the sequence: counted, but not part of the text.
-    Token { token: SampledToken, cached_tokens: usize, ends: bool },
+    Token {
+        token: SampledToken,
+        cached_tokens: usize,
+        ends: bool,
+    },
     Finished(FinishReason),
     Rejected(String),
 }
@@ -112,7 +120,11 @@ impl SeqReceiver {
 }
 
 enum Command {
-    Submit { request: Request, events: UnboundedSender<SeqEvent>, why: Arc<AtomicU8> },
+    Submit {
+        request: Request,
+        events: UnboundedSender<SeqEvent>,
+        why: Arc<AtomicU8>,
+    },
     /// Stop stepping and drop the engine (which finishes its disk-cache writes).
     Shutdown,
 }
@@ -155,7 +167,13 @@ impl EngineHandle {
                 serve(engine, rx, &shared, &failed, thread_fault_at);
             })
             .expect("the engine thread starts");
-        Self { commands: tx, stats, thread: Arc::new(Mutex::new(Some(thread))), failure, stopping: Arc::new(AtomicBool::new(false)) }
+        Self {
+            commands: tx,
+            stats,
+            thread: Arc::new(Mutex::new(Some(thread))),
+            failure,
+            stopping: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Stops the engine thread once it has nothing left to do and waits for it, so queued
@@ -176,7 +194,8 @@ impl EngineHandle {
         if let Some(reason) = self.failure.borrow().clone() {
             return Some(reason);
         }
-        let ended = self.thread.lock().ok().is_some_and(|t| t.as_ref().is_some_and(std::thread::JoinHandle::is_finished));
+        let ended =
+            self.thread.lock().ok().is_some_and(|t| t.as_ref().is_some_and(std::thread::JoinHandle::is_finished));
         (ended && !self.stopping.load(Ordering::SeqCst)).then(|| "the engine thread has ended".to_string())
     }
 
@@ -236,7 +255,13 @@ impl Drop for PublishPanic<'_> {
 /// The engine thread: steps until shut down; if the engine stops on the way, tells every
 /// request it holds why, publishes the reason, and answers every later request with it until
 /// shut down.
-fn serve(mut engine: Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<EngineStats>, failure: &watch::Sender<Option<String>>, thread_fault_at: u64) {
+fn serve(
+    mut engine: Engine,
+    commands: mpsc::Receiver<Command>,
+    stats: &Mutex<EngineStats>,
+    failure: &watch::Sender<Option<String>>,
+    thread_fault_at: u64,
+) {
     // Outside the caught closure, so the requests it held can still be answered after a panic.
     let mut live: HashMap<RequestId, Live> = HashMap::new();
     let outcome = catch_unwind(AssertUnwindSafe(|| run(&mut engine, &commands, stats, &mut live, thread_fault_at)));
@@ -266,7 +291,13 @@ fn serve(mut engine: Engine, commands: mpsc::Receiver<Command>, stats: &Mutex<En
 }
 
 /// Steps until shut down (None) or until the engine cannot go on (the reason).
-fn run(engine: &mut Engine, commands: &mpsc::Receiver<Command>, stats: &Mutex<EngineStats>, live: &mut HashMap<RequestId, Live>, thread_fault_at: u64) -> Option<String> {
+fn run(
+    engine: &mut Engine,
+    commands: &mpsc::Receiver<Command>,
+    stats: &Mutex<EngineStats>,
+    live: &mut HashMap<RequestId, Live>,
+    thread_fault_at: u64,
+) -> Option<String> {
     // Set by a shutdown command: stop once nothing is left to do.
     let mut stop = false;
     let mut failed_steps = 0;
@@ -331,7 +362,10 @@ fn run(engine: &mut Engine, commands: &mpsc::Receiver<Command>, stats: &Mutex<En
             }
         };
         if engine.forward_passes() >= thread_fault_at {
-            panic!("injected test fault on the engine thread after forward pass {} (BRAID_TEST_FAULT)", engine.forward_passes());
+            panic!(
+                "injected test fault on the engine thread after forward pass {} (BRAID_TEST_FAULT)",
+                engine.forward_passes()
+            );
         }
         for event in events {
             let Some(l) = live.get(&event.id) else { continue };

@@ -1,9 +1,9 @@
 //! OpenAI-style errors, answered with `{"error": {"message", "type", "param", "code"}}`
 //! (`openai::ErrorBody`).
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 
 use super::openai::{ErrorBody, ErrorDetail};
 use crate::engine::RequestError;
@@ -54,7 +54,11 @@ impl ApiError {
     pub fn unauthorized() -> Self {
         Self {
             code: Some("invalid_api_key"),
-            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect or missing API key (send Authorization: Bearer <key>)")
+            ..Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "Incorrect or missing API key (send Authorization: Bearer <key>)",
+            )
         }
     }
 
@@ -62,7 +66,11 @@ impl ApiError {
         Self {
             code: Some("queue_full"),
             retry_after: Some(retry_after),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "The server is at capacity and its queue is full; retry later")
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "The server is at capacity and its queue is full; retry later",
+            )
         }
     }
 
@@ -70,7 +78,11 @@ impl ApiError {
         Self {
             code: Some("queue_timeout"),
             retry_after: Some(1),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", format!("The request waited {seconds} s in the queue without being scheduled"))
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("The request waited {seconds} s in the queue without being scheduled"),
+            )
         }
     }
 
@@ -87,7 +99,12 @@ impl ApiError {
     }
 
     pub fn body(&self) -> ErrorBody {
-        let error = ErrorDetail { message: self.message.clone(), kind: self.kind.into(), param: self.param.clone(), code: self.code.map(str::to_string) };
+        let error = ErrorDetail {
+            message: self.message.clone(),
+            kind: self.kind.into(),
+            param: self.param.clone(),
+            code: self.code.map(str::to_string),
+        };
         ErrorBody { error }
     }
 }

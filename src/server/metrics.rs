@@ -39,7 +39,8 @@ pub fn record_engine(s: &EngineStats) {
     gauge!("braid_kv_blocks_cached").set(s.kv_blocks_cached as f64);
     gauge!("braid_kv_blocks_total").set(s.kv_blocks_total as f64);
     // One name, split by where the blocks came from: sum over `tier` for the old total.
-    counter!("braid_prefix_hit_tokens_total", "tier" => "memory").absolute(s.prefix_hit_tokens - s.prefix_hit_tokens_disk);
+    counter!("braid_prefix_hit_tokens_total", "tier" => "memory")
+        .absolute(s.prefix_hit_tokens - s.prefix_hit_tokens_disk);
     counter!("braid_prefix_hit_tokens_total", "tier" => "disk").absolute(s.prefix_hit_tokens_disk);
     // A preempted request's readmission finds its own blocks: recomputation saved, not a hit.
     counter!("braid_preempted_reuse_tokens_total").absolute(s.preempted_reuse_tokens);

@@ -17,12 +17,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use subtle::ConstantTimeEq;
 
 pub use admission::Admission;
@@ -81,7 +81,11 @@ impl ServerConfig {
     }
 
     fn replica_header(&self) -> anyhow::Result<Option<HeaderValue>> {
-        self.replica_id.as_deref().map(HeaderValue::from_str).transpose().map_err(|_| anyhow::anyhow!("--replica-id must be visible ASCII text"))
+        self.replica_id
+            .as_deref()
+            .map(HeaderValue::from_str)
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("--replica-id must be visible ASCII text"))
     }
 }
 
@@ -114,11 +118,7 @@ impl AppState {
     }
 
     pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
-        if model == self.model_name {
-            Ok(())
-        } else {
-            Err(ApiError::model_not_found(model))
-        }
+        if model == self.model_name { Ok(()) } else { Err(ApiError::model_not_found(model)) }
     }
 }
 
@@ -184,7 +184,12 @@ async fn shutdown_signal() {
 /// Serves `engine` (its model loaded, its prompt cache attached) with the model's tokenizer
 /// and chat template until SIGTERM/SIGINT, or until the engine stops (then an error: the exit
 /// code says so).
-pub fn run(config: ServerConfig, engine: Engine, tokenizer: TextTokenizer, template: Option<ChatTemplate>) -> anyhow::Result<()> {
+pub fn run(
+    config: ServerConfig,
+    engine: Engine,
+    tokenizer: TextTokenizer,
+    template: Option<ChatTemplate>,
+) -> anyhow::Result<()> {
     config.check()?;
     let replica = config.replica_header()?;
     // Read once: a fault to cause on purpose, for the tests of what a failing engine does.
@@ -204,7 +209,11 @@ pub fn run(config: ServerConfig, engine: Engine, tokenizer: TextTokenizer, templ
         template: template.map(Arc::new),
         model_name: config.served_model_name.clone(),
         max_context,
-        admission: Admission::new(config.max_num_seqs, config.queue_size, Duration::from_secs_f64(config.queue_timeout)),
+        admission: Admission::new(
+            config.max_num_seqs,
+            config.queue_size,
+            Duration::from_secs_f64(config.queue_timeout),
+        ),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         log_prompts: config.log_prompts,
         allow_special_in_content: config.allow_special_in_content,

@@ -4,17 +4,18 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
 use axum::Json;
+use axum::extract::State;
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::openai::{
-    ChatCompletion, ChatCompletionChunk, ChatRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorBody, Health, HealthFailure, ModelList,
-    TextCompletion, TextCompletionChunk, TokenizeRequest, TokenizeResponse, TOKEN_ID,
-};
 use super::AppState;
+use super::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+    ErrorBody, Health, HealthFailure, ModelList, TOKEN_ID, TextCompletion, TextCompletionChunk, TokenizeRequest,
+    TokenizeResponse,
+};
 
 // The operations: bodiless functions carrying each route's description (the handlers are in
 // routes.rs, registered in mod.rs).
@@ -104,7 +105,10 @@ struct ApiKey;
 impl Modify for ApiKey {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("api_key", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -133,7 +137,11 @@ fn cross_field_rules(schema: &str) -> Vec<Value> {
     let mut rules = vec![when("stream_options", json!({"type": "object"}), given("stream"))];
     if schema == "ChatRequest" {
         rules.push(when("top_logprobs", json!({"type": "integer"}), given("logprobs")));
-        rules.push(when("max_tokens", json!({"type": "integer"}), json!({"properties": {"max_completion_tokens": {"type": "null"}}})));
+        rules.push(when(
+            "max_tokens",
+            json!({"type": "integer"}),
+            json!({"properties": {"max_completion_tokens": {"type": "null"}}}),
+        ));
     }
     rules
 }
@@ -156,13 +164,14 @@ pub fn document(model_name: &str, vocab_size: usize) -> Value {
         for part in parts {
             // A part is an object, or a reference to one in the components (which only the
             // flattened types used: it goes).
-            let part = match part.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/components/schemas/")) {
-                Some(target) => {
-                    flattened.push(target.to_string());
-                    schemas[target].clone()
-                }
-                None => part,
-            };
+            let part =
+                match part.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/components/schemas/")) {
+                    Some(target) => {
+                        flattened.push(target.to_string());
+                        schemas[target].clone()
+                    }
+                    None => part,
+                };
             properties.extend(part["properties"].as_object().cloned().unwrap_or_default());
             required.extend(part["required"].as_array().cloned().unwrap_or_default());
         }
@@ -210,10 +219,15 @@ pub async fn serve(State(state): State<Arc<AppState>>) -> Json<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::openai::{CHAT, COMMON, COMPLETION, MAX_N, MAX_STOPS, MAX_STOP_BYTES, MAX_TOP_LOGPROBS};
+    use crate::server::openai::{CHAT, COMMON, COMPLETION, MAX_N, MAX_STOP_BYTES, MAX_STOPS, MAX_TOP_LOGPROBS};
 
     fn properties(doc: &Value, schema: &str) -> Vec<String> {
-        let mut names: Vec<String> = doc["components"]["schemas"][schema]["properties"].as_object().expect("an object schema").keys().cloned().collect();
+        let mut names: Vec<String> = doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .expect("an object schema")
+            .keys()
+            .cloned()
+            .collect();
         names.sort();
         names
     }
@@ -230,7 +244,15 @@ mod tests {
         assert_eq!(doc["openapi"], "3.1.0");
         assert_eq!(properties(&doc, "ChatRequest"), sorted(&[CHAT, COMMON]));
         assert_eq!(properties(&doc, "CompletionRequest"), sorted(&[COMPLETION, COMMON]));
-        for name in ["ChatRequest", "CompletionRequest", "TokenizeRequest", "DetokenizeRequest", "Message", "ContentPart", "StreamOptions"] {
+        for name in [
+            "ChatRequest",
+            "CompletionRequest",
+            "TokenizeRequest",
+            "DetokenizeRequest",
+            "Message",
+            "ContentPart",
+            "StreamOptions",
+        ] {
             assert_eq!(doc["components"]["schemas"][name]["additionalProperties"], false, "{name}");
         }
         assert!(doc["components"]["schemas"].get("CommonFields").is_none(), "no dangling flattened type");
@@ -239,7 +261,10 @@ mod tests {
         // The literals in the derives are the limits `options` checks.
         assert_eq!(chat["n"]["maximum"], MAX_N);
         assert_eq!(chat["top_logprobs"]["maximum"], MAX_TOP_LOGPROBS);
-        assert_eq!(doc["components"]["schemas"]["CompletionRequest"]["properties"]["logprobs"]["maximum"], MAX_TOP_LOGPROBS);
+        assert_eq!(
+            doc["components"]["schemas"]["CompletionRequest"]["properties"]["logprobs"]["maximum"],
+            MAX_TOP_LOGPROBS
+        );
         assert_eq!(chat["stop"]["oneOf"][0]["maxLength"], MAX_STOP_BYTES);
         assert_eq!(chat["stop"]["oneOf"][1]["maxItems"], MAX_STOPS);
         let ids = &doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]["oneOf"][2]["items"];
@@ -261,6 +286,9 @@ mod tests {
         ] {
             assert!(doc["paths"][path][method].is_object(), "{method} {path}");
         }
-        assert_eq!(doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/ChatRequest");
+        assert_eq!(
+            doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/ChatRequest"
+        );
     }
 }

@@ -11,9 +11,9 @@ use axum::http::StatusCode;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use super::AppState;
 use super::error::ApiError;
 use super::openai::{Content, Message};
-use super::AppState;
 use crate::tokenizer::{self, ChatPrompt, ChatPromptError, ChatPromptOptions};
 
 /// Most messages in one conversation.
@@ -29,12 +29,15 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
 
 /// Prompt jobs running at once: one per core (at least two), so a burst of huge requests
 /// queues here instead of taking every core from the workers and the engine.
-static SLOTS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))));
+static SLOTS: LazyLock<Semaphore> =
+    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get().max(2))));
 
 /// Runs `work` (parsing, rendering, tokenizing: anything that grows with the request) on
 /// tokio's blocking pool, at most `SLOTS` at once. If the client goes away while it waits for a
 /// slot, it never starts.
-pub async fn off_worker<T: Send + 'static>(work: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+pub async fn off_worker<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     let permit = SLOTS.acquire().await.map_err(|_| ApiError::shutting_down())?;
     let result = tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -51,7 +54,9 @@ pub fn body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, 
             ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 code: Some("request_too_large"),
-                ..ApiError::bad_request(format!("The request body is larger than {limit} bytes (the server's --max-request-bytes)"))
+                ..ApiError::bad_request(format!(
+                    "The request body is larger than {limit} bytes (the server's --max-request-bytes)"
+                ))
             }
         } else {
             ApiError::bad_request(format!("Cannot read the request body: {}", rejection.body_text()))
@@ -62,19 +67,28 @@ pub fn body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, 
 /// Limits on a conversation, checked before any of it is rendered.
 pub fn check_messages(messages: &[Message]) -> Result<(), ApiError> {
     if messages.len() > MAX_MESSAGES {
-        return Err(ApiError::invalid_param("messages", format!("'messages' holds {} messages; at most {MAX_MESSAGES} are accepted", messages.len())));
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!("'messages' holds {} messages; at most {MAX_MESSAGES} are accepted", messages.len()),
+        ));
     }
     let mut parts = 0;
     for (i, m) in messages.iter().enumerate() {
         if let Some(name) = &m.name
             && name.chars().count() > MAX_NAME_CHARS
         {
-            return Err(ApiError::invalid_param(&format!("messages[{i}].name"), format!("a message's name must be at most {MAX_NAME_CHARS} characters")));
+            return Err(ApiError::invalid_param(
+                &format!("messages[{i}].name"),
+                format!("a message's name must be at most {MAX_NAME_CHARS} characters"),
+            ));
         }
         if let Some(Content::Parts(p)) = &m.content {
             parts += p.len();
             if parts > MAX_CONTENT_PARTS {
-                return Err(ApiError::invalid_param(&format!("messages[{i}].content"), format!("the messages hold more than {MAX_CONTENT_PARTS} content parts")));
+                return Err(ApiError::invalid_param(
+                    &format!("messages[{i}].content"),
+                    format!("the messages hold more than {MAX_CONTENT_PARTS} content parts"),
+                ));
             }
         }
     }
@@ -83,7 +97,10 @@ pub fn check_messages(messages: &[Message]) -> Result<(), ApiError> {
 
 pub fn check_prompt_count(count: usize) -> Result<(), ApiError> {
     if count > MAX_PROMPTS {
-        return Err(ApiError::invalid_param("prompt", format!("'prompt' holds {count} prompts; at most {MAX_PROMPTS} are accepted")));
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!("'prompt' holds {count} prompts; at most {MAX_PROMPTS} are accepted"),
+        ));
     }
     Ok(())
 }
@@ -95,7 +112,13 @@ fn max_prompt_bytes(state: &AppState) -> Option<usize> {
 
 fn too_long(param: &str, state: &AppState, bytes: usize) -> ApiError {
     let tokens = bytes / state.tokenizer.max_token_bytes().unwrap_or(1).max(1);
-    ApiError::invalid_param(param, format!("This model's maximum context length is {} tokens, but the prompt has at least {tokens} tokens ({bytes} bytes of text)", state.max_context))
+    ApiError::invalid_param(
+        param,
+        format!(
+            "This model's maximum context length is {} tokens, but the prompt has at least {tokens} tokens ({bytes} bytes of text)",
+            state.max_context
+        ),
+    )
 }
 
 /// Refuses a text prompt too long for the context before it is tokenized: tokenizing takes
@@ -111,10 +134,21 @@ pub fn check_text_fits(state: &AppState, param: &str, text: &str) -> Result<(), 
 /// Renders and tokenizes a conversation (`template_messages`' output) with the model's
 /// template; special-token text in contents stays text unless the server allows it. A
 /// rendering too long for the context is refused before it is tokenized.
-pub fn chat(state: &AppState, messages: &[Value], add_generation_prompt: bool, bos: bool, turn_ends: bool) -> Result<ChatPrompt, ApiError> {
-    let template = state.template.as_ref().ok_or_else(|| ApiError::bad_request("This model has no chat template; use /v1/completions"))?;
+pub fn chat(
+    state: &AppState,
+    messages: &[Value],
+    add_generation_prompt: bool,
+    bos: bool,
+    turn_ends: bool,
+) -> Result<ChatPrompt, ApiError> {
+    let template = state
+        .template
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("This model has no chat template; use /v1/completions"))?;
     if !state.tokenizer.has_vocabulary() {
-        return Err(ApiError::bad_request("This model has no vocabulary (dummy weights); use /v1/completions with token ids"));
+        return Err(ApiError::bad_request(
+            "This model has no vocabulary (dummy weights); use /v1/completions with token ids",
+        ));
     }
     let options = ChatPromptOptions {
         add_generation_prompt,
@@ -125,7 +159,9 @@ pub fn chat(state: &AppState, messages: &[Value], add_generation_prompt: bool, b
     };
     tokenizer::chat_prompt(template, &state.tokenizer, messages, options).map_err(|e| match e {
         ChatPromptError::Template(e) => ApiError::invalid_param("messages", e.to_string()),
-        ChatPromptError::SpecialText { message, field, .. } => ApiError::invalid_param(&format!("messages[{message}].{field}"), e.to_string()),
+        ChatPromptError::SpecialText { message, field, .. } => {
+            ApiError::invalid_param(&format!("messages[{message}].{field}"), e.to_string())
+        }
         ChatPromptError::TooLong { bytes } => too_long("messages", state, bytes),
         ChatPromptError::Tokenizer(e) => ApiError::internal(e),
     })

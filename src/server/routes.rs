@@ -7,24 +7,27 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::AppState;
 use super::choice::ChoiceText;
 use super::engine_thread::Release;
 use super::error::ApiError;
 use super::metrics as m;
-use super::openai::{self, DetokenizeResponse, GenerationOptions, Health, HealthError, HealthFailure, HealthOk, ListObject, ModelCard, ModelList, ModelObject, PromptField, TokenizeResponse};
+use super::openai::{
+    self, DetokenizeResponse, GenerationOptions, Health, HealthError, HealthFailure, HealthOk, ListObject, ModelCard,
+    ModelList, ModelObject, PromptField, TokenizeResponse,
+};
 use super::prompt;
 use super::run::{Clock, Endpoint, Run};
 use super::session;
-use super::AppState;
 use crate::engine::{Request, Retention, RetentionPlan};
 
 fn now_secs() -> u64 {
@@ -35,7 +38,11 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = prompt::body(body, state.max_request_bytes)?;
     let shared = state.clone();
     let (ids, plan, options) = prompt::off_worker(move || prepare_chat(&shared, &headers, &body)).await?;
@@ -44,7 +51,11 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: Heade
 
 /// Everything a chat request needs before it is queued (parsing included: it grows with the
 /// body), run off the async workers.
-fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(Vec<u32>, RetentionPlan, GenerationOptions), ApiError> {
+fn prepare_chat(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Vec<u32>, RetentionPlan, GenerationOptions), ApiError> {
     let request = openai::parse_chat(body)?;
     state.check_model(&request.model)?;
     let options = request.options(state.vocab_size)?;
@@ -62,7 +73,11 @@ fn prepare_chat(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(V
     Ok((chat.ids, plan, options))
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = prompt::body(body, state.max_request_bytes)?;
     let shared = state.clone();
     let (prompts, plans, options) = prompt::off_worker(move || prepare_completion(&shared, &headers, &body)).await?;
@@ -78,7 +93,10 @@ fn prepare_completion(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
     let session = session::session_id(headers, options.user.as_deref())?;
     let encode = |text: &str| {
         if !state.tokenizer.has_vocabulary() {
-            return Err(ApiError::invalid_param("prompt", "this model has no vocabulary (dummy weights): send the prompt as token ids"));
+            return Err(ApiError::invalid_param(
+                "prompt",
+                "this model has no vocabulary (dummy weights): send the prompt as token ids",
+            ));
         }
         prompt::check_text_fits(state, "prompt", text)?;
         state.tokenizer.encode_prompt(text).map_err(ApiError::internal)
@@ -109,7 +127,13 @@ fn prepare_completion(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Res
 
 /// Makes the engine's requests, one per prompt and choice (each checked against the engine's
 /// limits: vocabulary, context), then queues them.
-async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<RetentionPlan>, options: GenerationOptions, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn generate(
+    state: Arc<AppState>,
+    prompts: Vec<Vec<u32>>,
+    plans: Vec<RetentionPlan>,
+    options: GenerationOptions,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
     let start = Instant::now();
     let param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
     let limits = state.limits();
@@ -171,7 +195,13 @@ async fn generate(state: Arc<AppState>, prompts: Vec<Vec<u32>>, plans: Vec<Reten
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     Json(ModelList {
         object: ListObject::Tag,
-        data: vec![ModelCard { id: state.model_name.clone(), object: ModelObject::Tag, created: state.created, owned_by: "braid".into(), max_model_len: state.max_context }],
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: ModelObject::Tag,
+            created: state.created,
+            owned_by: "braid".into(),
+            max_model_len: state.max_context,
+        }],
     })
 }
 
@@ -183,7 +213,13 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     let s = state.engine.stats();
-    Json(Health { status: HealthOk::Tag, running: s.running, waiting: s.waiting + state.admission.queued(), replica: state.replica().to_string() }).into_response()
+    Json(Health {
+        status: HealthOk::Tag,
+        running: s.running,
+        waiting: s.waiting + state.admission.queued(),
+        replica: state.replica().to_string(),
+    })
+    .into_response()
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -191,16 +227,23 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m::render()).into_response()
 }
 
-pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<TokenizeResponse>, ApiError> {
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
     let body = prompt::body(body, state.max_request_bytes)?;
     prompt::off_worker(move || {
-        let request: openai::TokenizeRequest = openai::parse_body(&body, &[], &[&["model", "prompt", "messages", "add_generation_prompt"]])?;
+        let request: openai::TokenizeRequest =
+            openai::parse_body(&body, &[], &[&["model", "prompt", "messages", "add_generation_prompt"]])?;
         if let Some(model) = &request.model {
             state.check_model(model)?;
         }
         let tokens = match (request.prompt, request.messages) {
             (Some(_), None) if !state.tokenizer.has_vocabulary() => {
-                return Err(ApiError::invalid_param("prompt", "this model has no vocabulary (dummy weights): there is no text to tokenize"));
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    "this model has no vocabulary (dummy weights): there is no text to tokenize",
+                ));
             }
             (Some(p), None) => {
                 prompt::check_text_fits(&state, "prompt", &p)?;
@@ -208,8 +251,22 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, By
             }
             (None, Some(messages)) => {
                 prompt::check_messages(&messages)?;
-                let chat = openai::ChatRequest { model: String::new(), messages, max_completion_tokens: None, logprobs: None, top_logprobs: None, common: Default::default() };
-                prompt::chat(&state, &chat.template_messages()?, request.add_generation_prompt.unwrap_or(true), false, false)?.ids
+                let chat = openai::ChatRequest {
+                    model: String::new(),
+                    messages,
+                    max_completion_tokens: None,
+                    logprobs: None,
+                    top_logprobs: None,
+                    common: Default::default(),
+                };
+                prompt::chat(
+                    &state,
+                    &chat.template_messages()?,
+                    request.add_generation_prompt.unwrap_or(true),
+                    false,
+                    false,
+                )?
+                .ids
             }
             _ => return Err(ApiError::bad_request("Give exactly one of 'prompt' and 'messages'")),
         };
@@ -218,7 +275,10 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, By
     .await
 }
 
-pub async fn detokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Result<Json<DetokenizeResponse>, ApiError> {
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
     let body = prompt::body(body, state.max_request_bytes)?;
     prompt::off_worker(move || {
         let request: openai::DetokenizeRequest = openai::parse_body(&body, &[], &[&["model", "tokens"]])?;

@@ -13,16 +13,17 @@ use axum::response::sse::Event as SseEvent;
 use serde::Serialize;
 use tokio::sync::mpsc::Sender;
 
+use super::AppState;
 use super::choice::{ChoiceText, Delta};
 use super::engine_thread::{Release, SeqEvent, SeqReceiver};
 use super::error::ApiError;
 use super::metrics as m;
 use super::openai::{
-    AssistantMessage, AssistantRole, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionChunkObject, ChatCompletionObject, ChatDelta,
-    ChatLogprobs, CompletionChoice, CompletionChunkChoice, CompletionLogprobs, FinishReason, GenerationOptions, PromptTokensDetails, TextCompletion,
-    TextCompletionChunk, TextCompletionObject, TokenLogprob, TopLogprob, Usage,
+    AssistantMessage, AssistantRole, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
+    ChatCompletionChunkObject, ChatCompletionObject, ChatDelta, ChatLogprobs, CompletionChoice, CompletionChunkChoice,
+    CompletionLogprobs, FinishReason, GenerationOptions, PromptTokensDetails, TextCompletion, TextCompletionChunk,
+    TextCompletionObject, TokenLogprob, TopLogprob, Usage,
 };
-use super::AppState;
 use crate::engine::SampledToken;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -264,7 +265,10 @@ impl Run {
             tokens: texts,
             token_logprobs: tokens.iter().map(|t| t.logprob.into()).collect(),
             // (Tokens of the same text share an entry: the later one's.)
-            top_logprobs: tokens.iter().map(|t| t.top.iter().map(|&(id, lp)| (text(id), lp.into())).collect::<BTreeMap<_, _>>()).collect(),
+            top_logprobs: tokens
+                .iter()
+                .map(|t| t.top.iter().map(|&(id, lp)| (text(id), lp.into())).collect::<BTreeMap<_, _>>())
+                .collect(),
         }
     }
 
@@ -275,12 +279,28 @@ impl Run {
 
     fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>) -> Chunk {
         let (id, created, model, system_fingerprint) = self.head();
-        Chunk::Chat(ChatCompletionChunk { id, object: ChatCompletionChunkObject::Tag, created, model, system_fingerprint, choices, usage })
+        Chunk::Chat(ChatCompletionChunk {
+            id,
+            object: ChatCompletionChunkObject::Tag,
+            created,
+            model,
+            system_fingerprint,
+            choices,
+            usage,
+        })
     }
 
     fn text_chunk(&self, choices: Vec<CompletionChunkChoice>, usage: Option<Option<Usage>>) -> Chunk {
         let (id, created, model, system_fingerprint) = self.head();
-        Chunk::Text(TextCompletionChunk { id, object: TextCompletionObject::Tag, created, model, system_fingerprint, choices, usage })
+        Chunk::Text(TextCompletionChunk {
+            id,
+            object: TextCompletionObject::Tag,
+            created,
+            model,
+            system_fingerprint,
+            choices,
+            usage,
+        })
     }
 
     /// What every response and chunk of this request starts with: id, created, model, system
@@ -307,7 +327,15 @@ impl Run {
                         finish_reason: finish(c),
                     })
                     .collect();
-                Completion::Chat(ChatCompletion { id, object: ChatCompletionObject::Tag, created, model, system_fingerprint, choices, usage })
+                Completion::Chat(ChatCompletion {
+                    id,
+                    object: ChatCompletionObject::Tag,
+                    created,
+                    model,
+                    system_fingerprint,
+                    choices,
+                    usage,
+                })
             }
             Endpoint::Completion => {
                 let choices = (self.choices.iter().enumerate())
@@ -318,7 +346,15 @@ impl Run {
                         finish_reason: finish(c),
                     })
                     .collect();
-                Completion::Text(TextCompletion { id, object: TextCompletionObject::Tag, created, model, system_fingerprint, choices, usage })
+                Completion::Text(TextCompletion {
+                    id,
+                    object: TextCompletionObject::Tag,
+                    created,
+                    model,
+                    system_fingerprint,
+                    choices,
+                    usage,
+                })
             }
         })
     }
@@ -327,18 +363,25 @@ impl Run {
         let tokens = (self.options.logprobs.is_some() && !delta.tokens.is_empty()).then_some(&delta.tokens);
         let offset = self.choices[i].logprob_offset;
         if let Some(tokens) = tokens {
-            self.choices[i].logprob_offset += tokens.iter().map(|t| self.state.tokenizer.decode(&[t.id]).len()).sum::<usize>();
+            self.choices[i].logprob_offset +=
+                tokens.iter().map(|t| self.state.tokenizer.decode(&[t.id]).len()).sum::<usize>();
         }
         let usage = self.chunk_usage();
         match self.endpoint {
             Endpoint::Chat => {
                 let logprobs = tokens.map(|t| self.chat_logprobs(t));
-                let choice = ChatChunkChoice { index: i, delta: ChatDelta { role: None, content: delta.text.clone() }, logprobs, finish_reason: delta.finish };
+                let choice = ChatChunkChoice {
+                    index: i,
+                    delta: ChatDelta { role: None, content: delta.text.clone() },
+                    logprobs,
+                    finish_reason: delta.finish,
+                };
                 self.chat_chunk(vec![choice], usage)
             }
             Endpoint::Completion => {
                 let logprobs = tokens.map(|t| self.text_logprobs(t, offset));
-                let choice = CompletionChunkChoice { index: i, text: delta.text.clone(), logprobs, finish_reason: delta.finish };
+                let choice =
+                    CompletionChunkChoice { index: i, text: delta.text.clone(), logprobs, finish_reason: delta.finish };
                 self.text_chunk(vec![choice], usage)
             }
         }
@@ -347,7 +390,12 @@ impl Run {
     pub(super) async fn stream(mut self, tx: Sender<Result<SseEvent, Infallible>>) {
         if self.endpoint == Endpoint::Chat {
             for i in 0..self.choices.len() {
-                let role = ChatChunkChoice { index: i, delta: ChatDelta { role: Some(AssistantRole::Tag), content: String::new() }, logprobs: None, finish_reason: None };
+                let role = ChatChunkChoice {
+                    index: i,
+                    delta: ChatDelta { role: Some(AssistantRole::Tag), content: String::new() },
+                    logprobs: None,
+                    finish_reason: None,
+                };
                 if !send(&tx, &self.chat_chunk(vec![role], self.chunk_usage())).await {
                     return;
                 }

@@ -16,14 +16,21 @@ pub const MAX_SESSION_ID: usize = 256;
 /// The request's session id: the header if present, else a non-empty `user` field.
 pub fn session_id(headers: &HeaderMap, user: Option<&str>) -> Result<Option<String>, ApiError> {
     let (id, param) = match headers.get(SESSION_HEADER) {
-        Some(v) => (v.to_str().map_err(|_| ApiError::invalid_param("X-Session-ID", "X-Session-ID must be visible ASCII text"))?, "X-Session-ID"),
+        Some(v) => (
+            v.to_str()
+                .map_err(|_| ApiError::invalid_param("X-Session-ID", "X-Session-ID must be visible ASCII text"))?,
+            "X-Session-ID",
+        ),
         None => match user {
             Some(u) if !u.is_empty() => (u, "user"),
             _ => return Ok(None),
         },
     };
     if id.is_empty() || id.chars().count() > MAX_SESSION_ID {
-        return Err(ApiError::invalid_param(param, format!("a session id must be 1 to {MAX_SESSION_ID} characters, not {}", id.chars().count())));
+        return Err(ApiError::invalid_param(
+            param,
+            format!("a session id must be 1 to {MAX_SESSION_ID} characters, not {}", id.chars().count()),
+        ));
     }
     Ok(Some(id.to_string()))
 }
@@ -72,18 +79,35 @@ mod tests {
         assert_eq!(session_id(&headers, Some("alice")).unwrap().as_deref(), Some("conv-1"));
         headers.insert(SESSION_HEADER, "x".repeat(257).parse().unwrap());
         assert_eq!(session_id(&headers, None).unwrap_err().body().error.param.as_deref(), Some("X-Session-ID"));
-        assert_eq!(session_id(&HeaderMap::new(), Some(&"u".repeat(300))).unwrap_err().body().error.param.as_deref(), Some("user"));
+        assert_eq!(
+            session_id(&HeaderMap::new(), Some(&"u".repeat(300))).unwrap_err().body().error.param.as_deref(),
+            Some("user")
+        );
     }
 
     #[test]
     fn plans_follow_the_turns() {
-        let messages = [serde_json::json!({"role": "system"}), serde_json::json!({"role": "user"}), serde_json::json!({"role": "assistant"})];
+        let messages = [
+            serde_json::json!({"role": "system"}),
+            serde_json::json!({"role": "user"}),
+            serde_json::json!({"role": "assistant"}),
+        ];
         let plan = chat_plan(&messages, Some(&[10, 20, 30]), 35);
         assert_eq!(plan.spans, vec![(10, Retention::System), (20, Retention::User), (35, Retention::Assistant)]);
         assert_eq!(chat_plan(&messages, None, 35).spans, RetentionPlan::uniform(35, Retention::User).spans);
         assert_eq!(chat_plan(&messages, Some(&[10, 40, 50]), 35).spans[1], (35, Retention::User));
-        let users = [serde_json::json!({"role": "user"}), serde_json::json!({"role": "user"}), serde_json::json!({"role": "assistant"})];
-        assert_eq!(chat_plan(&users, Some(&[10, 20, 30]), 35).spans, vec![(20, Retention::User), (35, Retention::Assistant)]);
-        assert_eq!(chat_plan(&users[..2], Some(&[10, 20]), 35).spans, vec![(20, Retention::User), (35, Retention::Assistant)]);
+        let users = [
+            serde_json::json!({"role": "user"}),
+            serde_json::json!({"role": "user"}),
+            serde_json::json!({"role": "assistant"}),
+        ];
+        assert_eq!(
+            chat_plan(&users, Some(&[10, 20, 30]), 35).spans,
+            vec![(20, Retention::User), (35, Retention::Assistant)]
+        );
+        assert_eq!(
+            chat_plan(&users[..2], Some(&[10, 20]), 35).spans,
+            vec![(20, Retention::User), (35, Retention::Assistant)]
+        );
     }
 }

@@ -39,7 +39,9 @@ pub enum ChatPromptError {
     Template(#[from] TemplateError),
     /// A message's field holds special-token text that cannot be kept plain: a name (the
     /// template puts it in its own markup), or a content when the template changes contents.
-    #[error("messages[{message}].{field} holds the special token '{token}'{why}; remove it, or start the server with --allow-special-tokens-in-content")]
+    #[error(
+        "messages[{message}].{field} holds the special token '{token}'{why}; remove it, or start the server with --allow-special-tokens-in-content"
+    )]
     SpecialText { message: usize, field: &'static str, token: String, why: &'static str },
     #[error("the rendered conversation has {bytes} bytes, more than the context can hold")]
     TooLong { bytes: usize },
@@ -48,7 +50,12 @@ pub enum ChatPromptError {
 }
 
 /// Renders and tokenizes `messages` (`{role, content: string, name?}` objects).
-pub fn chat_prompt(template: &ChatTemplate, tokenizer: &TextTokenizer, messages: &[Value], options: ChatPromptOptions) -> Result<ChatPrompt, ChatPromptError> {
+pub fn chat_prompt(
+    template: &ChatTemplate,
+    tokenizer: &TextTokenizer,
+    messages: &[Value],
+    options: ChatPromptOptions,
+) -> Result<ChatPrompt, ChatPromptError> {
     let field = |m: &Value, key: &str| m.get(key).and_then(Value::as_str).map(str::to_string);
     let special_in = |i: usize, key: &'static str, why: &'static str| -> Result<(), ChatPromptError> {
         if let Some(text) = field(&messages[i], key)
@@ -76,16 +83,24 @@ pub fn chat_prompt(template: &ChatTemplate, tokenizer: &TextTokenizer, messages:
             // The template changes contents, so where they lie is not known: refuse the ones
             // that would become control tokens; the others encode as before.
             for i in 0..messages.len() {
-                special_in(i, "content", " and this model's chat template transforms contents, so it cannot be kept as plain text")?;
+                special_in(
+                    i,
+                    "content",
+                    " and this model's chat template transforms contents, so it cannot be kept as plain text",
+                )?;
             }
             Vec::new()
         }
     };
-    let encoded = tokenizer.encode_opaque(&rendered.text, &opaque, rendered.turn_ends.is_some()).map_err(ChatPromptError::Tokenizer)?;
+    let encoded = tokenizer
+        .encode_opaque(&rendered.text, &opaque, rendered.turn_ends.is_some())
+        .map_err(ChatPromptError::Tokenizer)?;
     let mut ids = encoded.ids;
     let shift = usize::from(options.bos && tokenizer.add_bos_to(&mut ids));
     let turn_ends = match (rendered.turn_ends, encoded.starts) {
-        (Some(ends), Some(starts)) => Some(ends.iter().map(|&end| shift + starts.partition_point(|&s| s < end)).collect()),
+        (Some(ends), Some(starts)) => {
+            Some(ends.iter().map(|&end| shift + starts.partition_point(|&s| s < end)).collect())
+        }
         _ => None,
     };
     Ok(ChatPrompt { text: rendered.text, ids, turn_ends, disarmed: encoded.disarmed })
@@ -108,20 +123,31 @@ mod tests {
             let tokenizer = TextTokenizer::from_gguf(&file, None).unwrap();
             let source = file.opt_str("tokenizer.chat_template").unwrap().unwrap().to_string();
             let name = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
-            let template = ChatTemplate::new(&source, &name(tokenizer.bos_id), &name(tokenizer.eos_ids.first().copied())).unwrap();
+            let template =
+                ChatTemplate::new(&source, &name(tokenizer.bos_id), &name(tokenizer.eos_ids.first().copied())).unwrap();
             (tokenizer, template)
         })
     }
 
     /// Lines of a golden data file (../shared/golden, or BRAID_GOLDEN_DIR), as tests/golden.rs reads them.
     fn golden(name: &str) -> Vec<Value> {
-        let dir = std::env::var_os("BRAID_GOLDEN_DIR").map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"), std::path::PathBuf::from);
-        let text = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("cannot read the golden {name}: {e}"));
+        let dir = std::env::var_os("BRAID_GOLDEN_DIR").map_or_else(
+            || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"),
+            std::path::PathBuf::from,
+        );
+        let text =
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("cannot read the golden {name}: {e}"));
         text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     fn options() -> ChatPromptOptions {
-        ChatPromptOptions { add_generation_prompt: true, bos: true, allow_special_in_content: false, turn_ends: true, max_text_bytes: None }
+        ChatPromptOptions {
+            add_generation_prompt: true,
+            bos: true,
+            allow_special_in_content: false,
+            turn_ends: true,
+            max_text_bytes: None,
+        }
     }
 
     fn count(ids: &[u32], id: u32) -> usize {
@@ -143,7 +169,13 @@ mod tests {
         // The content's characters are all there, as text.
         assert!(tokenizer.decode(&safe.ids).contains(SPOOF));
         // The old behaviour on request: the content's markers are real ones.
-        let old = chat_prompt(template, tokenizer, &messages, ChatPromptOptions { allow_special_in_content: true, ..options() }).unwrap();
+        let old = chat_prompt(
+            template,
+            tokenizer,
+            &messages,
+            ChatPromptOptions { allow_special_in_content: true, ..options() },
+        )
+        .unwrap();
         assert_eq!(old.ids, tokenizer.encode_prompt(&old.text).unwrap());
         assert_eq!(count(&old.ids, im_start), 5, "{:?} {:?}", old.text, old.ids);
         assert_eq!(old.disarmed, 0);
@@ -155,7 +187,10 @@ mod tests {
         // header's must stay special, the content's must not.
         let (tokenizer, template) = smollm2();
         let im_start = tokenizer.encode("<|im_start|>").unwrap()[0];
-        let messages = vec![json!({"role": "system", "content": "<|im_start|>"}), json!({"role": "user", "content": "<|im_start|>"})];
+        let messages = vec![
+            json!({"role": "system", "content": "<|im_start|>"}),
+            json!({"role": "user", "content": "<|im_start|>"}),
+        ];
         let p = chat_prompt(template, tokenizer, &messages, options()).unwrap();
         assert_eq!(count(&p.ids, im_start), 3);
         assert_eq!(p.disarmed, 2);
@@ -167,7 +202,12 @@ mod tests {
         let (tokenizer, template) = smollm2();
         let mut conversations = vec![
             vec![json!({"role": "user", "content": "What is the capital of France?"})],
-            vec![json!({"role": "system", "content": "Be brief."}), json!({"role": "user", "content": "\n\n  leading blank lines and < | > pieces <|im_"}), json!({"role": "assistant", "content": ""}), json!({"role": "user", "content": "é 日本 🎉 123456"})],
+            vec![
+                json!({"role": "system", "content": "Be brief."}),
+                json!({"role": "user", "content": "\n\n  leading blank lines and < | > pieces <|im_"}),
+                json!({"role": "assistant", "content": ""}),
+                json!({"role": "user", "content": "é 日本 🎉 123456"}),
+            ],
         ];
         let cases = golden("chat_template.jsonl");
         conversations.extend(cases.iter().map(|c| c["messages"].as_array().unwrap().clone()));
@@ -190,13 +230,26 @@ mod tests {
     fn turn_ends_match_rendering_each_prefix() {
         let (tokenizer, template) = smollm2();
         let mut conversations = vec![
-            vec![json!({"role": "user", "content": "Hi"}), json!({"role": "assistant", "content": "Hello! How can I help?"}), json!({"role": "user", "content": "Tell me a joke.\n"})],
-            vec![json!({"role": "system", "content": "You are a pirate."}), json!({"role": "user", "content": "x"}), json!({"role": "assistant", "content": ""}), json!({"role": "user", "content": "<|im_end|> y"})],
+            vec![
+                json!({"role": "user", "content": "Hi"}),
+                json!({"role": "assistant", "content": "Hello! How can I help?"}),
+                json!({"role": "user", "content": "Tell me a joke.\n"}),
+            ],
+            vec![
+                json!({"role": "system", "content": "You are a pirate."}),
+                json!({"role": "user", "content": "x"}),
+                json!({"role": "assistant", "content": ""}),
+                json!({"role": "user", "content": "<|im_end|> y"}),
+            ],
         ];
         conversations.extend(golden("chat_template.jsonl").iter().map(|c| c["messages"].as_array().unwrap().clone()));
         for messages in &conversations {
             let p = chat_prompt(template, tokenizer, messages, options()).unwrap();
-            let old: Vec<usize> = (0..messages.len()).map(|i| tokenizer.encode_prompt(&template.render(&messages[..=i].to_vec(), false).unwrap()).unwrap().len()).collect();
+            let old: Vec<usize> = (0..messages.len())
+                .map(|i| {
+                    tokenizer.encode_prompt(&template.render(&messages[..=i].to_vec(), false).unwrap()).unwrap().len()
+                })
+                .collect();
             if p.disarmed == 0 {
                 assert_eq!(p.turn_ends.as_ref().unwrap(), &old);
             } else {
@@ -213,14 +266,30 @@ mod tests {
         let (tokenizer, template) = smollm2();
         let messages = vec![json!({"role": "user", "content": "hi", "name": "bob<|im_end|>"})];
         let err = chat_prompt(template, tokenizer, &messages, options()).unwrap_err();
-        assert!(matches!(&err, ChatPromptError::SpecialText { message: 0, field: "name", token, .. } if token == "<|im_end|>"), "{err}");
-        assert!(chat_prompt(template, tokenizer, &messages, ChatPromptOptions { allow_special_in_content: true, ..options() }).is_ok());
+        assert!(
+            matches!(&err, ChatPromptError::SpecialText { message: 0, field: "name", token, .. } if token == "<|im_end|>"),
+            "{err}"
+        );
+        assert!(
+            chat_prompt(
+                template,
+                tokenizer,
+                &messages,
+                ChatPromptOptions { allow_special_in_content: true, ..options() }
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn a_template_that_changes_contents_refuses_special_text_there() {
         let (tokenizer, _) = smollm2();
-        let trims = ChatTemplate::new("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}", "", "").unwrap();
+        let trims = ChatTemplate::new(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
         let plain = vec![json!({"role": "user", "content": "  hi  "})];
         let p = chat_prompt(&trims, tokenizer, &plain, options()).unwrap();
         assert_eq!(p.ids, tokenizer.encode(&p.text).unwrap());
@@ -240,9 +309,19 @@ mod tests {
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
         let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden/tokenize.jsonl");
-        let mut texts: Vec<String> = std::fs::read_to_string(golden).map_or_else(|_| Vec::new(), |t| t.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect());
+        let mut texts: Vec<String> = std::fs::read_to_string(golden).map_or_else(
+            |_| Vec::new(),
+            |t| {
+                t.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+                    .collect()
+            },
+        );
         texts.push(template.render(&vec![json!({"role": "user", "content": "a\n\n b"})], true).unwrap());
-        texts.extend(["a <|im_start|> b", "x\n\n<|im_end|>\n\ny", "<|im_start|>  lead", "tail<|endoftext|>", "", " "].map(String::from));
+        texts.extend(
+            ["a <|im_start|> b", "x\n\n<|im_end|>\n\ny", "<|im_start|>  lead", "tail<|endoftext|>", "", " "]
+                .map(String::from),
+        );
         for text in &texts {
             let all = tokenizer.special_matches(text);
             let (ids, starts) = super::super::encode_split(inner, text, &all, true).unwrap();
@@ -265,7 +344,10 @@ mod tests {
         assert!((longest..=4 * longest).contains(&max), "{longest} {max}");
         let messages = vec![json!({"role": "user", "content": "x".repeat(1000)})];
         let limited = |bytes| ChatPromptOptions { max_text_bytes: Some(bytes), ..options() };
-        assert!(matches!(chat_prompt(template, tokenizer, &messages, limited(1000)), Err(ChatPromptError::TooLong { .. })));
+        assert!(matches!(
+            chat_prompt(template, tokenizer, &messages, limited(1000)),
+            Err(ChatPromptError::TooLong { .. })
+        ));
         assert!(chat_prompt(template, tokenizer, &messages, limited(2000)).is_ok());
     }
 }

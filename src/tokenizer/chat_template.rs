@@ -48,7 +48,11 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (any serialisable list of `{role, content, ...}`).
-    pub fn render<M: Serialize + ?Sized>(&self, messages: &M, add_generation_prompt: bool) -> Result<String, TemplateError> {
+    pub fn render<M: Serialize + ?Sized>(
+        &self,
+        messages: &M,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TemplateError::Invalid(e.to_string()))?;
         template
             .render(minijinja::context! {
@@ -86,7 +90,12 @@ impl ChatTemplate {
     /// markers' places are exactly where they lie. (Searching the text for each content instead
     /// could find it in the template's own text: a content of `<|im_start|>` would match its
     /// own turn's header.) `turn_ends` costs one more rendering per distinct role.
-    pub fn render_chat(&self, messages: &[serde_json::Value], add_generation_prompt: bool, turn_ends: bool) -> Result<RenderedChat, TemplateError> {
+    pub fn render_chat(
+        &self,
+        messages: &[serde_json::Value],
+        add_generation_prompt: bool,
+        turn_ends: bool,
+    ) -> Result<RenderedChat, TemplateError> {
         let text = self.render(&messages, add_generation_prompt)?;
         let Some(contents) = self.locate_contents(messages, add_generation_prompt, &text) else {
             return Ok(RenderedChat { text, contents: None, turn_ends: None });
@@ -96,7 +105,12 @@ impl ChatTemplate {
     }
 
     /// The marked messages and the content spans, or None if the template changes contents.
-    fn locate_contents(&self, messages: &[serde_json::Value], add_generation_prompt: bool, text: &str) -> Option<(Marked, Vec<ContentSpan>)> {
+    fn locate_contents(
+        &self,
+        messages: &[serde_json::Value],
+        add_generation_prompt: bool,
+        text: &str,
+    ) -> Option<(Marked, Vec<ContentSpan>)> {
         let marked = Marked::new(messages, text)?;
         let rendered = self.render(&marked.messages, add_generation_prompt).ok()?;
         let mut rebuilt = String::with_capacity(text.len());
@@ -119,7 +133,13 @@ impl ChatTemplate {
     /// Where each message's turn ends: after its content and the text the template closes a
     /// turn of its role with (`<|im_end|>\n` in ChatML), learnt by rendering the conversation up
     /// to the first message of each role and reading what follows that message's marker.
-    fn turn_ends(&self, messages: &[serde_json::Value], text: &str, spans: &[ContentSpan], marked: &Marked) -> Vec<usize> {
+    fn turn_ends(
+        &self,
+        messages: &[serde_json::Value],
+        text: &str,
+        spans: &[ContentSpan],
+        marked: &Marked,
+    ) -> Vec<usize> {
         let mut closings: Vec<(&str, String)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             let role = m.get("role").and_then(|r| r.as_str()).unwrap_or("");
@@ -128,7 +148,9 @@ impl ChatTemplate {
             }
             let marker = marked.marker(i);
             let closing = match self.render(&marked.messages[..=i], false) {
-                Ok(prefix) => prefix.rfind(&marker).map_or_else(String::new, |at| prefix[at + marker.len()..].to_string()),
+                Ok(prefix) => {
+                    prefix.rfind(&marker).map_or_else(String::new, |at| prefix[at + marker.len()..].to_string())
+                }
                 Err(_) => String::new(),
             };
             closings.push((role, closing));
@@ -164,7 +186,9 @@ struct Marked {
 
 impl Marked {
     fn new(messages: &[serde_json::Value], text: &str) -> Option<Self> {
-        let open = (0..8).map(|_| format!("[[braid-{:016x}:", rand::random::<u64>())).find(|open| !text.contains(open.as_str()))?;
+        let open = (0..8)
+            .map(|_| format!("[[braid-{:016x}:", rand::random::<u64>()))
+            .find(|open| !text.contains(open.as_str()))?;
         let mut marked = Self { open, messages: messages.to_vec() };
         for i in 0..marked.messages.len() {
             let marker = marked.marker(i);
@@ -184,7 +208,20 @@ impl Marked {
 
 /// Minimal strftime for `%Y %m %d %B %b`, enough for date lines in system prompts.
 fn format_utc(format: &str, secs: u64) -> String {
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = (secs / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -210,7 +247,12 @@ mod tests {
 
     #[test]
     fn raise_exception_becomes_an_error() {
-        let t = ChatTemplate::new("{% if messages|length == 0 %}{{ raise_exception('no messages') }}{% endif %}ok", "<s>", "</s>").unwrap();
+        let t = ChatTemplate::new(
+            "{% if messages|length == 0 %}{{ raise_exception('no messages') }}{% endif %}ok",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
         let err = t.render(&Vec::<serde_json::Value>::new(), true).unwrap_err();
         assert!(err.to_string().contains("no messages"), "{err}");
         assert_eq!(t.render(&vec![serde_json::json!({"role": "user", "content": "x"})], true).unwrap(), "ok");
@@ -218,7 +260,12 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_special_tokens_work() {
-        let t = ChatTemplate::new("{{ bos_token }}{% for m in messages %}{{ m.content.strip().upper() }}{% endfor %}{{ eos_token }}", "<s>", "</s>").unwrap();
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}{{ m.content.strip().upper() }}{% endfor %}{{ eos_token }}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
         let out = t.render(&vec![serde_json::json!({"role": "user", "content": "  hi  "})], false).unwrap();
         assert_eq!(out, "<s>HI</s>");
     }

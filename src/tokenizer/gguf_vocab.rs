@@ -26,14 +26,18 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 /// Llama 3's pre-tokenizer split (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pre-tokenizer split: like Llama 3's but single digits.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn strings(file: &GgufFile, key: &str) -> Result<Vec<String>, ModelError> {
     file.get_array(key)?
         .iter()
         .map(|v| match v {
             Value::String(s) => Ok(s.clone()),
-            other => Err(ModelError::WrongType { key: key.into(), reason: format!("expected strings, found {:?}", other.value_type()) }),
+            other => Err(ModelError::WrongType {
+                key: key.into(),
+                reason: format!("expected strings, found {:?}", other.value_type()),
+            }),
         })
         .collect()
 }
@@ -49,7 +53,10 @@ fn numbers(file: &GgufFile, key: &str) -> Result<Option<Vec<f64>>, ModelError> {
             Value::U32(x) => Ok(*x as f64),
             Value::I8(x) => Ok(*x as f64),
             Value::U8(x) => Ok(*x as f64),
-            other => Err(ModelError::WrongType { key: key.into(), reason: format!("expected numbers, found {:?}", other.value_type()) }),
+            other => Err(ModelError::WrongType {
+                key: key.into(),
+                reason: format!("expected numbers, found {:?}", other.value_type()),
+            }),
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -67,7 +74,11 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer, ModelError> {
     if let Some(t) = &types
         && t.len() != tokens.len()
     {
-        return Err(ModelError::Invalid(format!("tokenizer.ggml.token_type has {} entries for {} tokens", t.len(), tokens.len())));
+        return Err(ModelError::Invalid(format!(
+            "tokenizer.ggml.token_type has {} entries for {} tokens",
+            t.len(),
+            tokens.len()
+        )));
     }
     let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let mut tokenizer = match model {
@@ -143,7 +154,9 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, ModelError> {
             PreTokenizerWrapper::Digits(Digits::new(true)),
             byte_level_regex,
         ])),
-        "llama-bpe" | "llama3" => PreTokenizerWrapper::Sequence(PreSequence::new(vec![split(LLAMA3_SPLIT)?, byte_level_plain])),
+        "llama-bpe" | "llama3" => {
+            PreTokenizerWrapper::Sequence(PreSequence::new(vec![split(LLAMA3_SPLIT)?, byte_level_plain]))
+        }
         "qwen2" => PreTokenizerWrapper::Sequence(PreSequence::new(vec![split(QWEN2_SPLIT)?, byte_level_plain])),
         other => {
             return Err(ModelError::Unsupported(format!(

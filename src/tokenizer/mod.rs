@@ -9,10 +9,12 @@ use std::ops::Range;
 use std::path::Path;
 
 use tokenizers::normalizer::Range as TextRange;
-use tokenizers::{Model, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Token, Tokenizer};
+use tokenizers::{
+    Model, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Token, Tokenizer,
+};
 
 use crate::gguf::{GgufFile, ModelError};
-pub use chat_prompt::{chat_prompt, ChatPrompt, ChatPromptError, ChatPromptOptions};
+pub use chat_prompt::{ChatPrompt, ChatPromptError, ChatPromptOptions, chat_prompt};
 pub use chat_template::{ChatTemplate, RenderedChat, TemplateError};
 pub use detokenizer::IncrementalDecoder;
 
@@ -21,18 +23,25 @@ pub use detokenizer::IncrementalDecoder;
 /// then one piece, exactly as `encode` would see it had the others been ordinary text (offsets
 /// stay relative to the whole text, so SentencePiece's "prefix the first word" still applies
 /// only at its start). Non-special added tokens are not looked for (GGUF vocabularies have none).
-fn encode_split(inner: &Tokenizer, text: &str, kept: &[(Range<usize>, u32)], offsets: bool) -> Result<(Vec<u32>, Option<Vec<usize>>), String> {
+fn encode_split(
+    inner: &Tokenizer,
+    text: &str,
+    kept: &[(Range<usize>, u32)],
+    offsets: bool,
+) -> Result<(Vec<u32>, Option<Vec<usize>>), String> {
     let mut pretokenized = PreTokenizedString::from(text);
     pretokenized
         .split(|_, whole| {
             let mut pieces = Vec::with_capacity(2 * kept.len() + 1);
             let mut at = 0;
-            let slice = |r: Range<usize>| whole.slice(TextRange::Normalized(r)).ok_or("a special token outside the text");
+            let slice =
+                |r: Range<usize>| whole.slice(TextRange::Normalized(r)).ok_or("a special token outside the text");
             for (r, id) in kept {
                 if at < r.start {
                     pieces.push((slice(at..r.start)?, None));
                 }
-                pieces.push((slice(r.clone())?, Some(vec![Token::new(*id, text[r.clone()].to_string(), (0, r.len()))])));
+                pieces
+                    .push((slice(r.clone())?, Some(vec![Token::new(*id, text[r.clone()].to_string(), (0, r.len()))])));
                 at = r.end;
             }
             if at < text.len() {
@@ -48,7 +57,9 @@ fn encode_split(inner: &Tokenizer, text: &str, kept: &[(Range<usize>, u32)], off
         pre.pre_tokenize(&mut pretokenized).map_err(|e| e.to_string())?;
     }
     pretokenized.tokenize(|n| inner.get_model().tokenize(n.get())).map_err(|e| e.to_string())?;
-    let encoding = pretokenized.into_encoding(None, 0, if offsets { OffsetType::Byte } else { OffsetType::None }).map_err(|e| e.to_string())?;
+    let encoding = pretokenized
+        .into_encoding(None, 0, if offsets { OffsetType::Byte } else { OffsetType::None })
+        .map_err(|e| e.to_string())?;
     let starts = offsets.then(|| encoding.get_offsets().iter().map(|o| o.0).collect());
     Ok((encoding.get_ids().to_vec(), starts))
 }
@@ -102,7 +113,9 @@ impl TextTokenizer {
         // matched, so then there is no bound.
         let max_token_bytes = match inner.get_normalizer() {
             Some(_) => None,
-            None => (0..inner.get_vocab_size(true) as u32).filter_map(|id| inner.id_to_token(id)).map(|t| t.len()).max(),
+            None => {
+                (0..inner.get_vocab_size(true) as u32).filter_map(|id| inner.id_to_token(id)).map(|t| t.len()).max()
+            }
         };
         Ok(Self { inner: Some(inner), ids_only_vocab: 0, bos_id, eos_ids, add_bos, max_token_bytes })
     }
@@ -110,7 +123,14 @@ impl TextTokenizer {
     /// The stand-in of a model with no vocabulary (dummy weights): no text encoding, no
     /// end-of-sequence tokens, ids decoded as `<id>`.
     pub fn ids_only(vocab: usize) -> Self {
-        Self { inner: None, ids_only_vocab: vocab, bos_id: None, eos_ids: Vec::new(), add_bos: false, max_token_bytes: None }
+        Self {
+            inner: None,
+            ids_only_vocab: vocab,
+            bos_id: None,
+            eos_ids: Vec::new(),
+            add_bos: false,
+            max_token_bytes: None,
+        }
     }
 
     /// Token ids of `text` with special-token text (e.g. `<|im_start|>`) parsed; no BOS added.
@@ -181,7 +201,8 @@ impl TextTokenizer {
         };
         let disarmed = specials.iter().filter(|(r, _)| touches(r)).count();
         if disarmed == 0 {
-            let encoding = if offsets { inner.encode(text, false) } else { inner.encode_fast(text, false) }.map_err(|e| e.to_string())?;
+            let encoding = if offsets { inner.encode(text, false) } else { inner.encode_fast(text, false) }
+                .map_err(|e| e.to_string())?;
             let starts = offsets.then(|| encoding.get_offsets().iter().map(|o| o.0).collect());
             return Ok(Encoded { ids: encoding.get_ids().to_vec(), starts, disarmed });
         }

@@ -40,7 +40,10 @@ pub fn test_placement() -> braid::loader::Placement {
         #[cfg(feature = "cuda")]
         Ok("cuda") => braid::loader::Placement::cuda(false).expect("a CUDA device"),
         Ok("cpu") | Err(_) => braid::loader::Placement::Cpu,
-        Ok(other) => panic!("BRAID_TEST_DEVICE={other}: this build knows cpu{}", if cfg!(feature = "cuda") { " and cuda" } else { "" }),
+        Ok(other) => panic!(
+            "BRAID_TEST_DEVICE={other}: this build knows cpu{}",
+            if cfg!(feature = "cuda") { " and cuda" } else { "" }
+        ),
     }
 }
 

@@ -8,7 +8,11 @@ use braid::engine::{Backend, FinishReason, ModelHandle, SampledToken, Sampler, S
 
 /// A backend whose KV cache just fits one sequence of `tokens` tokens (blocks in order), for
 /// steps of up to `step_tokens` tokens, every one of which may ask for logits.
-pub fn solo_backend(model: &ModelHandle, tokens: usize, step_tokens: usize) -> candle_core::Result<(Backend, Vec<u32>)> {
+pub fn solo_backend(
+    model: &ModelHandle,
+    tokens: usize,
+    step_tokens: usize,
+) -> candle_core::Result<(Backend, Vec<u32>)> {
     const BLOCK: usize = 16;
     let blocks = tokens.div_ceil(BLOCK).max(1);
     let backend = model.backend(blocks, BLOCK, step_tokens, step_tokens).map_err(candle_core::Error::Msg)?;

@@ -139,7 +139,11 @@ pub unsafe fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
             let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
             let d = amax / 127.0;
             let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-            let q = v.map(|r| _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(r, id))));
+            let q = v.map(|r| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                    r, id,
+                )))
+            });
             let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
             let t4 = _mm_add_epi32(_mm256_extracti128_si256(total, 1), _mm256_castsi256_si128(total));
             let t2 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
@@ -216,7 +220,10 @@ mod tests {
             let w = quant::parse_q4_0(&bytes(18));
             let one = unsafe { dot_q4_0::<1>(&w, [&a]) }[0];
             assert!(same(one, quant::dot_q4_0(&w, &a)));
-            assert_eq!(unsafe { dot_q4_0::<3>(&w, [&a2, &a, &a2]) }, [unsafe { dot_q4_0::<1>(&w, [&a2]) }[0], one, unsafe { dot_q4_0::<1>(&w, [&a2]) }[0]]);
+            assert_eq!(
+                unsafe { dot_q4_0::<3>(&w, [&a2, &a, &a2]) },
+                [unsafe { dot_q4_0::<1>(&w, [&a2]) }[0], one, unsafe { dot_q4_0::<1>(&w, [&a2]) }[0]]
+            );
             let w = quant::parse_q4_1(&bytes(20));
             let one = unsafe { dot_q4_1::<1>(&w, [&a]) }[0];
             assert!(same(one, quant::dot_q4_1(&w, &a)));

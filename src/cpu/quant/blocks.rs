@@ -56,9 +56,5 @@ pub trait WeightBlock: Sync + Sized {
 /// Element `e` of a 4-bit block: low nibbles are elements 0..16, high nibbles 16..32.
 #[inline(always)]
 pub(super) fn nibble(qs: &[u8; QK / 2], e: usize) -> u8 {
-    if e < QK / 2 {
-        qs[e] & 0x0F
-    } else {
-        qs[e - QK / 2] >> 4
-    }
+    if e < QK / 2 { qs[e] & 0x0F } else { qs[e - QK / 2] >> 4 }
 }

@@ -11,8 +11,8 @@ pub mod avx2;
 pub mod blocks;
 pub mod vnni;
 
-pub use blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
 use blocks::nibble;
+pub use blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, WeightBlock};
 
 fn f16_at(bytes: &[u8], at: usize) -> f16 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]])

@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use super::blocks::{nibble, ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, WeightBlock, QK};
+use super::blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, WeightBlock, nibble};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -65,11 +65,7 @@ pub trait PairFormat: WeightBlock + Copy {
     #[inline]
     fn value(stored: u8, d: f32, m: f32) -> f32 {
         let q = stored as i32 - if Self::ZERO_POINT { 1 << Self::ZERO_POINT_SHIFT } else { 0 };
-        if Self::OFFSET {
-            q as f32 * d + m
-        } else {
-            q as f32 * d
-        }
+        if Self::OFFSET { q as f32 * d + m } else { q as f32 * d }
     }
 
     fn dequantize(&self, out: &mut [f32]) {
@@ -139,12 +135,20 @@ impl<B: PairFormat> PackedWeights<B> {
     pub fn new(w: &[B], blocks: usize) -> Self {
         let n = w.len() / blocks;
         let pairs = n.div_ceil(2);
-        let mut packed = Self { n, blocks, values: units_for(pairs * blocks * Self::PAIR_BYTES), scales: Vec::with_capacity(pairs * blocks), _format: std::marker::PhantomData };
+        let mut packed = Self {
+            n,
+            blocks,
+            values: units_for(pairs * blocks * Self::PAIR_BYTES),
+            scales: Vec::with_capacity(pairs * blocks),
+            _format: std::marker::PhantomData,
+        };
         let bytes = units_as_bytes(&mut packed.values);
         let mut at = 0;
         let sources: [(usize, usize); 64] = std::array::from_fn(source_of);
         for pair in 0..pairs {
-            let row = |which: usize| (2 * pair + which < n).then(|| &w[(2 * pair + which) * blocks..(2 * pair + which + 1) * blocks]);
+            let row = |which: usize| {
+                (2 * pair + which < n).then(|| &w[(2 * pair + which) * blocks..(2 * pair + which + 1) * blocks])
+            };
             let (first, second) = (row(0), row(1));
             for b in 0..blocks {
                 // Both rows' stored values, then each register byte from its source.
@@ -161,7 +165,10 @@ impl<B: PairFormat> PackedWeights<B> {
                     *byte = if B::WIDE { value(j) } else { value(j) | (value(j + 32) << 4) };
                 }
                 at += Self::PAIR_BYTES;
-                let ((d0, m0), (d1, m1)) = (first.map_or((0.0, 0.0), |r| r[b].scale_and_min()), second.map_or((0.0, 0.0), |r| r[b].scale_and_min()));
+                let ((d0, m0), (d1, m1)) = (
+                    first.map_or((0.0, 0.0), |r| r[b].scale_and_min()),
+                    second.map_or((0.0, 0.0), |r| r[b].scale_and_min()),
+                );
                 packed.scales.push([d0, d1, m0, m1]);
             }
         }
@@ -198,7 +205,13 @@ impl<B: PairFormat> PackedWeights<B> {
             let values = &bytes[at * Self::PAIR_BYTES..][..Self::PAIR_BYTES];
             for (e, x) in o.iter_mut().enumerate() {
                 let p = register_byte(which, e);
-                let stored = if B::WIDE { values[p] } else if p < 32 { values[p] & 0x0F } else { values[p - 32] >> 4 };
+                let stored = if B::WIDE {
+                    values[p]
+                } else if p < 32 {
+                    values[p] & 0x0F
+                } else {
+                    values[p - 32] >> 4
+                };
                 *x = B::value(stored, scales[which], scales[2 + which]);
             }
         }
@@ -253,7 +266,8 @@ impl PackedActs {
         let m = acts.len() / blocks;
         let lane_sums = B::ZERO_POINT;
         let full = m / PANEL * PANEL;
-        let total = (full / PANEL * units_per_block(PANEL, lane_sums) + (m - full) * units_per_block(1, lane_sums)) * blocks;
+        let total =
+            (full / PANEL * units_per_block(PANEL, lane_sums) + (m - full) * units_per_block(1, lane_sums)) * blocks;
         let mut packed = Self { blocks, m, lane_sums, units: vec![Unit([0; 64]); total] };
         let bytes = units_as_bytes(&mut packed.units);
         let mut at = 0;
@@ -272,7 +286,8 @@ impl PackedActs {
                         for lane in 0..16 {
                             let group = (lane / 2) * 4;
                             let sum: i32 = block.qs[group..group + 4].iter().map(|&q| q as i32).sum();
-                            bytes[at + sums_at + i * 64 + lane * 4..][..4].copy_from_slice(&(-(sum << B::ZERO_POINT_SHIFT)).to_ne_bytes());
+                            bytes[at + sums_at + i * 64 + lane * 4..][..4]
+                                .copy_from_slice(&(-(sum << B::ZERO_POINT_SHIFT)).to_ne_bytes());
                         }
                     }
                     bytes[at + scales_at + i * 8..][..4].copy_from_slice(&block.d.to_ne_bytes());
@@ -289,14 +304,21 @@ impl PackedActs {
     pub fn panel(&self, first: usize, rows: usize) -> Panel<'_> {
         let full = self.m / PANEL * PANEL;
         let in_panels = rows == PANEL && first.is_multiple_of(PANEL) && first < full;
-        assert!(first + rows <= self.m && (in_panels || rows == 1 && first >= full), "no panel of {rows} rows at row {first}");
+        assert!(
+            first + rows <= self.m && (in_panels || rows == 1 && first >= full),
+            "no panel of {rows} rows at row {first}"
+        );
         let per_panel = self.blocks * units_per_block(PANEL, self.lane_sums);
         let start = if first < full {
             first / PANEL * per_panel
         } else {
             full / PANEL * per_panel + (first - full) * self.blocks * units_per_block(1, self.lane_sums)
         };
-        Panel { blocks: self.blocks, lane_sums: self.lane_sums, units: &self.units[start..start + self.blocks * units_per_block(rows, self.lane_sums)] }
+        Panel {
+            blocks: self.blocks,
+            lane_sums: self.lane_sums,
+            units: &self.units[start..start + self.blocks * units_per_block(rows, self.lane_sums)],
+        }
     }
 
     /// Rows that run in panels of PANEL (the rest run one at a time).
@@ -388,7 +410,13 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, pair: usi
 /// # Safety
 /// The CPU must support what `available` checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-pub unsafe fn columns<B: PairFormat>(w: &PackedWeights<B>, cols: std::ops::Range<usize>, panels: &[Panel], singles: &[Panel], mut set: impl FnMut(usize, usize, f32)) {
+pub unsafe fn columns<B: PairFormat>(
+    w: &PackedWeights<B>,
+    cols: std::ops::Range<usize>,
+    panels: &[Panel],
+    singles: &[Panel],
+    mut set: impl FnMut(usize, usize, f32),
+) {
     assert!(cols.start.is_multiple_of(2) && cols.end <= w.n);
     let full = panels.len() * PANEL;
     for pair in cols.start / 2..cols.end.div_ceil(2) {
@@ -429,7 +457,12 @@ mod tests {
         }
     }
 
-    fn check<B: PairFormat>(parse: fn(&[u8]) -> Vec<B>, dequantize: fn(&[B], &mut [f32]), block_bytes: usize, has_min: bool) {
+    fn check<B: PairFormat>(
+        parse: fn(&[u8]) -> Vec<B>,
+        dequantize: fn(&[B], &mut [f32]),
+        block_bytes: usize,
+        has_min: bool,
+    ) {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(21);
         for blocks in [1usize, 2, 5, 18, 49] {
             // An odd number of weight rows; one full panel of activations and two rows after it.
@@ -472,7 +505,11 @@ mod tests {
                 for (col, &value) in values.iter().enumerate() {
                     // llama.cpp's arithmetic, bit for bit (the plain kernel is its definition).
                     let want = B::dot(&w[col * blocks..(col + 1) * blocks], alone_acts);
-                    assert_eq!(value.to_bits(), want.to_bits(), "{blocks} blocks, row {row}, col {col}: {value} vs {want}");
+                    assert_eq!(
+                        value.to_bits(),
+                        want.to_bits(),
+                        "{blocks} blocks, row {row}, col {col}: {value} vs {want}"
+                    );
                     assert_eq!(value.to_bits(), alone[col].to_bits(), "grouping rows changes nothing");
                 }
             }

@@ -22,7 +22,9 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
     let mut reader = BufReader::new(File::open(path)?);
     let content = Content::read(&mut reader).map_err(bad)?;
     let mut h = Xxh3::new();
-    h.update(format!("braid {} kernels {};", env!("CARGO_PKG_VERSION"), crate::cpu::linear::kernel_family()).as_bytes());
+    h.update(
+        format!("braid {} kernels {};", env!("CARGO_PKG_VERSION"), crate::cpu::linear::kernel_family()).as_bytes(),
+    );
     let mut keys: Vec<&String> = content.metadata.keys().collect();
     keys.sort();
     for key in keys {
@@ -50,6 +52,13 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
 /// from, and what computes the K/V from them.
 pub fn dummy_fingerprint(preset: &str, seed: u64) -> u128 {
     let mut h = Xxh3::new();
-    h.update(format!("braid {} kernels {}; dummy {preset} seed {seed}", env!("CARGO_PKG_VERSION"), crate::cpu::linear::kernel_family()).as_bytes());
+    h.update(
+        format!(
+            "braid {} kernels {}; dummy {preset} seed {seed}",
+            env!("CARGO_PKG_VERSION"),
+            crate::cpu::linear::kernel_family()
+        )
+        .as_bytes(),
+    );
     h.digest128()
 }

@@ -6,7 +6,7 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::format::{check_header, read_header, FormatError, Header, HEADER_LEN};
+use super::format::{FormatError, HEADER_LEN, Header, check_header, read_header};
 use super::{block_name, is_temporary};
 
 /// The lock file at the top of a cache folder. Only its advisory lock matters; it holds the pid
@@ -36,12 +36,18 @@ pub fn lock(root: &Path) -> std::io::Result<FolderLock> {
                 Ok(pid) => format!("another process (pid {pid})"),
                 Err(_) => "another process".to_string(),
             };
-            let message = format!("in use by {holder}, which holds the lock on {}; give each braid process its own prompt cache folder", path.display());
+            let message = format!(
+                "in use by {holder}, which holds the lock on {}; give each braid process its own prompt cache folder",
+                path.display()
+            );
             return Err(std::io::Error::new(std::io::ErrorKind::ResourceBusy, message));
         }
         // A file system without advisory locks: the folder stays usable, unguarded.
         Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
-            tracing::warn!("prompt cache: cannot lock {} ({e}): make sure no other process uses the folder", path.display());
+            tracing::warn!(
+                "prompt cache: cannot lock {} ({e}): make sure no other process uses the folder",
+                path.display()
+            );
         }
         Err(fs::TryLockError::Error(e)) => return Err(e),
     }
@@ -146,14 +152,27 @@ pub struct Summary {
 pub fn summarize(root: &Path) -> std::io::Result<Vec<Summary>> {
     let mut out: Vec<(SystemTime, Summary)> = Vec::new();
     for found in scan(root, false, |_, _| {})? {
-        let folder = found.path.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let folder = found
+            .path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let at = match out.iter().position(|(_, s)| s.folder == folder) {
             Some(i) => i,
             None => {
                 let h = &found.header;
                 out.push((
                     SystemTime::UNIX_EPOCH,
-                    Summary { folder, model: h.model_name.clone(), block_size: h.identity.block_size, window: h.identity.window, blocks: 0, bytes: 0, idle_secs: 0 },
+                    Summary {
+                        folder,
+                        model: h.model_name.clone(),
+                        block_size: h.identity.block_size,
+                        window: h.identity.window,
+                        blocks: 0,
+                        bytes: 0,
+                        idle_secs: 0,
+                    },
                 ));
                 out.len() - 1
             }

@@ -185,7 +185,14 @@ mod tests {
     use super::*;
 
     fn identity() -> Identity {
-        Identity { fingerprint: 0x1234_5678_9abc_def0_1122_3344_5566_7788, block_size: 4, n_layer: 2, n_kv_head: 1, head_dim: 2, window: 0 }
+        Identity {
+            fingerprint: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+            block_size: 4,
+            n_layer: 2,
+            n_kv_head: 1,
+            head_dim: 2,
+            window: 0,
+        }
     }
 
     fn payload(id: &Identity) -> Vec<u8> {

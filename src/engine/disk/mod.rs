@@ -21,8 +21,8 @@
 //!   used; a file that fails is removed with a warning and the block is computed instead.
 
 mod fingerprint;
-mod format;
 pub mod folder;
+mod format;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -246,7 +246,8 @@ impl DiskCache {
         let mut blocks: Vec<_> = found.into_iter().collect();
         blocks.sort_by_key(|b| b.modified);
         for b in blocks {
-            let own = (b.header.identity == identity && b.path.parent() == Some(dir.as_path())).then_some(b.header.hash);
+            let own =
+                (b.header.identity == identity && b.path.parent() == Some(dir.as_path())).then_some(b.header.hash);
             if own.is_none() && b.path.parent() == Some(dir.as_path()) {
                 // Another identity's file in this identity's folder: never usable here.
                 tracing::warn!("prompt cache: removed {}: {}", b.path.display(), FormatError::OtherModel);

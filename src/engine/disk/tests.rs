@@ -267,7 +267,8 @@ fn prefetched_blocks_are_read_and_verified_on_the_reader_thread() {
     assert!(cache.take_loaded().is_none());
     assert!(cache.wait_loaded(Duration::from_millis(1)).is_none());
     gate.open();
-    let mut arrived: Vec<Loaded> = (0..3).map(|_| cache.wait_loaded(Duration::from_secs(60)).expect("the reader answers")).collect();
+    let mut arrived: Vec<Loaded> =
+        (0..3).map(|_| cache.wait_loaded(Duration::from_secs(60)).expect("the reader answers")).collect();
     arrived.sort_by_key(|l| l.hash);
     assert_eq!(arrived[0].bytes.as_deref(), Some(&payload(1)[..]));
     assert!(arrived[1].bytes.is_none() && !path.exists(), "the corrupt file is refused and removed by the reader");

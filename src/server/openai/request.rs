@@ -5,25 +5,53 @@
 use std::collections::HashMap;
 
 use serde::Deserialize;
-use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
-use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{
+    AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
+};
 
-use crate::server::ApiError;
 use crate::engine::SamplingParams;
+use crate::server::ApiError;
 
 /// Fields of OpenAI's API that braid does not implement yet.
 const UNSUPPORTED_CHAT: &[&str] = &[
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format", "audio",
-    "modalities", "prediction", "store", "metadata", "service_tier", "reasoning_effort", "web_search_options",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "audio",
+    "modalities",
+    "prediction",
+    "store",
+    "metadata",
+    "service_tier",
+    "reasoning_effort",
+    "web_search_options",
 ];
 const UNSUPPORTED_COMPLETION: &[&str] = &["echo", "suffix", "best_of", "response_format"];
 
 /// Fields of `CommonFields` (serde cannot refuse unknown fields through `flatten`, so the
 /// known ones are listed and checked by hand).
 pub(in crate::server) const COMMON: &[&str] = &[
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "logit_bias", "seed", "stop", "n", "ignore_eos", "user", "stream", "stream_options",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "n",
+    "ignore_eos",
+    "user",
+    "stream",
+    "stream_options",
 ];
 pub(in crate::server) const CHAT: &[&str] = &["model", "messages", "max_completion_tokens", "logprobs", "top_logprobs"];
 pub(in crate::server) const COMPLETION: &[&str] = &["model", "prompt", "logprobs"];
@@ -103,7 +131,9 @@ fn logit_bias_schema() -> impl Into<RefOr<Schema>> {
         .schema_type(SchemaType::Array(vec![Type::Object, Type::Null]))
         .property_names(Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[0-9]{1,10}$"))))
         .additional_properties(Some(AdditionalProperties::RefOr(RefOr::T(bias.into()))))
-        .description(Some("Token id (a decimal string, below the vocabulary size) to a bias from -100 to 100 added to its logit"))
+        .description(Some(
+            "Token id (a decimal string, below the vocabulary size) to a bias from -100 to 100 added to its logit",
+        ))
 }
 
 /// `stop`: one string or a list of them, each non-empty and at most `MAX_STOP_BYTES` bytes.
@@ -225,9 +255,13 @@ pub struct GenerationOptions {
 
 /// Parses a JSON body: malformed JSON, a non-object, an unsupported or unknown field all give
 /// a 400 that names the problem.
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], unsupported: &[&str], known: &[&[&str]]) -> Result<T, ApiError> {
-    let mut value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}")))?;
+pub fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    unsupported: &[&str],
+    known: &[&[&str]],
+) -> Result<T, ApiError> {
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("The request body is not valid JSON: {e}")))?;
     integral_floats_as_integers(&mut value);
     let Some(object) = value.as_object() else {
         return Err(ApiError::bad_request("The request body must be a JSON object"));
@@ -235,7 +269,10 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], unsupported: &[&s
     if let Some(field) = unsupported.iter().find(|f| object.get(**f).is_some_and(|v| !v.is_null())) {
         return Err(ApiError::invalid_param(field, format!("'{field}' is not supported by braid")));
     }
-    if let Some(field) = object.keys().find(|k| !known.iter().any(|list| list.contains(&k.as_str())) && !unsupported.contains(&k.as_str())) {
+    if let Some(field) = object
+        .keys()
+        .find(|k| !known.iter().any(|list| list.contains(&k.as_str())) && !unsupported.contains(&k.as_str()))
+    {
         return Err(ApiError::invalid_param(field, format!("Unknown field '{field}'")));
     }
     serde_path_to_error::deserialize(&value).map_err(|e| {
@@ -246,8 +283,15 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], unsupported: &[&s
             Some(path)
         } else {
             // Fields read through `#[serde(flatten)]` lose their path: read the common ones alone.
-            let common: serde_json::Map<String, serde_json::Value> = object.iter().filter(|(k, _)| COMMON.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
-            serde_path_to_error::deserialize::<_, CommonFields>(&serde_json::Value::Object(common)).err().map(|e| e.path().to_string()).filter(|p| p != ".")
+            let common: serde_json::Map<String, serde_json::Value> = object
+                .iter()
+                .filter(|(k, _)| COMMON.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            serde_path_to_error::deserialize::<_, CommonFields>(&serde_json::Value::Object(common))
+                .err()
+                .map(|e| e.path().to_string())
+                .filter(|p| p != ".")
         };
         let at = param.as_ref().map_or(String::new(), |p| format!("'{p}': "));
         ApiError { param, ..ApiError::bad_request(format!("Invalid request: {at}{message}")) }
@@ -284,7 +328,10 @@ fn float(param: &str, value: Option<f64>, default: f32, range: std::ops::RangeIn
     match value {
         None => Ok(default),
         Some(v) if v.is_finite() && range.contains(&v) => Ok(v as f32),
-        Some(v) => Err(ApiError::invalid_param(param, format!("'{param}' must be between {} and {}, got {v}", range.start(), range.end()))),
+        Some(v) => Err(ApiError::invalid_param(
+            param,
+            format!("'{param}' must be between {} and {}, got {v}", range.start(), range.end()),
+        )),
     }
 }
 
@@ -292,12 +339,19 @@ impl CommonFields {
     /// Checks every field; `max_tokens` is the endpoint's own (chat also accepts
     /// `max_completion_tokens`) with the field's name, `logprobs` its reading of the logprobs
     /// fields; `vocab_size` bounds `logit_bias`'s token ids.
-    pub fn options(&self, max_tokens: Option<(&str, i64)>, logprobs: Option<usize>, vocab_size: usize) -> Result<GenerationOptions, ApiError> {
+    pub fn options(
+        &self,
+        max_tokens: Option<(&str, i64)>,
+        logprobs: Option<usize>,
+        vocab_size: usize,
+    ) -> Result<GenerationOptions, ApiError> {
         let max_tokens = match max_tokens {
             None => None,
             // (Past the context, which the prompt's length decides: a 400 there.)
             Some((_, v)) if v >= 1 => Some(usize::try_from(v).unwrap_or(usize::MAX)),
-            Some((param, v)) => return Err(ApiError::invalid_param(param, format!("'{param}' must be at least 1, got {v}"))),
+            Some((param, v)) => {
+                return Err(ApiError::invalid_param(param, format!("'{param}' must be at least 1, got {v}")));
+            }
         };
         let n = match self.n {
             None => 1,
@@ -314,7 +368,9 @@ impl CommonFields {
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(v) if v > 0 => v as usize,
-            Some(v) => return Err(ApiError::invalid_param("top_k", format!("'top_k' must be -1, 0 or positive, got {v}"))),
+            Some(v) => {
+                return Err(ApiError::invalid_param("top_k", format!("'top_k' must be -1, 0 or positive, got {v}")));
+            }
         };
         let min_p = float("min_p", self.min_p, 0.0, 0.0..=1.0)?;
         let presence_penalty = float("presence_penalty", self.presence_penalty, 0.0, -2.0..=2.0)?;
@@ -322,19 +378,30 @@ impl CommonFields {
         let repetition_penalty = float("repetition_penalty", self.repetition_penalty, 1.0, 0.01..=10.0)?;
         let mut logit_bias = Vec::new();
         for (token, bias) in self.logit_bias.iter().flatten() {
-            let id: u32 = token.parse().map_err(|_| ApiError::invalid_param("logit_bias", format!("logit_bias key '{token}' is not a token id")))?;
+            let id: u32 = token.parse().map_err(|_| {
+                ApiError::invalid_param("logit_bias", format!("logit_bias key '{token}' is not a token id"))
+            })?;
             if id as usize >= vocab_size {
-                return Err(ApiError::invalid_param("logit_bias", format!("logit_bias key '{token}' is outside the vocabulary (size {vocab_size})")));
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("logit_bias key '{token}' is outside the vocabulary (size {vocab_size})"),
+                ));
             }
             if !(-100.0..=100.0).contains(bias) {
-                return Err(ApiError::invalid_param("logit_bias", format!("logit_bias values must be between -100 and 100, got {bias}")));
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("logit_bias values must be between -100 and 100, got {bias}"),
+                ));
             }
             logit_bias.push((id, *bias as f32));
         }
         logit_bias.sort_by_key(|b| b.0);
         // Keys such as "7" and "07" name one token: its bias would count twice.
         if let Some(pair) = logit_bias.windows(2).find(|p| p[0].0 == p[1].0) {
-            return Err(ApiError::invalid_param("logit_bias", format!("logit_bias names token {} more than once", pair[0].0)));
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!("logit_bias names token {} more than once", pair[0].0),
+            ));
         }
         let stop = match &self.stop {
             None => Vec::new(),
@@ -345,12 +412,18 @@ impl CommonFields {
             return Err(ApiError::invalid_param("stop", format!("'stop' takes at most {MAX_STOPS} non-empty strings")));
         }
         if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
-            return Err(ApiError::invalid_param("stop", format!("each 'stop' string may be at most {MAX_STOP_BYTES} bytes, got one of {}", long.len())));
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!("each 'stop' string may be at most {MAX_STOP_BYTES} bytes, got one of {}", long.len()),
+            ));
         }
         let seed = self.seed.map(|s| s as u64);
         let stream = self.stream.unwrap_or(false);
         if self.stream_options.is_some() && !stream {
-            return Err(ApiError::invalid_param("stream_options", "'stream_options' is only allowed with 'stream': true"));
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                "'stream_options' is only allowed with 'stream': true",
+            ));
         }
         let params = SamplingParams {
             temperature,
@@ -383,14 +456,22 @@ impl CommonFields {
 impl ChatRequest {
     pub fn options(&self, vocab_size: usize) -> Result<GenerationOptions, ApiError> {
         if self.common.max_tokens.is_some() && self.max_completion_tokens.is_some() {
-            return Err(ApiError::invalid_param("max_completion_tokens", "give only one of 'max_tokens' and 'max_completion_tokens'"));
+            return Err(ApiError::invalid_param(
+                "max_completion_tokens",
+                "give only one of 'max_tokens' and 'max_completion_tokens'",
+            ));
         }
         let top = match (self.logprobs, self.top_logprobs) {
             (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&k) => {
-                return Err(ApiError::invalid_param("top_logprobs", format!("'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {k}")));
+                return Err(ApiError::invalid_param(
+                    "top_logprobs",
+                    format!("'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                ));
             }
             (Some(true), k) => Some(k.unwrap_or(0) as usize),
-            (_, Some(_)) => return Err(ApiError::invalid_param("top_logprobs", "'top_logprobs' requires 'logprobs': true")),
+            (_, Some(_)) => {
+                return Err(ApiError::invalid_param("top_logprobs", "'top_logprobs' requires 'logprobs': true"));
+            }
             _ => None,
         };
         let max_tokens = match (self.max_completion_tokens, self.common.max_tokens) {
@@ -413,11 +494,19 @@ impl ChatRequest {
                     "system" | "user" | "assistant" => m.role.as_str(),
                     "developer" => "system",
                     other => {
-                        return Err(ApiError::invalid_param(&format!("messages[{i}].role"), format!("role '{other}' is not supported (system, user, assistant)")));
+                        return Err(ApiError::invalid_param(
+                            &format!("messages[{i}].role"),
+                            format!("role '{other}' is not supported (system, user, assistant)"),
+                        ));
                     }
                 };
                 let content = match &m.content {
-                    None => return Err(ApiError::invalid_param(&format!("messages[{i}].content"), "message content is missing")),
+                    None => {
+                        return Err(ApiError::invalid_param(
+                            &format!("messages[{i}].content"),
+                            "message content is missing",
+                        ));
+                    }
                     Some(Content::Text(t)) => t.clone(),
                     Some(Content::Parts(parts)) => {
                         let mut text = String::new();
@@ -425,7 +514,10 @@ impl ChatRequest {
                             match (part.kind.as_str(), &part.text) {
                                 ("text", Some(t)) => text.push_str(t),
                                 (kind, _) => {
-                                    return Err(ApiError::invalid_param(&format!("messages[{i}].content"), format!("content part of type '{kind}' is not supported (text only)")));
+                                    return Err(ApiError::invalid_param(
+                                        &format!("messages[{i}].content"),
+                                        format!("content part of type '{kind}' is not supported (text only)"),
+                                    ));
                                 }
                             }
                         }
@@ -447,10 +539,16 @@ impl CompletionRequest {
         let top = match self.logprobs {
             None => None,
             Some(k) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Some(k as usize),
-            Some(k) => return Err(ApiError::invalid_param("logprobs", format!("'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"))),
+            Some(k) => {
+                return Err(ApiError::invalid_param(
+                    "logprobs",
+                    format!("'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+                ));
+            }
         };
         // Legacy completions default to 16 tokens, as OpenAI's do.
-        let mut options = self.common.options(Some(("max_tokens", self.common.max_tokens.unwrap_or(16))), top, vocab_size)?;
+        let mut options =
+            self.common.options(Some(("max_tokens", self.common.max_tokens.unwrap_or(16))), top, vocab_size)?;
         if self.common.max_tokens.is_none() {
             options.max_tokens = Some(16);
         }

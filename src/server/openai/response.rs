@@ -334,7 +334,12 @@ mod tests {
     use super::*;
 
     fn usage() -> Usage {
-        Usage { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10, prompt_tokens_details: PromptTokensDetails { cached_tokens: 4 } }
+        Usage {
+            prompt_tokens: 7,
+            completion_tokens: 3,
+            total_tokens: 10,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: 4 },
+        }
     }
 
     /// A logprob as the engine makes it: an f32.
@@ -356,7 +361,11 @@ mod tests {
                         token: "Hi".into(),
                         logprob: LP.into(),
                         bytes: b"Hi".to_vec(),
-                        top_logprobs: vec![TopLogprob { token: "Hi".into(), logprob: LP.into(), bytes: b"Hi".to_vec() }],
+                        top_logprobs: vec![TopLogprob {
+                            token: "Hi".into(),
+                            logprob: LP.into(),
+                            bytes: b"Hi".to_vec(),
+                        }],
                     }],
                 }),
                 finish_reason: FinishReason::Length,
@@ -376,10 +385,21 @@ mod tests {
         assert_eq!(serde_json::to_value(&body).unwrap(), expected);
         // The field order is OpenAI's, and the number the same text.
         let text = serde_json::to_string(&body).unwrap();
-        assert!(text.starts_with(r#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"m","#), "{text}");
+        assert!(
+            text.starts_with(r#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"m","#),
+            "{text}"
+        );
         assert!(text.contains(r#""logprob":-0.10000000149011612,"#), "{text}");
         // A logprob JSON cannot write is null, as before.
-        assert_eq!(serde_json::to_string(&TopLogprob { token: String::new(), logprob: f32::NEG_INFINITY.into(), bytes: vec![] }).unwrap(), r#"{"token":"","logprob":null,"bytes":[]}"#);
+        assert_eq!(
+            serde_json::to_string(&TopLogprob {
+                token: String::new(),
+                logprob: f32::NEG_INFINITY.into(),
+                bytes: vec![]
+            })
+            .unwrap(),
+            r#"{"token":"","logprob":null,"bytes":[]}"#
+        );
     }
 
     #[test]
@@ -390,7 +410,12 @@ mod tests {
             created: 1,
             model: "m".into(),
             system_fingerprint: "f".into(),
-            choices: vec![ChatChunkChoice { index: 0, delta: ChatDelta { role, content: String::new() }, logprobs: None, finish_reason: finish }],
+            choices: vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta { role, content: String::new() },
+                logprobs: None,
+                finish_reason: finish,
+            }],
             usage,
         };
         assert_eq!(
@@ -401,7 +426,10 @@ mod tests {
         let value = serde_json::to_value(chunk(None, Some(FinishReason::Stop), Some(None))).unwrap();
         assert_eq!(value["usage"], serde_json::Value::Null);
         assert!(value.as_object().unwrap().contains_key("usage"));
-        assert_eq!(value["choices"][0], json!({"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "stop"}));
+        assert_eq!(
+            value["choices"][0],
+            json!({"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "stop"})
+        );
 
         let text = TextCompletionChunk {
             id: "cmpl-1".into(),
@@ -415,7 +443,10 @@ mod tests {
                 logprobs: Some(CompletionLogprobs {
                     tokens: vec![" world".into()],
                     token_logprobs: vec![LP.into()],
-                    top_logprobs: vec![BTreeMap::from([(" world".to_string(), LP.into()), (" there".to_string(), (-2.5f32).into())])],
+                    top_logprobs: vec![BTreeMap::from([
+                        (" world".to_string(), LP.into()),
+                        (" there".to_string(), (-2.5f32).into()),
+                    ])],
                     text_offset: vec![5],
                 }),
                 finish_reason: None,
@@ -436,15 +467,41 @@ mod tests {
 
     #[test]
     fn the_small_bodies() {
-        let models = ModelList { object: ListObject::Tag, data: vec![ModelCard { id: "m".into(), object: ModelObject::Tag, created: 5, owned_by: "braid".into(), max_model_len: 8192 }] };
-        assert_eq!(serde_json::to_value(models).unwrap(), json!({"object": "list", "data": [{"id": "m", "object": "model", "created": 5, "owned_by": "braid", "max_model_len": 8192}]}));
+        let models = ModelList {
+            object: ListObject::Tag,
+            data: vec![ModelCard {
+                id: "m".into(),
+                object: ModelObject::Tag,
+                created: 5,
+                owned_by: "braid".into(),
+                max_model_len: 8192,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(models).unwrap(),
+            json!({"object": "list", "data": [{"id": "m", "object": "model", "created": 5, "owned_by": "braid", "max_model_len": 8192}]})
+        );
         let health = Health { status: HealthOk::Tag, running: 1, waiting: 2, replica: "r".into() };
-        assert_eq!(serde_json::to_value(health).unwrap(), json!({"status": "ok", "running": 1, "waiting": 2, "replica": "r"}));
+        assert_eq!(
+            serde_json::to_value(health).unwrap(),
+            json!({"status": "ok", "running": 1, "waiting": 2, "replica": "r"})
+        );
         let failure = HealthFailure { status: HealthError::Tag, reason: "boom".into(), replica: "r".into() };
-        assert_eq!(serde_json::to_value(failure).unwrap(), json!({"status": "error", "reason": "boom", "replica": "r"}));
-        let error = ErrorBody { error: ErrorDetail { message: "no".into(), kind: "invalid_request_error".into(), param: None, code: None } };
-        assert_eq!(serde_json::to_value(error).unwrap(), json!({"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}}));
-        assert_eq!(serde_json::to_value(TokenizeResponse { tokens: vec![1, 2], count: 2, max_model_len: 9 }).unwrap(), json!({"tokens": [1, 2], "count": 2, "max_model_len": 9}));
+        assert_eq!(
+            serde_json::to_value(failure).unwrap(),
+            json!({"status": "error", "reason": "boom", "replica": "r"})
+        );
+        let error = ErrorBody {
+            error: ErrorDetail { message: "no".into(), kind: "invalid_request_error".into(), param: None, code: None },
+        };
+        assert_eq!(
+            serde_json::to_value(error).unwrap(),
+            json!({"error": {"message": "no", "type": "invalid_request_error", "param": null, "code": null}})
+        );
+        assert_eq!(
+            serde_json::to_value(TokenizeResponse { tokens: vec![1, 2], count: 2, max_model_len: 9 }).unwrap(),
+            json!({"tokens": [1, 2], "count": 2, "max_model_len": 9})
+        );
         assert_eq!(serde_json::to_value(DetokenizeResponse { prompt: "x".into() }).unwrap(), json!({"prompt": "x"}));
     }
 }

@@ -32,20 +32,31 @@ fn unknown_and_unsupported_fields_are_named() {
 
 #[test]
 fn ranges_are_checked() {
-    let opts = |extra: &str| chat(&format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}] {extra}}}"#)).unwrap().options(VOCAB);
+    let opts = |extra: &str| {
+        chat(&format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}] {extra}}}"#))
+            .unwrap()
+            .options(VOCAB)
+    };
     assert_eq!(opts(r#", "max_tokens": -1"#).unwrap_err().param.as_deref(), Some("max_tokens"));
     assert_eq!(opts(r#", "temperature": -0.5"#).unwrap_err().param.as_deref(), Some("temperature"));
     assert_eq!(opts(r#", "n": 0"#).unwrap_err().param.as_deref(), Some("n"));
     assert_eq!(opts(r#", "top_logprobs": 3"#).unwrap_err().param.as_deref(), Some("top_logprobs"));
     assert_eq!(opts(r#", "logit_bias": {"abc": 1}"#).unwrap_err().param.as_deref(), Some("logit_bias"));
-    let ok = opts(r#", "max_tokens": 5, "temperature": 0, "stop": "\n", "n": 2, "logprobs": true, "top_logprobs": 3, "seed": 7"#).unwrap();
+    let ok = opts(
+        r#", "max_tokens": 5, "temperature": 0, "stop": "\n", "n": 2, "logprobs": true, "top_logprobs": 3, "seed": 7"#,
+    )
+    .unwrap();
     assert_eq!((ok.max_tokens, ok.n, ok.logprobs, ok.params.seed), (Some(5), 2, Some(3), Some(7)));
     assert_eq!(ok.stop, vec!["\n".to_string()]);
 }
 
 #[test]
 fn stop_strings_logit_bias_and_tiny_values() {
-    let opts = |extra: &str| chat(&format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}] {extra}}}"#)).unwrap().options(VOCAB);
+    let opts = |extra: &str| {
+        chat(&format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "x"}}] {extra}}}"#))
+            .unwrap()
+            .options(VOCAB)
+    };
     let long = "é".repeat(129); // 258 bytes in 129 characters
     assert_eq!(opts(&format!(r#", "stop": "{long}""#)).unwrap_err().param.as_deref(), Some("stop"));
     assert_eq!(opts(&format!(r#", "stop": ["a", "{}"]"#, "x".repeat(257))).unwrap_err().param.as_deref(), Some("stop"));
@@ -55,7 +66,10 @@ fn stop_strings_logit_bias_and_tiny_values() {
     assert_eq!(e.param.as_deref(), Some("logit_bias"));
     assert!(e.message.contains("vocabulary"), "{}", e.message);
     assert_eq!(opts(r#", "logit_bias": {"7": 1, "007": 1}"#).unwrap_err().param.as_deref(), Some("logit_bias"));
-    assert_eq!(opts(r#", "logit_bias": {"49151": -100, "0": 100}"#).unwrap().params.logit_bias, vec![(0, 100.0), (49151, -100.0)]);
+    assert_eq!(
+        opts(r#", "logit_bias": {"49151": -100, "0": 100}"#).unwrap().params.logit_bias,
+        vec![(0, 100.0), (49151, -100.0)]
+    );
     // A top-p below f32's range still keeps the best token; a temperature below it is greedy.
     let tiny = opts(r#", "top_p": 1e-300, "temperature": 1e-300"#).unwrap();
     assert_eq!((tiny.params.top_p, tiny.params.temperature), (f32::MIN_POSITIVE, 0.0));
@@ -83,19 +97,26 @@ fn type_errors_name_the_field() {
 mod properties {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::{json, Value};
+    use serde_json::{Value, json};
 
     /// JSON values, extremes favoured: integers at i64's and u64's ends, floats tiny,
     /// subnormal and huge, digit strings (token ids), long strings, nested lists and maps.
     fn value() -> impl Strategy<Value = Value> {
         let float = prop_oneof![
-            proptest::sample::select(vec![0.0, -0.0, 1e-40, 5e-324, 1e-5, 0.5, 1.0, 2.0, 2.0000001, 10.0, 100.0, 100.5, 1e30, 1e308, -1e308, -2.0, -100.0]),
+            proptest::sample::select(vec![
+                0.0, -0.0, 1e-40, 5e-324, 1e-5, 0.5, 1.0, 2.0, 2.0000001, 10.0, 100.0, 100.5, 1e30, 1e308, -1e308,
+                -2.0, -100.0
+            ]),
             any::<f64>(),
         ];
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
-            prop_oneof![proptest::sample::select(vec![i64::MIN, i64::MAX, -1, 0, 1, 16, 17, 20, 21, 49151, 49152]), any::<i64>()].prop_map(Value::from),
+            prop_oneof![
+                proptest::sample::select(vec![i64::MIN, i64::MAX, -1, 0, 1, 16, 17, 20, 21, 49151, 49152]),
+                any::<i64>()
+            ]
+            .prop_map(Value::from),
             any::<u64>().prop_map(Value::from),
             float.prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
             "[0-9]{1,12}".prop_map(Value::from),
@@ -106,7 +127,8 @@ mod properties {
         leaf.prop_recursive(3, 48, 8, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
-                proptest::collection::vec(("[0-9]{1,6}|type|text|role|content|include_usage|[a-z]{1,8}", inner), 0..8).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                proptest::collection::vec(("[0-9]{1,6}|type|text|role|content|include_usage|[a-z]{1,8}", inner), 0..8)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
             ]
         })
     }
@@ -186,5 +208,8 @@ fn completion_prompts_take_every_form() {
         let r = parse_completion(format!(r#"{{"model": "m", "prompt": {body}}}"#).as_bytes()).unwrap();
         assert_eq!(r.options(VOCAB).unwrap().max_tokens, Some(16));
     }
-    assert_eq!(parse_completion(br#"{"model": "m", "prompt": "x", "echo": true}"#).unwrap_err().param.as_deref(), Some("echo"));
+    assert_eq!(
+        parse_completion(br#"{"model": "m", "prompt": "x", "echo": true}"#).unwrap_err().param.as_deref(),
+        Some("echo")
+    );
 }
