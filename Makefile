@@ -25,8 +25,10 @@ model:
 build:
 	$(CARGO) build --release
 
-# Lints the CPU build and the CUDA path (the latter without nvcc: BRAID_CUDA_CHECK_ONLY).
+# Checks the formatting (rustfmt.toml), then lints the CPU build and the CUDA path (the latter
+# without nvcc: BRAID_CUDA_CHECK_ONLY).
 clippy:
+	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	BRAID_CUDA_CHECK_ONLY=1 $(CARGO) clippy --release --features cuda --all-targets -- -D warnings
 
