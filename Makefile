@@ -16,7 +16,7 @@ test: model .venv/ok
 
 .venv/ok:
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet --disable-pip-version-check openai==3.63.0 pytest==9.2.0 httpx==0.29.0 schemathesis==4.32.5 hypothesis==6.170.29
+	.venv/bin/pip install --quiet --disable-pip-version-check openai==3.63.0 pytest==9.2.0 httpx==0.29.0 schemathesis==4.32.5 hypothesis==6.170.29 jsonschema==4.26.0
 	touch $@
 
 model:
