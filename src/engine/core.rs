@@ -3,7 +3,7 @@
 //! `Request`, `step` advances every running request by one forward pass, `abort` removes. What
 //! runs when, and what a step's tokens do to each request, is the scheduler's.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
@@ -397,10 +397,8 @@ impl Engine {
                 slots,
             );
         }
-        let never_started: HashSet<RequestId> =
-            self.scheduler.waiting().iter().filter(|s| !s.admitted).map(|s| s.id).collect();
         let scheduled = self.scheduler.schedule(&mut self.blocks);
-        scheduled.iter().filter(|s| never_started.contains(&s.id)).for_each(|s| on_start(s.id));
+        self.scheduler.started().iter().for_each(|&id| on_start(id));
         if let Some(disk) = &self.disk {
             tiering::spill_evicted(disk, &mut self.blocks, self.backend.block_store());
         }

@@ -78,12 +78,25 @@ pub struct Scheduler {
     running: Vec<Sequence>,
     /// Not yet admitted (or preempted), in arrival order.
     waiting: VecDeque<Sequence>,
+    /// Requests the last `schedule` admitted for the first time (not readmissions).
+    started: Vec<RequestId>,
     counters: Counters,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
-        Self { config, running: Vec::new(), waiting: VecDeque::new(), counters: Counters::default() }
+        Self {
+            config,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            started: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The requests the last `schedule` admitted for the first time: their wait is over.
+    pub fn started(&self) -> &[RequestId] {
+        &self.started
     }
 
     /// Queues a request behind those waiting.
@@ -169,6 +182,7 @@ impl Scheduler {
     pub fn schedule(&mut self, blocks: &mut BlockManager) -> Vec<Scheduled> {
         let mut budget = self.config.max_num_batched_tokens;
         let mut out = Vec::new();
+        self.started.clear();
         // Decodes before prefill chunks, so a long prompt never delays the next token of a
         // running sequence by more than one chunk.
         let mut order: Vec<usize> = (0..self.running.len()).collect();
@@ -246,6 +260,7 @@ impl Scheduler {
                 self.counters.preempted_reuse_tokens += seq.num_computed as u64;
             } else {
                 seq.admitted = true;
+                self.started.push(seq.id);
                 seq.cached_tokens = hit_tokens;
                 self.counters.prefix_hit_tokens += hit_tokens as u64;
                 self.counters.prefix_hit_tokens_disk += (from_disk * blocks.block_size()).min(hit_tokens) as u64;
