@@ -45,7 +45,7 @@ fn matmul(c: &mut Criterion) {
 
 fn attention(c: &mut Criterion) {
     // SmolLM2's heads: 9 query heads, 3 KV heads of 64.
-    let shape = AttentionShape { n_head: 9, n_kv_head: 3, head_dim: 64 };
+    let shape = AttentionShape::global(9, 3, 64);
     let width = shape.n_kv_head * shape.head_dim;
     let block = 16;
     let mut group = c.benchmark_group("paged_attention");

@@ -21,8 +21,8 @@ pub enum ModelError {
         "model file is truncated: tensor '{tensor}' needs bytes up to offset {needed}, but the file has only {size} bytes"
     )]
     Truncated { tensor: String, needed: u64, size: u64 },
-    #[error("unsupported model architecture '{0}' (supported: llama, qwen2)")]
-    UnsupportedArchitecture(String),
+    #[error("unsupported model architecture '{name}' (braid runs: {supported})")]
+    UnsupportedArchitecture { name: String, supported: &'static str },
     #[error("tensor '{tensor}' has type {dtype:?}, which braid cannot compute with")]
     UnsupportedTensorType { tensor: String, dtype: GgmlDType },
     #[error("GGUF metadata key '{0}' is missing")]

@@ -78,6 +78,18 @@ pub struct AttentionShape {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
+    /// The factor on scores (1/sqrt(head_dim) for most models).
+    pub scale: f32,
+    /// The layer's sliding window: a token at position j sees positions i with j - i < window.
+    /// Applies on top of the sequence's own window (`SeqSlice::window`).
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// A layer seeing everything, with the usual 1/sqrt(head_dim) scale.
+    pub fn global(n_head: usize, n_kv_head: usize, head_dim: usize) -> Self {
+        Self { n_head, n_kv_head, head_dim, scale: 1.0 / (head_dim as f32).sqrt(), window: None }
+    }
 }
 
 /// Writes this step's K/V rows (`[T, n_kv_head * head_dim]`, rope already applied) into the
@@ -98,7 +110,7 @@ pub fn paged_attention(
     q: &[f32],
     shape: &AttentionShape,
 ) -> Vec<f32> {
-    let AttentionShape { n_head, n_kv_head, head_dim } = *shape;
+    let AttentionShape { n_head, n_kv_head, head_dim, .. } = *shape;
     let group = n_head / n_kv_head;
     let tasks: Vec<(Tile, usize)> =
         plan.tiles.iter().flat_map(|&tile| (0..n_kv_head).map(move |g| (tile, g))).collect();
@@ -180,16 +192,18 @@ unsafe fn attend_tile_avx512(job: &TileJob, scratch: &mut Scratch, out: &mut [f3
 #[inline(always)]
 fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32]) {
     let TileJob { plan, seq, layer, q, shape, tile, g } = *job;
-    let AttentionShape { n_head, n_kv_head, head_dim } = *shape;
+    let AttentionShape { n_head, n_kv_head, head_dim, scale, window: layer_window } = *shape;
     let group = n_head / n_kv_head;
     let width = n_kv_head * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     // The last token sees the most: positions 0..=pos + len - 1.
     let n_ctx = tile.pos + tile.len;
     let Scratch { slots, queries, steps, token_keys, key_row, keys_t, exponents } = scratch;
     // Keys some row of the tile sees: all, or under a window the kept ones and the recent ones.
     // Each is the offset of its row (KV head `g`) in the layer's cache.
-    let needed = |i: usize| seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos));
+    let needed = |i: usize| {
+        seq.window.is_none_or(|w| i < w.keep || i >= w.first_visible(tile.pos))
+            && layer_window.is_none_or(|w| i + w > tile.pos)
+    };
     slots.clear();
     slots.extend((0..n_ctx).map(|i| {
         if needed(i) { slot_of(&seq.block_table, plan.block_size, i) * width + g * head_dim } else { usize::MAX }
@@ -211,7 +225,7 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
     }
     // Scores (into each step's `ms` for now): row r = (token r / group, head r % group) scores
     // the keys it sees, in order.
-    let windowed = seq.window.is_some();
+    let windowed = seq.window.is_some() || layer_window.is_some();
     if S == f16_ops::AVX512 && rows >= KEY_BLOCK_ROWS && !windowed {
         // Many rows (a prefill tile): keys in blocks of 16, each block converted once for all
         // rows and scored 16 keys to a register.
@@ -239,7 +253,8 @@ fn attend_tile<const S: u8>(job: &TileJob, scratch: &mut Scratch, out: &mut [f32
             }
             let key = &layer.k[slot..slot + head_dim];
             for (token, keys) in token_keys[..tile.len].iter_mut().enumerate().skip(i.saturating_sub(tile.pos)) {
-                if seq.window.is_some_and(|w| !w.sees(tile.pos + token, i)) {
+                let j = tile.pos + token;
+                if seq.window.is_some_and(|w| !w.sees(j, i)) || layer_window.is_some_and(|w| i + w <= j) {
                     continue;
                 }
                 if windowed {
@@ -354,7 +369,7 @@ mod tests {
         let mut layer = LayerKv { k: vec![f16::ZERO; 16 * bs * width], v: vec![f16::ZERO; 16 * bs * width] };
         let kv: Vec<f32> = (0..total * width).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let q: Vec<f32> = (0..total * n_head * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-        let shape = AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd };
+        let shape = AttentionShape::global(n_head, n_kv, hd);
         let mut all = FlatBatch::default();
         all.push(&vec![0; total], total, table.clone(), true);
         let plan = AttentionPlan::new(&all, bs);
@@ -390,7 +405,7 @@ mod tests {
                 batch.push(&vec![0; total], total, table, true);
                 let plan = AttentionPlan::new(&batch, bs);
                 write_kv(&plan, &mut layer, &kv, &kv, width);
-                let shape = AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd };
+                let shape = AttentionShape::global(n_head, n_kv, hd);
                 let group = n_head / n_kv;
                 for (tile, g) in plan.tiles.iter().flat_map(|&t| (0..n_kv).map(move |g| (t, g))) {
                     let run = |level: u8| {
@@ -455,8 +470,7 @@ mod tests {
             }
             let plan = AttentionPlan::new(&batch, bs);
             write_kv(&plan, &mut layer, &kn, &vn, width);
-            let got =
-                paged_attention(&batch, &plan, &layer, &q, &AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd });
+            let got = paged_attention(&batch, &plan, &layer, &q, &AttentionShape::global(n_head, n_kv, hd));
             let mut t = 0;
             for (s, &(past, new)) in shapes.iter().enumerate() {
                 for j in past..past + new {
@@ -508,7 +522,7 @@ mod tests {
         // The new tokens' own blocks are present, so planning their writes is fine.
         let plan = AttentionPlan::new(&batch, bs);
         let q: Vec<f32> = (0..new * n_head * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-        let got = paged_attention(&batch, &plan, &layer, &q, &AttentionShape { n_head, n_kv_head: n_kv, head_dim: hd });
+        let got = paged_attention(&batch, &plan, &layer, &q, &AttentionShape::global(n_head, n_kv, hd));
         for t in 0..new {
             let j = past + t;
             let seen: Vec<usize> = (0..=j).filter(|&i| window.sees(j, i)).collect();

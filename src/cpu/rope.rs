@@ -1,23 +1,23 @@
 //! Rotary position embeddings, applied in place to rows of `n_heads * head_dim` floats.
 
 /// How rotary embeddings pair up the dimensions of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RopeStyle {
     /// Adjacent pairs (x[2i], x[2i+1]): llama.cpp's "norm" rope, used by GGUF llama files whose
     /// Q/K rows were permuted at conversion.
+    #[default]
     Interleaved,
     /// Halves (x[i], x[i + d/2]): GPT-NeoX style, used by Qwen2.
     Neox,
 }
 
 /// Rope frequency scaling declared in the metadata.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum RopeScaling {
+    #[default]
     None,
     /// Positions are divided by `factor`.
-    Linear {
-        factor: f32,
-    },
+    Linear { factor: f32 },
 }
 
 #[derive(Debug, Clone)]

@@ -275,6 +275,17 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     silu_mul_plain(gate, up, out)
 }
 
+/// GeGLU with GELU's tanh approximation, `gelu(gate) * up` (Gemma's feed-forward network), as
+/// transformers' `gelu_pytorch_tanh` defines it, in f32.
+pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() == out.len() && up.len() == out.len());
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for ((o, &x), &u) in out.iter_mut().zip(gate).zip(up) {
+        let inner = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
+        *o = 0.5 * x * (1.0 + inner.tanh()) * u;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

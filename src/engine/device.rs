@@ -5,18 +5,18 @@ use std::sync::Arc;
 
 use crate::backend::RowChoice;
 use crate::backend::{BlockStore, FlatBatch, RowOutput};
-use crate::model::{KvCache, Llama, ModelConfig};
+use crate::model::{Decoder, KvCache, ModelConfig};
 
 /// A loaded model, shareable between engines (weights are read-only).
 #[derive(Clone)]
 pub enum ModelHandle {
-    Cpu(Arc<Llama>),
+    Cpu(Arc<Decoder>),
     #[cfg(feature = "cuda")]
     Cuda(Arc<crate::gpu::CudaWeights>),
 }
 
-impl From<Arc<Llama>> for ModelHandle {
-    fn from(model: Arc<Llama>) -> Self {
+impl From<Arc<Decoder>> for ModelHandle {
+    fn from(model: Arc<Decoder>) -> Self {
         ModelHandle::Cpu(model)
     }
 }
@@ -111,7 +111,7 @@ fn available_memory() -> Option<usize> {
 
 pub enum Backend {
     Cpu {
-        model: Arc<Llama>,
+        model: Arc<Decoder>,
         kv: KvCache,
     },
     #[cfg(feature = "cuda")]

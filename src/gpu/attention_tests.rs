@@ -111,7 +111,7 @@ fn attention_matches_the_cpu() {
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(13);
     for (n_head, n_kv_head, head_dim) in [(9, 3, 64), (32, 8, 64), (28, 4, 128), (8, 8, 128)] {
-        let shape = AttentionShape { n_head, n_kv_head, head_dim };
+        let shape = AttentionShape::global(n_head, n_kv_head, head_dim);
         let (case, want) = Case::new(&gpu, &mut r, shape, MIX, true);
         for kind in AttentionKind::ALL {
             // Registers for 8 query heads serve any group; for 4, groups up to 4.
@@ -148,7 +148,7 @@ fn attention_forms_of_one_warp_count_agree_bit_for_bit() {
         (plain("paged_attention_d64_w8_g8_u1"), &[AttentionKind::Split][..]),
     ];
     for (n_head, n_kv_head) in [(32, 8), (6, 2), (8, 8), (14, 2)] {
-        let shape = AttentionShape { n_head, n_kv_head, head_dim: 64 };
+        let shape = AttentionShape::global(n_head, n_kv_head, 64);
         let (case, _) = Case::new(&gpu, &mut r, shape, MIX, false);
         let group = n_head / n_kv_head;
         for ((plain, plain_f), kinds) in &forms {
@@ -177,7 +177,7 @@ fn attention_forms_of_one_warp_count_agree_bit_for_bit() {
 fn attention_speed() {
     let Some(gpu) = gpu() else { return };
     let mut r = ChaCha8Rng::seed_from_u64(16);
-    let shape = || AttentionShape { n_head: 32, n_kv_head: 8, head_dim: 64 };
+    let shape = || AttentionShape::global(32, 8, 64);
     let plain = |name: &str| gpu.function(name).unwrap();
     let (plain4, plain8) = (plain("paged_attention_d64_w4_g8_u1"), plain("paged_attention_d64_w8_g8_u1"));
     for (n, context) in [(1usize, 256usize), (1, 1024), (4, 256), (16, 256), (32, 256), (64, 256), (256, 256)] {

@@ -425,7 +425,6 @@ fn rope_and_cache_matches_the_cpu() {
     for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
         for rope_dim in [128usize, 64] {
             let config = ModelConfig {
-                architecture: "test".into(),
                 name: "test".into(),
                 n_layer: 1,
                 hidden_size: 7 * 128,
@@ -440,6 +439,8 @@ fn rope_and_cache_matches_the_cpu() {
                 rms_eps: 1e-6,
                 context_length: 64,
                 qkv_bias: true,
+                layer_windows: vec![None],
+                ..Default::default()
             };
             let rope = config.rope(None);
             let (q, kv) = (7 * 128, 128);

@@ -9,8 +9,8 @@ use half::bf16;
 use super::runtime::{Buf, Gpu, Result};
 use crate::gguf::{GgufFile, ModelError};
 use crate::launch;
+use crate::model::arch::names as tensors;
 use crate::model::config::ModelConfig;
-use crate::model::llama::tensors;
 use crate::model::presets::{Draw, DummyTensor, Preset};
 
 pub struct LayerWeights {
@@ -52,7 +52,7 @@ fn rope_tables(gpu: &Gpu, config: &ModelConfig, freq_factors: Option<&[f32]>) ->
 }
 
 impl CudaWeights {
-    /// Dummy weights of a preset's shape, drawn on the device: the same values `Llama::dummy`
+    /// Dummy weights of a preset's shape, drawn on the device: the same values `Decoder` loads from `presets::DummySource`
     /// draws on the CPU for the same seed.
     pub fn dummy(gpu: Arc<Gpu>, preset: &Preset, seed: u64) -> Result<Self> {
         let c = preset.config.clone();
@@ -105,6 +105,7 @@ impl CudaWeights {
     /// A GGUF model's weights, dequantized on the host and stored as bf16.
     pub fn from_gguf(gpu: Arc<Gpu>, file: &mut GgufFile, config: ModelConfig) -> std::result::Result<Self, ModelError> {
         let c = config;
+        check_supported(&c)?;
         let cpu = candle_core::Device::Cpu;
         let (h, q, kv) = (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let gpu_err = |e: super::runtime::GpuError| ModelError::Invalid(e.to_string());
@@ -220,4 +221,28 @@ fn fill_bf16_rows(gpu: &Gpu, ptr: u64, n: usize, width: usize, stride: usize, d:
 
 fn fill_f32(gpu: &Gpu, ptr: u64, n: usize, d: Draw) -> Result<()> {
     launch!(gpu, &gpu.k.fill_dummy_f32, (FILL_GRID, 1, 1), 256; ptr, n as u64, d.seed, d.centre, d.scale)
+}
+
+/// The CUDA path computes llama-shaped blocks (Llama, Qwen2, Mistral without its window);
+/// other architectures are refused at load with what is missing, rather than run wrong.
+fn check_supported(c: &ModelConfig) -> std::result::Result<(), ModelError> {
+    let default_scale = 1.0 / (c.head_dim as f32).sqrt();
+    let missing = [
+        (c.qk_norm, "Q/K norms"),
+        (c.post_norms, "post-norms"),
+        (c.moe.is_some(), "experts"),
+        (c.layer_windows.iter().any(Option::is_some), "sliding windows"),
+        (c.activation != crate::model::config::Activation::Silu, "GeGLU"),
+        (c.embedding_scale.is_some(), "scaled embeddings"),
+        (c.attention_scale != default_scale, "a custom attention scale"),
+    ];
+    let missing: Vec<&str> = missing.iter().filter(|m| m.0).map(|m| m.1).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(ModelError::Unsupported(format!(
+        "{} on the GPU: braid's CUDA path does not yet compute {}; serve it on the CPU (without --device cuda)",
+        c.architecture.name(),
+        missing.join(", ")
+    )))
 }

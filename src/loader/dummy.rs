@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::{LoadedModel, Placement};
 use crate::gguf::ModelError;
-use crate::model::{Llama, presets};
+use crate::model::{Decoder, presets};
 use crate::tokenizer::TextTokenizer;
 
 /// A model of a preset's shape with dummy weights drawn from `seed` (`presets.rs`); it has no
@@ -14,7 +14,10 @@ pub fn load_dummy(name: &str, seed: u64, placement: &Placement) -> Result<Loaded
         ModelError::Unsupported(format!("model config '{name}' (known: {})", presets::PRESETS.join(", ")))
     })?;
     let model = match placement {
-        Placement::Cpu => std::sync::Arc::new(Llama::dummy(&preset, seed)).into(),
+        Placement::Cpu => {
+            let mut source = presets::DummySource { preset: &preset, seed };
+            std::sync::Arc::new(Decoder::load(&mut source, preset.config.clone())?).into()
+        }
         #[cfg(feature = "cuda")]
         Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(
             crate::gpu::CudaWeights::dummy(gpu.clone(), &preset, seed)

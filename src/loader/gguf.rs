@@ -1,11 +1,12 @@
 //! A GGUF model: its config, vocabulary and chat template from the metadata, its weights onto
-//! the CPU (`model::Llama`) or a CUDA device (`gpu::CudaWeights`).
+//! the CPU (`model::Decoder`) or a CUDA device (`gpu::CudaWeights`).
 
 use std::path::{Path, PathBuf};
 
 use super::{LoadedModel, Placement};
 use crate::gguf::{GgufFile, ModelError};
-use crate::model::{Llama, ModelConfig};
+use crate::model::weights::GgufSource;
+use crate::model::{Decoder, ModelConfig};
 use crate::tokenizer::{ChatTemplate, TextTokenizer};
 
 /// The files of a model path: a GGUF file, or a folder holding one GGUF file and optionally
@@ -49,7 +50,7 @@ pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelErro
     tracing::info!(
         "loading {} ({}, {} layers, hidden {}, {} heads / {} kv heads, context {})",
         gguf_path.display(),
-        config.architecture,
+        config.architecture.name(),
         config.n_layer,
         config.hidden_size,
         config.n_head,
@@ -57,7 +58,7 @@ pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelErro
         config.context_length
     );
     let model = match placement {
-        Placement::Cpu => std::sync::Arc::new(Llama::load(&mut file, config, &candle_core::Device::Cpu)?).into(),
+        Placement::Cpu => std::sync::Arc::new(Decoder::load(&mut GgufSource { file: &mut file }, config)?).into(),
         #[cfg(feature = "cuda")]
         Placement::Cuda(gpu) => crate::engine::ModelHandle::Cuda(std::sync::Arc::new(
             crate::gpu::CudaWeights::from_gguf(gpu.clone(), &mut file, config)?,

@@ -5,7 +5,11 @@
 
 use half::bf16;
 
-use super::config::{ModelConfig, RopeScaling, RopeStyle};
+use super::arch::names;
+use super::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+use super::weights::WeightSource;
+use crate::cpu::linear::QLinear;
+use crate::gguf::ModelError;
 
 /// A named model shape.
 #[derive(Debug, Clone)]
@@ -36,7 +40,7 @@ fn config(
 ) -> ModelConfig {
     let head_dim = hidden / n_head;
     ModelConfig {
-        architecture: arch.into(),
+        architecture: if arch == "qwen2" { Architecture::Qwen2 } else { Architecture::Llama },
         name: name.into(),
         n_layer,
         hidden_size: hidden,
@@ -51,6 +55,9 @@ fn config(
         rms_eps: eps,
         context_length: context,
         qkv_bias: arch == "qwen2",
+        layer_windows: vec![None; n_layer],
+        attention_scale: 1.0 / (head_dim as f32).sqrt(),
+        ..Default::default()
     }
 }
 
@@ -185,6 +192,74 @@ pub fn dummy_f32(draw: Draw, n: usize) -> Vec<f32> {
 
 pub fn dummy_bf16(draw: Draw, n: usize) -> Vec<bf16> {
     (0..n as u64).map(|i| bf16::from_f32(dummy_value(draw, i))).collect()
+}
+
+/// A preset's dummy weights, by GGUF name, as the shared decoder loads any model.
+pub struct DummySource<'a> {
+    pub preset: &'a Preset,
+    pub seed: u64,
+}
+
+impl DummySource<'_> {
+    /// The draw behind a tensor name, with the element range of it this tensor is (the Q, K
+    /// and V biases share one draw, as the GPU lays them out).
+    fn tensor(&self, name: &str) -> Option<(DummyTensor, std::ops::Range<usize>, Vec<usize>)> {
+        use DummyTensor as T;
+        let c = &self.preset.config;
+        let (h, q, kv, ffn, vocab) =
+            (c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.ffn_size, self.preset.vocab_size);
+        let whole = |t: T, dims: Vec<usize>| Some((t, 0..dims.iter().product(), dims));
+        match name {
+            names::TOKEN_EMBD => return whole(T::Embeddings, vec![vocab, h]),
+            names::OUTPUT if !self.preset.tied_embeddings => return whole(T::Output, vec![vocab, h]),
+            names::OUTPUT_NORM => return whole(T::OutputNorm, vec![h]),
+            _ => {}
+        }
+        let (layer, suffix) = name.strip_prefix("blk.")?.split_once('.')?;
+        let l: usize = layer.parse().ok().filter(|&l| l < c.n_layer)?;
+        match suffix {
+            "attn_norm.weight" => whole(T::AttnNorm(l), vec![h]),
+            "attn_q.weight" => whole(T::Q(l), vec![q, h]),
+            "attn_k.weight" => whole(T::K(l), vec![kv, h]),
+            "attn_v.weight" => whole(T::V(l), vec![kv, h]),
+            "attn_q.bias" if c.qkv_bias => Some((T::QkvBias(l), 0..q, vec![q])),
+            "attn_k.bias" if c.qkv_bias => Some((T::QkvBias(l), q..q + kv, vec![kv])),
+            "attn_v.bias" if c.qkv_bias => Some((T::QkvBias(l), q + kv..q + 2 * kv, vec![kv])),
+            "attn_output.weight" => whole(T::O(l), vec![h, q]),
+            "ffn_norm.weight" => whole(T::FfnNorm(l), vec![h]),
+            "ffn_gate.weight" => whole(T::Gate(l), vec![ffn, h]),
+            "ffn_up.weight" => whole(T::Up(l), vec![ffn, h]),
+            "ffn_down.weight" => whole(T::Down(l), vec![h, ffn]),
+            _ => None,
+        }
+    }
+}
+
+impl WeightSource for DummySource<'_> {
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        if name == names::ROPE_FREQS {
+            return self.preset.rope_freq_factors.as_ref().map(|f| vec![f.len()]);
+        }
+        self.tensor(name).map(|t| t.2)
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<QLinear, ModelError> {
+        let (t, range, _) = self.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        let draw = t.draw(&self.preset.config, self.seed);
+        Ok(QLinear::from_bf16(out, inp, dummy_bf16(draw, range.end)[range].to_vec()))
+    }
+
+    fn experts(&mut self, name: &str, _: usize, _: usize, _: usize) -> Result<Vec<QLinear>, ModelError> {
+        Err(ModelError::MissingTensor(name.into()))
+    }
+
+    fn floats(&mut self, name: &str, _dims: &[usize]) -> Result<Vec<f32>, ModelError> {
+        if name == names::ROPE_FREQS {
+            return self.preset.rope_freq_factors.clone().ok_or_else(|| ModelError::MissingTensor(name.into()));
+        }
+        let (t, range, _) = self.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        Ok(dummy_f32(t.draw(&self.preset.config, self.seed), range.end)[range].to_vec())
+    }
 }
 
 #[cfg(test)]
