@@ -1,7 +1,7 @@
 # braid: the two commands of the README, and what they need.
 CARGO ?= cargo
 
-.PHONY: serve test model build clippy cuda-toolchain build-cuda
+.PHONY: serve test model test-models build clippy cuda-toolchain build-cuda
 
 # Install the default model and run braid on it.
 serve: model build
@@ -9,7 +9,7 @@ serve: model build
 
 # Install what the tests need and run them all: Rust tests, then the OpenAI-client tests
 # against a real server.
-test: model .venv/ok
+test: test-models .venv/ok
 	$(CARGO) test --release
 	$(CARGO) build --release
 	.venv/bin/python -m pytest -q tests/python
@@ -21,6 +21,10 @@ test: model .venv/ok
 
 model:
 	./scripts/install-model
+
+# The tests also run Gemma 3 270M (Q4_K_M) against its golden data.
+test-models:
+	./scripts/install-model gemma3
 
 build:
 	$(CARGO) build --release

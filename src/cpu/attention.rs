@@ -534,4 +534,49 @@ mod tests {
             }
         }
     }
+
+    /// A layer's own sliding window (Gemma 3's local layers, Mistral), alone and on top of a
+    /// sequence's rotating window, with a score scale other than 1/sqrt(head_dim): every
+    /// token of a prefill sees exactly the keys within both windows.
+    #[test]
+    fn layer_window_and_scale_match_reference() {
+        use crate::backend::Window;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (n_head, n_kv, hd, bs) = (6usize, 3usize, 16usize, 4usize);
+        let width = n_kv * hd;
+        let total = 29usize;
+        let new = 19usize;
+        let past = total - new;
+        let mut value = || f16::from_f32(rng.random_range(-1.0..1.0)).to_f32();
+        let ks: Vec<Vec<f32>> = (0..total).map(|_| (0..width).map(|_| value()).collect()).collect();
+        let vs: Vec<Vec<f32>> = (0..total).map(|_| (0..width).map(|_| value()).collect()).collect();
+        let table: Vec<u32> = (0..total.div_ceil(bs) as u32).map(|b| 2 * b + 1).collect();
+        let mut layer = LayerKv { k: vec![f16::ZERO; 64 * bs * width], v: vec![f16::ZERO; 64 * bs * width] };
+        for j in 0..total {
+            let slot = slot_of(&table, bs, j);
+            layer.k[slot * width..(slot + 1) * width].convert_from_f32_slice(&ks[j]);
+            layer.v[slot * width..(slot + 1) * width].convert_from_f32_slice(&vs[j]);
+        }
+        let q: Vec<f32> = (0..new * n_head * hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        for seq_window in [None, Some(Window { keep: 2, size: 12 })] {
+            let mut batch = FlatBatch::default();
+            batch.push(&vec![0; new], total, table.clone(), true);
+            batch.seqs[0].window = seq_window;
+            let plan = AttentionPlan::new(&batch, bs);
+            let shape = AttentionShape { scale: 0.3, window: Some(5), ..AttentionShape::global(n_head, n_kv, hd) };
+            let got = paged_attention(&batch, &plan, &layer, &q, &shape);
+            for t in 0..new {
+                let j = past + t;
+                let seen: Vec<usize> =
+                    (0..=j).filter(|&i| j - i < 5 && seq_window.is_none_or(|w| w.sees(j, i))).collect();
+                let k: Vec<Vec<f32>> =
+                    seen.iter().map(|&i| ks[i].iter().map(|x| x * 0.3 * (hd as f32).sqrt()).collect()).collect();
+                let v: Vec<Vec<f32>> = seen.iter().map(|&i| vs[i].clone()).collect();
+                let want = reference(&q[t * n_head * hd..(t + 1) * n_head * hd], &k, &v, n_head, n_kv, hd);
+                for (a, b) in got[t * n_head * hd..(t + 1) * n_head * hd].iter().zip(&want) {
+                    assert!((a - b).abs() < 4e-3, "{seq_window:?} token {j}: {a} vs {b}");
+                }
+            }
+        }
+    }
 }

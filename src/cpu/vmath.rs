@@ -276,14 +276,26 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 /// GeGLU with GELU's tanh approximation, `gelu(gate) * up` (Gemma's feed-forward network), as
-/// transformers' `gelu_pytorch_tanh` defines it, in f32.
+/// llama.cpp computes it: GELU looked up for the gate rounded to f16, in a table of f16 values
+/// (`ggml_table_gelu_f16`), outside (-10, 10) the identity or 0.
 pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     for ((o, &x), &u) in out.iter_mut().zip(gate).zip(up) {
-        let inner = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
-        *o = 0.5 * x * (1.0 + inner.tanh()) * u;
+        *o = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            let x16 = half::f16::from_f32(x).to_f32();
+            half::f16::from_f32(gelu_tanh(x16)).to_f32() * u
+        };
     }
+}
+
+/// GELU's tanh approximation in f32 (`ggml_gelu_f32`, transformers' `gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
 #[cfg(test)]
@@ -402,6 +414,24 @@ mod tests {
                 "silu({g}) * {u} = {}, want {want}",
                 out[i]
             );
+        }
+    }
+
+    /// GeGLU against GELU's definition in f64: within f16's rounding of the gate and of the
+    /// looked-up value, identity and zero past +-10.
+    #[test]
+    fn gelu_tanh_mul_matches_the_definition() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let gate: Vec<f32> = (0..1001).map(|_| rng.random_range(-12.0f32..12.0)).collect();
+        let up: Vec<f32> = (0..1001).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let mut out = vec![0f32; gate.len()];
+        gelu_tanh_mul(&gate, &up, &mut out);
+        for ((&x, &u), &got) in gate.iter().zip(&up).zip(&out) {
+            let x64 = x as f64;
+            let gelu =
+                0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
+            let want = gelu * u as f64;
+            assert!((got as f64 - want).abs() <= 2e-3 * (1.0 + want.abs()), "gelu({x}) * {u}: {got} vs {want}");
         }
     }
 }

@@ -180,6 +180,12 @@ impl Engine {
             eos_ids,
             context_length: model.config().context_length,
         });
+        // A rotating window if asked for; else, where every layer slides (Mistral), the
+        // model's own window, so that blocks behind it are freed.
+        let window = config
+            .max_kv_size
+            .map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) })
+            .or_else(|| model.config().uniform_window().map(|size| Window { keep: 0, size: size.max(2) }));
         Ok(Self {
             model,
             compute: compute_pool(),
@@ -189,9 +195,7 @@ impl Engine {
             next_id: 0,
             pending_events: Vec::new(),
             last_step: Vec::new(),
-            window: config
-                .max_kv_size
-                .map(|size| Window { keep: WINDOW_KEEP.min(size.saturating_sub(1)), size: size.max(2) }),
+            window,
             max_kv_size: config.max_kv_size,
             disk: None,
             forward_passes: 0,
