@@ -302,11 +302,11 @@ mod tests {
         assert_eq!(src.floats(names::OUTPUT_NORM, &[2]).unwrap(), vec![1.5, 0.75]);
         let q = src.linear("blk.0.attn_q.weight", 2, 2).unwrap();
         assert_eq!(q.forward_rows(&[1.0, 1.0], 1).unwrap(), vec![3.5, -2.75]);
-        let e = src.linear("blk.0.attn_q.weight", 4, 1).unwrap_err().to_string();
+        let e = src.linear("blk.0.attn_q.weight", 4, 1).err().unwrap().to_string();
         assert!(e.contains("[2, 2]") && e.contains("q_proj"), "{e}");
-        let e = src.linear("blk.0.attn_k.weight", 1, 1).unwrap_err().to_string();
+        let e = src.linear("blk.0.attn_k.weight", 1, 1).err().unwrap().to_string();
         assert!(e.contains("I32") || e.contains("shape"), "{e}");
-        let e = src.linear("blk.0.attn_v.weight", 2, 2).unwrap_err().to_string();
+        let e = src.linear("blk.0.attn_v.weight", 2, 2).err().unwrap().to_string();
         assert!(e.contains("v_proj") && e.contains("missing"), "{e}");
         assert!(!src.has(names::OUTPUT), "tied: no output projection of its own");
     }
