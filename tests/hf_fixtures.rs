@@ -220,6 +220,109 @@ fn check_batched_equals_solo(arch: &str) {
     }
 }
 
+/// A copy of a fixture folder in a temporary directory, with `edit` applied to its files.
+fn edited(arch: &str, edit: impl FnOnce(&std::path::Path)) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir(arch)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    edit(tmp.path());
+    tmp
+}
+
+fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// The error loading a folder gives, as text.
+fn load_error(dir: &std::path::Path) -> String {
+    match braid::loader::load(dir, &braid::loader::Placement::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// What an edited fixture gives: bad folders fail at load with the culprit named.
+#[test]
+fn bad_folders_are_refused_by_name() {
+    type Edit = Box<dyn FnOnce(&std::path::Path)>;
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
+        (
+            "llama",
+            Box::new(|d| edit_json(&d.join("config.json"), |c| c["model_type"] = "gpt_neox".into())),
+            &["gpt_neox", "qwen3_moe"],
+        ),
+        (
+            "llama",
+            Box::new(|d| {
+                edit_json(&d.join("config.json"), |c| {
+                    c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+                })
+            }),
+            &["yarn"],
+        ),
+        ("llama", Box::new(|d| edit_json(&d.join("config.json"), |c| c["hidden_size"] = 32.into())), &["shape"]),
+        ("mistral", Box::new(|d| edit_json(&d.join("config.json"), |c| c["tie_word_embeddings"] = true.into())), &[]),
+        (
+            "llama",
+            Box::new(|d| edit_json(&d.join("config.json"), |c| c["tie_word_embeddings"] = false.into())),
+            &["lm_head.weight"],
+        ),
+        (
+            "qwen3",
+            Box::new(|d| std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap()),
+            &["model-00002-of-00002.safetensors"],
+        ),
+        ("qwen2", Box::new(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap()), &["tokenizer.json"]),
+        (
+            "qwen2",
+            Box::new(|d| std::fs::write(d.join("model.safetensors"), b"not weights").unwrap()),
+            &["model.safetensors"],
+        ),
+        (
+            "gemma3",
+            Box::new(|d| edit_json(&d.join("config.json"), |c| c["final_logit_softcapping"] = 30.0.into())),
+            &["final_logit_softcapping"],
+        ),
+    ];
+    for (arch, edit, words) in cases {
+        let tmp = edited(arch, edit);
+        if words.is_empty() {
+            // Tying an untied model is allowed (its lm_head is then unused): it loads.
+            braid::loader::load(tmp.path(), &braid::loader::Placement::Cpu).unwrap();
+            continue;
+        }
+        let e = load_error(tmp.path());
+        for w in words {
+            assert!(e.contains(w), "{arch}: error '{e}' should name '{w}'");
+        }
+    }
+}
+
+/// Without `add_bos_token` in tokenizer_config.json, BOS follows the tokenizer's own
+/// post-processor (llama's adds it, qwen2's does not); a chat template in a list of named
+/// templates is taken by the name "default".
+#[test]
+fn folder_defaults_follow_the_tokenizer() {
+    for (arch, bos) in [("llama", true), ("qwen2", false)] {
+        let tmp = edited(arch, |d| {
+            edit_json(&d.join("tokenizer_config.json"), |c| {
+                c.as_object_mut().unwrap().remove("add_bos_token");
+                let t = c["chat_template"].clone();
+                c["chat_template"] =
+                    serde_json::json!([{"name": "tool_use", "template": "x"}, {"name": "default", "template": t}]);
+            })
+        });
+        let m = braid::loader::load(tmp.path(), &braid::loader::Placement::Cpu).unwrap();
+        assert_eq!(m.tokenizer.add_bos, bos, "{arch}");
+        let rendered = m.chat_template.unwrap().render(&[serde_json::json!({"role": "user", "content": "hi"})], true);
+        assert!(rendered.unwrap().contains("<|im_start|>user\nhi"), "{arch}");
+    }
+}
+
 macro_rules! fixture_tests {
     ($($arch:ident),*) => {$(
         mod $arch {

@@ -10,6 +10,8 @@ use std::path::Path;
 
 use super::{LoadedModel, Placement};
 use crate::gguf::ModelError;
+use crate::model::arch::names;
+use crate::model::weights::WeightSource;
 use crate::model::{Decoder, KvCache};
 pub use safetensors::{MatrixFormat, SafetensorsSource};
 pub use tokenizer::GenerationDefaults;
@@ -62,6 +64,11 @@ pub fn load(dir: &Path, placement: &Placement, options: &HfOptions) -> Result<Lo
             "the tokenizer has {} tokens but the model only {v} (vocab_size)",
             folder.tokenizer.vocab_size()
         )));
+    }
+    // Untied models must have their own output projection: the decoder would otherwise take
+    // the embedding table for it, silently.
+    if !hf.tied_embeddings && !source.has(names::OUTPUT) {
+        return Err(ModelError::MissingTensor("lm_head.weight (config.json says tie_word_embeddings: false)".into()));
     }
     let config = hf.config;
     let stored = source.dtype_summary();

@@ -42,8 +42,8 @@ impl Shard {
         // SAFETY: the mapping is read-only; a model file changed underneath a running server is
         // outside what braid can guard against (as for GGUF files, which are read the same way).
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (header, metadata) = SafeTensors::read_metadata(&map)
-            .map_err(|e| ModelError::BadFile { path: path.to_path_buf(), reason: format!("not safetensors: {e}") })?;
+        let (header, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| bad_file(path, format!("not a safetensors file: {e}")))?;
         Ok(Self { path: path.to_path_buf(), map, data_start: 8 + header, metadata })
     }
 }
@@ -145,6 +145,11 @@ impl SafetensorsSource {
     }
 }
 
+/// A file of the folder that is not what it should be (`ModelError::BadFile` speaks of GGUF).
+pub(super) fn bad_file(path: &Path, reason: String) -> ModelError {
+    ModelError::Invalid(format!("{}: {reason}", path.display()))
+}
+
 fn missing(gguf: &str, hf: &str) -> ModelError {
     if hf.is_empty() {
         ModelError::MissingTensor(gguf.to_string())
@@ -174,24 +179,20 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     if index_path.is_file() {
         let text = std::fs::read_to_string(&index_path)
             .map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::BadFile { path: index_path.clone(), reason: format!("not JSON: {e}") })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad_file(&index_path, format!("not JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::BadFile { path: index_path.clone(), reason: "no weight_map object".into() })?;
+            .ok_or_else(|| bad_file(&index_path, "no weight_map object".into()))?;
         let mut files: Vec<String> = Vec::new();
         for (tensor, file) in map {
-            let file = file.as_str().ok_or_else(|| ModelError::BadFile {
-                path: index_path.clone(),
-                reason: format!("weight_map['{tensor}'] is not a file name"),
-            })?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad_file(&index_path, format!("weight_map['{tensor}'] is not a file name")))?;
             // Shards live beside the index: a name that climbs out of the folder is refused.
             if file.contains('/') || file.contains('\\') || file == ".." {
-                return Err(ModelError::BadFile {
-                    path: index_path.clone(),
-                    reason: format!("shard '{file}' is not a file in the folder"),
-                });
+                return Err(bad_file(&index_path, format!("shard '{file}' is not a file in the folder")));
             }
             if !files.iter().any(|f| f == file) {
                 files.push(file.to_string());

@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use super::safetensors::bad_file;
 use crate::gguf::ModelError;
 use crate::tokenizer::{ChatTemplate, TextTokenizer};
 
@@ -27,9 +28,7 @@ pub fn read_json(dir: &Path, name: &str) -> Result<Option<Value>, ModelError> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ModelError::BadFile { path: path.clone(), reason: format!("not JSON: {e}") })
+    serde_json::from_str(&text).map(Some).map_err(|e| bad_file(&path, format!("not JSON: {e}")))
 }
 
 /// A special token as tokenizer_config.json writes it: a string or `{"content": ...}`.
@@ -100,8 +99,7 @@ pub fn load(dir: &Path, config: &Value) -> Result<FolderTokenizer, ModelError> {
             dir.display()
         )));
     }
-    let inner = Tokenizer::from_file(&path)
-        .map_err(|e| ModelError::BadFile { path: path.clone(), reason: format!("not a tokenizer: {e}") })?;
+    let inner = Tokenizer::from_file(&path).map_err(|e| bad_file(&path, format!("not a tokenizer.json: {e}")))?;
     let tok_config = read_json(dir, "tokenizer_config.json")?;
     let generation = read_json(dir, "generation_config.json")?;
     let field = |name: &str| tok_config.as_ref().and_then(|c| c.get(name));
