@@ -323,6 +323,52 @@ fn folder_defaults_follow_the_tokenizer() {
     }
 }
 
+/// The fixture's weights rewritten as f32 and as f16 safetensors: f32 weights are the bf16
+/// ones widened, so they give exactly `MatrixFormat::F32`'s logits; f16 ones (bf16 values
+/// below f16's normal range lose bits) nearly.
+#[test]
+fn f32_and_f16_folders_compute_in_f32() {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView, serialize_to_file};
+    let arch = "qwen2";
+    let bytes = std::fs::read(dir(arch).join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let widened: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            assert_eq!(v.dtype(), Dtype::BF16);
+            let values = v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+            (name, v.shape().to_vec(), values)
+        })
+        .collect();
+    let reference = load(arch, MatrixFormat::F32, None);
+    let prompt = ids(&expected(arch)["prompts"][3]["prompt_ids"]);
+    let want = common::solo::logits_all_positions(&reference.model, &prompt).unwrap();
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let tmp = edited(arch, |d| {
+            let data: Vec<Vec<u8>> = widened
+                .iter()
+                .map(|(_, _, v)| match dtype {
+                    Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    _ => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+                })
+                .collect();
+            let views = widened
+                .iter()
+                .zip(&data)
+                .map(|((name, shape, _), b)| (name.clone(), TensorView::new(dtype, shape.clone(), b).unwrap()));
+            serialize_to_file(views, None, &d.join("model.safetensors")).unwrap();
+        });
+        let m = braid::loader::load(tmp.path(), &braid::loader::Placement::Cpu).unwrap();
+        let got = common::solo::logits_all_positions(&m.model, &prompt).unwrap();
+        let worst = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        match dtype {
+            Dtype::F32 => assert_eq!(got, want, "f32 weights compute as MatrixFormat::F32"),
+            _ => assert!(worst < 1e-3, "f16 weights: max |Δlogit| {worst}"),
+        }
+    }
+}
+
 macro_rules! fixture_tests {
     ($($arch:ident),*) => {$(
         mod $arch {
