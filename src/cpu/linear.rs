@@ -27,6 +27,9 @@ enum Weights {
     VnniQ8_0(PackedWeights<BlockQ8_0>),
     /// bf16 rows (dummy models): activations rounded to bf16, f32 sums (`bf16.rs`).
     Bf16(Vec<half::bf16>),
+    /// f32 rows (f16 and f32 weights, or bf16 ones widened): plain f32 products, activations
+    /// as they are.
+    F32(Vec<f32>),
     /// Other types, through candle.
     Candle(QMatMul),
     /// Several matrices side by side (their outputs concatenated per row) that could not be
@@ -87,6 +90,13 @@ impl QLinear {
         Self { n, k, weights: Weights::Bf16(rows) }
     }
 
+    /// A `[n, k]` matrix of f32 rows: each output is one f32 dot product of its row with the
+    /// activations, in the same order whatever the batch.
+    pub fn from_f32(n: usize, k: usize, rows: Vec<f32>) -> Self {
+        assert_eq!(rows.len(), n * k, "a {n}x{k} matrix");
+        Self { n, k, weights: Weights::F32(rows) }
+    }
+
     pub fn out_features(&self) -> usize {
         self.n
     }
@@ -121,6 +131,7 @@ impl QLinear {
         merge!(Q4_1, |all: &mut Vec<_>, w| all.extend(w));
         merge!(Q8_0, |all: &mut Vec<_>, w| all.extend(w));
         merge!(Bf16, |all: &mut Vec<_>, w| all.extend(w));
+        merge!(F32, |all: &mut Vec<_>, w| all.extend(w));
         // The VNNI form packs rows in pairs: parts merge when none but the last has an odd
         // number of rows (Q, K, V and gate, up always have even ones).
         #[cfg(target_arch = "x86_64")]
@@ -150,6 +161,14 @@ impl QLinear {
                     super::bf16::columns(w, self.k, &xs, m, cols, |r, c, v| out.set(r, c, v))
                 }))
             }
+            Weights::F32(w) => Ok(self.by_column_ranges(m, |cols, out| {
+                for col in cols {
+                    let row = &w[col * self.k..(col + 1) * self.k];
+                    for r in 0..m {
+                        out.set(r, col, super::bf16::dot(row, &x[r * self.k..(r + 1) * self.k]));
+                    }
+                }
+            })),
             Weights::Candle(w) => {
                 w.forward(&Tensor::from_slice(x, (m, self.k), &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>()
             }
@@ -191,6 +210,7 @@ impl QLinear {
                         *o = v.to_f32();
                     }
                 }
+                Weights::F32(w) => o.copy_from_slice(&w[id * k..(id + 1) * k]),
                 Weights::Candle(_) | Weights::Parts(_) => {
                     candle_core::bail!("embedding lookup needs a natively supported type")
                 }

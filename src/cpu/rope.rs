@@ -30,6 +30,8 @@ pub struct Rope {
     /// Per-frequency divisors (Llama 3.1-style scaling), one per pair.
     freq_factors: Option<Vec<f32>>,
     position_scale: f32,
+    /// Factor on cos and sin (Phi-3's longrope attention factor); 1 elsewhere.
+    attention_factor: f32,
 }
 
 impl Rope {
@@ -48,7 +50,22 @@ impl Rope {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => 1.0 / factor,
         };
-        Self { style, head_dim, rope_dim, theta_scale, freq_factors: freq_factors.map(|f| f.to_vec()), position_scale }
+        Self {
+            style,
+            head_dim,
+            rope_dim,
+            theta_scale,
+            freq_factors: freq_factors.map(|f| f.to_vec()),
+            position_scale,
+            attention_factor: 1.0,
+        }
+    }
+
+    /// The same rope with cos and sin multiplied by `factor` (the rotated dimensions grow by it,
+    /// the others do not): Phi-3's longrope `attention_factor`.
+    pub fn with_attention_factor(mut self, factor: f32) -> Self {
+        self.attention_factor = factor;
+        self
     }
 
     /// cos/sin tables for `positions`, `[positions.len(), rope_dim / 2]` each, computed as
@@ -63,8 +80,8 @@ impl Rope {
             for i in 0..half {
                 let extrapolated = self.freq_factors.as_ref().map_or(theta, |f| theta / f[i]);
                 let t = self.position_scale * extrapolated;
-                cos.push(t.cos());
-                sin.push(t.sin());
+                cos.push(t.cos() * self.attention_factor);
+                sin.push(t.sin() * self.attention_factor);
                 theta *= self.theta_scale;
             }
         }

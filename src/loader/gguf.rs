@@ -24,7 +24,12 @@ fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>), ModelError> {
     ggufs.sort();
     let gguf = match ggufs.len() {
         1 => ggufs.remove(0),
-        0 => return Err(ModelError::Invalid(format!("{} holds no .gguf file", path.display()))),
+        0 => {
+            return Err(ModelError::Invalid(format!(
+                "{} holds no .gguf file, nor a Hugging Face model (config.json beside .safetensors weights)",
+                path.display()
+            )));
+        }
         n => return Err(ModelError::Invalid(format!("{} holds {n} .gguf files; name one", path.display()))),
     };
     let tokenizer_json = path.join("tokenizer.json");

@@ -1,17 +1,26 @@
 //! From a model path (or a dummy preset) to what serving needs: the weights placed on their
 //! device as the engine's backend (`engine::ModelHandle`), the tokenizer and the chat template.
-//! GGUF files (`gguf.rs`) and dummy weights (`dummy.rs`) today; other formats go beside them.
+//! GGUF files (`gguf.rs`), Hugging Face folders (`hf/`) and dummy weights (`dummy.rs`).
 //! The architectures themselves are `model/`'s, which knows nothing of engines or devices.
 
 mod dummy;
 mod gguf;
+pub mod hf;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::tokenizer::{ChatTemplate, TextTokenizer};
 
 pub use dummy::load_dummy;
-pub use gguf::load;
+
+/// Loads a model path: a GGUF file, a folder holding one GGUF file, or a Hugging Face folder
+/// (config.json and safetensors weights).
+pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, crate::gguf::ModelError> {
+    if hf::is_hf_folder(path) {
+        return hf::load(path, placement, &hf::HfOptions::default());
+    }
+    gguf::load(path, placement)
+}
 
 /// Where braid finds its default model, relative to the working directory, unless
 /// `BRAID_MODEL` says otherwise. `scripts/install-model` puts it there.

@@ -98,6 +98,8 @@ pub struct ModelConfig {
     /// Rope base of the sliding-window layers where it differs (Gemma 3's local layers, which
     /// also take no scaling).
     pub rope_local_theta: Option<f32>,
+    /// Factor on the global rope's cos and sin (Phi-3's longrope attention factor).
+    pub rope_attention_factor: Option<f32>,
     pub rms_eps: f32,
     pub context_length: usize,
     /// Whether Q, K and V projections carry a bias (Qwen2).
@@ -188,6 +190,7 @@ impl ModelConfig {
             rope_style: RopeStyle::Neox,
             rope_scaling,
             rope_local_theta: None,
+            rope_attention_factor: None,
             rms_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             context_length: file.get_usize(&key("context_length"))?,
             qkv_bias: false,
@@ -277,7 +280,12 @@ impl ModelConfig {
     /// The rotary embedding of the global layers; `freq_factors` are per-frequency divisors (a
     /// GGUF file's `rope_freqs`, Llama 3.1's scaling).
     pub fn rope(&self, freq_factors: Option<&[f32]>) -> Rope {
-        Rope::new(self.rope_style, &self.rope_scaling, self.rope_theta, self.head_dim, self.rope_dim, freq_factors)
+        let rope =
+            Rope::new(self.rope_style, &self.rope_scaling, self.rope_theta, self.head_dim, self.rope_dim, freq_factors);
+        match self.rope_attention_factor {
+            Some(f) => rope.with_attention_factor(f),
+            None => rope,
+        }
     }
 
     /// The rotary embedding of layer `layer`: the local one on a sliding-window layer of a model

@@ -62,7 +62,7 @@ fn config(
 }
 
 /// Llama 3.1's rope scaling as per-frequency divisors (llama.cpp's `rope_freqs`).
-fn llama3_freq_factors(c: &ModelConfig, factor: f64, low: f64, high: f64, original_context: f64) -> Vec<f32> {
+pub fn llama3_freq_factors(c: &ModelConfig, factor: f64, low: f64, high: f64, original_context: f64) -> Vec<f32> {
     let (low_wavelen, high_wavelen) = (original_context / low, original_context / high);
     (0..c.rope_dim / 2)
         .map(|i| {

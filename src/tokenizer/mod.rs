@@ -107,6 +107,16 @@ impl TextTokenizer {
         // Llama-style vocabularies add BOS unless told otherwise; GPT-2-style ones do not.
         let default_bos = file.opt_str("tokenizer.ggml.model")? == Some("llama");
         let add_bos = file.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos) && bos_id.is_some();
+        Ok(Self::with_specials(inner, bos_id, eos_ids, add_bos))
+    }
+
+    /// A `tokenizer.json` tokenizer (Hugging Face folders) with the special tokens its folder's
+    /// other files name.
+    pub fn from_tokenizer(inner: Tokenizer, bos_id: Option<u32>, eos_ids: Vec<u32>, add_bos: bool) -> Self {
+        Self::with_specials(inner, bos_id, eos_ids, add_bos && bos_id.is_some())
+    }
+
+    fn with_specials(inner: Tokenizer, bos_id: Option<u32>, eos_ids: Vec<u32>, add_bos: bool) -> Self {
         // A token's vocabulary string is at least as long as the text it stands for: byte-level
         // BPE spells each byte as one 1- or 2-byte character, SentencePiece spells a space as
         // `▁` (3 bytes) and a byte as `<0xAB>`. A normaliser could shrink text before it is
@@ -117,7 +127,7 @@ impl TextTokenizer {
                 (0..inner.get_vocab_size(true) as u32).filter_map(|id| inner.id_to_token(id)).map(|t| t.len()).max()
             }
         };
-        Ok(Self { inner: Some(inner), ids_only_vocab: 0, bos_id, eos_ids, add_bos, max_token_bytes })
+        Self { inner: Some(inner), ids_only_vocab: 0, bos_id, eos_ids, add_bos, max_token_bytes }
     }
 
     /// The stand-in of a model with no vocabulary (dummy weights): no text encoding, no

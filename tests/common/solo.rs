@@ -59,13 +59,18 @@ pub fn generate_solo(
     Ok((out, FinishReason::Length))
 }
 
-/// Log-softmax of the logits at every position of `ids` (teacher forcing), one row per token.
-pub fn logprobs_all_positions(model: &ModelHandle, ids: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
+/// The logits at every position of `ids` (teacher forcing, one forward pass), one row per token.
+pub fn logits_all_positions(model: &ModelHandle, ids: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
     let (mut backend, table) = solo_backend(model, ids.len(), ids.len())?;
     let mut batch = FlatBatch::default();
     batch.push(ids, ids.len(), table, false);
     batch.logit_rows = (0..ids.len()).collect();
-    let rows = logits_rows(&mut backend, &batch)?;
+    logits_rows(&mut backend, &batch)
+}
+
+/// Log-softmax of the logits at every position of `ids` (teacher forcing), one row per token.
+pub fn logprobs_all_positions(model: &ModelHandle, ids: &[u32]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let rows = logits_all_positions(model, ids)?;
     let vocab = model.vocab_size();
     let logits = candle_core::Tensor::from_vec(rows.concat(), (ids.len(), vocab), &candle_core::Device::Cpu)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, 1)?;
