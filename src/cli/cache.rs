@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::{EngineArgs, ModelArgs};
-use crate::engine::disk::{SaveMode, dummy_fingerprint, folder, gguf_fingerprint};
+use crate::engine::disk::{SaveMode, dummy_fingerprint, folder, folder_fingerprint, gguf_fingerprint};
 use crate::engine::{DiskCache, Engine, SamplingParams};
 use crate::loader::LoadedModel;
 
@@ -53,6 +53,8 @@ impl PromptCacheArgs {
         let Some(dir) = &self.prompt_cache_dir else { return Ok(None) };
         let fingerprint = match loaded.dummy_seed {
             Some(seed) => dummy_fingerprint(&loaded.path.to_string_lossy(), seed),
+            None if loaded.path.is_dir() => folder_fingerprint(&loaded.path)
+                .with_context(|| format!("cannot fingerprint {}", loaded.path.display()))?,
             None => gguf_fingerprint(&loaded.path)
                 .with_context(|| format!("cannot fingerprint {}", loaded.path.display()))?,
         };

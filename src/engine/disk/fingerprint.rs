@@ -48,6 +48,49 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
     Ok(h.digest128())
 }
 
+/// The fingerprint of a Hugging Face folder: like `gguf_fingerprint`, over every file that
+/// shapes the K/V — `config.json`, and of each `.safetensors` file its header (names, dtypes,
+/// shapes, offsets) and the first bytes of every tensor — with braid's version and kernels.
+pub fn folder_fingerprint(dir: &Path) -> std::io::Result<u128> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut h = Xxh3::new();
+    h.update(
+        format!("braid {} kernels {}; folder;", env!("CARGO_PKG_VERSION"), crate::cpu::linear::kernel_family())
+            .as_bytes(),
+    );
+    h.update(&std::fs::read(dir.join("config.json"))?);
+    let mut shards: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    shards.sort();
+    for shard in shards {
+        let mut reader = BufReader::new(File::open(&shard)?);
+        let mut len = [0u8; 8];
+        reader.read_exact(&mut len)?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return Err(bad(format!("{}: a safetensors header of {len} bytes", shard.display())));
+        }
+        let mut header = vec![0u8; len as usize];
+        reader.read_exact(&mut header)?;
+        h.update(&header);
+        let header: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("{}: {e}", shard.display())))?;
+        let mut starts: Vec<u64> = header.values().filter_map(|t| t.get("data_offsets")?.get(0)?.as_u64()).collect();
+        starts.sort_unstable();
+        let mut sample = Vec::with_capacity(SAMPLE_BYTES as usize);
+        for start in starts {
+            reader.seek(SeekFrom::Start(8 + len + start))?;
+            sample.clear();
+            (&mut reader).take(SAMPLE_BYTES).read_to_end(&mut sample)?;
+            h.update(&sample);
+        }
+    }
+    Ok(h.digest128())
+}
+
 /// The fingerprint of dummy weights (`--load-format dummy`): the preset and seed they are drawn
 /// from, and what computes the K/V from them.
 pub fn dummy_fingerprint(preset: &str, seed: u64) -> u128 {
@@ -61,4 +104,33 @@ pub fn dummy_fingerprint(preset: &str, seed: u64) -> u128 {
         .as_bytes(),
     );
     h.digest128()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder's fingerprint is stable, and moves when its config or any tensor's leading
+    /// bytes change (a fine-tune of the same shape).
+    #[test]
+    fn folder_fingerprint_tells_weights_and_configs_apart() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+        }
+        let base = folder_fingerprint(dir.path()).unwrap();
+        assert_eq!(base, folder_fingerprint(&fixture).unwrap());
+        let weights = dir.path().join("model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + header + 1] ^= 1;
+        std::fs::write(&weights, &bytes).unwrap();
+        let tweaked = folder_fingerprint(dir.path()).unwrap();
+        assert_ne!(base, tweaked);
+        let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+        std::fs::write(dir.path().join("config.json"), config.replace("\"rms_norm_eps\"", "\"rms_norm_eps\" "))
+            .unwrap();
+        assert_ne!(tweaked, folder_fingerprint(dir.path()).unwrap());
+    }
 }

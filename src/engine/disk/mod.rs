@@ -33,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-pub use fingerprint::{dummy_fingerprint, gguf_fingerprint};
+pub use fingerprint::{dummy_fingerprint, folder_fingerprint, gguf_fingerprint};
 pub use format::{FormatError, Header, Identity};
 
 /// Bytes of block copies that may wait for the writer by default; beyond that a write is
