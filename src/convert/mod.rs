@@ -158,9 +158,14 @@ fn llama3_rope_factors(rope: &hf::RopeParams, head_dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// GGUF metadata, in the order it is written.
+type Metadata = Vec<(String, Value)>;
+/// Vectors computed from the config (rope factors), by GGUF name.
+type ExtraTensors = Vec<(String, Vec<f32>)>;
+
 /// The model's metadata keys (`general.*` and `{arch}.*`), with the extra tensors some rope
 /// schemes need.
-fn model_metadata(hf: &HfFolder, out: OutType) -> anyhow::Result<(Vec<(String, Value)>, Vec<(String, Vec<f32>)>)> {
+fn model_metadata(hf: &HfFolder, out: OutType) -> anyhow::Result<(Metadata, ExtraTensors)> {
     let arch = hf.arch;
     let a = arch.gguf_name();
     let key = |k: &str| format!("{a}.{k}");
@@ -176,7 +181,7 @@ fn model_metadata(hf: &HfFolder, out: OutType) -> anyhow::Result<(Vec<(String, V
     let rope = hf.rope();
     let name = hf.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| arch.name().into());
 
-    let mut md: Vec<(String, Value)> = vec![
+    let mut md: Metadata = vec![
         ("general.architecture".into(), Value::String(a.into())),
         ("general.name".into(), Value::String(name)),
         ("general.file_type".into(), Value::U32(out.file_type())),
@@ -297,7 +302,7 @@ fn model_metadata(hf: &HfFolder, out: OutType) -> anyhow::Result<(Vec<(String, V
     Ok((md, extra))
 }
 
-fn plan_tensors(hf: &HfFolder, out: OutType, extra: Vec<(String, Vec<f32>)>) -> anyhow::Result<Vec<Planned>> {
+fn plan_tensors(hf: &HfFolder, out: OutType, extra: ExtraTensors) -> anyhow::Result<Vec<Planned>> {
     let arch = hf.arch;
     let n_layer = hf.need_usize("num_hidden_layers")?;
     let n_head = hf.need_usize("num_attention_heads")?;
