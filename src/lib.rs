@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod convert;
 pub mod cpu;
 pub mod engine;
 pub mod gguf;

@@ -1,6 +1,7 @@
 //! The `braid` command line.
 
 pub mod cache;
+mod convert;
 mod generate;
 mod serve;
 mod tokenize;
@@ -29,6 +30,8 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Measure an OpenAI-compatible server (braid or any other): TTFT, TPOT, ITL, throughput.
     Bench(crate::bench::BenchArgs),
+    /// Convert a Hugging Face model folder to a GGUF file, optionally quantized.
+    Convert(convert::ConvertArgs),
 }
 
 /// Flags every model-loading command shares.
@@ -160,6 +163,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => crate::bench::run(args),
         Command::Cache(args) => cache::run(args),
+        Command::Convert(args) => convert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -171,7 +171,11 @@ impl ModelConfig {
                     None => file.get_usize(&key("feed_forward_length"))?,
                 },
                 norm_top_k: true,
-                dense_layers: Vec::new(),
+                // Layers without a router keep a dense feed-forward network (Qwen3-MoE's
+                // mlp_only_layers, as `braid convert` writes them).
+                dense_layers: (0..n_layer)
+                    .filter(|&l| !file.has_tensor(&super::arch::names::Layer::new(l).router))
+                    .collect(),
             })
         } else {
             None
@@ -229,7 +233,38 @@ impl ModelConfig {
                     return Err(ModelError::Invalid("qwen3moe without qwen3moe.expert_count".into()));
                 }
             }
-            "gemma3" => super::arch::gemma3::adjust_gguf_config(&mut config, window),
+            "gemma3" => {
+                super::arch::gemma3::adjust_gguf_config(&mut config, window);
+                // Which layers slide, where the file says (llama.cpp's sliding_window_pattern:
+                // one bool per layer, or a period), instead of Gemma 3's one global in six.
+                let pattern_key = key("attention.sliding_window_pattern");
+                if let Some(w) = window {
+                    let slides: Option<Vec<bool>> = match file.metadata().get(&pattern_key) {
+                        None => None,
+                        Some(candle_core::quantized::gguf_file::Value::Array(values)) => {
+                            Some(values.iter().map(|v| v.to_bool()).collect::<Result<_, _>>().map_err(|e| {
+                                ModelError::WrongType { key: pattern_key.clone(), reason: e.to_string() }
+                            })?)
+                        }
+                        Some(_) => {
+                            let period = file.get_usize(&pattern_key)?;
+                            Some((0..n_layer).map(|l| period > 0 && (l + 1) % period != 0).collect())
+                        }
+                    };
+                    if let Some(slides) = slides {
+                        if slides.len() != n_layer {
+                            return Err(ModelError::Invalid(format!(
+                                "{pattern_key} has {} entries for {n_layer} layers",
+                                slides.len()
+                            )));
+                        }
+                        config.layer_windows = slides.into_iter().map(|s| s.then_some(w)).collect();
+                    }
+                }
+                if let Some(theta) = file.opt_f32(&key("rope.freq_base_swa"))? {
+                    config.rope_local_theta = Some(theta);
+                }
+            }
             "phi3" => {
                 config.architecture = Architecture::Phi3;
                 config.layer_windows = vec![window; n_layer];
