@@ -100,6 +100,9 @@ pub struct ModelConfig {
     pub rope_local_theta: Option<f32>,
     /// Factor on the global rope's cos and sin (Phi-3's longrope attention factor).
     pub rope_attention_factor: Option<f32>,
+    /// Phi-3 longrope in a GGUF file, which ships both factor sets: whether the long ones apply
+    /// (the served context exceeds the original one, as llama.cpp decides).
+    pub rope_long_factors: bool,
     pub rms_eps: f32,
     pub context_length: usize,
     /// Whether Q, K and V projections carry a bias (Qwen2).
@@ -195,6 +198,7 @@ impl ModelConfig {
             rope_scaling,
             rope_local_theta: None,
             rope_attention_factor: None,
+            rope_long_factors: false,
             rms_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             context_length: file.get_usize(&key("context_length"))?,
             qkv_bias: false,
@@ -268,6 +272,10 @@ impl ModelConfig {
             "phi3" => {
                 config.architecture = Architecture::Phi3;
                 config.layer_windows = vec![window; n_layer];
+                config.rope_attention_factor = file.opt_f32(&key("rope.scaling.attn_factor"))?;
+                config.rope_long_factors = file
+                    .opt_usize(&key("rope.scaling.original_context_length"))?
+                    .is_some_and(|original| config.context_length > original);
             }
             _ => unreachable!("checked against SUPPORTED_ARCHITECTURES above"),
         }

@@ -54,8 +54,14 @@ impl Decoder {
             (Embedding::Rows(table), false) => Arc::clone(table),
             (Embedding::Table(_), false) => Arc::new(src.linear(names::TOKEN_EMBD, vocab_size, h)?),
         };
-        let freq_factors =
-            if src.has(names::ROPE_FREQS) { Some(src.vector(names::ROPE_FREQS, c.rope_dim / 2)?) } else { None };
+        let longrope = if c.rope_long_factors { names::ROPE_FACTORS_LONG } else { names::ROPE_FACTORS_SHORT };
+        let freq_factors = if src.has(names::ROPE_FREQS) {
+            Some(src.vector(names::ROPE_FREQS, c.rope_dim / 2)?)
+        } else if src.has(longrope) {
+            Some(src.vector(longrope, c.rope_dim / 2)?)
+        } else {
+            None
+        };
         let mut blocks = Vec::with_capacity(c.n_layer);
         for l in 0..c.n_layer {
             let t = Names::new(l);

@@ -294,6 +294,7 @@ pub fn parse(json: &Value, served_context: Option<usize>) -> Result<HfConfig, Mo
         rope_scaling: RopeScaling::None,
         rope_local_theta: None,
         rope_attention_factor: None,
+        rope_long_factors: false,
         rms_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
         context_length,
         qkv_bias: arch == Architecture::Qwen2 || attention_bias,

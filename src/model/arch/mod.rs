@@ -13,6 +13,9 @@ pub mod names {
     pub const OUTPUT_NORM: &str = "output_norm.weight";
     /// Llama 3.1-style rope scaling's per-frequency divisors, where a model ships them.
     pub const ROPE_FREQS: &str = "rope_freqs.weight";
+    /// Phi-3 longrope's two sets of per-frequency divisors (GGUF files ship both).
+    pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
+    pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 
     /// The tensors of block `layer`.
     pub struct Layer {
