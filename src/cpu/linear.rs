@@ -13,6 +13,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::quant::vnni::{PackedWeights, PairFormat};
+#[cfg(target_arch = "x86_64")]
+use super::quant::vnni_k::{KPairFormat, PackedWeightsK};
 use super::quant::{
     self, ActQuant, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, QK, QK_K, WeightBlock,
     kquants,
@@ -35,6 +37,12 @@ enum Weights {
     VnniQ5_0(PackedWeights<BlockQ5_0>),
     #[cfg(target_arch = "x86_64")]
     VnniQ8_0(PackedWeights<BlockQ8_0>),
+    #[cfg(target_arch = "x86_64")]
+    VnniQ4K(PackedWeightsK<BlockQ4K>),
+    #[cfg(target_arch = "x86_64")]
+    VnniQ5K(PackedWeightsK<BlockQ5K>),
+    #[cfg(target_arch = "x86_64")]
+    VnniQ6K(PackedWeightsK<BlockQ6K>),
     /// bf16 rows (dummy models): activations rounded to bf16, f32 sums (`bf16.rs`).
     Bf16(Vec<half::bf16>),
     /// Other types, through candle.
@@ -56,11 +64,11 @@ const COLUMNS_PER_TASK: usize = 32;
 
 /// Native weights in the form this CPU's fastest kernel reads.
 macro_rules! native {
-    ($plain:ident, $vnni:ident, $blocks:expr, $per_row:expr) => {{
+    ($plain:ident, $vnni:ident, $packed:ident, $blocks:expr, $per_row:expr) => {{
         let blocks = $blocks;
         #[cfg(target_arch = "x86_64")]
         if super::quant::vnni::available() {
-            return Weights::$vnni(PackedWeights::new(&blocks, $per_row));
+            return Weights::$vnni($packed::new(&blocks, $per_row));
         }
         Weights::$plain(blocks)
     }};
@@ -68,16 +76,25 @@ macro_rules! native {
 
 impl Weights {
     fn q4_0(blocks: Vec<BlockQ4_0>, per_row: usize) -> Self {
-        native!(Q4_0, VnniQ4_0, blocks, per_row)
+        native!(Q4_0, VnniQ4_0, PackedWeights, blocks, per_row)
     }
     fn q4_1(blocks: Vec<BlockQ4_1>, per_row: usize) -> Self {
-        native!(Q4_1, VnniQ4_1, blocks, per_row)
+        native!(Q4_1, VnniQ4_1, PackedWeights, blocks, per_row)
     }
     fn q5_0(blocks: Vec<BlockQ5_0>, per_row: usize) -> Self {
-        native!(Q5_0, VnniQ5_0, blocks, per_row)
+        native!(Q5_0, VnniQ5_0, PackedWeights, blocks, per_row)
     }
     fn q8_0(blocks: Vec<BlockQ8_0>, per_row: usize) -> Self {
-        native!(Q8_0, VnniQ8_0, blocks, per_row)
+        native!(Q8_0, VnniQ8_0, PackedWeights, blocks, per_row)
+    }
+    fn q4_k(blocks: Vec<BlockQ4K>, per_row: usize) -> Self {
+        native!(Q4K, VnniQ4K, PackedWeightsK, blocks, per_row)
+    }
+    fn q5_k(blocks: Vec<BlockQ5K>, per_row: usize) -> Self {
+        native!(Q5K, VnniQ5K, PackedWeightsK, blocks, per_row)
+    }
+    fn q6_k(blocks: Vec<BlockQ6K>, per_row: usize) -> Self {
+        native!(Q6K, VnniQ6K, PackedWeightsK, blocks, per_row)
     }
 }
 
@@ -97,9 +114,9 @@ impl QLinear {
             GgmlDType::Q4_1 if native => Weights::q4_1(quant::parse_q4_1(&tensor.data()?), k / QK),
             GgmlDType::Q5_0 if native => Weights::q5_0(quant::parse_q5_0(&tensor.data()?), k / QK),
             GgmlDType::Q8_0 if native => Weights::q8_0(quant::parse_q8_0(&tensor.data()?), k / QK),
-            GgmlDType::Q4K if cpu => Weights::Q4K(kquants::parse_q4_k(&tensor.data()?)),
-            GgmlDType::Q5K if cpu => Weights::Q5K(kquants::parse_q5_k(&tensor.data()?)),
-            GgmlDType::Q6K if cpu => Weights::Q6K(kquants::parse_q6_k(&tensor.data()?)),
+            GgmlDType::Q4K if cpu => Weights::q4_k(kquants::parse_q4_k(&tensor.data()?), k / QK_K),
+            GgmlDType::Q5K if cpu => Weights::q5_k(kquants::parse_q5_k(&tensor.data()?), k / QK_K),
+            GgmlDType::Q6K if cpu => Weights::q6_k(kquants::parse_q6_k(&tensor.data()?), k / QK_K),
             _ => Weights::Candle(QMatMul::from_arc(tensor)?),
         };
         Ok(Self { n, k, weights })
@@ -157,6 +174,9 @@ impl QLinear {
             merge!(VnniQ4_1, |all: &mut PackedWeights<_>, w| all.append(w));
             merge!(VnniQ5_0, |all: &mut PackedWeights<_>, w| all.append(w));
             merge!(VnniQ8_0, |all: &mut PackedWeights<_>, w| all.append(w));
+            merge!(VnniQ4K, |all: &mut PackedWeightsK<_>, w| all.append(w));
+            merge!(VnniQ5K, |all: &mut PackedWeightsK<_>, w| all.append(w));
+            merge!(VnniQ6K, |all: &mut PackedWeightsK<_>, w| all.append(w));
         }
         QLinear { n, k, weights: Weights::Parts(parts) }
     }
@@ -172,6 +192,12 @@ impl QLinear {
             Weights::VnniQ5_0(w) => Ok(self.vnni_rows(x, m, w)),
             #[cfg(target_arch = "x86_64")]
             Weights::VnniQ8_0(w) => Ok(self.vnni_rows(x, m, w)),
+            #[cfg(target_arch = "x86_64")]
+            Weights::VnniQ4K(w) => Ok(self.vnni_k_rows(x, m, w)),
+            #[cfg(target_arch = "x86_64")]
+            Weights::VnniQ5K(w) => Ok(self.vnni_k_rows(x, m, w)),
+            #[cfg(target_arch = "x86_64")]
+            Weights::VnniQ6K(w) => Ok(self.vnni_k_rows(x, m, w)),
             Weights::Q4_0(w) => Ok(self.native_rows(x, m, w)),
             Weights::Q4_1(w) => Ok(self.native_rows(x, m, w)),
             Weights::Q5_0(w) => Ok(self.native_rows(x, m, w)),
@@ -228,6 +254,12 @@ impl QLinear {
                 Weights::VnniQ5_0(w) => w.dequantize_row(id, o),
                 #[cfg(target_arch = "x86_64")]
                 Weights::VnniQ8_0(w) => w.dequantize_row(id, o),
+                #[cfg(target_arch = "x86_64")]
+                Weights::VnniQ4K(w) => w.dequantize_row(id, o),
+                #[cfg(target_arch = "x86_64")]
+                Weights::VnniQ5K(w) => w.dequantize_row(id, o),
+                #[cfg(target_arch = "x86_64")]
+                Weights::VnniQ6K(w) => w.dequantize_row(id, o),
                 Weights::Bf16(w) => {
                     for (o, v) in o.iter_mut().zip(&w[id * k..(id + 1) * k]) {
                         *o = v.to_f32();
@@ -257,6 +289,20 @@ impl QLinear {
     fn vnni_rows<B: PairFormat>(&self, xs: &[f32], m: usize, w: &PackedWeights<B>) -> Vec<f32> {
         use super::quant::vnni::{PANEL, PackedActs, columns};
         let acts = PackedActs::new::<B>(&quantize_rows(xs, m, self.k / QK), self.k / QK);
+        let full = acts.rows_in_panels();
+        let panels: Vec<_> = (0..full).step_by(PANEL).map(|first| acts.panel(first, PANEL)).collect();
+        let singles: Vec<_> = (full..m).map(|r| acts.panel(r, 1)).collect();
+        // SAFETY: the weights were packed only where the CPU has the kernel's features.
+        self.by_column_ranges(m, |cols, out| unsafe {
+            columns(w, cols, &panels, &singles, |row, col, v| out.set(row, col, v))
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_k_rows<B: KPairFormat>(&self, xs: &[f32], m: usize, w: &PackedWeightsK<B>) -> Vec<f32> {
+        use super::quant::vnni::PANEL;
+        use super::quant::vnni_k::{PackedActsK, columns};
+        let acts = PackedActsK::new::<B>(&quantize_rows(xs, m, self.k / QK_K), self.k / QK_K);
         let full = acts.rows_in_panels();
         let panels: Vec<_> = (0..full).step_by(PANEL).map(|first| acts.panel(first, PANEL)).collect();
         let singles: Vec<_> = (full..m).map(|r| acts.panel(r, 1)).collect();

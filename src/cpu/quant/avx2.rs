@@ -330,6 +330,61 @@ pub unsafe fn dot_q6_k<const R: usize>(w: &[BlockQ6K], a: [&[ActBlockK]; R]) -> 
     acc.map(|v| unsafe { hsum(v) })
 }
 
+/// `kquants::quantize_row_k` with AVX2: the same arithmetic (the maximum magnitude does not
+/// depend on the order, `max` is the first value reaching it, rounding to nearest even equals
+/// llama.cpp's `nearest_int` for these magnitudes).
+///
+/// # Safety
+/// As `dot_q4_0`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_k(x: &[f32], out: &mut [ActBlockK]) {
+    for (block, xs) in out.iter_mut().zip(x.chunks_exact(256)) {
+        unsafe {
+            let v: [__m256; 32] = std::array::from_fn(|i| _mm256_loadu_ps(xs.as_ptr().add(8 * i)));
+            let sign = _mm256_set1_ps(-0.0);
+            // `max(|x|, m)` keeps `m` where `x` is NaN, as the plain loop ignores NaN.
+            let m8 = v.iter().fold(_mm256_setzero_ps(), |m, &r| _mm256_max_ps(_mm256_andnot_ps(sign, r), m));
+            let m4 = _mm_max_ps(_mm256_extractf128_ps(m8, 1), _mm256_castps256_ps128(m8));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            if amax == 0.0 {
+                *block = ActBlockK::default();
+                continue;
+            }
+            let target = _mm256_set1_ps(amax);
+            let first = (0..32)
+                .find_map(|i| {
+                    let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v[i]), target));
+                    (hits != 0).then(|| 8 * i + hits.trailing_zeros() as usize)
+                })
+                .unwrap_or(0);
+            let iscale = -127.0 / xs[first];
+            let scale = _mm256_set1_ps(iscale);
+            let q: [__m256i; 32] = std::array::from_fn(|i| {
+                let scaled = _mm256_mul_ps(v[i], scale);
+                let rounded = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled);
+                // `nearest_int` of a (default) NaN is 0; the conversion would give i32::MIN.
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(scaled, scaled));
+                _mm256_andnot_si256(nan, _mm256_min_epi32(_mm256_cvtps_epi32(rounded), _mm256_set1_epi32(127)))
+            });
+            for (s, pair) in block.bsums.iter_mut().zip(q.chunks_exact(2)) {
+                let t = _mm256_add_epi32(pair[0], pair[1]);
+                let t4 = _mm_add_epi32(_mm256_extracti128_si256(t, 1), _mm256_castsi256_si128(t));
+                let t2 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
+                *s = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32::<1>(t2))) as i16;
+            }
+            for (i, four) in q.chunks_exact(4).enumerate() {
+                // Packing works within 128-bit lanes; the permute puts the 32 bytes in order.
+                let packed =
+                    _mm256_packs_epi16(_mm256_packs_epi32(four[0], four[1]), _mm256_packs_epi32(four[2], four[3]));
+                let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(block.qs.as_mut_ptr().add(32 * i) as *mut __m256i, ordered);
+            }
+            block.d = 1.0 / iscale;
+        }
+    }
+}
+
 /// `quant::quantize_row` with AVX2: the same arithmetic (the products, the rounding to nearest
 /// even and the maximum do not depend on the order), 32 values in four registers.
 ///
@@ -397,6 +452,33 @@ mod tests {
                 assert_eq!((a.qs, a.d.to_bits(), a.s.to_bits()), (b.qs, b.d.to_bits(), b.s.to_bits()));
             }
         }
+    }
+
+    /// Q8_K quantization with AVX2 gives exactly the plain one: zero super-blocks, ties for the
+    /// largest magnitude, values on rounding ties, NaN ignored as llama.cpp's loop ignores it.
+    #[test]
+    fn avx2_k_quantization_equals_the_plain_one() {
+        use super::super::kquants;
+        if !available() {
+            eprintln!("no AVX2 here: nothing to compare");
+            return;
+        }
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+        let mut x: Vec<f32> = (0..5 * 256).map(|_| r.random_range(-7.0..7.0)).collect();
+        x[256..512].fill(0.0);
+        x[512 + 100] = -12.7;
+        x[512 + 40] = 12.7;
+        for (i, v) in x[768..1024].iter_mut().enumerate() {
+            *v = (i as f32 - 127.5) / 2.0;
+        }
+        x[1024 + 3] = f32::NAN;
+        let (mut fast, mut plain) = (vec![ActBlockK::default(); 5], vec![ActBlockK::default(); 5]);
+        unsafe { super::quantize_row_k(&x, &mut fast) };
+        kquants::quantize_row_k_plain(&x, &mut plain);
+        for (a, b) in fast.iter().zip(&plain) {
+            assert_eq!((a.qs, a.bsums, a.d.to_bits()), (b.qs, b.bsums, b.d.to_bits()));
+        }
+        assert_eq!(fast[2].qs[40], -127, "the first value of largest magnitude sets the sign");
     }
 
     /// The AVX2 kernels give the plain ones' bits on random blocks, odd block counts included.

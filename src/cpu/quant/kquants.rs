@@ -92,6 +92,22 @@ pub fn parse_q6_k(bytes: &[u8]) -> Vec<BlockQ6K> {
 
 /// `quantize_row_q8_K_ref`: one row, a whole number of super-blocks.
 pub fn quantize_row_k(x: &[f32], out: &mut [ActBlockK]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: the features were just detected.
+        return unsafe { avx2::quantize_row_k(x, out) };
+    }
+    quantize_row_k_plain(x, out)
+}
+
+/// llama.cpp's `nearest_int`: round to nearest even by adding 1.5 * 2^23 (for |x| < 2^22).
+#[inline(always)]
+fn nearest_int(x: f32) -> i32 {
+    ((x + 12582912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// The definition (and the path for CPUs without AVX2).
+pub(super) fn quantize_row_k_plain(x: &[f32], out: &mut [ActBlockK]) {
     for (block, xs) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
         let (mut max, mut amax) = (0f32, 0f32);
         for &v in xs {
@@ -106,8 +122,7 @@ pub fn quantize_row_k(x: &[f32], out: &mut [ActBlockK]) {
         }
         let iscale = -127.0 / max;
         for (q, &v) in block.qs.iter_mut().zip(xs) {
-            // llama.cpp's `nearest_int` rounds to nearest even (a float addition of 1.5 * 2^23).
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            *q = nearest_int(iscale * v).min(127) as i8;
         }
         for (sum, qs) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
             *sum = qs.iter().map(|&q| q as i16).sum();

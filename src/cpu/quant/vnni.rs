@@ -34,20 +34,20 @@ pub fn available() -> bool {
 }
 
 /// Where byte `p` (0..64) of a pair's register comes from: (row of the pair, element).
-fn source_of(p: usize) -> (usize, usize) {
+pub(super) fn source_of(p: usize) -> (usize, usize) {
     let group = p / 4;
     (group % 2, (group / 2) * 4 + p % 4)
 }
 
 /// The register byte holding element `e` of row `which` of a pair.
-fn register_byte(which: usize, e: usize) -> usize {
+pub(super) fn register_byte(which: usize, e: usize) -> usize {
     ((e / 4) * 2 + which) * 4 + e % 4
 }
 
 /// 64 bytes, aligned so that a 512-bit load never splits a cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub struct Unit([u8; 64]);
+pub struct Unit(pub(super) [u8; 64]);
 
 /// A weight block type the VNNI kernel runs.
 pub trait PairFormat: WeightBlock<Act = ActBlock> + Copy {
@@ -247,16 +247,16 @@ impl<B: PairFormat> PackedWeights<B> {
 }
 
 /// Zeroed units holding at least `bytes` bytes.
-fn units_for(bytes: usize) -> Vec<Unit> {
+pub(super) fn units_for(bytes: usize) -> Vec<Unit> {
     vec![Unit([0; 64]); bytes.div_ceil(64)]
 }
 
-fn units_bytes(units: &[Unit]) -> &[u8] {
+pub(super) fn units_bytes(units: &[Unit]) -> &[u8] {
     // SAFETY: `Unit` is 64 plain bytes with no padding.
     unsafe { std::slice::from_raw_parts(units.as_ptr() as *const u8, units.len() * 64) }
 }
 
-fn units_as_bytes(units: &mut [Unit]) -> &mut [u8] {
+pub(super) fn units_as_bytes(units: &mut [Unit]) -> &mut [u8] {
     // SAFETY: `Unit` is 64 plain bytes with no padding.
     unsafe { std::slice::from_raw_parts_mut(units.as_mut_ptr() as *mut u8, units.len() * 64) }
 }
