@@ -1,6 +1,6 @@
 //! Linear layers over quantized weights: braid's own kernels for Q4_0, Q4_1, Q5_0, Q8_0 and the
 //! K-quants Q4_K, Q5_K, Q6_K (the types of the common GGUF files, Q4_K_M included), candle's for
-//! the rest (F16, F32, Q5_1, Q2_K, Q3_K, Q8_1, Q8_K...). Where the CPU has AVX-512 VNNI the
+//! the rest (F32, F16, BF16, Q5_1, Q2_K, Q3_K). Where the CPU has AVX-512 VNNI the
 //! weights are repacked at load for `quant::vnni` / `quant::vnni_k` (and GGUF's blocks dropped);
 //! elsewhere the AVX2 or plain kernels read GGUF's blocks as they are.
 

@@ -138,17 +138,19 @@ pub struct PackedWeightsK<B: KPairFormat> {
     values: Vec<Unit>,
     /// Per pair, super-block, run and plane: bit `p` is that bit of register byte `p`.
     high: Vec<u64>,
-    /// Per pair, super-block and run: the scales of the run's first 16 values as 16-bit pairs
-    /// (row 0 twice, row 1 twice), then of its last 16.
-    scales: Vec<[i16; 8]>,
+    /// Per pair, super-block and run: the scales of the run's values as 16-bit pairs (row 0
+    /// twice, row 1 twice); for Q6_K two such, of its first 16 values and of its last 16.
+    scales: Vec<[i16; 4]>,
     /// Per pair and super-block: d of each row, then dmin of each row.
     floats: Vec<[f32; 4]>,
-    /// Per pair and super-block: row 0's 8 minimums, then row 1's.
+    /// Per pair and super-block: row 0's 8 minimums, then row 1's (none for Q6_K).
     mins: Vec<[i16; 16]>,
     _format: std::marker::PhantomData<B>,
 }
 
 impl<B: KPairFormat> PackedWeightsK<B> {
+    const SCALES_PER_RUN: usize = if B::SCALES_16 { 2 } else { 1 };
+
     /// `w` holds rows of `blocks` super-blocks each.
     pub fn new(w: &[B], blocks: usize) -> Self {
         let n = w.len() / blocks;
@@ -158,7 +160,7 @@ impl<B: KPairFormat> PackedWeightsK<B> {
             blocks,
             values: units_for(pairs * blocks * NIBBLE_BYTES),
             high: Vec::with_capacity(pairs * blocks * RUNS * B::PLANES),
-            scales: Vec::with_capacity(pairs * blocks * RUNS),
+            scales: Vec::with_capacity(pairs * blocks * RUNS * Self::SCALES_PER_RUN),
             floats: Vec::with_capacity(pairs * blocks),
             mins: Vec::with_capacity(pairs * blocks),
             _format: std::marker::PhantomData,
@@ -193,14 +195,18 @@ impl<B: KPairFormat> PackedWeightsK<B> {
                     let scale = |which: usize, half: usize| {
                         blocks_of[which].map_or(0, |block| block.scale(32 * run + 16 * half))
                     };
-                    let (a, b) = ((scale(0, 0), scale(1, 0)), (scale(0, 1), scale(1, 1)));
-                    packed.scales.push([a.0, a.0, a.1, a.1, b.0, b.0, b.1, b.1]);
+                    for half in 0..Self::SCALES_PER_RUN {
+                        let (s0, s1) = (scale(0, half), scale(1, half));
+                        packed.scales.push([s0, s0, s1, s1]);
+                    }
                 }
                 let (d0, dmin0) = blocks_of[0].map_or((0.0, 0.0), |block| block.d_dmin());
                 let (d1, dmin1) = blocks_of[1].map_or((0.0, 0.0), |block| block.d_dmin());
                 packed.floats.push([d0, d1, dmin0, dmin1]);
-                let mins = blocks_of.map(|block| block.map_or([0; 8], |block| block.minimums()));
-                packed.mins.push(std::array::from_fn(|i| mins[i / 8][i % 8] as i16));
+                if B::MINS != Mins::None {
+                    let mins = blocks_of.map(|block| block.map_or([0; 8], |block| block.minimums()));
+                    packed.mins.push(std::array::from_fn(|i| mins[i / 8][i % 8] as i16));
+                }
             }
         }
         packed
@@ -244,8 +250,10 @@ impl<B: KPairFormat> PackedWeightsK<B> {
                 for plane in 0..B::PLANES {
                     stored |= (((self.high[(at * RUNS + run) * B::PLANES + plane] >> p) & 1) as u8) << (4 + plane);
                 }
-                let scale = self.scales[at * RUNS + run][4 * ((e % 32) / 16) + 2 * which];
-                *x = B::value(stored, d, dmin, scale, self.mins[at][8 * which + e / 32] as u8);
+                let half = if B::SCALES_16 { (e % 32) / 16 } else { 0 };
+                let scale = self.scales[(at * RUNS + run) * Self::SCALES_PER_RUN + half][2 * which];
+                let min = if B::MINS == Mins::None { 0 } else { self.mins[at][8 * which + e / 32] as u8 };
+                *x = B::value(stored, d, dmin, scale, min);
             }
         }
     }
@@ -392,13 +400,14 @@ pub unsafe fn dot<B: KPairFormat, const R: usize>(w: &PackedWeightsK<B>, pair: u
                     let bits = _cvtu64_mask64(w.high[(at * RUNS + run) * B::PLANES + plane]);
                     qx = _mm512_mask_add_epi8(qx, bits, qx, _mm512_set1_epi8(16 << plane));
                 }
-                let sc = &w.scales[at * RUNS + run];
-                let first = _mm512_set1_epi64(std::ptr::read_unaligned(sc.as_ptr() as *const i64));
+                let sc = (at * RUNS + run) * PackedWeightsK::<B>::SCALES_PER_RUN;
+                let pattern =
+                    |i: usize| _mm512_set1_epi64(std::ptr::read_unaligned(w.scales[i].as_ptr() as *const i64));
+                // Q6_K: the first 16 values' lanes are the register's low half.
                 let scales = if B::SCALES_16 {
-                    let last = _mm512_set1_epi64(std::ptr::read_unaligned(sc.as_ptr().add(4) as *const i64));
-                    _mm512_mask_blend_epi64(0xF0, first, last)
+                    _mm512_mask_blend_epi64(0xF0, pattern(sc), pattern(sc + 1))
                 } else {
-                    first
+                    pattern(sc)
                 };
                 let unit = panel.units.as_ptr().add((b * RUNS + run) * per_run) as *const u8;
                 for (r, s) in sumi.iter_mut().enumerate() {
