@@ -43,6 +43,38 @@ fn matmul(c: &mut Criterion) {
     group.finish();
 }
 
+/// Gemma 3 270M Q4_K_M's types on its feed-forward shapes (Q5_0 gate/up 2048 x 640, Q4_K /
+/// Q5_K / Q6_K down 640 x 2048: K-quant rows are whole 256-value super-blocks), braid's kernels
+/// against candle's QMatMul (what these types ran on before) on the same weights.
+fn matmul_kquants(c: &mut Criterion) {
+    use candle_core::Module;
+    use candle_core::quantized::QMatMul;
+    let mut group = c.benchmark_group("qmatmul_gemma_ffn");
+    for (dtype, n, k) in [
+        (GgmlDType::Q5_0, 2048, 640),
+        (GgmlDType::Q4K, 640, 2048),
+        (GgmlDType::Q5K, 640, 2048),
+        (GgmlDType::Q6K, 640, 2048),
+    ] {
+        let w = Tensor::from_vec(random(n * k, 1), (n, k), &Device::Cpu).unwrap();
+        let qt = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+        let linear = QLinear::new(qt.clone()).unwrap();
+        let candle = QMatMul::from_arc(qt).unwrap();
+        for m in [1usize, 32] {
+            let x = random(m * k, 2);
+            let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+            group.throughput(Throughput::Elements((m * n * k) as u64));
+            group.bench_with_input(BenchmarkId::new(format!("braid {dtype:?} {n}x{k}"), m), &m, |b, &m| {
+                b.iter(|| linear.forward_rows(&x, m).unwrap())
+            });
+            group.bench_with_input(BenchmarkId::new(format!("candle {dtype:?} {n}x{k}"), m), &m, |b, _| {
+                b.iter(|| candle.forward(&xt).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
 fn attention(c: &mut Criterion) {
     // SmolLM2's heads: 9 query heads, 3 KV heads of 64.
     let shape = AttentionShape::global(9, 3, 64);
@@ -98,5 +130,5 @@ fn sampling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, attention, sampling);
+criterion_group!(benches, matmul, matmul_kquants, attention, sampling);
 criterion_main!(benches);

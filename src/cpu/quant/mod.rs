@@ -1,4 +1,5 @@
-//! Block-quantized weights (GGML layouts) and their dot products with quantized activations.
+//! Block-quantized weights (GGML layouts) and their dot products with quantized activations:
+//! the 32-value types here, the 256-value K-quants in `kquants.rs`.
 //!
 //! Activations are quantized and dot products summed exactly as llama.cpp's x86 path does
 //! (`127 / amax` scale, round to nearest even, `s = f16(d * sum)`; the lane order below),
@@ -9,10 +10,15 @@ use half::f16;
 
 pub mod avx2;
 pub mod blocks;
+pub mod kquants;
 pub mod vnni;
+pub mod vnni_k;
 
-use blocks::nibble;
-pub use blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, WeightBlock};
+pub use blocks::{
+    ActBlock, ActBlockK, ActQuant, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, QK, QK_K,
+    WeightBlock,
+};
+use blocks::{five_bits, nibble};
 
 fn f16_at(bytes: &[u8], at: usize) -> f16 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]])
@@ -26,6 +32,17 @@ pub fn parse_q4_1(bytes: &[u8]) -> Vec<BlockQ4_1> {
     bytes
         .chunks_exact(20)
         .map(|b| BlockQ4_1 { d: f16_at(b, 0), m: f16_at(b, 2), qs: b[4..20].try_into().unwrap() })
+        .collect()
+}
+
+pub fn parse_q5_0(bytes: &[u8]) -> Vec<BlockQ5_0> {
+    bytes
+        .chunks_exact(22)
+        .map(|b| BlockQ5_0 {
+            d: f16_at(b, 0),
+            qh: u32::from_le_bytes(b[2..6].try_into().unwrap()),
+            qs: b[6..22].try_into().unwrap(),
+        })
         .collect()
 }
 
@@ -69,7 +86,15 @@ pub(super) fn quantize_row_plain(x: &[f32], out: &mut [ActBlock]) {
     }
 }
 
+impl ActQuant for ActBlock {
+    const SIZE: usize = QK;
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        quantize_row(x, out)
+    }
+}
+
 impl WeightBlock for BlockQ4_0 {
+    type Act = ActBlock;
     #[inline(always)]
     fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
         dot_q4_0(w, a)
@@ -82,6 +107,7 @@ impl WeightBlock for BlockQ4_0 {
 }
 
 impl WeightBlock for BlockQ4_1 {
+    type Act = ActBlock;
     #[inline(always)]
     fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
         dot_q4_1(w, a)
@@ -93,7 +119,21 @@ impl WeightBlock for BlockQ4_1 {
     }
 }
 
+impl WeightBlock for BlockQ5_0 {
+    type Act = ActBlock;
+    #[inline(always)]
+    fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
+        dot_q5_0(w, a)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_avx2<const R: usize>(w: &[Self], a: [&[ActBlock]; R]) -> [f32; R] {
+        unsafe { avx2::dot_q5_0::<R>(w, a) }
+    }
+}
+
 impl WeightBlock for BlockQ8_0 {
+    type Act = ActBlock;
     #[inline(always)]
     fn dot(w: &[Self], a: &[ActBlock]) -> f32 {
         dot_q8_0(w, a)
@@ -109,7 +149,8 @@ impl WeightBlock for BlockQ8_0 {
 // kernels must give the same bits): per block, 8 lanes each sum 4 consecutive products in
 // integers; each lane accumulates `(d_w * d_a) * lane` with a fused multiply-add, block after
 // block; the lanes are added as ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)) (`hsum_float_8`);
-// Q4_1's offsets `m * s` accumulate in one fused chain and are added last.
+// Q4_1's offsets `m * s` accumulate in one fused chain and are added last. Q5_0 is Q4_0 with a
+// fifth bit (llama.cpp's AVX2 kernel makes signed bytes `q - 16` and sums them the same way).
 
 /// The 8 lanes of one block's integer products, for weight values `w(e)`.
 #[inline(always)]
@@ -149,6 +190,15 @@ pub fn dot_q4_1(w: &[BlockQ4_1], a: &[ActBlock]) -> f32 {
 }
 
 #[inline(always)]
+pub fn dot_q5_0(w: &[BlockQ5_0], a: &[ActBlock]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (wb, ab) in w.iter().zip(a) {
+        accumulate(&mut acc, wb.d.to_f32() * ab.d, lanes(|e| five_bits(wb, e) as i32 - 16, &ab.qs));
+    }
+    hsum8(acc)
+}
+
+#[inline(always)]
 pub fn dot_q8_0(w: &[BlockQ8_0], a: &[ActBlock]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, ab) in w.iter().zip(a) {
@@ -173,6 +223,15 @@ pub fn dequantize_q4_0(w: &[BlockQ4_0], out: &mut [f32]) {
         for j in 0..QK / 2 {
             o[j] = ((wb.qs[j] & 0x0F) as i32 - 8) as f32 * d;
             o[j + QK / 2] = ((wb.qs[j] >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+pub fn dequantize_q5_0(w: &[BlockQ5_0], out: &mut [f32]) {
+    for (wb, o) in w.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = wb.d.to_f32();
+        for (e, x) in o.iter_mut().enumerate() {
+            *x = (five_bits(wb, e) as i32 - 16) as f32 * d;
         }
     }
 }
@@ -243,6 +302,9 @@ mod tests {
         let q41 = parse_q4_1(&bytes(20));
         dequantize_q4_1(&q41, &mut w);
         assert!((dot_q4_1(&q41, &a) as f64 - reference(&w)).abs() < 2e-3);
+        let q50 = parse_q5_0(&bytes(22));
+        dequantize_q5_0(&q50, &mut w);
+        assert!((dot_q5_0(&q50, &a) as f64 - reference(&w)).abs() < 1e-4);
         let q80 = parse_q8_0(&bytes(34));
         dequantize_q8_0(&q80, &mut w);
         assert!((dot_q8_0(&q80, &a) as f64 - reference(&w)).abs() < 1e-3);

@@ -1,4 +1,4 @@
-//! Quantized products with AVX-512 VNNI (Q4_0, Q4_1, Q8_0), over weights and activations
+//! Quantized products with AVX-512 VNNI (Q4_0, Q4_1, Q5_0, Q8_0), over weights and activations
 //! repacked for it, with llama.cpp's arithmetic to the bit.
 //!
 //! llama.cpp's x86 dot products (and `mod.rs`, their plain form) keep 8 lanes per output,
@@ -11,8 +11,10 @@
 //! meet both. The two rows' lanes are added at the end in llama.cpp's order.
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes. Weights are stored unsigned (`q + zero
-//! point`: 8 for Q4_0, 128 for Q8_0, none for Q4_1) and the product is corrected exactly in
-//! integers by starting each lane at `-zero point * (sum of its 4 activation bytes)`.
+//! point`: 8 for Q4_0, 16 for Q5_0, 128 for Q8_0, none for Q4_1) and the product is corrected
+//! exactly in integers by starting each lane at `-zero point * (sum of its 4 activation bytes)`.
+//! Q5_0 keeps its fifth bits apart, one 64-bit mask per pair and block, added to the unpacked
+//! nibbles with one masked add.
 //! Q4_1's offsets (`m * s`) accumulate in a second, fused chain per row.
 //!
 //! Like the other kernels, a row's arithmetic is the same however many rows run together.
@@ -21,7 +23,7 @@
 
 use std::arch::x86_64::*;
 
-use super::blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ8_0, QK, WeightBlock, nibble};
+use super::blocks::{ActBlock, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, QK, WeightBlock, five_bits, nibble};
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -32,23 +34,23 @@ pub fn available() -> bool {
 }
 
 /// Where byte `p` (0..64) of a pair's register comes from: (row of the pair, element).
-fn source_of(p: usize) -> (usize, usize) {
+pub(super) fn source_of(p: usize) -> (usize, usize) {
     let group = p / 4;
     (group % 2, (group / 2) * 4 + p % 4)
 }
 
 /// The register byte holding element `e` of row `which` of a pair.
-fn register_byte(which: usize, e: usize) -> usize {
+pub(super) fn register_byte(which: usize, e: usize) -> usize {
     ((e / 4) * 2 + which) * 4 + e % 4
 }
 
 /// 64 bytes, aligned so that a 512-bit load never splits a cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub struct Unit([u8; 64]);
+pub struct Unit(pub(super) [u8; 64]);
 
 /// A weight block type the VNNI kernel runs.
-pub trait PairFormat: WeightBlock + Copy {
+pub trait PairFormat: WeightBlock<Act = ActBlock> + Copy {
     /// Stored values have 8 bits (one byte each) rather than 4 (two per byte).
     const WIDE: bool;
     /// log2 of the zero point added to every stored value (none: 0 and `ZERO_POINT` false).
@@ -56,6 +58,8 @@ pub trait PairFormat: WeightBlock + Copy {
     const ZERO_POINT: bool;
     /// Blocks carry a minimum `m` (Q4_1).
     const OFFSET: bool;
+    /// Stored values have a fifth bit (Q5_0), kept in a mask beside the nibbles.
+    const HIGH_BIT: bool = false;
     /// Element `e` as stored: unsigned, zero point included.
     fn stored(&self, e: usize) -> u8;
     /// The block's scale and minimum (0 where it has none).
@@ -102,6 +106,20 @@ impl PairFormat for BlockQ4_1 {
     }
 }
 
+impl PairFormat for BlockQ5_0 {
+    const WIDE: bool = false;
+    const ZERO_POINT_SHIFT: u32 = 4;
+    const ZERO_POINT: bool = true;
+    const OFFSET: bool = false;
+    const HIGH_BIT: bool = true;
+    fn stored(&self, e: usize) -> u8 {
+        five_bits(self, e)
+    }
+    fn scale_and_min(&self) -> (f32, f32) {
+        (self.d.to_f32(), 0.0)
+    }
+}
+
 impl PairFormat for BlockQ8_0 {
     const WIDE: bool = true;
     const ZERO_POINT_SHIFT: u32 = 7;
@@ -122,6 +140,8 @@ pub struct PackedWeights<B: PairFormat> {
     n: usize,
     blocks: usize,
     values: Vec<Unit>,
+    /// Per pair and block (Q5_0): bit `p` is the fifth bit of register byte `p`.
+    high: Vec<u64>,
     /// Per pair and block: the two rows' scales, then their minimums.
     scales: Vec<[f32; 4]>,
     _format: std::marker::PhantomData<B>,
@@ -139,6 +159,7 @@ impl<B: PairFormat> PackedWeights<B> {
             n,
             blocks,
             values: units_for(pairs * blocks * Self::PAIR_BYTES),
+            high: Vec::with_capacity(if B::HIGH_BIT { pairs * blocks } else { 0 }),
             scales: Vec::with_capacity(pairs * blocks),
             _format: std::marker::PhantomData,
         };
@@ -162,7 +183,10 @@ impl<B: PairFormat> PackedWeights<B> {
                 }
                 let value = |p: usize| stored[sources[p].0][sources[p].1];
                 for (j, byte) in bytes[at..at + Self::PAIR_BYTES].iter_mut().enumerate() {
-                    *byte = if B::WIDE { value(j) } else { value(j) | (value(j + 32) << 4) };
+                    *byte = if B::WIDE { value(j) } else { (value(j) & 0x0F) | ((value(j + 32) & 0x0F) << 4) };
+                }
+                if B::HIGH_BIT {
+                    packed.high.push((0..64).map(|p| ((value(p) as u64 >> 4) & 1) << p).sum());
                 }
                 at += Self::PAIR_BYTES;
                 let ((d0, m0), (d1, m1)) = (
@@ -192,6 +216,7 @@ impl<B: PairFormat> PackedWeights<B> {
         bytes[mine..mine + theirs].copy_from_slice(&units_bytes(&other.values)[..theirs]);
         self.values = values;
         self.n += other.n;
+        self.high.extend(other.high);
         self.scales.extend(other.scales);
     }
 
@@ -205,13 +230,16 @@ impl<B: PairFormat> PackedWeights<B> {
             let values = &bytes[at * Self::PAIR_BYTES..][..Self::PAIR_BYTES];
             for (e, x) in o.iter_mut().enumerate() {
                 let p = register_byte(which, e);
-                let stored = if B::WIDE {
+                let mut stored = if B::WIDE {
                     values[p]
                 } else if p < 32 {
                     values[p] & 0x0F
                 } else {
                     values[p - 32] >> 4
                 };
+                if B::HIGH_BIT {
+                    stored |= (((self.high[at] >> p) & 1) as u8) << 4;
+                }
                 *x = B::value(stored, scales[which], scales[2 + which]);
             }
         }
@@ -219,16 +247,16 @@ impl<B: PairFormat> PackedWeights<B> {
 }
 
 /// Zeroed units holding at least `bytes` bytes.
-fn units_for(bytes: usize) -> Vec<Unit> {
+pub(super) fn units_for(bytes: usize) -> Vec<Unit> {
     vec![Unit([0; 64]); bytes.div_ceil(64)]
 }
 
-fn units_bytes(units: &[Unit]) -> &[u8] {
+pub(super) fn units_bytes(units: &[Unit]) -> &[u8] {
     // SAFETY: `Unit` is 64 plain bytes with no padding.
     unsafe { std::slice::from_raw_parts(units.as_ptr() as *const u8, units.len() * 64) }
 }
 
-fn units_as_bytes(units: &mut [Unit]) -> &mut [u8] {
+pub(super) fn units_as_bytes(units: &mut [Unit]) -> &mut [u8] {
     // SAFETY: `Unit` is 64 plain bytes with no padding.
     unsafe { std::slice::from_raw_parts_mut(units.as_mut_ptr() as *mut u8, units.len() * 64) }
 }
@@ -357,7 +385,13 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, pair: usi
                 let raw = _mm256_loadu_si256(at as *const __m256i);
                 let mask = _mm256_set1_epi8(0x0F);
                 let (lo, hi) = (_mm256_and_si256(raw, mask), _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask));
-                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+                let nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                if B::HIGH_BIT {
+                    let high = _cvtu64_mask64(w.high[pair * blocks + b]);
+                    _mm512_mask_add_epi8(nibbles, high, nibbles, _mm512_set1_epi8(16))
+                } else {
+                    nibbles
+                }
             };
             let w4 = _mm_loadu_ps(block_scales.as_ptr());
             // (d0, d1, d0, d1, ...): each lane's row's scale; (m0, m1, m0, m1) for the offsets.
@@ -524,6 +558,7 @@ mod tests {
         }
         check::<BlockQ4_0>(quant::parse_q4_0, quant::dequantize_q4_0, 18, false);
         check::<BlockQ4_1>(quant::parse_q4_1, quant::dequantize_q4_1, 20, true);
+        check::<BlockQ5_0>(quant::parse_q5_0, quant::dequantize_q5_0, 22, false);
         check::<BlockQ8_0>(quant::parse_q8_0, quant::dequantize_q8_0, 34, false);
     }
 }
