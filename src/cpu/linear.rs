@@ -376,6 +376,10 @@ fn quantize_rows<A: ActQuant>(xs: &[f32], m: usize, blocks: usize) -> Vec<A> {
 }
 
 /// Which kernels this CPU runs for the native types: "avx512-vnni", "avx2" or "plain".
+/// Bumped whenever a kernel's sums change (a new type moved onto braid's kernels, a new
+/// order): K/V stored on disk by an earlier revision are then never loaded.
+pub const KERNEL_REVISION: u32 = 2;
+
 pub fn kernel_family() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if super::quant::vnni::available() {

@@ -23,7 +23,13 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
     let content = Content::read(&mut reader).map_err(bad)?;
     let mut h = Xxh3::new();
     h.update(
-        format!("braid {} kernels {};", env!("CARGO_PKG_VERSION"), crate::cpu::linear::kernel_family()).as_bytes(),
+        format!(
+            "braid {} kernels {} r{};",
+            env!("CARGO_PKG_VERSION"),
+            crate::cpu::linear::kernel_family(),
+            crate::cpu::linear::KERNEL_REVISION
+        )
+        .as_bytes(),
     );
     let mut keys: Vec<&String> = content.metadata.keys().collect();
     keys.sort();
@@ -55,8 +61,13 @@ pub fn folder_fingerprint(dir: &Path) -> std::io::Result<u128> {
     let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
     let mut h = Xxh3::new();
     h.update(
-        format!("braid {} kernels {}; folder;", env!("CARGO_PKG_VERSION"), crate::cpu::linear::kernel_family())
-            .as_bytes(),
+        format!(
+            "braid {} kernels {} r{}; folder;",
+            env!("CARGO_PKG_VERSION"),
+            crate::cpu::linear::kernel_family(),
+            crate::cpu::linear::KERNEL_REVISION
+        )
+        .as_bytes(),
     );
     h.update(&std::fs::read(dir.join("config.json"))?);
     let mut shards: Vec<_> = std::fs::read_dir(dir)?
@@ -97,9 +108,10 @@ pub fn dummy_fingerprint(preset: &str, seed: u64) -> u128 {
     let mut h = Xxh3::new();
     h.update(
         format!(
-            "braid {} kernels {}; dummy {preset} seed {seed}",
+            "braid {} kernels {} r{}; dummy {preset} seed {seed}",
             env!("CARGO_PKG_VERSION"),
-            crate::cpu::linear::kernel_family()
+            crate::cpu::linear::kernel_family(),
+            crate::cpu::linear::KERNEL_REVISION
         )
         .as_bytes(),
     );
