@@ -280,16 +280,26 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// (`ggml_table_gelu_f16`), outside (-10, 10) the identity or 0.
 pub fn gelu_tanh_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
+    let table = gelu_f16_table();
     for ((o, &x), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = if x <= -10.0 {
             0.0
         } else if x >= 10.0 {
             x * u
         } else {
-            let x16 = half::f16::from_f32(x).to_f32();
-            half::f16::from_f32(gelu_tanh(x16)).to_f32() * u
+            table[half::f16::from_f32(x).to_bits() as usize] * u
         };
     }
+}
+
+/// GELU of every f16 value, rounded to f16 (held as f32): 65,536 entries made once.
+fn gelu_f16_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| half::f16::from_f32(gelu_tanh(half::f16::from_bits(bits).to_f32())).to_f32())
+            .collect()
+    })
 }
 
 /// GELU's tanh approximation in f32 (`ggml_gelu_f32`, transformers' `gelu_pytorch_tanh`).

@@ -3,6 +3,8 @@
 //! experts. They compute on plain row-major vectors with `cpu/`'s kernels; whatever a row
 //! gets depends on that row alone, never on the rest of the batch.
 
+use rayon::prelude::*;
+
 use crate::backend::FlatBatch;
 use crate::cpu::attention::{AttentionPlan, AttentionShape, LayerKv, paged_attention, write_kv};
 use crate::cpu::linear::QLinear;
@@ -133,13 +135,14 @@ impl Mlp {
         let width = self.gate_up.weight.out_features() / 2;
         let gate_up = self.gate_up.forward(h, rows)?;
         let mut act = vec![0f32; rows * width];
-        for (row, out) in gate_up.chunks_exact(2 * width).zip(act.chunks_exact_mut(width)) {
+        // Row by row, in parallel: each row's values depend on that row alone.
+        gate_up.par_chunks_exact(2 * width).zip(act.par_chunks_exact_mut(width)).for_each(|(row, out)| {
             let (gate, up) = row.split_at(width);
             match self.activation {
                 Activation::Silu => silu_mul(gate, up, out),
                 Activation::GeluTanh => gelu_tanh_mul(gate, up, out),
             }
-        }
+        });
         self.down.forward(&act, rows)
     }
 }

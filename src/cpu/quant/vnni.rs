@@ -142,8 +142,12 @@ pub struct PackedWeights<B: PairFormat> {
     values: Vec<Unit>,
     /// Per pair and block (Q5_0): bit `p` is the fifth bit of register byte `p`.
     high: Vec<u64>,
-    /// Per pair and block: the two rows' scales, then their minimums.
-    scales: Vec<[f32; 4]>,
+    /// Per pair and block: the two rows' scales.
+    scales: Vec<[f32; 2]>,
+    /// Per pair and block, for the formats with an offset (Q4_1): the two rows' minimums. (Kept
+    /// apart so that the others read 8 bytes of scales a block, not 16: a decode step's largest
+    /// product, the output projection, is bound by the bytes it reads.)
+    mins: Vec<[f32; 2]>,
     _format: std::marker::PhantomData<B>,
 }
 
@@ -161,6 +165,7 @@ impl<B: PairFormat> PackedWeights<B> {
             values: units_for(pairs * blocks * Self::PAIR_BYTES),
             high: Vec::with_capacity(if B::HIGH_BIT { pairs * blocks } else { 0 }),
             scales: Vec::with_capacity(pairs * blocks),
+            mins: Vec::with_capacity(if B::OFFSET { pairs * blocks } else { 0 }),
             _format: std::marker::PhantomData,
         };
         let bytes = units_as_bytes(&mut packed.values);
@@ -193,7 +198,10 @@ impl<B: PairFormat> PackedWeights<B> {
                     first.map_or((0.0, 0.0), |r| r[b].scale_and_min()),
                     second.map_or((0.0, 0.0), |r| r[b].scale_and_min()),
                 );
-                packed.scales.push([d0, d1, m0, m1]);
+                packed.scales.push([d0, d1]);
+                if B::OFFSET {
+                    packed.mins.push([m0, m1]);
+                }
             }
         }
         packed
@@ -218,6 +226,7 @@ impl<B: PairFormat> PackedWeights<B> {
         self.n += other.n;
         self.high.extend(other.high);
         self.scales.extend(other.scales);
+        self.mins.extend(other.mins);
     }
 
     /// Row `row` as f32 values (for embedding lookups).
@@ -227,6 +236,7 @@ impl<B: PairFormat> PackedWeights<B> {
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let at = pair * self.blocks + b;
             let scales = self.scales[at];
+            let mins = if B::OFFSET { self.mins[at] } else { [0.0; 2] };
             let values = &bytes[at * Self::PAIR_BYTES..][..Self::PAIR_BYTES];
             for (e, x) in o.iter_mut().enumerate() {
                 let p = register_byte(which, e);
@@ -240,7 +250,7 @@ impl<B: PairFormat> PackedWeights<B> {
                 if B::HIGH_BIT {
                     stored |= (((self.high[at] >> p) & 1) as u8) << 4;
                 }
-                *x = B::value(stored, scales[which], scales[2 + which]);
+                *x = B::value(stored, scales[which], mins[which]);
             }
         }
     }
@@ -393,10 +403,14 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, pair: usi
                     nibbles
                 }
             };
-            let w4 = _mm_loadu_ps(block_scales.as_ptr());
-            // (d0, d1, d0, d1, ...): each lane's row's scale; (m0, m1, m0, m1) for the offsets.
-            let wd = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castps_pd(w4)));
-            let wm = _mm_movehl_ps(w4, w4);
+            let w2 = _mm_load_sd(block_scales.as_ptr() as *const f64);
+            // (d0, d1, d0, d1, ...): each lane's row's scale; (m0, m1, ...) for the offsets.
+            let wd = _mm512_castpd_ps(_mm512_broadcastsd_pd(w2));
+            let wm = if B::OFFSET {
+                _mm_castpd_ps(_mm_load_sd(w.mins[pair * blocks + b].as_ptr() as *const f64))
+            } else {
+                _mm_setzero_ps()
+            };
             let unit = panel.units.as_ptr().add(b * per_block) as *const u8;
             for r in 0..R {
                 let quants = _mm512_load_si512(unit.add(r * 64) as *const __m512i);
@@ -436,6 +450,9 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, pair: usi
     out
 }
 
+/// Panels (of `PANEL` rows) computed together against a range of columns (`columns`).
+pub const PANELS_PER_BLOCK: usize = 16;
+
 /// Weight rows `cols` (a range starting at an even row) against every panel (`panels` of
 /// PANEL rows, then `singles` of one row from row `panels.len() * PANEL`), each result passed
 /// to `set(row, col, value)`. Compiled with the kernel's features so that `dot` is inlined
@@ -453,22 +470,31 @@ pub unsafe fn columns<B: PairFormat>(
 ) {
     assert!(cols.start.is_multiple_of(2) && cols.end <= w.n);
     let full = panels.len() * PANEL;
-    for pair in cols.start / 2..cols.end.div_ceil(2) {
-        let mut put = |row: usize, values: [f32; 2]| {
-            for (which, v) in values.into_iter().enumerate() {
-                if 2 * pair + which < cols.end {
-                    set(row, 2 * pair + which, v);
-                }
-            }
-        };
-        for (i, panel) in panels.iter().enumerate() {
-            let values = unsafe { dot::<B, PANEL>(w, pair, panel) };
-            for (j, v) in values.into_iter().enumerate() {
-                put(i * PANEL + j, v);
+    let pairs = cols.start / 2..cols.end.div_ceil(2);
+    let put = |set: &mut dyn FnMut(usize, usize, f32), pair: usize, row: usize, values: [f32; 2]| {
+        for (which, v) in values.into_iter().enumerate() {
+            if 2 * pair + which < cols.end {
+                set(row, 2 * pair + which, v);
             }
         }
+    };
+    // Panels in blocks, each block against every column pair of the range: the block's
+    // activations stay in cache while the range's weights (a few KB a pair) are read once per
+    // block. (Sweeping all of a long prefill's rows for every pair streams them from memory.)
+    // Each (pair, panel) product is the same whatever the blocking, so results are too.
+    for (b, block) in panels.chunks(PANELS_PER_BLOCK).enumerate() {
+        for pair in pairs.clone() {
+            for (i, panel) in block.iter().enumerate() {
+                let values = unsafe { dot::<B, PANEL>(w, pair, panel) };
+                for (j, v) in values.into_iter().enumerate() {
+                    put(&mut set, pair, (b * PANELS_PER_BLOCK + i) * PANEL + j, v);
+                }
+            }
+        }
+    }
+    for pair in pairs {
         for (i, panel) in singles.iter().enumerate() {
-            put(full + i, unsafe { dot::<B, 1>(w, pair, panel) }[0]);
+            put(&mut set, pair, full + i, unsafe { dot::<B, 1>(w, pair, panel) }[0]);
         }
     }
 }
