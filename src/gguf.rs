@@ -180,6 +180,23 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
+    /// The number of weights in the file, and its tensor types with how many tensors of each
+    /// (most common first), for the startup log.
+    pub fn summary(&self) -> (usize, String) {
+        let mut count = 0;
+        let mut types: Vec<(String, usize)> = Vec::new();
+        for info in self.content.tensor_infos.values() {
+            count += info.shape.elem_count();
+            let name = format!("{:?}", info.ggml_dtype);
+            match types.iter_mut().find(|t| t.0 == name) {
+                Some(t) => t.1 += 1,
+                None => types.push((name, 1)),
+            }
+        }
+        types.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        (count, types.iter().map(|(t, n)| format!("{t} x{n}")).collect::<Vec<_>>().join(", "))
+    }
+
     /// Reads a tensor and checks its shape (given in candle's row-major order).
     pub fn tensor(&mut self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor, ModelError> {
         let info = self.content.tensor_infos.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;

@@ -52,15 +52,19 @@ pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelErro
         }
         None => None,
     };
+    let (parameters, types) = file.summary();
     tracing::info!(
-        "loading {} ({}, {} layers, hidden {}, {} heads / {} kv heads, context {})",
+        "loading {} ({}, {} layers, hidden {}, {} heads / {} kv heads, {:.1}M parameters, tensors {types}, \
+         context {}, {} KV bytes per token)",
         gguf_path.display(),
         config.architecture.name(),
         config.n_layer,
         config.hidden_size,
         config.n_head,
         config.n_kv_head,
-        config.context_length
+        parameters as f64 / 1e6,
+        config.context_length,
+        crate::model::KvCache::bytes_per_block(&config, 1),
     );
     let model = match placement {
         Placement::Cpu => std::sync::Arc::new(Decoder::load(&mut GgufSource { file: &mut file }, config)?).into(),

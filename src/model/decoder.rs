@@ -131,11 +131,11 @@ impl Decoder {
                         // Gate and up in one matrix (Phi-3).
                         src.linear(&t.up, 2 * c.ffn_size, h)?.into()
                     };
-                    FeedForward::Dense(Mlp {
+                    FeedForward::Dense(Box::new(Mlp {
                         gate_up,
                         down: src.linear(&t.down, h, c.ffn_size)?.into(),
                         activation: c.activation,
-                    })
+                    }))
                 }
             };
             let post = |src: &mut dyn WeightSource, name: &str| {

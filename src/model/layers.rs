@@ -210,7 +210,7 @@ impl Moe {
 
 /// A block's feed-forward network.
 pub enum FeedForward {
-    Dense(Mlp),
+    Dense(Box<Mlp>),
     Moe(Moe),
 }
 
