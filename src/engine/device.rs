@@ -130,9 +130,7 @@ impl Backend {
     pub fn forward(&mut self, batch: &FlatBatch, choices: Option<&[RowChoice]>) -> candle_core::Result<Vec<RowOutput>> {
         let _ = choices;
         match self {
-            Backend::Cpu { model, kv } => {
-                Ok(model.forward(batch, kv)?.to_vec2::<f32>()?.into_iter().map(RowOutput::Logits).collect())
-            }
+            Backend::Cpu { model, kv } => Ok(model.forward(batch, kv)?.into_iter().map(RowOutput::Logits).collect()),
             #[cfg(feature = "cuda")]
             Backend::Cuda(runner) => Ok(runner.forward(batch, choices)?),
         }

@@ -6,8 +6,6 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-
 use super::arch::names::{self, Layer as Names};
 use super::config::ModelConfig;
 use super::dump;
@@ -158,11 +156,11 @@ impl Decoder {
         self.vocab_size
     }
 
-    /// One forward pass over a flat batch. Returns `[batch.logit_rows.len(), vocab]` f32 logits.
+    /// One forward pass over a flat batch. Returns the f32 logits of each of `batch.logit_rows`.
     ///
     /// Activations stay in plain row-major vectors between braid's kernels: no tensor
     /// allocations or extra thread pools per step.
-    pub fn forward(&self, batch: &FlatBatch, kv: &mut KvCache) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, batch: &FlatBatch, kv: &mut KvCache) -> candle_core::Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let n_tokens = batch.tokens.len();
         let hidden = c.hidden_size;
@@ -197,6 +195,6 @@ impl Decoder {
         let last = rms_norm_rows(&last, &self.norm, c.rms_eps);
         let logits = self.output.forward_rows(&last, batch.logit_rows.len())?;
         dump::tensor(step, || "result_output".into(), &logits);
-        Tensor::from_vec(logits, (batch.logit_rows.len(), self.vocab_size), &Device::Cpu)
+        Ok(logits.chunks_exact(self.vocab_size).map(<[f32]>::to_vec).collect())
     }
 }

@@ -135,14 +135,20 @@ impl Mlp {
         let width = self.gate_up.weight.out_features() / 2;
         let gate_up = self.gate_up.forward(h, rows)?;
         let mut act = vec![0f32; rows * width];
-        // Row by row, in parallel: each row's values depend on that row alone.
-        gate_up.par_chunks_exact(2 * width).zip(act.par_chunks_exact_mut(width)).for_each(|(row, out)| {
+        let activate = |(row, out): (&[f32], &mut [f32])| {
             let (gate, up) = row.split_at(width);
             match self.activation {
                 Activation::Silu => silu_mul(gate, up, out),
                 Activation::GeluTanh => gelu_tanh_mul(gate, up, out),
             }
-        });
+        };
+        // Row by row (each row's values depend on that row alone), in parallel when there are
+        // several: a decode of one sequence is not worth waking the other threads for.
+        if rows > 1 {
+            gate_up.par_chunks_exact(2 * width).zip(act.par_chunks_exact_mut(width)).for_each(activate);
+        } else {
+            gate_up.chunks_exact(2 * width).zip(act.chunks_exact_mut(width)).for_each(activate);
+        }
         self.down.forward(&act, rows)
     }
 }

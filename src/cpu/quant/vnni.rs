@@ -453,10 +453,49 @@ pub unsafe fn dot<B: PairFormat, const R: usize>(w: &PackedWeights<B>, pair: usi
 /// Panels (of `PANEL` rows) computed together against a range of columns (`columns`).
 pub const PANELS_PER_BLOCK: usize = 16;
 
-/// Weight rows `cols` (a range starting at an even row) against every panel (`panels` of
-/// PANEL rows, then `singles` of one row from row `panels.len() * PANEL`), each result passed
-/// to `set(row, col, value)`. Compiled with the kernel's features so that `dot` is inlined
-/// into the loop.
+/// The loop of every VNNI product (`columns` here and in `vnni_k.rs`): weight rows `cols` (a
+/// range starting at an even row) against every panel (`panels` of PANEL rows, then `singles`
+/// of one row from row `panels.len() * PANEL`), each result passed to `set(row, col, value)`.
+/// Panels go in blocks, each block against every column pair of the range: the block's
+/// activations stay in cache while the range's weights (a few KB a pair) are read once per
+/// block (sweeping all of a long prefill's rows for every pair streams them from memory).
+/// Each (pair, panel) product is the same whatever the blocking, so results are too. Inlined
+/// into its callers, which carry the kernel's features.
+#[inline(always)]
+pub(super) fn sweep<P>(
+    cols: std::ops::Range<usize>,
+    panels: &[P],
+    singles: &[P],
+    mut set: impl FnMut(usize, usize, f32),
+    mut dot_panel: impl FnMut(usize, &P) -> [[f32; 2]; PANEL],
+    mut dot_single: impl FnMut(usize, &P) -> [f32; 2],
+) {
+    let full = panels.len() * PANEL;
+    let pairs = cols.start / 2..cols.end.div_ceil(2);
+    let mut put = |pair: usize, row: usize, values: [f32; 2]| {
+        for (which, v) in values.into_iter().enumerate() {
+            if 2 * pair + which < cols.end {
+                set(row, 2 * pair + which, v);
+            }
+        }
+    };
+    for (b, block) in panels.chunks(PANELS_PER_BLOCK).enumerate() {
+        for pair in pairs.clone() {
+            for (i, panel) in block.iter().enumerate() {
+                for (j, v) in dot_panel(pair, panel).into_iter().enumerate() {
+                    put(pair, (b * PANELS_PER_BLOCK + i) * PANEL + j, v);
+                }
+            }
+        }
+    }
+    for pair in pairs {
+        for (i, panel) in singles.iter().enumerate() {
+            put(pair, full + i, dot_single(pair, panel));
+        }
+    }
+}
+
+/// `sweep` over these packed weights: each result passed to `set(row, col, value)`.
 ///
 /// # Safety
 /// The CPU must support what `available` checks.
@@ -466,37 +505,18 @@ pub unsafe fn columns<B: PairFormat>(
     cols: std::ops::Range<usize>,
     panels: &[Panel],
     singles: &[Panel],
-    mut set: impl FnMut(usize, usize, f32),
+    set: impl FnMut(usize, usize, f32),
 ) {
     assert!(cols.start.is_multiple_of(2) && cols.end <= w.n);
-    let full = panels.len() * PANEL;
-    let pairs = cols.start / 2..cols.end.div_ceil(2);
-    let put = |set: &mut dyn FnMut(usize, usize, f32), pair: usize, row: usize, values: [f32; 2]| {
-        for (which, v) in values.into_iter().enumerate() {
-            if 2 * pair + which < cols.end {
-                set(row, 2 * pair + which, v);
-            }
-        }
-    };
-    // Panels in blocks, each block against every column pair of the range: the block's
-    // activations stay in cache while the range's weights (a few KB a pair) are read once per
-    // block. (Sweeping all of a long prefill's rows for every pair streams them from memory.)
-    // Each (pair, panel) product is the same whatever the blocking, so results are too.
-    for (b, block) in panels.chunks(PANELS_PER_BLOCK).enumerate() {
-        for pair in pairs.clone() {
-            for (i, panel) in block.iter().enumerate() {
-                let values = unsafe { dot::<B, PANEL>(w, pair, panel) };
-                for (j, v) in values.into_iter().enumerate() {
-                    put(&mut set, pair, (b * PANELS_PER_BLOCK + i) * PANEL + j, v);
-                }
-            }
-        }
-    }
-    for pair in pairs {
-        for (i, panel) in singles.iter().enumerate() {
-            put(&mut set, pair, full + i, unsafe { dot::<B, 1>(w, pair, panel) }[0]);
-        }
-    }
+    // SAFETY: this function has the features `dot` needs, and the closures inherit them.
+    sweep(
+        cols,
+        panels,
+        singles,
+        set,
+        |pair, p| unsafe { dot::<B, PANEL>(w, pair, p) },
+        |pair, p| unsafe { dot::<B, 1>(w, pair, p)[0] },
+    )
 }
 
 #[cfg(test)]

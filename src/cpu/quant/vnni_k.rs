@@ -23,7 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks::{ActBlockK, BlockQ4K, BlockQ5K, BlockQ6K, QK_K, WeightBlock, k_nibble, q5k_value, q6k_stored};
-use super::vnni::{PANEL, PANELS_PER_BLOCK, Unit, register_byte, source_of, units_as_bytes, units_bytes, units_for};
+use super::vnni::{PANEL, Unit, register_byte, source_of, sweep, units_as_bytes, units_bytes, units_for};
 
 /// Runs of 32 values in a super-block.
 const RUNS: usize = QK_K / 32;
@@ -481,37 +481,18 @@ pub unsafe fn columns<B: KPairFormat>(
     cols: std::ops::Range<usize>,
     panels: &[PanelK],
     singles: &[PanelK],
-    mut set: impl FnMut(usize, usize, f32),
+    set: impl FnMut(usize, usize, f32),
 ) {
     assert!(cols.start.is_multiple_of(2) && cols.end <= w.n);
-    let full = panels.len() * PANEL;
-    let pairs = cols.start / 2..cols.end.div_ceil(2);
-    let put = |set: &mut dyn FnMut(usize, usize, f32), pair: usize, row: usize, values: [f32; 2]| {
-        for (which, v) in values.into_iter().enumerate() {
-            if 2 * pair + which < cols.end {
-                set(row, 2 * pair + which, v);
-            }
-        }
-    };
-    // Panels in blocks, each block against every column pair of the range: the block's
-    // activations stay in cache while the range's weights (a few KB a pair) are read once per
-    // block. (Sweeping all of a long prefill's rows for every pair streams them from memory.)
-    // Each (pair, panel) product is the same whatever the blocking, so results are too.
-    for (b, block) in panels.chunks(PANELS_PER_BLOCK).enumerate() {
-        for pair in pairs.clone() {
-            for (i, panel) in block.iter().enumerate() {
-                let values = unsafe { dot::<B, PANEL>(w, pair, panel) };
-                for (j, v) in values.into_iter().enumerate() {
-                    put(&mut set, pair, (b * PANELS_PER_BLOCK + i) * PANEL + j, v);
-                }
-            }
-        }
-    }
-    for pair in pairs {
-        for (i, panel) in singles.iter().enumerate() {
-            put(&mut set, pair, full + i, unsafe { dot::<B, 1>(w, pair, panel) }[0]);
-        }
-    }
+    // SAFETY: this function has the features `dot` needs, and the closures inherit them.
+    sweep(
+        cols,
+        panels,
+        singles,
+        set,
+        |pair, p| unsafe { dot::<B, PANEL>(w, pair, p) },
+        |pair, p| unsafe { dot::<B, 1>(w, pair, p)[0] },
+    )
 }
 
 #[cfg(test)]
