@@ -37,8 +37,9 @@ enum Command {
 /// Flags every model-loading command shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// GGUF file, or a folder holding one GGUF file (and optionally tokenizer.json).
-    /// Defaults to $BRAID_MODEL, else the default model installed by `make model`.
+    /// GGUF file; Hugging Face folder (config.json, safetensors, tokenizer.json); or a folder
+    /// holding one GGUF file (and optionally tokenizer.json). Defaults to $BRAID_MODEL, else the
+    /// default model installed by `make model`.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Where the model runs: cpu, cuda (the first GPU; needs a build with `--features cuda`),
