@@ -57,7 +57,9 @@ struct Measured {
     greedy_misses: Vec<String>,
 }
 
-fn measure(arch: &str, model: &LoadedModel, margin_floor: f64) -> Measured {
+/// `short`: the model serving a shorter context, for the sequences that fit it (see `ARCHS`).
+fn measure(arch: &str, full: &LoadedModel, short: Option<(usize, &LoadedModel)>, margin_floor: f64) -> Measured {
+    let model = full;
     let exp = expected(arch);
     let mut max_abs = 0f32;
     let mut greedy_misses = Vec::new();
@@ -78,6 +80,10 @@ fn measure(arch: &str, model: &LoadedModel, margin_floor: f64) -> Measured {
         // Teacher forcing: the prompt and the stored greedy tokens in one pass.
         let greedy = common::ids(&p["greedy"]["tokens"]);
         let ids: Vec<u32> = want.iter().chain(&greedy).copied().collect();
+        let model = match short {
+            Some((limit, m)) if ids.len() <= limit => m,
+            _ => full,
+        };
         let logits = all_logits(model, &ids);
         let positions = p["logits"]["positions"].as_array().unwrap();
         for (pos, row) in positions.iter().zip(p["logits"]["values"].as_array().unwrap()) {
@@ -98,11 +104,15 @@ fn measure(arch: &str, model: &LoadedModel, margin_floor: f64) -> Measured {
 }
 
 /// The fixtures whose GGUF braid computes as transformers does. Phi-3's longrope picks its
-/// factor set by the served context: braid (like llama.cpp) takes the file's context, 128,
-/// past the original 32, so the long factors, where transformers' reference runs (all under 32
-/// tokens) used the short ones; only its conversion and tokenizer are checked
-/// (`phi3_converts_and_tokenizes`), its longrope against transformers by `tests/hf_fixtures.rs`.
-const ARCHS: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral"];
+/// factor set by the served context (llama.cpp's rule), transformers by each pass's length; the
+/// fixture keeps every sequence on one side of the original 32 tokens, so those within it run on
+/// the file served with its context capped there (`--max-model-len 32`: the short factors).
+const ARCHS: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "phi3"];
+
+/// The shorter context a fixture is also served with (see `ARCHS`).
+fn short_context(arch: &str) -> Option<usize> {
+    (arch == "phi3").then_some(32)
+}
 
 /// Converts every fixture to `out`, loads it with braid and checks its logits: at most `atol` from
 /// the reference's anywhere, and no greedy step chosen differently where the reference's margin
@@ -112,8 +122,11 @@ fn check(out: OutType, atol: f32, margin_floor: f64) {
     let mut failures = Vec::new();
     for arch in ARCHS {
         let path = convert(arch, out, dir.path());
-        let model = braid::loader::load(&path, &Placement::Cpu).unwrap_or_else(|e| panic!("{arch}: load: {e}"));
-        let m = measure(arch, &model, margin_floor);
+        let load =
+            |max| braid::loader::load_with(&path, &Placement::Cpu, max).unwrap_or_else(|e| panic!("{arch}: load: {e}"));
+        let model = load(None);
+        let short = short_context(arch).map(|n| (n, load(Some(n))));
+        let m = measure(arch, &model, short.as_ref().map(|(n, m)| (*n, m)), margin_floor);
         eprintln!("{arch} {out:?}: max |logit error| {:.2e}, greedy misses {:?}", m.max_abs, m.greedy_misses);
         if m.max_abs > atol || !m.greedy_misses.is_empty() {
             failures.push(format!("{arch}: max error {:.2e}, misses {:?}", m.max_abs, m.greedy_misses));
@@ -149,8 +162,7 @@ fn q8_0_conversion_stays_within_quantization_error() {
 }
 
 /// Phi-3's longrope travels as llama.cpp writes it (rope_factors_long/short tensors, the
-/// attention factor and original context in metadata); see `ARCHS` for why its logits are not
-/// compared here.
+/// attention factor and original context in metadata); its logits are compared by `check`.
 #[test]
 fn phi3_converts_and_tokenizes() {
     let dir = tempfile::tempdir().unwrap();
@@ -192,7 +204,7 @@ fn k_quants_fall_back_where_rows_are_short() {
         assert!(!summary.fallbacks.is_empty());
         assert!(summary.fallbacks.iter().all(|(_, t)| *t == fallback), "{out:?}: {:?}", summary.fallbacks);
         let model = braid::loader::load(&path, &Placement::Cpu).unwrap();
-        let m = measure("qwen3", &model, f64::INFINITY);
+        let m = measure("qwen3", &model, None, f64::INFINITY);
         // Measured: q4_k (all q5_0 here) 5.0, q6_k (all q8_0) 0.74: coarse on random weights, but
         // a misplaced block or scale would give noise far beyond (tens).
         eprintln!("qwen3 {out:?}: max |logit error| {:.2e}", m.max_abs);

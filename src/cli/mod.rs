@@ -42,6 +42,11 @@ pub struct ModelArgs {
     /// default model installed by `make model`.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The longest sequence (prompt and output) served, when less than the model's context
+    /// (vLLM's flag). It also picks Phi-3 longrope's factor set, as llama.cpp does: the short
+    /// factors when it is at most the model's original context.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_model_len: Option<u32>,
     /// Where the model runs: cpu, cuda (the first GPU; needs a build with `--features cuda`),
     /// or auto (cuda when built with it and a GPU is present, else cpu).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
@@ -95,6 +100,9 @@ impl ModelArgs {
             if self.model.is_some() {
                 anyhow::bail!("--load-format dummy makes its own weights: give --model-config instead of --model");
             }
+            if self.max_model_len.is_some() {
+                anyhow::bail!("--max-model-len applies to --model files; a dummy preset has its own context");
+            }
             let name = self.model_config.as_deref().expect("clap requires --model-config with dummy");
             return Ok(crate::loader::load_dummy(name, self.dummy_seed, &placement)?);
         }
@@ -105,7 +113,7 @@ impl ModelArgs {
         if self.model.is_none() && !path.exists() {
             anyhow::bail!("the default model {} is not installed; run `make model` (or pass --model)", path.display());
         }
-        Ok(crate::loader::load(&path, &placement)?)
+        Ok(crate::loader::load_with(&path, &placement, self.max_model_len.map(|n| n as usize))?)
     }
 }
 

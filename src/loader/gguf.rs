@@ -36,10 +36,13 @@ fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>), ModelError> {
     Ok((gguf, tokenizer_json.is_file().then_some(tokenizer_json)))
 }
 
-pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, ModelError> {
+pub fn load(path: &Path, placement: &Placement, max_context: Option<usize>) -> Result<LoadedModel, ModelError> {
     let (gguf_path, tokenizer_json) = resolve(path)?;
     let mut file = GgufFile::open(&gguf_path)?;
-    let config = ModelConfig::from_gguf(&file)?;
+    let mut config = ModelConfig::from_gguf(&file)?;
+    if let Some(max) = max_context {
+        config.cap_context(max);
+    }
     let tokenizer = TextTokenizer::from_gguf(&file, tokenizer_json.as_deref())?;
     let chat_template = match file.opt_str("tokenizer.chat_template")? {
         Some(source) => {

@@ -16,10 +16,21 @@ pub use dummy::load_dummy;
 /// Loads a model path: a GGUF file, a folder holding one GGUF file, or a Hugging Face folder
 /// (config.json and safetensors weights).
 pub fn load(path: &Path, placement: &Placement) -> Result<LoadedModel, crate::gguf::ModelError> {
+    load_with(path, placement, None)
+}
+
+/// `load`, serving at most `max_context` tokens a sequence when that is less than the model's
+/// context (`--max-model-len`). The context also picks Phi-3 longrope's factor set, in both
+/// formats as llama.cpp does.
+pub fn load_with(
+    path: &Path,
+    placement: &Placement,
+    max_context: Option<usize>,
+) -> Result<LoadedModel, crate::gguf::ModelError> {
     if hf::is_hf_folder(path) {
-        return hf::load(path, placement, &hf::HfOptions::default());
+        return hf::load(path, placement, &hf::HfOptions { max_context, ..hf::HfOptions::default() });
     }
-    gguf::load(path, placement)
+    gguf::load(path, placement, max_context)
 }
 
 /// Where braid finds its default model, relative to the working directory, unless

@@ -103,6 +103,8 @@ pub struct ModelConfig {
     /// Phi-3 longrope in a GGUF file, which ships both factor sets: whether the long ones apply
     /// (the served context exceeds the original one, as llama.cpp decides).
     pub rope_long_factors: bool,
+    /// Phi-3 longrope's original context (`rope.scaling.original_context_length`).
+    pub rope_original_context: Option<usize>,
     pub rms_eps: f32,
     pub context_length: usize,
     /// Whether Q, K and V projections carry a bias (Qwen2).
@@ -199,6 +201,7 @@ impl ModelConfig {
             rope_local_theta: None,
             rope_attention_factor: None,
             rope_long_factors: false,
+            rope_original_context: None,
             rms_eps: file.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             context_length: file.get_usize(&key("context_length"))?,
             qkv_bias: false,
@@ -273,14 +276,23 @@ impl ModelConfig {
                 config.architecture = Architecture::Phi3;
                 config.layer_windows = vec![window; n_layer];
                 config.rope_attention_factor = file.opt_f32(&key("rope.scaling.attn_factor"))?;
-                config.rope_long_factors = file
-                    .opt_usize(&key("rope.scaling.original_context_length"))?
-                    .is_some_and(|original| config.context_length > original);
+                config.rope_original_context = file.opt_usize(&key("rope.scaling.original_context_length"))?;
+                config.rope_long_factors =
+                    config.rope_original_context.is_some_and(|original| config.context_length > original);
             }
             _ => unreachable!("checked against SUPPORTED_ARCHITECTURES above"),
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Serves at most `max` tokens a sequence where the model allows more; Phi-3 longrope's
+    /// factor set follows the context served.
+    pub fn cap_context(&mut self, max: usize) {
+        self.context_length = self.context_length.min(max.max(1));
+        if let Some(original) = self.rope_original_context {
+            self.rope_long_factors = self.context_length > original;
+        }
     }
 
     /// Checks the shapes every format must agree on, so a bad file fails at load, not mid-step.

@@ -63,3 +63,17 @@ def test_gemma3_q4_k_m_completes_and_refuses_chat():
             c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     finally:
         s.stop()
+
+
+def test_max_model_len_caps_the_context():
+    s = Server("--model", "tests/fixtures/tiny/qwen3", "--max-model-len", "16")
+    try:
+        c = client(s)
+        # This prompt and 8 more tokens pass 16: refused with the context-length error.
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=MODEL_NAME, prompt="the quick brown fox jumps over", max_tokens=8)
+        assert "16" in str(e.value)
+        ok = c.completions.create(model=MODEL_NAME, prompt="hello", max_tokens=4, temperature=0)
+        assert ok.usage.prompt_tokens + ok.usage.completion_tokens <= 16
+    finally:
+        s.stop()

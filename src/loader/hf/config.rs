@@ -295,6 +295,7 @@ pub fn parse(json: &Value, served_context: Option<usize>) -> Result<HfConfig, Mo
         rope_local_theta: None,
         rope_attention_factor: None,
         rope_long_factors: false,
+        rope_original_context: None,
         rms_eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
         context_length,
         qkv_bias: arch == Architecture::Qwen2 || attention_bias,
