@@ -343,15 +343,16 @@ impl ModelConfig {
         }
     }
 
-    /// The rotary embedding of layer `layer`: the local one on a sliding-window layer of a model
-    /// that has its own base for those (Gemma 3), else the global one.
-    pub fn layer_rope(&self, layer: usize, freq_factors: Option<&[f32]>) -> Rope {
-        match (self.layer_windows[layer], self.rope_local_theta) {
-            (Some(_), Some(theta)) => {
-                Rope::new(self.rope_style, &RopeScaling::None, theta, self.head_dim, self.rope_dim, None)
-            }
-            _ => self.rope(freq_factors),
-        }
+    /// The rotary embedding of the sliding-window layers where it differs from the global one
+    /// (Gemma 3's local layers: their own base, no scaling).
+    pub fn local_rope(&self) -> Option<Rope> {
+        let theta = self.rope_local_theta?;
+        Some(Rope::new(self.rope_style, &RopeScaling::None, theta, self.head_dim, self.rope_dim, None))
+    }
+
+    /// Whether layer `layer` rotates with `local_rope` rather than the global rope.
+    pub fn uses_local_rope(&self, layer: usize) -> bool {
+        self.layer_windows[layer].is_some() && self.rope_local_theta.is_some()
     }
 
     /// The window every layer shares, when every layer slides (Mistral): blocks behind it can be

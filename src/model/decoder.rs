@@ -15,9 +15,12 @@ use super::weights::{Embedding, WeightSource};
 use crate::backend::FlatBatch;
 use crate::cpu::attention::{AttentionPlan, AttentionShape};
 use crate::cpu::linear::QLinear;
+use crate::cpu::rope::Rope;
 use crate::gguf::ModelError;
 
 struct Block {
+    /// Which of the decoder's ropes this block's attention rotates with.
+    rope: usize,
     attn_norm: Vec<f32>,
     attention: Attention,
     post_attn_norm: Option<Vec<f32>>,
@@ -30,6 +33,9 @@ pub struct Decoder {
     pub config: ModelConfig,
     embeddings: Embedding,
     blocks: Vec<Block>,
+    /// The global rope, then the local layers' where it differs (Gemma 3): their cos/sin tables
+    /// are made once a step, not once a layer.
+    ropes: Vec<Rope>,
     norm: Vec<f32>,
     output: Arc<QLinear>,
     vocab_size: usize,
@@ -60,6 +66,7 @@ impl Decoder {
         } else {
             None
         };
+        let ropes: Vec<Rope> = std::iter::once(c.rope(freq_factors.as_deref())).chain(c.local_rope()).collect();
         let mut blocks = Vec::with_capacity(c.n_layer);
         for l in 0..c.n_layer {
             let t = Names::new(l);
@@ -90,7 +97,6 @@ impl Decoder {
                 o: src.linear(&t.o, h, q_out)?.into(),
                 q_norm,
                 k_norm,
-                rope: c.layer_rope(l, freq_factors.as_deref()),
                 shape: AttentionShape {
                     n_head: c.n_head,
                     n_kv_head: c.n_kv_head,
@@ -140,6 +146,7 @@ impl Decoder {
                 if c.post_norms { src.vector(name, h).map(Some) } else { Ok(None) }
             };
             blocks.push(Block {
+                rope: usize::from(c.uses_local_rope(l)),
                 attn_norm: src.vector(&t.attn_norm, h)?,
                 attention,
                 post_attn_norm: post(src, &t.post_attn_norm)?,
@@ -149,7 +156,7 @@ impl Decoder {
             });
         }
         let norm = src.vector(names::OUTPUT_NORM, h)?;
-        Ok(Self { config, embeddings, blocks, norm, output, vocab_size })
+        Ok(Self { config, embeddings, blocks, ropes, norm, output, vocab_size })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -169,12 +176,14 @@ impl Decoder {
             x.iter_mut().for_each(|v| *v *= scale);
         }
         let plan = AttentionPlan::new(batch, kv.block_size);
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = self.ropes.iter().map(|r| r.tables(&batch.positions)).collect();
         let step = dump::next_step();
         dump::tensor(step, || "embd".into(), &x);
         for (l, (block, layer_kv)) in self.blocks.iter().zip(kv.layers.iter_mut()).enumerate() {
             let h = rms_norm_rows(&x, &block.attn_norm, c.rms_eps);
             dump::tensor(step, || format!("attn_norm-{l}"), &h);
-            let mut attn = block.attention.forward(&h, batch, &plan, layer_kv, &batch.positions)?;
+            let (rope, (cos, sin)) = (&self.ropes[block.rope], &tables[block.rope]);
+            let mut attn = block.attention.forward(&h, batch, &plan, layer_kv, rope, (cos, sin))?;
             if let Some(w) = &block.post_attn_norm {
                 attn = rms_norm_rows(&attn, w, c.rms_eps);
             }

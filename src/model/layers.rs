@@ -78,28 +78,29 @@ pub struct Attention {
     /// RMS-norm weights over each head's Q and K (`head_dim` wide), where the model has them.
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
-    pub rope: Rope,
     pub shape: AttentionShape,
     pub rms_eps: f32,
 }
 
 impl Attention {
     /// Attention of the batch's new tokens `h` (`[T, hidden]`, normalised) over their sequences'
-    /// caches, this step's K/V written first. Returns `[T, hidden]` after the output projection.
+    /// caches, this step's K/V written first, rotated by `rope` with its tables for the batch's
+    /// positions (made once a step for all the layers that share the rope). Returns `[T, hidden]`
+    /// after the output projection.
     pub fn forward(
         &self,
         h: &[f32],
         batch: &FlatBatch,
         plan: &AttentionPlan,
         kv: &mut LayerKv,
-        positions: &[u32],
+        rope: &Rope,
+        (cos, sin): (&[f32], &[f32]),
     ) -> candle_core::Result<Vec<f32>> {
-        let n_tokens = positions.len();
+        let n_tokens = batch.tokens.len();
         let AttentionShape { n_head, n_kv_head, head_dim, .. } = self.shape;
         let (qw, kw) = (n_head * head_dim, n_kv_head * head_dim);
         let qkv = self.qkv.forward(h, n_tokens)?;
-        let (cos, sin) = self.rope.tables(positions);
-        let half = self.rope.half_dim();
+        let half = rope.half_dim();
         let mut q = vec![0f32; n_tokens * qw];
         let mut k = vec![0f32; n_tokens * kw];
         let mut v = vec![0f32; n_tokens * kw];
@@ -113,8 +114,8 @@ impl Attention {
                 qt.chunks_exact_mut(head_dim).for_each(|head| rms_norm_row(head, qn, self.rms_eps));
                 kt.chunks_exact_mut(head_dim).for_each(|head| rms_norm_row(head, kn, self.rms_eps));
             }
-            self.rope.apply(qt, ct, st);
-            self.rope.apply(kt, ct, st);
+            rope.apply(qt, ct, st);
+            rope.apply(kt, ct, st);
         }
         write_kv(plan, kv, &k, &v, kw);
         let attn = paged_attention(batch, plan, kv, &q, &self.shape);
