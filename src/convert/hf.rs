@@ -10,23 +10,12 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value as Json;
 
+use crate::model::arch::hf_names::{HF_CLASSES, class_architecture};
 use crate::model::config::Architecture;
-
-/// The Hugging Face architecture classes convert knows, and braid's name for each.
-const ARCHITECTURES: &[(&str, Architecture)] = &[
-    ("LlamaForCausalLM", Architecture::Llama),
-    ("MistralForCausalLM", Architecture::Mistral),
-    ("MixtralForCausalLM", Architecture::Mixtral),
-    ("Qwen2ForCausalLM", Architecture::Qwen2),
-    ("Qwen3ForCausalLM", Architecture::Qwen3),
-    ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
-    ("Gemma3ForCausalLM", Architecture::Gemma3),
-    ("Phi3ForCausalLM", Architecture::Phi3),
-];
 
 /// What `architectures` in config.json may say, for error messages.
 pub fn known_architectures() -> String {
-    ARCHITECTURES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    HF_CLASSES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
 /// Rotary embedding parameters of one kind of layer, from transformers 5's `rope_parameters`
@@ -126,7 +115,7 @@ impl HfFolder {
             .and_then(Json::as_str)
             .unwrap_or_default()
             .to_string();
-        let Some(&(_, arch)) = ARCHITECTURES.iter().find(|(n, _)| *n == class) else {
+        let Some(arch) = class_architecture(&class) else {
             let model_type = config.get("model_type").and_then(Json::as_str).unwrap_or("?");
             bail!(
                 "unsupported architecture '{}' (model_type '{model_type}'); braid convert handles: {}",

@@ -12,6 +12,26 @@ use xxhash_rust::xxh3::Xxh3;
 /// so the first bytes of every tensor tell them apart without reading the whole file.
 const SAMPLE_BYTES: u64 = 4096;
 
+/// What computes K/V from the weights: braid's version, the kernel family this CPU runs and the
+/// kernels' revision. Every fingerprint starts with it.
+fn build() -> String {
+    format!(
+        "braid {} kernels {} r{};",
+        env!("CARGO_PKG_VERSION"),
+        crate::cpu::linear::kernel_family(),
+        crate::cpu::linear::KERNEL_REVISION
+    )
+}
+
+/// Hashes the first `SAMPLE_BYTES` bytes of a tensor's data, which starts at byte `start`.
+fn hash_sample(reader: &mut BufReader<File>, start: u64, buf: &mut Vec<u8>, h: &mut Xxh3) -> std::io::Result<()> {
+    reader.seek(SeekFrom::Start(start))?;
+    buf.clear();
+    reader.take(SAMPLE_BYTES).read_to_end(buf)?;
+    h.update(buf);
+    Ok(())
+}
+
 /// xxh3-128 of a GGUF file's metadata (every key and value), its tensor names, types, shapes
 /// and offsets, and the first bytes of every tensor; and of what computes the K/V from it:
 /// braid's version and the kernel family this CPU runs. (Kernels differ in the last bits of
@@ -22,15 +42,7 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
     let mut reader = BufReader::new(File::open(path)?);
     let content = Content::read(&mut reader).map_err(bad)?;
     let mut h = Xxh3::new();
-    h.update(
-        format!(
-            "braid {} kernels {} r{};",
-            env!("CARGO_PKG_VERSION"),
-            crate::cpu::linear::kernel_family(),
-            crate::cpu::linear::KERNEL_REVISION
-        )
-        .as_bytes(),
-    );
+    h.update(build().as_bytes());
     let mut keys: Vec<&String> = content.metadata.keys().collect();
     keys.sort();
     for key in keys {
@@ -46,10 +58,7 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
     let mut sample = Vec::with_capacity(SAMPLE_BYTES as usize);
     for name in names {
         let start = content.tensor_data_offset + content.tensor_infos[name].offset;
-        reader.seek(SeekFrom::Start(start))?;
-        sample.clear();
-        (&mut reader).take(SAMPLE_BYTES).read_to_end(&mut sample)?;
-        h.update(&sample);
+        hash_sample(&mut reader, start, &mut sample, &mut h)?;
     }
     Ok(h.digest128())
 }
@@ -60,15 +69,7 @@ pub fn gguf_fingerprint(path: &Path) -> std::io::Result<u128> {
 pub fn folder_fingerprint(dir: &Path) -> std::io::Result<u128> {
     let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
     let mut h = Xxh3::new();
-    h.update(
-        format!(
-            "braid {} kernels {} r{}; folder;",
-            env!("CARGO_PKG_VERSION"),
-            crate::cpu::linear::kernel_family(),
-            crate::cpu::linear::KERNEL_REVISION
-        )
-        .as_bytes(),
-    );
+    h.update(format!("{} folder;", build()).as_bytes());
     h.update(&std::fs::read(dir.join("config.json"))?);
     let mut shards: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
@@ -93,10 +94,7 @@ pub fn folder_fingerprint(dir: &Path) -> std::io::Result<u128> {
         starts.sort_unstable();
         let mut sample = Vec::with_capacity(SAMPLE_BYTES as usize);
         for start in starts {
-            reader.seek(SeekFrom::Start(8 + len + start))?;
-            sample.clear();
-            (&mut reader).take(SAMPLE_BYTES).read_to_end(&mut sample)?;
-            h.update(&sample);
+            hash_sample(&mut reader, 8 + len + start, &mut sample, &mut h)?;
         }
     }
     Ok(h.digest128())
@@ -106,15 +104,7 @@ pub fn folder_fingerprint(dir: &Path) -> std::io::Result<u128> {
 /// from, and what computes the K/V from them.
 pub fn dummy_fingerprint(preset: &str, seed: u64) -> u128 {
     let mut h = Xxh3::new();
-    h.update(
-        format!(
-            "braid {} kernels {} r{}; dummy {preset} seed {seed}",
-            env!("CARGO_PKG_VERSION"),
-            crate::cpu::linear::kernel_family(),
-            crate::cpu::linear::KERNEL_REVISION
-        )
-        .as_bytes(),
-    );
+    h.update(format!("{} dummy {preset} seed {seed}", build()).as_bytes());
     h.digest128()
 }
 

@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::gguf::ModelError;
-use crate::model::arch::gemma3;
+use crate::model::arch::{gemma3, hf_names};
 use crate::model::config::{Activation, Architecture, ModelConfig, MoeConfig, RopeScaling, RopeStyle, SUPPORTED_LIST};
 use crate::model::presets::llama3_freq_factors;
 
@@ -136,18 +136,8 @@ fn architecture(c: &Keys) -> Result<(Architecture, String), ModelError> {
         ));
     }
     let class = c.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).unwrap_or_default();
-    let by_class = [
-        ("LlamaForCausalLM", Architecture::Llama),
-        ("MistralForCausalLM", Architecture::Mistral),
-        ("Qwen2ForCausalLM", Architecture::Qwen2),
-        ("Qwen3ForCausalLM", Architecture::Qwen3),
-        ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
-        ("MixtralForCausalLM", Architecture::Mixtral),
-        ("Gemma3ForCausalLM", Architecture::Gemma3),
-        ("Phi3ForCausalLM", Architecture::Phi3),
-    ];
-    match by_class.iter().find(|(n, _)| *n == class) {
-        Some((_, a)) if model_type.is_empty() => Ok((*a, class.to_string())),
+    match hf_names::class_architecture(class) {
+        Some(a) if model_type.is_empty() => Ok((a, class.to_string())),
         _ => Err(ModelError::UnsupportedArchitecture {
             name: if model_type.is_empty() { class.to_string() } else { model_type.to_string() },
             supported: SUPPORTED_LIST,

@@ -4,6 +4,25 @@
 
 use crate::model::config::Architecture;
 
+/// The Hugging Face model classes (`architectures` in config.json) braid reads, and the
+/// architecture each is: the loader's fallback when `model_type` is absent, and what
+/// `braid convert` goes by.
+pub const HF_CLASSES: &[(&str, Architecture)] = &[
+    ("LlamaForCausalLM", Architecture::Llama),
+    ("MistralForCausalLM", Architecture::Mistral),
+    ("MixtralForCausalLM", Architecture::Mixtral),
+    ("Qwen2ForCausalLM", Architecture::Qwen2),
+    ("Qwen3ForCausalLM", Architecture::Qwen3),
+    ("Qwen3MoeForCausalLM", Architecture::Qwen3Moe),
+    ("Gemma3ForCausalLM", Architecture::Gemma3),
+    ("Phi3ForCausalLM", Architecture::Phi3),
+];
+
+/// The architecture of a Hugging Face model class, if braid reads it.
+pub fn class_architecture(class: &str) -> Option<Architecture> {
+    HF_CLASSES.iter().find(|(name, _)| *name == class).map(|&(_, a)| a)
+}
+
 /// The Hugging Face name of a non-expert tensor (GGUF name in, `None` if the architecture
 /// has no such tensor).
 pub fn hf_name(arch: Architecture, gguf: &str) -> Option<String> {
